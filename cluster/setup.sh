@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Set up hvd_ba in the active Python (system, venv or conda env): OpenMPI and build tools,
+# torch + torchvision, mpi4py, Horovod 0.28.1 patched and built against that torch (the wheel is
+# cached), the project itself, and pillow-simd last. Idempotent: a second run only verifies.
+#
+#   bash cluster/setup.sh            # PYTHON=/path/to/python to choose the interpreter
+#
+# Environment: PYTHON (default: python), HVD_BA_CACHE (default: ~/.cache/hvd_ba, where the built
+# wheels are kept), HVD_BA_SKIP_APT=1 (never call apt-get), HVD_BA_FORCE_HOROVOD_BUILD=1.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python}
+CACHE=${HVD_BA_CACHE:-$HOME/.cache/hvd_ba}
+LOGS=$CACHE/logs
+mkdir -p "$CACHE/wheels" "$LOGS"
+
+# The pins live in requirements.txt (environment.yml mirrors them); read them from there.
+pin() { sed -n "s/^$1==\([^ ]*\).*/\1/p" "$ROOT/requirements.txt"; }
+TORCH=$(pin torch); TORCHVISION=$(pin torchvision); HOROVOD=$(pin horovod)
+MPI4PY=$(pin mpi4py); PILLOW_SIMD=$(pin pillow-simd)
+
+t0=$SECONDS
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# step NAME CMD...: run CMD with its output in a log; on failure show the log's tail and stop.
+step() {
+  local name=$1; shift
+  local log="$LOGS/${name// /_}.log"
+  local s=$SECONDS
+  if "$@" >"$log" 2>&1; then
+    say "$name: ok ($((SECONDS - s)) s)"
+  else
+    printf 'setup: step "%s" FAILED; last 40 lines of %s:\n' "$name" "$log" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+}
+
+"$PY" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' 2>/dev/null \
+  || die "'$PY' is not a Python >= 3.10 (set PYTHON=...)"
+PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+say "python: $("$PY" -c 'import sys; print(sys.executable)') ($PYTAG)"
+
+# ---------------------------------------------------------------- 1. system packages
+# What each Debian package gives us, checked by a file or command rather than by dpkg so that a
+# conda env (which brings its own compilers / MPI) passes without apt.
+need_missing() {
+  local missing=()
+  command -v mpirun >/dev/null || missing+=(openmpi-bin)
+  command -v mpicc >/dev/null || missing+=(libopenmpi-dev)
+  command -v cmake >/dev/null || missing+=(cmake)
+  command -v g++ >/dev/null || missing+=(g++)
+  command -v make >/dev/null || missing+=(make)
+  command -v ssh >/dev/null || missing+=(openssh-client)
+  # headers that pillow-simd compiles against
+  echo '#include <jpeglib.h>' | cc -E -x c - >/dev/null 2>&1 || missing+=(libjpeg62-turbo-dev)
+  echo '#include <zlib.h>' | cc -E -x c - >/dev/null 2>&1 || missing+=(zlib1g-dev)
+  echo "${missing[@]:-}"
+}
+missing=$(need_missing)
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ "${HVD_BA_SKIP_APT:-0}" != 1 ]; then
+    step "apt-get install" bash -c "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q --no-install-recommends $missing"
+  else
+    die "missing system packages: $missing. Install them (Debian: apt-get install $missing; conda: conda install -c conda-forge openmpi cmake cxx-compiler libjpeg-turbo zlib) and run again."
+  fi
+fi
+missing=$(need_missing)
+[ -z "$missing" ] || die "still missing after install: $missing"
+say "system packages: ok"
+
+# ---------------------------------------------------------------- 2. python packages
+have() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('$1') != '$2')" 2>/dev/null; }
+if have torch "$TORCH" && have torchvision "$TORCHVISION"; then
+  say "torch $TORCH, torchvision $TORCHVISION: present"
+else
+  step "pip install torch" "$PY" -m pip install "torch==$TORCH" "torchvision==$TORCHVISION"
+fi
+# Everything else in requirements.txt except what is built below.
+grep -vE '^(#|$|torch==|torchvision==|horovod==|pillow-simd==)' "$ROOT/requirements.txt" >"$CACHE/req-plain.txt"
+ok=1
+while read -r line; do have "${line%%==*}" "${line##*==}" || ok=0; done <"$CACHE/req-plain.txt"
+if [ $ok = 1 ]; then
+  say "mpi4py, pyyaml, numpy, tqdm, pytest: present"
+else
+  step "pip install requirements" "$PY" -m pip install -r "$CACHE/req-plain.txt"
+fi
+# Horovod's own runtime and build dependencies (its build runs without isolation).
+step "pip install build deps" "$PY" -m pip install wheel setuptools packaging psutil cloudpickle
+
+# ---------------------------------------------------------------- 3. horovod
+# NCCL only where a GPU toolkit and NCCL exist; the CPU build still needs CUDA paths where
+# /usr/local/cuda is present, because the torch wheel is a CUDA build (horovod-build.md).
+GPU_OPS=""
+if [ -d /usr/local/cuda ]; then
+  export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=/usr/local/cuda CUDAToolkit_ROOT=/usr/local/cuda
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
+     && ls /usr/lib/x86_64-linux-gnu/libnccl.so* /usr/local/cuda/lib64/libnccl.so* >/dev/null 2>&1; then
+    GPU_OPS=NCCL
+  fi
+fi
+FLAVOR=${GPU_OPS:+nccl}; FLAVOR=${FLAVOR:-cpu}
+KEY="horovod-$HOROVOD-torch$TORCH-$PYTAG-$FLAVOR"
+WHEEL_DIR="$CACHE/wheels/$KEY"
+
+horovod_ok() {
+  "$PY" - <<PYEOF 2>/dev/null
+import importlib.metadata as m, sys
+assert m.version("horovod") == "$HOROVOD"
+import horovod.torch as hvd
+assert hvd.gloo_built() and hvd.mpi_built()
+PYEOF
+}
+build_horovod() {
+  set -e
+  local src; src=$(mktemp -d)
+  "$PY" -m pip download "horovod==$HOROVOD" --no-deps --no-binary :all: -d "$src"
+  tar xzf "$src/horovod-$HOROVOD.tar.gz" -C "$src"
+  local dir="$src/horovod-$HOROVOD"
+  # torch 2.14 headers need C++20 in the extension; the rest of Horovod builds as C++17.
+  sed -i 's/^set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$dir/CMakeLists.txt"
+  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 20)/' "$dir/horovod/torch/CMakeLists.txt"
+  grep -q 'CMAKE_CXX_STANDARD 20' "$dir/horovod/torch/CMakeLists.txt"
+  export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+  export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 MAKEFLAGS=-j$(nproc) CMAKE_POLICY_VERSION_MINIMUM=3.5
+  [ -z "$GPU_OPS" ] || export HOROVOD_GPU_OPERATIONS=$GPU_OPS HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-80,90}
+  rm -rf "$WHEEL_DIR.tmp"; mkdir -p "$WHEEL_DIR.tmp"
+  "$PY" -m pip wheel --no-build-isolation --no-deps -v -w "$WHEEL_DIR.tmp" "$dir"
+  rm -rf "$WHEEL_DIR"; mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"   # publish the cache entry only when complete
+  rm -rf "$src"
+}
+if [ "${HVD_BA_FORCE_HOROVOD_BUILD:-0}" != 1 ] && horovod_ok; then
+  say "horovod $HOROVOD: present"
+else
+  if [ "${HVD_BA_FORCE_HOROVOD_BUILD:-0}" = 1 ] || ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+    say "building horovod $HOROVOD against torch $TORCH ($FLAVOR); about 6 minutes on 2 cores; log: $LOGS/build_horovod.log"
+    step "build horovod" build_horovod
+  else
+    say "horovod wheel from cache: $WHEEL_DIR"
+  fi
+  step "install horovod" "$PY" -m pip install --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl
+  horovod_ok || die "horovod installed but 'import horovod.torch' fails or lacks Gloo/MPI; see $LOGS/install_horovod.log"
+fi
+
+# ---------------------------------------------------------------- 4. the project
+if "$PY" -c 'import hvd_ba, sys, os; sys.exit(os.path.dirname(hvd_ba.__path__[0]) != sys.argv[1])' "$ROOT" 2>/dev/null \
+   && command -v hvd-ba >/dev/null; then
+  say "hvd_ba (editable): present"
+else
+  # --no-deps: resolving torchvision's requirements here would put pillow back over pillow-simd.
+  step "pip install -e ." "$PY" -m pip install --no-deps --no-build-isolation -e "$ROOT"
+fi
+
+# ---------------------------------------------------------------- 5. pillow-simd, last
+# pillow and pillow-simd both install the PIL package; pillow-simd versions end in .postN.
+if "$PY" -c "import PIL, sys; sys.exit(PIL.__version__ != '$PILLOW_SIMD')" 2>/dev/null; then
+  say "pillow-simd $PILLOW_SIMD: present"
+else
+  build_pillow_simd() {
+    set -e
+    local cc=cc; grep -q avx2 /proc/cpuinfo && cc="cc -mavx2"
+    local dir="$CACHE/wheels/pillow-simd-$PILLOW_SIMD-$PYTAG"
+    if ! ls "$dir"/pillow_simd-*.whl >/dev/null 2>&1; then
+      rm -rf "$dir.tmp"; mkdir -p "$dir.tmp"
+      CC="$cc" "$PY" -m pip wheel --no-deps --no-binary :all: -w "$dir.tmp" "pillow-simd==$PILLOW_SIMD"
+      rm -rf "$dir"; mv "$dir.tmp" "$dir"
+    fi
+    "$PY" -m pip uninstall -y pillow pillow-simd || true
+    "$PY" -m pip install --no-deps --force-reinstall "$dir"/pillow_simd-*.whl
+  }
+  step "pillow-simd" build_pillow_simd
+fi
+"$PY" -c 'import PIL, torchvision; from PIL import Image, features; assert features.check("jpg"), "no JPEG support"' \
+  || die "PIL/torchvision do not import after pillow-simd"
+say "PIL $("$PY" -c 'import PIL; print(PIL.__version__)') (pillow-simd)"
+
+# ---------------------------------------------------------------- 6. verify
+HVDRUN=$("$PY" -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "horovodrun"))')
+[ -x "$HVDRUN" ] || HVDRUN=horovodrun
+check=$("$HVDRUN" --check-build 2>&1) || { echo "$check" >&2; die "horovodrun --check-build failed"; }
+for fw in "PyTorch" "Gloo" "MPI"; do
+  echo "$check" | grep -qE "\[X\] $fw\b" || { echo "$check" >&2; die "horovodrun --check-build does not list $fw as built"; }
+done
+echo "$check" | sed -n '/Available Frameworks/,$p' | sed 's/^/setup:   /'
+say "done in $((SECONDS - t0)) s"

@@ -1,0 +1,298 @@
+"""Typed, sectioned run configuration loaded from YAML.
+
+The dataclass defaults are the paper's ResNet-50 recipe (seed, section B; design.md); presets in
+`hvd_ba/configs/` are small deltas on top, optionally chained with a top-level `base:` key.
+Loading rejects unknown keys and wrong types with a one-line error naming the key, so a typo in
+a YAML file never silently does nothing (a weak spot of FFCV's configs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # ImageNet-layout root holding train/<class>/*.JPEG and val/<class>/*.JPEG
+    copies: int = 4  # M: augmented copies made locally from each decoded image
+    unique_batch: int = 32  # B: distinct images per rank per step (samples per step = copies * B)
+    layout: str = "copy-major"  # copy-major: each group of B holds one copy of B distinct images
+    shard: str = "global"  # global: a fresh (seed, epoch) permutation split across ranks each epoch
+    workers: int = 4  # loader worker processes per rank
+    # Loader worker start method. fork is fastest; use forkserver with MPI over interconnects
+    # that are not fork-safe (openib; horovod #489).
+    worker_start: str = "fork"
+    prefetch: int = 2  # batches prefetched per worker
+    eval_batch: int = 100  # images per evaluation batch, per rank
+
+
+@dataclass
+class AugmentConfig:
+    """Per-image augmentation preset, applied independently to each of the M copies."""
+
+    size: int = 224  # RandomResizedCrop output side, px
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area fraction range
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect-ratio range
+    hflip: float = 0.5  # probability of a horizontal flip
+    # JPEG draft decoding: decode at the smallest DCT scale keeping both sides >= this many px
+    # (None: full decode). Evaluation then drafts at eval_resize. Speeds up large photos.
+    decode_short_side: int | None = None
+    eval_resize: int = 256  # evaluation: resize the short side to this, px
+    eval_crop: int = 224  # evaluation: then centre-crop to this, px
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel, on [0, 1]
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # see hvd_ba.models.ARCHS
+    num_classes: int | None = None  # None: the number of class folders in the data
+    ghost_size: int | None = 64  # samples per ghost-BN group (rank-local); None: plain BN over the rank's batch
+    zero_init_residual: bool = True  # last BN gamma of each residual block starts at 0 (Goyal et al.)
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.1  # LR for a unique global batch of reference_batch (linear scaling)
+    reference_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4  # applied to every parameter except batch-norm ones
+    epochs: int = 90
+    warmup_epochs: float = 5.0  # per-iteration linear warmup to the peak LR (Goyal et al. 2017)
+    milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # epochs
+    decay: float = 0.1  # LR factor at each milestone
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, steps.jsonl, result.json
+    seed: int = 0
+    log_every: int = 20  # steps between progress lines / steps.jsonl records
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    threads: int = 0  # torch intra-op threads per rank; 0: cores / local ranks
+    max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
+    record_reads: bool = False  # write each rank's list of file indices read per epoch (tests)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _check_type(key: str, value, annotation):
+    """Return value converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        # YAML 1.1 reads `1e-4` as a string; accept any string that is a plain float literal.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {key}")  # a bug in this module
+
+
+def _resolve_preset(name: str) -> Path:
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_suffix(".yaml")
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / path.name
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file '{name}' not found (shipped presets: {known})")
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Read a preset, merging it over its `base:` chain."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}': 'base' chain loops")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}': not valid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml(_resolve_preset(base), seen + (path.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`section.key=value` -> (dotted key, YAML-parsed value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}': expected section.key=value, e.g. data.copies=8")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}' (known: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}': expected a mapping, got {values!r}")
+        target = getattr(cfg, section)
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                known = ", ".join(hints)
+                raise ConfigError(f"unknown config key '{section}.{key}' (known in {section}: {known})")
+            setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
+    validate(cfg)
+    return cfg
+
+
+def load_config(preset: str = "resnet50_ba_m4", overrides: list[str] | tuple = ()) -> Config:
+    raw = _read_yaml(_resolve_preset(preset))
+    for text in overrides:
+        key, value = parse_override(text)
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"config section '{section}': expected a mapping")
+        raw[section][name] = value
+    return from_dict(raw)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- validation
+
+LAYOUTS = ("copy-major", "sample-major")
+SHARDS = ("global",)
+WORKER_STARTS = ("fork", "forkserver", "spawn")
+
+
+def _require(ok: bool, key: str, message: str):
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no files; `check_paths` does those that do, before any rank trains."""
+    d, a, m, o, r = cfg.data, cfg.augment, cfg.model, cfg.optim, cfg.run
+    _require(d.copies >= 1, "data.copies", f"must be >= 1, got {d.copies}")
+    _require(d.unique_batch >= 1, "data.unique_batch", f"must be >= 1, got {d.unique_batch}")
+    _require(d.layout in LAYOUTS, "data.layout", f"must be one of {LAYOUTS}, got {d.layout!r}")
+    _require(d.shard in SHARDS, "data.shard", f"must be one of {SHARDS}, got {d.shard!r}")
+    _require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    _require(d.worker_start in WORKER_STARTS, "data.worker_start", f"must be one of {WORKER_STARTS}")
+    _require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
+    _require(d.eval_batch >= 1, "data.eval_batch", f"must be >= 1, got {d.eval_batch}")
+    _require(a.size >= 8, "augment.size", f"must be >= 8 px, got {a.size}")
+    for key, pair, low in (("augment.scale", a.scale, 0.0), ("augment.ratio", a.ratio, 0.0)):
+        _require(len(pair) == 2 and low < pair[0] <= pair[1], key, f"must be [low, high] with 0 < low <= high, got {pair}")
+    _require(a.scale[1] <= 1.0, "augment.scale", f"upper bound must be <= 1, got {a.scale[1]}")
+    _require(0.0 <= a.hflip <= 1.0, "augment.hflip", f"must be a probability, got {a.hflip}")
+    _require(a.eval_crop <= a.eval_resize, "augment.eval_crop", f"{a.eval_crop} exceeds augment.eval_resize {a.eval_resize}")
+    if a.decode_short_side is not None:
+        _require(a.decode_short_side >= a.size, "augment.decode_short_side",
+                 f"{a.decode_short_side} is below the crop size augment.size {a.size}")
+    _require(len(a.mean) == 3 and len(a.std) == 3 and min(a.std) > 0, "augment.std", "mean and std need 3 channels, std > 0")
+    if m.num_classes is not None:
+        _require(m.num_classes >= 2, "model.num_classes", f"must be >= 2, got {m.num_classes}")
+    if m.ghost_size is not None:
+        samples = d.copies * d.unique_batch
+        _require(m.ghost_size >= 1, "model.ghost_size", f"must be >= 1, got {m.ghost_size}")
+        _require(
+            samples % m.ghost_size == 0,
+            "model.ghost_size",
+            f"{m.ghost_size} does not divide the samples per rank per step "
+            f"(data.copies {d.copies} x data.unique_batch {d.unique_batch} = {samples})",
+        )
+    _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
+    _require(o.reference_batch >= 1, "optim.reference_batch", "must be >= 1")
+    _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    _require(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", f"must be in [0, optim.epochs], got {o.warmup_epochs}")
+    _require(list(o.milestones) == sorted(o.milestones), "optim.milestones", f"must be increasing, got {o.milestones}")
+    _require(0 < o.decay <= 1, "optim.decay", f"must be in (0, 1], got {o.decay}")
+    _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
+    _require(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
+    _require(r.threads >= 0, "run.threads", f"must be >= 0, got {r.threads}")
+    if r.max_steps_per_epoch is not None:
+        _require(r.max_steps_per_epoch >= 1, "run.max_steps_per_epoch", "must be >= 1")
+
+
+def check_paths(cfg: Config) -> None:
+    """File-system checks, run on the launching process before Horovod starts any rank."""
+    if cfg.data.path is None:
+        raise ConfigError("config key 'data.path': not set (the ImageNet-layout root with train/ and val/)")
+    root = Path(cfg.data.path)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"config key 'data.path': data directory '{root / split}' does not exist")
+    out = Path(cfg.run.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"  # one per process: ranks check concurrently
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"config key 'run.out_dir': cannot write to '{out}' ({err.strerror})") from None

@@ -1,0 +1,61 @@
+"""`python -m hvd_ba demo`: the embedded default run (synthetic JPEGs, horovodrun -np 2, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hvd_ba.config import ConfigError, check_paths, load_config
+
+
+def horovodrun_path() -> str:
+    """The horovodrun of this interpreter's environment (venv/conda bin), else the one on PATH."""
+    beside = Path(sys.executable).parent / "horovodrun"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("horovodrun")
+    if found is None:
+        raise ConfigError("horovodrun not found: run `bash cluster/setup.sh` first")
+    return found
+
+
+def horovodrun_command(np: int, controller: str, rank_args: list[str]) -> list[str]:
+    cmd = [horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}"]
+    if controller == "gloo":
+        cmd.append("--gloo")
+    else:
+        mpi_args = "--oversubscribe --bind-to none --map-by slot"
+        if os.geteuid() == 0:
+            mpi_args += " --allow-run-as-root"
+        cmd += ["--mpi", f"--mpi-args={mpi_args}"]
+    return cmd + [sys.executable, "-m", "hvd_ba", "train", *rank_args]
+
+
+def run_demo(args) -> int:
+    t0 = time.time()
+    data = Path(args.data)
+    if not (data / "train").is_dir() or not (data / "val").is_dir():
+        from hvd_ba.data.synthetic import make_dataset
+
+        print(f"demo: writing the demo dataset to {data} ...", flush=True)
+        summary = make_dataset(data)
+        print(f"demo: {summary['files']} JPEGs, {summary['bytes'] / 1e6:.1f} MB, in {time.time() - t0:.0f} s", flush=True)
+    overrides = [f"data.path={data}", f"run.out_dir={args.out}", *args.set]
+    cfg = load_config(args.config, overrides)  # fail here, once, before any rank starts
+    check_paths(cfg)
+    cmd = horovodrun_command(args.np, args.controller, ["--config", args.config, "--set", *overrides])
+    print("demo: " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd)
+    wall = time.time() - t0
+    result_path = Path(cfg.run.out_dir) / "result.json"
+    if rc != 0 or not result_path.is_file():
+        print(f"demo: training failed (horovodrun exit status {rc}) after {wall:.0f} s", file=sys.stderr)
+        return rc or 1
+    result = json.loads(result_path.read_text())
+    print(f"demo: val top-1 {result['val_top1']:.2f}% (chance {result['chance_top1']:.1f}%), "
+          f"wall time {wall:.0f} s; run directory {cfg.run.out_dir}")
+    return 0

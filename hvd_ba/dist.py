@@ -1,0 +1,103 @@
+"""The one module that imports Horovod; the rest of hvd_ba calls these functions.
+
+Keeping every collective here leaves room for a second backend (torch.distributed) later, since
+Horovod 0.28.1 is the last release (horovod-pitfalls.md).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_hvd = None
+
+
+def init() -> None:
+    global _hvd
+    import horovod.torch as hvd
+
+    hvd.init()
+    _hvd = hvd
+    _check_local_rank()
+
+
+def _check_local_rank() -> None:
+    # hvd.local_rank() can be wrong with mixed MPI installs (horovod #515, #3949): cross-check
+    # against Slurm's own view when srun launched us.
+    slurm_local = os.environ.get("SLURM_LOCALID")
+    if slurm_local is not None and os.environ.get("SLURM_STEP_ID") is not None:
+        if int(slurm_local) != _hvd.local_rank():
+            raise RuntimeError(
+                f"rank {_hvd.rank()}: Horovod local rank {_hvd.local_rank()} != SLURM_LOCALID "
+                f"{slurm_local}; Horovod and srun disagree (mixed MPI installs?)"
+            )
+
+
+def initialized() -> bool:
+    return _hvd is not None
+
+
+def rank() -> int:
+    return _hvd.rank() if _hvd else 0
+
+
+def size() -> int:
+    return _hvd.size() if _hvd else 1
+
+
+def local_rank() -> int:
+    return _hvd.local_rank() if _hvd else 0
+
+
+def local_size() -> int:
+    return _hvd.local_size() if _hvd else 1
+
+
+def is_primary() -> bool:
+    return rank() == 0
+
+
+def allreduce_sum(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if _hvd is None:
+        return tensor
+    return _hvd.allreduce(tensor, name=name, op=_hvd.Sum)
+
+
+def allreduce_mean(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if _hvd is None:
+        return tensor
+    return _hvd.allreduce(tensor, name=name, op=_hvd.Average)
+
+
+def allgather_object(obj, name: str) -> list:
+    if _hvd is None:
+        return [obj]
+    return _hvd.allgather_object(obj, name=name)
+
+
+def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: bool) -> None:
+    """Make every rank start from rank 0's model (and, with `optimizer_state`, optimizer) state.
+
+    Optimizer state first: broadcast_optimizer_state makes ranks with empty state take a step
+    with zero gradients, which with weight decay would move their weights (horovod #2805);
+    broadcasting the parameters afterwards overwrites any such drift. A fresh run passes
+    optimizer_state=False: there is no state to share, and that zero-gradient step would leave
+    weight decay in every momentum buffer. All ranks must pass the same flag.
+    """
+    if _hvd is None:
+        return
+    if optimizer_state:
+        _hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    _hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+
+def distributed_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Wrap an optimizer so that step() averages gradients across ranks with allreduce."""
+    if _hvd is None:
+        return optimizer
+    return _hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=_hvd.Average)
+
+
+def shutdown() -> None:
+    if _hvd is not None:
+        _hvd.shutdown()

@@ -1,0 +1,120 @@
+"""The training and evaluation loops: free functions over one TrainState."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hvd_ba import dist
+from hvd_ba.schedule import learning_rate
+
+log = logging.getLogger("hvd_ba")
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    mean: torch.Tensor  # [1, 3, 1, 1], on device
+    std: torch.Tensor
+    peak_lr: float
+    steps_per_epoch: int
+    step: int = 0  # optimizer steps taken so far (global step)
+    epoch: int = 0
+    reads: dict = field(default_factory=dict)  # epoch -> file indices read by this rank (run.record_reads)
+
+
+def normalize(images: torch.Tensor, state: TrainState) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float, normalised; done here so a GPU can do it, not the workers."""
+    x = images.to(state.device, non_blocking=True).float().div_(255)
+    return x.sub_(state.mean).div_(state.std)
+
+
+class Meter:
+    """Sums of per-batch figures on this rank; `reduce` sums them over all ranks."""
+
+    KEYS = ("loss_sum", "correct", "samples", "images", "bytes")
+
+    def __init__(self):
+        self.totals = torch.zeros(len(self.KEYS), dtype=torch.float64)
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            self.totals[self.KEYS.index(k)] += float(v)
+
+    def reduce(self, name: str) -> dict:
+        totals = dist.allreduce_sum(self.totals.clone(), name=name)
+        return dict(zip(self.KEYS, totals.tolist()))
+
+
+def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
+    """One epoch of BA training; returns figures summed over all ranks."""
+    model, opt, o = state.model, state.optimizer, cfg.optim
+    model.train()
+    loader.batch_sampler.set_epoch(state.epoch)
+    meter, data_time, t0 = Meter(), 0.0, time.perf_counter()
+    reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
+    steps = len(loader)
+    t_wait = time.perf_counter()
+    for i, batch in enumerate(loader):
+        data_time += time.perf_counter() - t_wait
+        lr = learning_rate(state.step, state.steps_per_epoch, state.peak_lr, o.warmup_epochs, o.milestones, o.decay)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        labels = batch["labels"].to(state.device, non_blocking=True)
+        logits = model(normalize(batch["images"], state))
+        # The plain mean cross-entropy over all M*B samples of this rank (the paper's BA loss);
+        # DistributedOptimizer averages the gradients over ranks.
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        state.step += 1
+        loss_value = loss.item()
+        n = labels.numel()
+        meter.add(loss_sum=loss_value * n, correct=(logits.argmax(1) == labels).sum().item(), samples=n,
+                  images=batch["indices"].numel(), bytes=batch["bytes"])
+        if reads is not None:
+            reads.extend(batch["indices"].tolist())
+        if dist.is_primary() and ((i + 1) % cfg.run.log_every == 0 or i + 1 == steps):
+            elapsed = time.perf_counter() - t0
+            log.info("epoch %d step %d/%d loss %.4f lr %.4f | %.1f unique img/s/rank, %.1f samples/s/rank, data wait %.0f%%",
+                     state.epoch + 1, i + 1, steps, loss_value, lr, meter.totals[3] / elapsed,
+                     meter.totals[2] / elapsed, 100 * data_time / elapsed)
+            if step_log is not None:
+                step_log({"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr})
+        t_wait = time.perf_counter()
+    elapsed = time.perf_counter() - t0
+    sums = meter.reduce(f"train_meter.{state.epoch}")
+    return {
+        "train_loss": sums["loss_sum"] / sums["samples"],
+        "train_top1": 100.0 * sums["correct"] / sums["samples"],
+        "unique_images": int(sums["images"]),
+        "samples": int(sums["samples"]),
+        "bytes_read": int(sums["bytes"]),
+        "epoch_time_s": elapsed,
+        "unique_images_per_s": sums["images"] / elapsed,
+        "samples_per_s": sums["samples"] / elapsed,
+        "data_wait_fraction": data_time / elapsed,
+        "lr": lr,
+    }
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, loader, tag: str) -> dict:
+    """Exact top-1 over the whole split: every file is evaluated once by exactly one rank."""
+    state.model.eval()
+    meter = Meter()
+    for batch in loader:
+        labels = batch["labels"].to(state.device, non_blocking=True)
+        logits = state.model(normalize(batch["images"], state))
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        meter.add(loss_sum=loss.item(), correct=(logits.argmax(1) == labels).sum().item(), samples=labels.numel(),
+                  images=labels.numel(), bytes=batch["bytes"])
+    sums = meter.reduce(f"eval_meter.{tag}")
+    return {"val_loss": sums["loss_sum"] / sums["samples"], "val_top1": 100.0 * sums["correct"] / sums["samples"],
+            "val_images": int(sums["samples"])}

@@ -1,0 +1,124 @@
+"""Models: torchvision's where they exist, a compact ResNet for the demo, and ghost batch norm.
+
+Every model keeps torchvision's module names, and GhostBatchNorm2d subclasses BatchNorm2d with
+the same parameters and buffers, so a state dict saved here loads strictly into the plain
+torchvision model (e.g. `torchvision.models.resnet50()`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose training statistics are taken over consecutive groups of `ghost_size`.
+
+    Each group is normalised as if it were its own forward pass, and the running statistics are
+    updated once per group, exactly as the authors' chunked forward (several passes with gradient
+    accumulation) does. Rank-local: nothing is synchronised across Horovod ranks. In eval mode it
+    is a plain BatchNorm2d over the running statistics.
+    """
+
+    def __init__(self, num_features: int, ghost_size: int = 64, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.ghost_size = ghost_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] <= self.ghost_size:
+            return super().forward(x)
+        if x.shape[0] % self.ghost_size:
+            raise ValueError(
+                f"GhostBatchNorm2d: {x.shape[0]} samples are not a multiple of ghost_size {self.ghost_size}"
+            )
+        if self.momentum is None:
+            raise ValueError("GhostBatchNorm2d needs a fixed momentum (cumulative averaging is not supported)")
+        groups = x.split(self.ghost_size)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(len(groups))  # one forward pass per group
+        return torch.cat([
+            F.batch_norm(g, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps)
+            for g in groups
+        ])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ghost_size={self.ghost_size}"
+
+
+def use_ghost_batch_norm(model: nn.Module, ghost_size: int) -> nn.Module:
+    """Replace every BatchNorm2d in `model` by a GhostBatchNorm2d that shares its tensors."""
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            ghost = GhostBatchNorm2d(child.num_features, ghost_size, eps=child.eps, momentum=child.momentum,
+                                     affine=child.affine, track_running_stats=child.track_running_stats)
+            ghost.load_state_dict(child.state_dict())
+            setattr(model, name, ghost)
+        else:
+            use_ghost_batch_norm(child, ghost_size)
+    return model
+
+
+class SmallResNet(torchvision.models.ResNet):
+    """A narrow 4-stage ResNet (BasicBlock x [1, 1, 1, 1], widths 24-192) for the CPU demo.
+
+    Built on torchvision's ResNet so its module names, init and zero-init-residual behave the same;
+    only the stem (3x3 conv, stride 2, no max-pool: demo crops are small) and the widths differ.
+    """
+
+    def __init__(self, num_classes: int, width: int = 24, zero_init_residual: bool = True):
+        super().__init__(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, zero_init_residual=zero_init_residual)
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(BasicBlock, width, 1)
+        self.layer2 = self._make_layer(BasicBlock, width * 2, 1, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, width * 4, 1, stride=2)
+        self.layer4 = self._make_layer(BasicBlock, width * 8, 1, stride=2)
+        self.fc = nn.Linear(width * 8, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+
+def _resnet50(num_classes: int, zero_init_residual: bool) -> nn.Module:
+    return torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+def _alexnet(num_classes: int, zero_init_residual: bool) -> nn.Module:
+    return torchvision.models.alexnet(num_classes=num_classes)
+
+
+def _small_resnet(num_classes: int, zero_init_residual: bool) -> nn.Module:
+    return SmallResNet(num_classes, zero_init_residual=zero_init_residual)
+
+
+ARCHS = {"resnet50": _resnet50, "alexnet": _alexnet, "small_resnet": _small_resnet}
+
+
+def build_model(arch: str, num_classes: int, ghost_size: int | None = None,
+                zero_init_residual: bool = True) -> nn.Module:
+    if arch not in ARCHS:
+        raise ValueError(f"config key 'model.arch': unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    model = ARCHS[arch](num_classes, zero_init_residual)
+    if ghost_size is not None:
+        use_ghost_batch_norm(model, ghost_size)
+    return model
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on every parameter except batch-norm ones (seed, section B)."""
+    bn_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for p in m.parameters(recurse=False)}
+    decay = [p for p in model.parameters() if id(p) not in bn_params]
+    no_decay = [p for p in model.parameters() if id(p) in bn_params]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,146 @@
+"""`python -m hvd_ba train`: one Horovod rank of a BA training run.
+
+Launched once per rank by horovodrun / srun / mpirun. Writes into cfg.run.out_dir:
+config.yaml (resolved config), metrics.jsonl (one record per epoch), steps.jsonl (progress),
+result.json (final figures), rank<r>.json (per-rank digest of the final parameters and, with
+run.record_reads, the file indices the rank read).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from hvd_ba import dist
+from hvd_ba.config import Config, save_config
+from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, scan_split
+from hvd_ba.engine import TrainState, evaluate, train_one_epoch
+from hvd_ba.models import build_model, parameter_groups
+from hvd_ba.schedule import peak_lr
+
+log = logging.getLogger("hvd_ba")
+
+
+def setup_logging() -> None:
+    """Rank 0 logs at INFO; other ranks only warnings and errors, each line tagged with its rank."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {dist.rank()}] %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("hvd_ba")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if dist.is_primary() else logging.WARNING)
+    root.propagate = False
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_training(cfg: Config) -> dict:
+    t_start = time.time()
+    dist.init()
+    setup_logging()
+    rank, world = dist.rank(), dist.size()
+    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank; broadcast makes it certain
+    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    out = Path(cfg.run.out_dir)
+
+    train_index = scan_split(cfg.data.path, "train")
+    val_index = scan_split(cfg.data.path, "val")
+    if train_index.classes != val_index.classes:
+        raise ValueError(f"data.path '{cfg.data.path}': train/ and val/ have different class folders")
+    num_classes = cfg.model.num_classes or len(train_index.classes)
+    train_loader = make_train_loader(train_index, cfg, rank, world)
+    val_loader = make_eval_loader(val_index, cfg, rank, world)
+
+    model = build_model(cfg.model.arch, num_classes, cfg.model.ghost_size, cfg.model.zero_init_residual).to(device)
+    o = cfg.optim
+    optimizer = torch.optim.SGD(parameter_groups(model, o.weight_decay), lr=o.base_lr, momentum=o.momentum,
+                                nesterov=o.nesterov)
+    # A fresh run has no optimizer state to share; parameters come from rank 0.
+    dist.broadcast_state(model, optimizer, optimizer_state=False)
+    optimizer = dist.distributed_optimizer(optimizer, model)
+
+    unique_global = cfg.data.unique_batch * world
+    state = TrainState(
+        model=model, optimizer=optimizer, device=device,
+        mean=torch.tensor(cfg.augment.mean, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(cfg.augment.std, device=device).view(1, 3, 1, 1),
+        peak_lr=peak_lr(o.base_lr, unique_global, o.reference_batch), steps_per_epoch=len(train_loader),
+    )
+    samples_per_rank = cfg.data.copies * cfg.data.unique_batch
+    if dist.is_primary():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        for name in ("metrics.jsonl", "steps.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        ghost = cfg.model.ghost_size
+        log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images",
+                 world, device, threads, cfg.model.arch, num_classes, len(train_index), len(val_index))
+        log.info("unique batch %d/rank, %d global; copies M=%d -> %d samples/rank/step, %d global; "
+                 "ghost BN groups/rank %s; peak LR %.4f (base %.3g x %d/%d); %d steps/epoch, %d epochs",
+                 cfg.data.unique_batch, unique_global, cfg.data.copies, samples_per_rank, samples_per_rank * world,
+                 samples_per_rank // ghost if ghost else "off (plain BN)", state.peak_lr, o.base_lr,
+                 unique_global, o.reference_batch, state.steps_per_epoch, o.epochs)
+
+    def step_log(record):
+        append_jsonl(out / "steps.jsonl", record)
+
+    metrics = {}
+    for epoch in range(o.epochs):
+        state.epoch = epoch
+        metrics = {"epoch": epoch + 1, **train_one_epoch(state, train_loader, cfg, step_log)}
+        if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == o.epochs:
+            metrics.update(evaluate(state, val_loader, tag=str(epoch)))
+        if dist.is_primary():
+            append_jsonl(out / "metrics.jsonl", metrics)
+            log.info("epoch %d done: train loss %.4f top1 %.1f%% | val top1 %s | %.1f unique img/s, %.1f samples/s, %.1f MB read",
+                     epoch + 1, metrics["train_loss"], metrics["train_top1"],
+                     f"{metrics['val_top1']:.2f}%" if "val_top1" in metrics else "-",
+                     metrics["unique_images_per_s"], metrics["samples_per_s"], metrics["bytes_read"] / 1e6)
+
+    rank_record = {"rank": rank, "world": world, "param_sha256": param_digest(model), "steps": state.step}
+    if cfg.run.record_reads:
+        rank_record["reads"] = {str(e): v for e, v in state.reads.items()}
+    (out / f"rank{rank}.json").write_text(json.dumps(rank_record))
+    result = {"val_top1": metrics.get("val_top1"), "val_loss": metrics.get("val_loss"),
+              "chance_top1": 100.0 / num_classes, "epochs": o.epochs, "steps": state.step,
+              "world": world, "wall_time_s": time.time() - t_start}
+    if dist.is_primary():
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        log.info("final val top-1 %.2f%% (chance %.1f%%) after %d epochs, %.0f s", result["val_top1"],
+                 result["chance_top1"], o.epochs, result["wall_time_s"])
+    return result
+
+
+def main_rank(cfg: Config) -> int:
+    """Entry for one rank. Any exception ends this process hard, so that the other ranks'
+    launcher tears the job down instead of leaving them hung in a collective (horovod #642)."""
+    try:
+        run_training(cfg)
+    except BaseException:
+        sys.stdout.flush()
+        print(f"hvd_ba: rank {dist.rank()} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.shutdown()
+    return 0
