@@ -105,8 +105,23 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
 
 
 @torch.no_grad()
+def average_bn_statistics(model: torch.nn.Module, tag: str) -> None:
+    """Average BN running statistics over ranks, so that every rank evaluates (and saves) one model.
+
+    Ghost BN *training* statistics stay rank-local; only the running averages used at inference,
+    which each rank accumulated from its own shard, are made equal here.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            module.running_mean.copy_(dist.allreduce_mean(module.running_mean, name=f"bn.{tag}.{name}.mean"))
+            module.running_var.copy_(dist.allreduce_mean(module.running_var, name=f"bn.{tag}.{name}.var"))
+
+
+@torch.no_grad()
 def evaluate(state: TrainState, loader, tag: str) -> dict:
-    """Exact top-1 over the whole split: every file is evaluated once by exactly one rank."""
+    """Exact top-1 over the whole split: every file is evaluated once by exactly one rank,
+    all ranks with the same model (BN running statistics averaged first)."""
+    average_bn_statistics(state.model, tag)
     state.model.eval()
     meter = Meter()
     for batch in loader:

@@ -44,9 +44,9 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
-def param_digest(model: torch.nn.Module) -> str:
+def state_digest(tensors: dict) -> str:
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -117,7 +117,11 @@ def run_training(cfg: Config) -> dict:
                      f"{metrics['val_top1']:.2f}%" if "val_top1" in metrics else "-",
                      metrics["unique_images_per_s"], metrics["samples_per_s"], metrics["bytes_read"] / 1e6)
 
-    rank_record = {"rank": rank, "world": world, "param_sha256": param_digest(model), "steps": state.step}
+    # Trainable parameters must agree bit for bit (allreduce); the full state agrees because the
+    # last evaluation averaged the rank-local BN running statistics.
+    rank_record = {"rank": rank, "world": world, "steps": state.step,
+                   "param_sha256": state_digest(dict(model.named_parameters())),
+                   "state_sha256": state_digest(model.state_dict())}
     if cfg.run.record_reads:
         rank_record["reads"] = {str(e): v for e, v in state.reads.items()}
     (out / f"rank{rank}.json").write_text(json.dumps(rank_record))

@@ -1,0 +1,50 @@
+"""The single entry point: help on every command, one-line errors with exit status 2."""
+import pytest
+
+from conftest import run_cli
+from hvd_ba.__main__ import COMMANDS
+
+
+def test_top_level_help_lists_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for name in COMMANDS:
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command):
+    r = run_cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert f"hvd_ba {command}" in r.stdout
+
+
+def test_unknown_command_is_one_line_exit_2():
+    r = run_cli("trian")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["hvd_ba: unknown command 'trian' (choose from: train, demo, make-data)"]
+
+
+def test_missing_data_directory_is_one_line_exit_2(tmp_path):
+    missing = tmp_path / "nope"
+    r = run_cli("train", "--config", "demo", "--set", f"data.path={missing}", f"run.out_dir={tmp_path / 'run'}")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert str(missing / "train") in lines[0] and "data.path" in lines[0]
+
+
+def test_bad_config_value_stops_demo_before_launch(tmp_path, small_data):
+    r = run_cli("demo", "--data", str(small_data), "--out", str(tmp_path / "run"), "--set", "data.copies=-1")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["hvd_ba demo: error: config key 'data.copies': must be >= 1, got -1"]
+    assert "horovodrun" not in r.stdout  # nothing was launched
+
+
+def test_make_data_writes_imagenet_layout(tmp_path):
+    r = run_cli("make-data", str(tmp_path / "d"), "--classes", "3", "--train-per-class", "4", "--val-per-class", "2")
+    assert r.returncode == 0, r.stderr
+    train = sorted(p.relative_to(tmp_path / "d") for p in (tmp_path / "d" / "train").rglob("*.JPEG"))
+    val = list((tmp_path / "d" / "val").rglob("*.JPEG"))
+    assert len(train) == 12 and len(val) == 6
+    assert str(train[0]) == "train/n90000000/n90000000_00000.JPEG"
