@@ -145,8 +145,9 @@ else
 fi
 
 # ---------------------------------------------------------------- 4. the project
-if "$PY" -c 'import hvd_ba, sys, os; sys.exit(os.path.dirname(hvd_ba.__path__[0]) != sys.argv[1])' "$ROOT" 2>/dev/null \
-   && command -v hvd-ba >/dev/null; then
+# Checked from / so that the checkout's own folder on sys.path cannot answer for the install.
+if (cd / && "$PY" -c 'import hvd_ba, sys, os; sys.exit(os.path.dirname(hvd_ba.__path__[0]) != sys.argv[1])' "$ROOT") 2>/dev/null \
+   && [ -x "$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")/hvd-ba" ]; then
   say "hvd_ba (editable): present"
 else
   # --no-deps: resolving torchvision's requirements here would put pillow back over pillow-simd.
