@@ -6,7 +6,8 @@
 #   bash cluster/setup.sh            # PYTHON=/path/to/python to choose the interpreter
 #
 # Environment: PYTHON (default: python), HVD_BA_CACHE (default: ~/.cache/hvd_ba, where the built
-# wheels are kept), HVD_BA_SKIP_APT=1 (never call apt-get), HVD_BA_FORCE_HOROVOD_BUILD=1.
+# wheels are kept), HVD_BA_SKIP_APT=1 (never call apt-get), HVD_BA_FORCE_HOROVOD_BUILD=1 (build
+# even when installed or cached), HVD_BA_HOROVOD_SDIST=path/to/horovod-0.28.1.tar.gz (no download).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,8 +29,14 @@ die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
 step() {
   local name=$1; shift
   local log="$LOGS/${name// /_}.log"
-  local s=$SECONDS
-  if "$@" >"$log" 2>&1; then
+  local s=$SECONDS rc
+  # Not `if "$@"`: bash ignores errexit inside a condition, so a failing command in the middle of
+  # a step function would go unnoticed. A subshell with errexit, outside any condition, stops at it.
+  set +e
+  ( set -e; "$@" ) >"$log" 2>&1
+  rc=$?
+  set -e
+  if [ $rc = 0 ]; then
     say "$name: ok ($((SECONDS - s)) s)"
   else
     printf 'setup: step "%s" FAILED; last 40 lines of %s:\n' "$name" "$log" >&2
@@ -114,9 +121,12 @@ assert hvd.gloo_built() and hvd.mpi_built()
 PYEOF
 }
 build_horovod() {
-  set -e
   local src; src=$(mktemp -d)
-  "$PY" -m pip download "horovod==$HOROVOD" --no-deps --no-binary :all: -d "$src"
+  if [ -n "${HVD_BA_HOROVOD_SDIST:-}" ]; then  # offline build nodes: a source tarball carried in
+    cp "$HVD_BA_HOROVOD_SDIST" "$src/horovod-$HOROVOD.tar.gz"
+  else
+    "$PY" -m pip download "horovod==$HOROVOD" --no-deps --no-binary :all: -d "$src"
+  fi
   tar xzf "$src/horovod-$HOROVOD.tar.gz" -C "$src"
   local dir="$src/horovod-$HOROVOD"
   # torch 2.14 headers need C++20 in the extension; the rest of Horovod builds as C++17.
@@ -160,7 +170,6 @@ if "$PY" -c "import PIL, sys; sys.exit(PIL.__version__ != '$PILLOW_SIMD')" 2>/de
   say "pillow-simd $PILLOW_SIMD: present"
 else
   build_pillow_simd() {
-    set -e
     local cc=cc; grep -q avx2 /proc/cpuinfo && cc="cc -mavx2"
     local dir="$CACHE/wheels/pillow-simd-$PILLOW_SIMD-$PYTAG"
     if ! ls "$dir"/pillow_simd-*.whl >/dev/null 2>&1; then
