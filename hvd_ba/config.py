@@ -29,7 +29,8 @@ class DataConfig:
     copies: int = 4  # M: augmented copies made locally from each decoded image
     unique_batch: int = 32  # B: distinct images per rank per step (samples per step = copies * B)
     layout: str = "copy-major"  # copy-major: each group of B holds one copy of B distinct images
-    shard: str = "global"  # global: a fresh (seed, epoch) permutation split across ranks each epoch
+    shard: str = "global"  # global: a fresh (seed, epoch) split each epoch; static: each rank owns a part for the run
+    manifest_dir: str | None = "~/.cache/hvd_ba/manifests"  # cached file index of each split; None: list every start
     workers: int = 4  # loader worker processes per rank
     # Loader worker start method. fork is fastest; use forkserver with MPI over interconnects
     # that are not fork-safe (openib; horovod #489).
@@ -40,15 +41,16 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Per-image augmentation preset, applied independently to each of the M copies."""
+    """Per-image augmentation preset, applied independently to each of the M copies
+    (hvd_ba/data/transforms.py). The defaults are the paper's ResNet-50 preset."""
 
-    size: int = 224  # RandomResizedCrop output side, px
+    kind: str = "random-resized-crop"  # or resize-random-crop (AlexNet: resize x resize, random size crop)
+    size: int = 224  # output side, px
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area fraction range
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect-ratio range
+    resize: int = 256  # resize-random-crop only: the square the crop is taken from, px
     hflip: float = 0.5  # probability of a horizontal flip
-    # JPEG draft decoding: decode at the smallest DCT scale keeping both sides >= this many px
-    # (None: full decode). Evaluation then drafts at eval_resize. Speeds up large photos.
-    decode_short_side: int | None = None
+    lighting_std: float = 0.0  # AlexNet PCA lighting noise (0.1 in the original); 0: off
     eval_resize: int = 256  # evaluation: resize the short side to this, px
     eval_crop: int = 224  # evaluation: then centre-crop to this, px
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel, on [0, 1]
@@ -224,7 +226,8 @@ def save_config(cfg: Config, path: Path) -> None:
 # ---------------------------------------------------------------------------------- validation
 
 LAYOUTS = ("copy-major", "sample-major")
-SHARDS = ("global",)
+SHARDS = ("global", "static")
+AUGMENT_KINDS = ("random-resized-crop", "resize-random-crop")
 WORKER_STARTS = ("fork", "forkserver", "spawn")
 
 
@@ -250,9 +253,10 @@ def validate(cfg: Config) -> None:
     _require(a.scale[1] <= 1.0, "augment.scale", f"upper bound must be <= 1, got {a.scale[1]}")
     _require(0.0 <= a.hflip <= 1.0, "augment.hflip", f"must be a probability, got {a.hflip}")
     _require(a.eval_crop <= a.eval_resize, "augment.eval_crop", f"{a.eval_crop} exceeds augment.eval_resize {a.eval_resize}")
-    if a.decode_short_side is not None:
-        _require(a.decode_short_side >= a.size, "augment.decode_short_side",
-                 f"{a.decode_short_side} is below the crop size augment.size {a.size}")
+    _require(a.kind in AUGMENT_KINDS, "augment.kind", f"must be one of {AUGMENT_KINDS}, got {a.kind!r}")
+    if a.kind == "resize-random-crop":
+        _require(a.resize >= a.size, "augment.resize", f"{a.resize} is below augment.size {a.size}")
+    _require(a.lighting_std >= 0, "augment.lighting_std", f"must be >= 0, got {a.lighting_std}")
     _require(len(a.mean) == 3 and len(a.std) == 3 and min(a.std) > 0, "augment.std", "mean and std need 3 channels, std > 0")
     if m.num_classes is not None:
         _require(m.num_classes >= 2, "model.num_classes", f"must be >= 2, got {m.num_classes}")

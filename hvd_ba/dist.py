@@ -69,6 +69,12 @@ def allreduce_mean(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return _hvd.allreduce(tensor, name=name, op=_hvd.Average)
 
 
+def barrier(name: str) -> None:
+    """Wait for every rank (an allreduce of one number: it works over Gloo and MPI alike)."""
+    if _hvd is not None:
+        _hvd.allreduce(torch.zeros(1), name=f"barrier.{name}", op=_hvd.Sum)
+
+
 def allgather_object(obj, name: str) -> list:
     if _hvd is None:
         return [obj]

@@ -26,18 +26,23 @@ class TrainState:
     step: int = 0  # optimizer steps taken so far (global step)
     epoch: int = 0
     reads: dict = field(default_factory=dict)  # epoch -> file indices read by this rank (run.record_reads)
+    bad_files: set = field(default_factory=set)  # paths this rank could not decode (logged once each)
 
 
-def normalize(images: torch.Tensor, state: TrainState) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float, normalised; done here so a GPU can do it, not the workers."""
-    x = images.to(state.device, non_blocking=True).float().div_(255)
-    return x.sub_(state.mean).div_(state.std)
+def normalize(batch: dict, state: TrainState) -> torch.Tensor:
+    """uint8 HWC [N, H, W, 3] + lighting offsets -> normalised float NCHW.
+
+    Done here, not in the loader workers, so that a GPU does the float work.
+    """
+    x = batch["images"].to(state.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = x.add_(batch["lighting"].to(state.device, non_blocking=True).view(-1, 3, 1, 1))
+    return x.sub_(state.mean).div_(state.std).contiguous()
 
 
 class Meter:
     """Sums of per-batch figures on this rank; `reduce` sums them over all ranks."""
 
-    KEYS = ("loss_sum", "correct", "samples", "images", "bytes")
+    KEYS = ("loss_sum", "correct", "samples", "images", "files", "bytes", "bad")
 
     def __init__(self):
         self.totals = torch.zeros(len(self.KEYS), dtype=torch.float64)
@@ -66,7 +71,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         labels = batch["labels"].to(state.device, non_blocking=True)
-        logits = model(normalize(batch["images"], state))
+        logits = model(normalize(batch, state))
         # The plain mean cross-entropy over all M*B samples of this rank (the paper's BA loss);
         # DistributedOptimizer averages the gradients over ranks.
         loss = F.cross_entropy(logits, labels)
@@ -77,7 +82,12 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
         loss_value = loss.item()
         n = labels.numel()
         meter.add(loss_sum=loss_value * n, correct=(logits.argmax(1) == labels).sum().item(), samples=n,
-                  images=batch["indices"].numel(), bytes=batch["bytes"])
+                  images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"], bad=len(batch["bad"]))
+        for entry in batch["bad"]:
+            if entry not in state.bad_files:
+                state.bad_files.add(entry)
+                log.warning("rank %d: skipped unreadable image %s; a file of the same shard replaces it",
+                            dist.rank(), entry)
         if reads is not None:
             reads.extend(batch["indices"].tolist())
         if dist.is_primary() and ((i + 1) % cfg.run.log_every == 0 or i + 1 == steps):
@@ -90,12 +100,18 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
         t_wait = time.perf_counter()
     elapsed = time.perf_counter() - t0
     sums = meter.reduce(f"train_meter.{state.epoch}")
+    # Per-rank I/O of this epoch: what proves that BA adds no reads (files and bytes per rank).
+    io_per_rank = dist.allgather_object((int(meter.totals[4]), int(meter.totals[5])), name=f"io.{state.epoch}")
     return {
         "train_loss": sums["loss_sum"] / sums["samples"],
         "train_top1": 100.0 * sums["correct"] / sums["samples"],
         "unique_images": int(sums["images"]),
         "samples": int(sums["samples"]),
+        "files_read": int(sums["files"]),
         "bytes_read": int(sums["bytes"]),
+        "files_read_per_rank": [f for f, _ in io_per_rank],
+        "bytes_read_per_rank": [b for _, b in io_per_rank],
+        "bad_files": int(sums["bad"]),
         "epoch_time_s": elapsed,
         "unique_images_per_s": sums["images"] / elapsed,
         "samples_per_s": sums["samples"] / elapsed,
@@ -126,10 +142,10 @@ def evaluate(state: TrainState, loader, tag: str) -> dict:
     meter = Meter()
     for batch in loader:
         labels = batch["labels"].to(state.device, non_blocking=True)
-        logits = state.model(normalize(batch["images"], state))
+        logits = state.model(normalize(batch, state))
         loss = F.cross_entropy(logits, labels, reduction="sum")
         meter.add(loss_sum=loss.item(), correct=(logits.argmax(1) == labels).sum().item(), samples=labels.numel(),
-                  images=labels.numel(), bytes=batch["bytes"])
+                  images=labels.numel(), files=batch["files"], bytes=batch["bytes"])
     sums = meter.reduce(f"eval_meter.{tag}")
     return {"val_loss": sums["loss_sum"] / sums["samples"], "val_top1": 100.0 * sums["correct"] / sums["samples"],
             "val_images": int(sums["samples"])}

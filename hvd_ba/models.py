@@ -90,6 +90,46 @@ class SmallResNet(torchvision.models.ResNet):
                     nn.init.zeros_(m.bn2.weight)
 
 
+def _conv_bn(c_in: int, c_out: int, stride: int, groups: int = 1) -> nn.Sequential:
+    kernel = 3 if groups > 1 or c_in == 3 else 1
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class MobileNetV1(nn.Module):
+    """MobileNet v1 (Howard et al. 2017, table 1), the paper's reference [4]; torchvision has none.
+
+    A 3x3 stem, then 13 depthwise-separable blocks (3x3 depthwise + 1x1 pointwise, each with BN
+    and ReLU); `width` is the width multiplier alpha.
+    """
+
+    # (output channels, stride) of each depthwise-separable block
+    BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+              (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+
+    def __init__(self, num_classes: int = 1000, width: float = 1.0):
+        super().__init__()
+        c = int(32 * width)
+        layers = [_conv_bn(3, c, 2)]
+        for out, stride in self.BLOCKS:
+            out = int(out * width)
+            layers += [_conv_bn(c, c, stride, groups=c), _conv_bn(c, out, 1)]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _mobilenet(num_classes: int, zero_init_residual: bool) -> nn.Module:
+    return MobileNetV1(num_classes)
+
+
 def _resnet50(num_classes: int, zero_init_residual: bool) -> nn.Module:
     return torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=zero_init_residual)
 
@@ -102,7 +142,7 @@ def _small_resnet(num_classes: int, zero_init_residual: bool) -> nn.Module:
     return SmallResNet(num_classes, zero_init_residual=zero_init_residual)
 
 
-ARCHS = {"resnet50": _resnet50, "alexnet": _alexnet, "small_resnet": _small_resnet}
+ARCHS = {"resnet50": _resnet50, "mobilenet": _mobilenet, "alexnet": _alexnet, "small_resnet": _small_resnet}
 
 
 def build_model(arch: str, num_classes: int, ghost_size: int | None = None,

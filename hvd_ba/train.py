@@ -20,7 +20,8 @@ import torch
 
 from hvd_ba import dist
 from hvd_ba.config import Config, save_config
-from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, scan_split
+from hvd_ba.data.manifest import load_index
+from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
 from hvd_ba.engine import TrainState, evaluate, train_one_epoch
 from hvd_ba.models import build_model, parameter_groups
 from hvd_ba.schedule import peak_lr
@@ -52,6 +53,18 @@ def state_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
+def load_indexes(cfg: Config):
+    """Rank 0 lists the splits (or finds their cached manifests fresh) and writes the manifests;
+    the other ranks then read them instead of listing the folders themselves."""
+    cache = os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None
+    if dist.is_primary():
+        indexes = [load_index(cfg.data.path, split, cache) for split in ("train", "val")]
+    dist.barrier("manifests")
+    if not dist.is_primary():
+        indexes = [load_index(cfg.data.path, split, cache, write=False) for split in ("train", "val")]
+    return indexes
+
+
 def run_training(cfg: Config) -> dict:
     t_start = time.time()
     dist.init()
@@ -63,8 +76,7 @@ def run_training(cfg: Config) -> dict:
     device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     out = Path(cfg.run.out_dir)
 
-    train_index = scan_split(cfg.data.path, "train")
-    val_index = scan_split(cfg.data.path, "val")
+    train_index, val_index = load_indexes(cfg)
     if train_index.classes != val_index.classes:
         raise ValueError(f"data.path '{cfg.data.path}': train/ and val/ have different class folders")
     num_classes = cfg.model.num_classes or len(train_index.classes)
@@ -116,6 +128,9 @@ def run_training(cfg: Config) -> dict:
                      epoch + 1, metrics["train_loss"], metrics["train_top1"],
                      f"{metrics['val_top1']:.2f}%" if "val_top1" in metrics else "-",
                      metrics["unique_images_per_s"], metrics["samples_per_s"], metrics["bytes_read"] / 1e6)
+            if metrics["bad_files"]:
+                log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)",
+                            epoch + 1, metrics["bad_files"])
 
     # Trainable parameters must agree bit for bit (allreduce); the full state agrees because the
     # last evaluation averaged the rank-local BN running statistics.

@@ -59,7 +59,7 @@ def test_bad_values_name_the_key(overrides, message):
 
 
 def test_unknown_preset_lists_the_shipped_ones():
-    with pytest.raises(ConfigError, match=r"config file 'resnet05' not found \(shipped presets: demo, resnet50_ba_m4"):
+    with pytest.raises(ConfigError, match=r"config file 'resnet05' not found \(shipped presets: alexnet, demo, mobilenet, resnet50_ba_m4\)"):
         load_config("resnet05")
 
 

@@ -8,7 +8,8 @@ from PIL import Image
 
 from hvd_ba.config import load_config
 from hvd_ba.data import pipeline
-from hvd_ba.data.pipeline import BACollate, GlobalShardSampler, make_train_loader, scan_split
+from hvd_ba.data.manifest import load_index
+from hvd_ba.data.pipeline import BACollate, ShardSampler, make_train_loader
 from hvd_ba.data.synthetic import make_dataset
 
 
@@ -39,55 +40,72 @@ def test_images_vary_like_imagenet(small_data):
         assert img.format == "JPEG" and img.mode == "RGB"
 
 
-def test_scan_split_labels_follow_sorted_class_folders(small_data):
-    index = scan_split(small_data, "train")
+def test_index_labels_follow_sorted_class_folders(small_data):
+    index = load_index(small_data, "train", cache_dir=None)
     assert index.classes == ("n90000000", "n90000001", "n90000002", "n90000003")
     assert len(index) == 4 * 48
-    for path, label in zip(index.paths, index.labels):
+    for path, label, size in zip(index.paths, index.labels, index.sizes):
         assert path.startswith(index.classes[label] + "/")
+        assert size == (small_data / "train" / path).stat().st_size
 
 
+@pytest.mark.parametrize("mode", ["global", "static"])
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_global_shards_are_disjoint_equal_and_change_per_epoch(world):
+def test_shards_are_disjoint_and_equal(mode, world):
     n, b = 1003, 10
-    samplers = [GlobalShardSampler(n, r, world, b, seed=5) for r in range(world)]
+    samplers = [ShardSampler(n, r, world, b, seed=5, mode=mode) for r in range(world)]
     for epoch in (0, 1):
         shards = [s.shard(epoch) for s in samplers]
-        assert len({len(s) for s in shards}) == 1 and len(shards[0]) == n // world
+        assert {len(s) for s in shards} == {n // world}
         union = set().union(*map(set, shards))
-        assert len(union) == sum(map(len, shards))  # disjoint
+        assert len(union) == sum(map(len, shards)) == world * (n // world)  # disjoint, no repeats
         assert union <= set(range(n))
         for s in samplers:
             s.set_epoch(epoch)
         batches = [list(s) for s in samplers]
         assert {len(bs) for bs in batches} == {(n // world) // b}  # every rank takes the same steps
-        assert all(len(batch) == b and all(e == epoch for _, e in batch) for bs in batches for batch in bs)
-    assert samplers[0].shard(0) != samplers[0].shard(1)
+        assert all(len(batch) == b and all(e == epoch for _, e, _ in batch) for bs in batches for batch in bs)
+    first, second = samplers[0].shard(0), samplers[0].shard(1)
+    assert first != second  # a new order every epoch
+    if mode == "static":  # ... over the same files: each rank owns its part for the whole run
+        assert all(set(s.shard(0)) == set(s.shard(5)) for s in samplers)
+    elif world > 1:
+        assert set(first) != set(second)
 
 
-def _item(copies_value, label, m=3):
-    copies = torch.stack([torch.full((3, 4, 4), copies_value * 10 + k, dtype=torch.uint8) for k in range(m)])
-    return copies, label, 100, copies_value
+def test_replacements_come_from_the_same_shard():
+    s = ShardSampler(100, 1, 2, 10, seed=3)
+    mine = set(s.shard(0))
+    for batch in s:
+        for i, _, replacements in batch:
+            assert set(replacements) <= mine and i not in replacements
+
+
+def _item(value, label, m=3):
+    copies = np.stack([np.full((4, 4, 3), value * 10 + k, np.uint8) for k in range(m)])
+    return {"copies": copies, "lighting": np.full((m, 3), value, np.float32), "label": label, "index": value,
+            "files": 1, "bytes": 100, "bad": []}
 
 
 def test_copy_major_and_sample_major_layouts():
     items = [_item(b, label=b + 1) for b in range(4)]  # image b, copy k has value 10b + k
     cm = BACollate("copy-major")(items)
     sm = BACollate("sample-major")(items)
-    assert cm["images"].shape == sm["images"].shape == (12, 3, 4, 4)
+    assert cm["images"].shape == sm["images"].shape == (12, 4, 4, 3)
     # copy-major: sample k*B + b is copy k of image b
     assert [int(x[0, 0, 0]) for x in cm["images"]] == [10 * b + k for k in range(3) for b in range(4)]
     assert cm["labels"].tolist() == [b + 1 for _ in range(3) for b in range(4)]
+    assert cm["lighting"][:, 0].tolist() == [b for _ in range(3) for b in range(4)]
     # sample-major: the copies of one image are adjacent
     assert [int(x[0, 0, 0]) for x in sm["images"]] == [10 * b + k for b in range(4) for k in range(3)]
     assert sm["labels"].tolist() == [b + 1 for b in range(4) for _ in range(3)]
-    assert cm["bytes"] == 400 and cm["indices"].tolist() == [0, 1, 2, 3]
+    assert cm["bytes"] == 400 and cm["files"] == 4 and cm["indices"].tolist() == [0, 1, 2, 3]
 
 
-def _first_batches(data, overrides, steps=2):
-    cfg = load_config("demo", [f"data.path={data}", *overrides])
-    loader = make_train_loader(scan_split(data, "train"), cfg, rank=0, world=1)
-    loader.batch_sampler.set_epoch(1)
+def first_batches(data, preset="demo", overrides=(), steps=2, epoch=1):
+    cfg = load_config(preset, [f"data.path={data}", "data.manifest_dir=null", *overrides])
+    loader = make_train_loader(load_index(data, "train", None), cfg, rank=0, world=1)
+    loader.batch_sampler.set_epoch(epoch)
     out = []
     for batch in loader:
         out.append(batch)
@@ -96,28 +114,104 @@ def _first_batches(data, overrides, steps=2):
     return out
 
 
-def test_m_copies_are_distinct_augmentations_of_one_decode(small_data, monkeypatch):
+def count_reads(monkeypatch) -> list:
     opened = []
-    real_decode = pipeline.decode
-    monkeypatch.setattr(pipeline, "decode", lambda path, draft: opened.append(path) or real_decode(path, draft))
-    (batch,) = _first_batches(small_data, ["data.copies=4", "data.unique_batch=8", "data.workers=0"], steps=1)
-    assert len(opened) == 8  # each image of the step decoded exactly once
-    assert batch["images"].shape == (32, 3, 64, 64) and batch["images"].dtype == torch.uint8
-    copies = batch["images"].view(4, 8, 3, 64, 64)  # copy-major
-    for b in range(8):
-        assert len({copies[k, b].float().sum().item() for k in range(4)}) == 4  # 4 different crops
+    real = pipeline.read_file
+    monkeypatch.setattr(pipeline, "read_file", lambda path: opened.append(path) or real(path))
+    return opened
+
+
+@pytest.mark.parametrize("preset", ["resnet50_ba_m4", "mobilenet", "alexnet", "demo"])
+def test_every_preset_honours_m(preset, small_data, monkeypatch):
+    """One decode per image, M distinct copies, for every preset (a peer ignores M for some)."""
+    opened = count_reads(monkeypatch)
+    overrides = ["data.copies=3", "data.unique_batch=4", "data.workers=0", "model.ghost_size=null"]
+    (batch,) = first_batches(small_data, preset, overrides, steps=1)
+    cfg = load_config(preset)
+    side = cfg.augment.size
+    assert len(opened) == 4  # each image of the step read once
+    assert batch["images"].shape == (12, side, side, 3) and batch["images"].dtype == torch.uint8
+    copies = batch["images"].view(3, 4, side, side, 3)  # copy-major
+    for b in range(4):
+        assert len({copies[k, b].float().sum().item() for k in range(3)}) == 3  # 3 different augmentations
+    lighting = batch["lighting"]
+    if cfg.augment.lighting_std > 0:
+        assert lighting.abs().sum() > 0 and len({tuple(row.tolist()) for row in lighting}) == 12
+    else:
+        assert lighting.abs().sum() == 0
 
 
 def test_augmentation_is_independent_of_worker_count(small_data):
-    a = _first_batches(small_data, ["data.workers=0", "data.unique_batch=8"])
-    b = _first_batches(small_data, ["data.workers=2", "data.unique_batch=8"])
+    a = first_batches(small_data, overrides=["data.workers=0", "data.unique_batch=8"])
+    b = first_batches(small_data, overrides=["data.workers=2", "data.unique_batch=8"])
     for x, y in zip(a, b):
         assert torch.equal(x["images"], y["images"]) and torch.equal(x["labels"], y["labels"])
+    c = first_batches(small_data, overrides=["data.workers=0", "data.unique_batch=8"], epoch=2)
+    assert not torch.equal(a[0]["images"], c[0]["images"])
 
 
-def test_bytes_read_do_not_grow_with_copies(small_data):
-    m1 = _first_batches(small_data, ["data.copies=1", "data.unique_batch=8", "data.workers=0", "model.ghost_size=null"])
-    m8 = _first_batches(small_data, ["data.copies=8", "data.unique_batch=8", "data.workers=0"])
+def test_bytes_read_do_not_grow_with_copies(small_data, monkeypatch):
+    opened = count_reads(monkeypatch)
+    m1 = first_batches(small_data, overrides=["data.copies=1", "data.unique_batch=8", "data.workers=0", "model.ghost_size=null"])
+    reads_m1 = list(opened)
+    m8 = first_batches(small_data, overrides=["data.copies=8", "data.unique_batch=8", "data.workers=0"])
+    assert opened[len(reads_m1):] == reads_m1 and len(reads_m1) == 16
     assert [b["bytes"] for b in m1] == [b["bytes"] for b in m8]
+    assert [b["files"] for b in m1] == [b["files"] for b in m8] == [8, 8]
     assert m1[0]["bytes"] > 8 * 1000
     assert m8[0]["images"].shape[0] == 8 * m1[0]["images"].shape[0]
+
+
+def test_draft_decoding_matches_a_full_decode(small_data):
+    """The fast path (crop boxes before decode, DCT-scaled decode, one resize) gives the same
+    pixels, up to resampling noise, as torchvision's full decode + resized_crop + flip."""
+    import torchvision.transforms.functional as TF
+
+    from hvd_ba.data.transforms import TrainPreset, copy_seed, draft_scale, make_copies
+
+    preset = TrainPreset(size=64, scale=(0.25, 1.0))
+    diffs, drafted = [], 0
+    for path in sorted((small_data / "train").rglob("*.JPEG"))[:12]:
+        seeds = [copy_seed(0, 0, 1, k) for k in range(4)]
+        copies, _ = make_copies(Image.open(path), preset, seeds)
+        full = Image.open(path).convert("RGB")
+        for seed, copy in zip(seeds, copies):
+            (l, t, r, b), flip, _ = preset.draw(*full.size, seed)
+            ref = TF.resized_crop(full, round(t), round(l), round(b - t), round(r - l), [64, 64], antialias=True)
+            ref = np.asarray(TF.hflip(ref) if flip else ref).astype(float)
+            diffs.append(np.abs(ref - copy).mean())
+        boxes = [preset.draw(*full.size, seed)[0] for seed in seeds]
+        drafted += draft_scale(full.size, boxes, (64, 64)) > 1
+    assert np.mean(diffs) < 6.0 and max(diffs) < 20.0, diffs
+    assert drafted >= 6  # most of these were decoded at a reduced DCT scale
+
+
+def test_broken_files_are_replaced_from_the_shard(small_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    cls = data / "train" / "n90000001"
+    (cls / "zero.JPEG").write_bytes(b"")
+    (cls / "text.JPEG").write_text("not an image")
+    good = next(cls.glob("*_00000.JPEG")).read_bytes()
+    (cls / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    # 195 files in 3 steps of 65: the whole set is read in epoch 0
+    overrides = ["data.unique_batch=65", "data.workers=0", "data.copies=1", "model.ghost_size=null"]
+    batches = first_batches(data, overrides=overrides, steps=3, epoch=0)
+    bad = [p for b in batches for p in b["bad"]]
+    names = sorted(p.split(" (")[0].rsplit("/", 1)[1] for p in bad)
+    assert names == ["text.JPEG", "truncated.JPEG", "zero.JPEG"]
+    assert all(b["images"].shape[0] == 65 for b in batches)  # the batch stays full
+    assert sum(b["files"] for b in batches) == 195 + 3  # the failed tries are counted as reads
+    again = first_batches(data, overrides=overrides, steps=3, epoch=0)
+    assert all(torch.equal(x["images"], y["images"]) for x, y in zip(batches, again))  # deterministic
+
+
+def test_empty_class_folder_and_empty_dataset_are_errors(tmp_path):
+    (tmp_path / "a" / "train" / "cls").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="class folder '.*/a/train/cls' has no images"):
+        load_index(tmp_path / "a", "train", None)
+    (tmp_path / "b" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="data directory '.*/b/train' has no class folders"):
+        load_index(tmp_path / "b", "train", None)

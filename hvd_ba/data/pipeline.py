@@ -4,8 +4,9 @@ Nothing here imports Horovod or mpi4py: loader workers (forkserver/spawn) import
 and MPI must not be initialised in them (horovod-pitfalls.md). Rank and world size come in as
 plain integers.
 
-Copies leave the workers as uint8 tensors; conversion to float and normalisation happen in the
-training step (hvd_ba.engine), where a GPU can do them.
+A training batch is a dict: images uint8 [M*B, H, W, 3] (HWC, as decoded; the training step
+permutes, converts and normalises), labels [M*B], lighting [M*B, 3] (RGB offsets on [0, 1]),
+indices [B] (file indices), files (files opened), bytes (bytes read), bad (paths that failed).
 """
 from __future__ import annotations
 
@@ -14,123 +15,83 @@ import io
 import os
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+from hvd_ba.data.manifest import FileIndex
+from hvd_ba.data.transforms import TrainPreset, copy_seed, eval_image, make_copies
+
 WATCHDOG_PERIOD_S = 2.0
+REPLACEMENT_TRIES = 8  # files of the shard tried in turn when a file cannot be decoded
 
 
-@dataclass(frozen=True)
-class FileIndex:
-    """The files of one split: paths relative to the split folder, labels, class names."""
-
-    root: str
-    paths: tuple[str, ...]
-    labels: tuple[int, ...]
-    classes: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def scan_split(root: str | Path, split: str) -> FileIndex:
-    """Index root/split/<class>/<image> in sorted order (class index = position of the folder)."""
-    folder = Path(root) / split
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data directory '{folder}' does not exist")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"data directory '{folder}' has no class folders")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        names = sorted(e.name for e in os.scandir(folder / name)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
-        paths.extend(f"{name}/{n}" for n in names)
-        labels.extend([label] * len(names))
-    if not paths:
-        raise FileNotFoundError(f"data directory '{folder}' has no images")
-    return FileIndex(str(folder), tuple(paths), tuple(labels), tuple(classes))
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Augmentation seed of one image in one epoch: independent of ranks, workers and order."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def decode(path: str, draft_side: int | None) -> tuple[Image.Image, int]:
-    """Read and decode one image once; returns (RGB image, bytes read).
-
-    With `draft_side`, JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) whose sides stay
-    >= draft_side, which is several times cheaper than a full decode of a large photo.
-    """
+def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
-        data = f.read()
-    try:
-        img = Image.open(io.BytesIO(data))
-        if draft_side is not None and img.format == "JPEG":
-            img.draft("RGB", (draft_side, draft_side))
-        img = img.convert("RGB")
-    except Exception as err:  # PIL raises several types for broken files
-        raise ValueError(f"cannot decode image '{path}': {err}") from None
-    return img, len(data)
+        return f.read()
 
 
-def train_transform(size: int, scale, ratio, hflip: float) -> T.Compose:
-    """One copy's augmentation (ResNet-50 preset: RandomResizedCrop 224, 8-100%, 3/4-4/3, flip)."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
-        T.RandomHorizontalFlip(hflip),
-        T.PILToTensor(),
-    ])
-
-
-def eval_transform(resize: int, crop: int) -> T.Compose:
-    return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(crop), T.PILToTensor()])
+def open_image(data: bytes, path: str) -> Image.Image:
+    """Parse the header; decoding errors surface later, at convert/resize."""
+    img = Image.open(io.BytesIO(data))
+    if img.mode not in ("RGB", "L", "CMYK", "P", "RGBA", "LA", "I;16", "YCbCr"):
+        raise ValueError(f"unsupported mode {img.mode}")
+    return img
 
 
 class BATrainSet(torch.utils.data.Dataset):
-    """Item (file index, epoch) -> (M augmented uint8 copies [M, 3, H, W], label, bytes read, index).
+    """Item (file index, epoch, replacements) -> one decoded image's M copies.
 
-    The image is read and decoded once; the M copies are M independent draws of the transform
-    from a generator seeded by (seed, epoch, index), so any worker count gives the same samples.
+    A file that cannot be read or decoded is replaced by the next of `replacements` (files of the
+    same shard, fixed by the sampler, so the replacement is deterministic); the failed path is
+    returned for the main process to log once and count.
     """
 
-    def __init__(self, index: FileIndex, copies: int, transform, seed: int, draft_side: int | None = None):
-        self.index, self.copies, self.transform = index, copies, transform
-        self.seed, self.draft_side = seed, draft_side
+    def __init__(self, index: FileIndex, copies: int, preset: TrainPreset, seed: int):
+        self.index, self.copies, self.preset, self.seed = index, copies, preset, seed
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, key: tuple[int, int]):
-        i, epoch = key
-        img, nbytes = decode(os.path.join(self.index.root, self.index.paths[i]), self.draft_side)
-        # torchvision's transforms draw from the global torch RNG; seed it per image, restore after.
-        state = torch.random.get_rng_state()
-        torch.manual_seed(sample_seed(self.seed, epoch, i))
-        try:
-            copies = torch.stack([self.transform(img) for _ in range(self.copies)])
-        finally:
-            torch.random.set_rng_state(state)
-        return copies, self.index.labels[i], nbytes, i
+    def path(self, i: int) -> str:
+        return os.path.join(self.index.root, self.index.paths[i])
+
+    def __getitem__(self, key):
+        i, epoch, replacements = key
+        bad, files, nbytes = [], 0, 0
+        for j in (i, *replacements):
+            files += 1
+            try:
+                data = read_file(self.path(j))
+                nbytes += len(data)
+                seeds = [copy_seed(self.seed, epoch, j, k) for k in range(self.copies)]
+                copies, lighting = make_copies(open_image(data, self.path(j)), self.preset, seeds)
+            except Exception as err:  # PIL raises many types for broken files
+                bad.append(f"{self.path(j)} ({type(err).__name__}: {err})")
+                continue
+            return {"copies": np.stack(copies), "lighting": lighting, "label": self.index.labels[j], "index": j,
+                    "files": files, "bytes": nbytes, "bad": bad}
+        raise RuntimeError(f"{len(bad)} files in a row could not be decoded: " + "; ".join(bad))
 
 
 class EvalSet(torch.utils.data.Dataset):
-    def __init__(self, index: FileIndex, transform, draft_side: int | None = None):
-        self.index, self.transform, self.draft_side = index, transform, draft_side
+    def __init__(self, index: FileIndex, resize: int, crop: int):
+        self.index, self.resize, self.crop = index, resize, crop
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
-        img, nbytes = decode(os.path.join(self.index.root, self.index.paths[i]), self.draft_side)
-        return self.transform(img), self.index.labels[i], nbytes, i
+        path = os.path.join(self.index.root, self.index.paths[i])
+        data = read_file(path)
+        try:
+            image = eval_image(open_image(data, path), self.resize, self.crop)
+        except Exception as err:
+            # Evaluation must be exact: a broken validation file is an error, not a skip.
+            raise ValueError(f"cannot decode validation image '{path}': {err}") from None
+        return {"copies": image[None], "lighting": np.zeros((1, 3), np.float32), "label": self.index.labels[i],
+                "index": i, "files": 1, "bytes": len(data), "bad": []}
 
 
 class BACollate:
@@ -140,56 +101,63 @@ class BACollate:
     layout of the paper's ghost-BN runs); sample-major: the M copies of an image are adjacent.
     """
 
-    def __init__(self, layout: str):
+    def __init__(self, layout: str = "copy-major"):
         if layout not in ("copy-major", "sample-major"):
             raise ValueError(f"config key 'data.layout': unknown layout {layout!r}")
         self.layout = layout
 
     def __call__(self, items):
-        copies = torch.stack([it[0] for it in items])  # [B, M, 3, H, W]
-        labels = torch.tensor([it[1] for it in items], dtype=torch.long)
+        copies = torch.from_numpy(np.stack([it["copies"] for it in items]))  # [B, M, H, W, 3]
+        lighting = torch.from_numpy(np.stack([it["lighting"] for it in items]))  # [B, M, 3]
+        labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
         b, m = copies.shape[:2]
         if self.layout == "copy-major":
             images = copies.transpose(0, 1).reshape(m * b, *copies.shape[2:])
+            lighting = lighting.transpose(0, 1).reshape(m * b, 3)
             labels = labels.repeat(m)
         else:
             images = copies.reshape(b * m, *copies.shape[2:])
+            lighting = lighting.reshape(b * m, 3)
             labels = labels.repeat_interleave(m)
         return {
             "images": images,
             "labels": labels,
-            "bytes": sum(it[2] for it in items),
-            "indices": torch.tensor([it[3] for it in items], dtype=torch.long),
+            "lighting": lighting,
+            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "files": sum(it["files"] for it in items),
+            "bytes": sum(it["bytes"] for it in items),
+            "bad": [p for it in items for p in it["bad"]],
         }
 
 
-def eval_collate(items):
-    return {
-        "images": torch.stack([it[0] for it in items]),
-        "labels": torch.tensor([it[1] for it in items], dtype=torch.long),
-        "bytes": sum(it[2] for it in items),
-        "indices": torch.tensor([it[3] for it in items], dtype=torch.long),
-    }
+def _generator(*words: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(words)).generate_state(1)[0]))
 
 
-class GlobalShardSampler(torch.utils.data.Sampler):
-    """Each epoch, a permutation seeded by (seed, epoch) is cut into `world` equal parts.
+class ShardSampler(torch.utils.data.Sampler):
+    """Which files rank r reads, in which order; yields batches of (file index, epoch, replacements).
 
-    Rank r reads only part r. Every rank must take the same number of steps or an allreduce
-    would hang, so the n % world files left over by the cut, and the per-rank remainder that
-    does not fill a batch, are skipped this epoch; the permutation changes every epoch, so
-    different files are skipped each time. Yields batches of (file index, epoch).
+    global: each epoch a permutation seeded by (seed, epoch) is cut into `world` equal parts and
+        rank r reads part r, so over the run every rank sees the whole set.
+    static: one permutation seeded by `seed` is cut once; rank r owns part r for the whole run
+        (the part a node stages to local disk) and shuffles it each epoch by (seed, epoch, r).
+    Every rank must take the same number of steps or an allreduce would hang: the n % world files
+    left over by the cut, and the per-rank remainder that does not fill a batch, are skipped. In
+    global mode the permutation changes every epoch, so different files are skipped each time; in
+    static mode the n % world leftover files are never read (at most world - 1 files).
     """
 
     def __init__(self, num_files: int, rank: int, world: int, unique_batch: int, seed: int,
-                 max_steps: int | None = None):
+                 mode: str = "global", max_steps: int | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
-        self.num_files, self.rank, self.world = num_files, rank, world
-        self.unique_batch, self.seed, self.max_steps = unique_batch, seed, max_steps
+        if mode not in ("global", "static"):
+            raise ValueError(f"config key 'data.shard': unknown mode {mode!r}")
+        self.num_files, self.rank, self.world, self.mode = num_files, rank, world, mode
+        self.unique_batch, self.seed = unique_batch, seed
         self.epoch = 0
-        per_rank = num_files // world
-        self.steps = per_rank // unique_batch
+        self.per_rank = num_files // world
+        self.steps = self.per_rank // unique_batch
         if max_steps is not None:
             self.steps = min(self.steps, max_steps)
         if self.steps == 0:
@@ -202,37 +170,44 @@ class GlobalShardSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def shard(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
-        perm = torch.randperm(self.num_files, generator=g)
-        per_rank = self.num_files // self.world
-        return perm[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+        """This rank's files for `epoch`, in reading order."""
+        r, n, per = self.rank, self.num_files, self.per_rank
+        if self.mode == "global":
+            return torch.randperm(n, generator=_generator(self.seed, epoch))[r * per:(r + 1) * per].tolist()
+        owned = torch.randperm(n, generator=_generator(self.seed))[r * per:(r + 1) * per]
+        return owned[torch.randperm(per, generator=_generator(self.seed, epoch, r))].tolist()
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
         mine = self.shard(self.epoch)
-        b = self.unique_batch
+        b, per = self.unique_batch, len(mine)
         for s in range(self.steps):
-            yield [(i, self.epoch) for i in mine[s * b:(s + 1) * b]]
+            yield [(mine[p], self.epoch, tuple(mine[(p + 1 + k) % per] for k in range(REPLACEMENT_TRIES)))
+                   for p in range(s * b, (s + 1) * b)]
+
+
+def train_preset(cfg) -> TrainPreset:
+    a = cfg.augment
+    return TrainPreset(kind=a.kind, size=a.size, scale=tuple(a.scale), ratio=tuple(a.ratio), resize=a.resize,
+                       hflip=a.hflip, lighting_std=a.lighting_std)
 
 
 def make_train_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.utils.data.DataLoader:
-    d, a = cfg.data, cfg.augment
-    dataset = BATrainSet(index, d.copies, train_transform(a.size, a.scale, a.ratio, a.hflip),
-                         cfg.run.seed, a.decode_short_side)
-    sampler = GlobalShardSampler(len(index), rank, world, d.unique_batch, cfg.run.seed, cfg.run.max_steps_per_epoch)
+    d = cfg.data
+    dataset = BATrainSet(index, d.copies, train_preset(cfg), cfg.run.seed)
+    sampler = ShardSampler(len(index), rank, world, d.unique_batch, cfg.run.seed, d.shard, cfg.run.max_steps_per_epoch)
     return _loader(dataset, sampler, BACollate(d.layout), d)
 
 
 def make_eval_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.utils.data.DataLoader:
     """Rank r evaluates files r, r + world, ...: every file exactly once over all ranks."""
     d, a = cfg.data, cfg.augment
-    draft = a.eval_resize if a.decode_short_side is not None else None
-    dataset = EvalSet(index, eval_transform(a.eval_resize, a.eval_crop), draft)
+    dataset = EvalSet(index, a.eval_resize, a.eval_crop)
     mine = list(range(rank, len(index), world))
     batches = [mine[i:i + d.eval_batch] for i in range(0, len(mine), d.eval_batch)]
-    return _loader(dataset, batches, eval_collate, d)
+    return _loader(dataset, batches, BACollate(), d)
 
 
 def _watch_rank(rank_pid: int, worker_id: int) -> None:
