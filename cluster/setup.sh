@@ -90,7 +90,7 @@ grep -vE '^(#|$|torch==|torchvision==|horovod==|pillow-simd==)' "$ROOT/requireme
 ok=1
 while read -r line; do have "${line%%==*}" "${line##*==}" || ok=0; done <"$CACHE/req-plain.txt"
 if [ $ok = 1 ]; then
-  say "mpi4py, pyyaml, numpy, tqdm, pytest: present"
+  say "mpi4py, pyyaml, numpy, tqdm, pytest, scikit-image: present"
 else
   step "pip install requirements" "$PY" -m pip install -r "$CACHE/req-plain.txt"
 fi

@@ -52,6 +52,18 @@ def parser_make_data() -> argparse.ArgumentParser:
     return p
 
 
+def parser_bench() -> argparse.ArgumentParser:
+    from hvd_ba.bench import parser_bench as build
+
+    return build()
+
+
+def cmd_bench(args) -> int:
+    from hvd_ba.bench import run_loader_bench
+
+    return {"loader": run_loader_bench}[args.what](args)
+
+
 def cmd_train(args) -> int:
     from hvd_ba.config import check_paths, load_config
     from hvd_ba.train import main_rank
@@ -79,6 +91,7 @@ COMMANDS = {
     "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun/srun/mpirun)"),
     "demo": (parser_demo, cmd_demo, "make demo data and train on it with horovodrun -np 2"),
     "make-data": (parser_make_data, cmd_make_data, "write the synthetic ImageNet-layout JPEG dataset"),
+    "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader)"),
 }
 
 

@@ -82,7 +82,7 @@ def test_replacements_come_from_the_same_shard():
 
 
 def _item(value, label, m=3):
-    copies = np.stack([np.full((4, 4, 3), value * 10 + k, np.uint8) for k in range(m)])
+    copies = [np.full((4, 4, 3), value * 10 + k, np.uint8) for k in range(m)]
     return {"copies": copies, "lighting": np.full((m, 3), value, np.float32), "label": label, "index": value,
             "files": 1, "bytes": 100, "bad": []}
 
@@ -167,23 +167,45 @@ def test_draft_decoding_matches_a_full_decode(small_data):
     pixels, up to resampling noise, as torchvision's full decode + resized_crop + flip."""
     import torchvision.transforms.functional as TF
 
-    from hvd_ba.data.transforms import TrainPreset, copy_seed, draft_scale, make_copies
+    from hvd_ba.data.transforms import TrainPreset, draft_scale, image_rng, make_copies
 
     preset = TrainPreset(size=64, scale=(0.25, 1.0))
     diffs, drafted = [], 0
-    for path in sorted((small_data / "train").rglob("*.JPEG"))[:12]:
-        seeds = [copy_seed(0, 0, 1, k) for k in range(4)]
-        copies, _ = make_copies(Image.open(path), preset, seeds)
+    for i, path in enumerate(sorted((small_data / "train").rglob("*.JPEG"))[:12]):
+        copies, _ = make_copies(Image.open(path), preset, 4, image_rng(0, 0, i))
         full = Image.open(path).convert("RGB")
-        for seed, copy in zip(seeds, copies):
-            (l, t, r, b), flip, _ = preset.draw(*full.size, seed)
+        rng = image_rng(0, 0, i)
+        draws = [preset.draw(*full.size, rng) for _ in range(4)]
+        for ((l, t, r, b), flip, _), copy in zip(draws, copies):
             ref = TF.resized_crop(full, round(t), round(l), round(b - t), round(r - l), [64, 64], antialias=True)
             ref = np.asarray(TF.hflip(ref) if flip else ref).astype(float)
             diffs.append(np.abs(ref - copy).mean())
-        boxes = [preset.draw(*full.size, seed)[0] for seed in seeds]
-        drafted += draft_scale(full.size, boxes, (64, 64)) > 1
+        drafted += draft_scale(full.size, [d[0] for d in draws], (64, 64)) > 1
     assert np.mean(diffs) < 6.0 and max(diffs) < 20.0, diffs
     assert drafted >= 6  # most of these were decoded at a reduced DCT scale
+
+
+def test_crop_statistics_match_torchvision():
+    """Our numpy re-implementation of RandomResizedCrop.get_params draws the same distribution."""
+    import torchvision.transforms as T
+
+    from hvd_ba.data.transforms import random_resized_crop_params
+
+    rng, n = np.random.default_rng(0), 4000
+    torch.manual_seed(0)
+    for width, height in ((500, 375), (160, 480)):
+        ours = np.array([random_resized_crop_params(rng, width, height, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
+        ref = np.array([T.RandomResizedCrop.get_params(torch.empty(1, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(n)])
+        for stats in (lambda p: p[:, 2] * p[:, 3] / (width * height),  # area fraction
+                      lambda p: np.log(p[:, 3] / p[:, 2]),  # log aspect
+                      lambda p: (p[:, 1] + p[:, 3] / 2) / width,  # centre x
+                      lambda p: (p[:, 0] + p[:, 2] / 2) / height):  # centre y
+            a, b = stats(ours), stats(ref)
+            assert abs(a.mean() - b.mean()) < 4 * np.sqrt(a.var() / n + b.var() / n) + 1e-9
+            assert abs(a.std() - b.std()) < 0.05 * b.std() + 1e-9
+            # the whole distribution, not only two moments: quantiles agree
+            assert np.abs(np.quantile(a, [0.1, 0.5, 0.9]) - np.quantile(b, [0.1, 0.5, 0.9])).max() < 0.1 * (b.std() + 1e-9) + 0.02
 
 
 def test_broken_files_are_replaced_from_the_shard(small_data, tmp_path):

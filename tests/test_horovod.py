@@ -69,3 +69,31 @@ def test_failing_rank_stops_the_job(small_data, tmp_path):
     r = launch("gloo", small_data, tmp_path / "run", extra=["model.arch=nope"])
     assert r.returncode != 0
     assert "hvd_ba: rank" in r.stdout + r.stderr and "unknown architecture 'nope'" in r.stdout + r.stderr
+
+
+def short_run(data, out, *extra):
+    settings = ["optim.epochs=1", "run.max_steps_per_epoch=6", *extra]
+    r = launch("gloo", data, out, extra=settings)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return read_jsonl(out / "metrics.jsonl"), [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+
+
+def test_bytes_read_per_rank_do_not_depend_on_m(small_data, tmp_path):
+    m1, _ = short_run(small_data, tmp_path / "m1", "data.copies=1", "model.ghost_size=8")
+    m8, _ = short_run(small_data, tmp_path / "m8", "data.copies=8", "model.ghost_size=64")
+    for key in ("bytes_read_per_rank", "files_read_per_rank"):
+        assert m1[0][key] == m8[0][key], key
+    assert m1[0]["files_read_per_rank"] == [6 * 8, 6 * 8]  # 6 steps x 8 unique images, read once each
+    assert min(m1[0]["bytes_read_per_rank"]) > 6 * 8 * 1000
+    assert m8[0]["samples"] == 8 * m1[0]["samples"] == 8 * 2 * 6 * 8
+
+
+def test_static_shards_are_owned_for_the_whole_run(small_data, tmp_path):
+    _, ranks = short_run(small_data, tmp_path / "static", "data.shard=static", "optim.epochs=3",
+                         "run.max_steps_per_epoch=null")
+    reads = [{e: set(v) for e, v in r["reads"].items()} for r in ranks]
+    for rank in reads:
+        assert rank["0"] == rank["1"] == rank["2"]  # the same files every epoch
+    assert not reads[0]["0"] & reads[1]["0"]
+    assert reads[0]["0"] | reads[1]["0"] == set(range(4 * 48))  # the union over the run is the set
+    assert ranks[0]["reads"]["0"] != ranks[0]["reads"]["1"]  # reshuffled within the shard

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from hvd_ba.data.manifest import FileIndex
-from hvd_ba.data.transforms import TrainPreset, copy_seed, eval_image, make_copies
+from hvd_ba.data.transforms import TrainPreset, eval_image, image_rng, make_copies
 
 WATCHDOG_PERIOD_S = 2.0
 REPLACEMENT_TRIES = 8  # files of the shard tried in turn when a file cannot be decoded
@@ -65,12 +65,12 @@ class BATrainSet(torch.utils.data.Dataset):
             try:
                 data = read_file(self.path(j))
                 nbytes += len(data)
-                seeds = [copy_seed(self.seed, epoch, j, k) for k in range(self.copies)]
-                copies, lighting = make_copies(open_image(data, self.path(j)), self.preset, seeds)
+                img = open_image(data, self.path(j))
+                copies, lighting = make_copies(img, self.preset, self.copies, image_rng(self.seed, epoch, j))
             except Exception as err:  # PIL raises many types for broken files
                 bad.append(f"{self.path(j)} ({type(err).__name__}: {err})")
                 continue
-            return {"copies": np.stack(copies), "lighting": lighting, "label": self.index.labels[j], "index": j,
+            return {"copies": copies, "lighting": lighting, "label": self.index.labels[j], "index": j,
                     "files": files, "bytes": nbytes, "bad": bad}
         raise RuntimeError(f"{len(bad)} files in a row could not be decoded: " + "; ".join(bad))
 
@@ -90,7 +90,7 @@ class EvalSet(torch.utils.data.Dataset):
         except Exception as err:
             # Evaluation must be exact: a broken validation file is an error, not a skip.
             raise ValueError(f"cannot decode validation image '{path}': {err}") from None
-        return {"copies": image[None], "lighting": np.zeros((1, 3), np.float32), "label": self.index.labels[i],
+        return {"copies": [image], "lighting": np.zeros((1, 3), np.float32), "label": self.index.labels[i],
                 "index": i, "files": 1, "bytes": len(data), "bad": []}
 
 
@@ -104,19 +104,23 @@ class BACollate:
     def __init__(self, layout: str = "copy-major"):
         if layout not in ("copy-major", "sample-major"):
             raise ValueError(f"config key 'data.layout': unknown layout {layout!r}")
-        self.layout = layout
+        self.copy_major = layout == "copy-major"
 
     def __call__(self, items):
-        copies = torch.from_numpy(np.stack([it["copies"] for it in items]))  # [B, M, H, W, 3]
+        b, m = len(items), len(items[0]["copies"])
+        shape = items[0]["copies"][0].shape
+        # Each copy is written once, straight into the batch tensor (in shared memory when in a
+        # worker, as torch's default_collate does), instead of stacking and permuting copies.
+        images = _batch_tensor((m * b, *shape), torch.uint8)
         lighting = torch.from_numpy(np.stack([it["lighting"] for it in items]))  # [B, M, 3]
         labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
-        b, m = copies.shape[:2]
-        if self.layout == "copy-major":
-            images = copies.transpose(0, 1).reshape(m * b, *copies.shape[2:])
+        for i, it in enumerate(items):
+            for k, array in enumerate(it["copies"]):
+                images[k * b + i if self.copy_major else i * m + k].numpy()[:] = array
+        if self.copy_major:
             lighting = lighting.transpose(0, 1).reshape(m * b, 3)
             labels = labels.repeat(m)
         else:
-            images = copies.reshape(b * m, *copies.shape[2:])
             lighting = lighting.reshape(b * m, 3)
             labels = labels.repeat_interleave(m)
         return {
@@ -128,6 +132,14 @@ class BACollate:
             "bytes": sum(it["bytes"] for it in items),
             "bad": [p for it in items for p in it["bad"]],
         }
+
+
+def _batch_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 def _generator(*words: int) -> torch.Generator:

@@ -1,8 +1,8 @@
 """Per-image augmentation presets, applied independently to each of the M copies of one decode.
 
-Crop parameters come from torchvision's own samplers (`RandomResizedCrop.get_params`,
-`RandomCrop.get_params`), so the distributions are torchvision's. The rest is written here for
-speed, because the M copies share one decode and what is left per copy must be cheap
+Crop parameters follow torchvision's `RandomResizedCrop.get_params` algorithm (re-implemented
+over a numpy generator; a test checks its statistics against torchvision's). The rest is written
+here for speed, because the M copies share one decode and what is left per copy must be cheap
 (README, "Choices"):
 - the crop boxes of all M copies are drawn *before* decoding, from the header's size, so a JPEG
   can be decoded at a reduced DCT scale (1/2, 1/4, 1/8) when every crop still has at least the
@@ -11,8 +11,10 @@ speed, because the M copies share one decode and what is left per copy must be c
   `transpose`;
 - copies stay uint8 HWC; float conversion, normalisation and PCA lighting noise (as per-copy
   RGB offsets drawn here) happen in the training step, on the GPU where there is one.
-Randomness: copy k of file i in epoch e draws from a generator seeded by (seed, e, i, k), so a
-sample does not depend on rank count, worker count or order.
+Randomness: the copies of file i in epoch e draw in turn from a generator seeded by (seed, e, i),
+so copy k is fixed by (seed, epoch, file index, k) whatever the rank count, worker count or
+order. The file index names the sample across ranks, so the rank is deliberately not a seed word:
+a run resumed on another number of ranks sees the same copies of each file.
 """
 from __future__ import annotations
 
@@ -20,8 +22,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torchvision.transforms as T
 from PIL import Image
 
 # AlexNet's PCA lighting (Krizhevsky et al. 2012): eigenvalues and eigenvectors of the RGB
@@ -32,8 +32,38 @@ IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5
 KINDS = ("random-resized-crop", "resize-random-crop")
 
 
-def copy_seed(seed: int, epoch: int, index: int, copy: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index, copy]).generate_state(1, np.uint64)[0] >> 1)
+def image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one image in one epoch; its copies draw from it in turn (copy 0 first)."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def random_resized_crop_params(rng: np.random.Generator, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+    """(top, left, h, w): torchvision's RandomResizedCrop.get_params, drawn from `rng`.
+
+    The same algorithm (10 tries of a uniform area fraction and a log-uniform aspect, then a
+    central crop clamped to the ratio range); a test checks the statistics against torchvision's.
+    It is re-implemented because torchvision draws from the global torch RNG, and re-seeding that
+    for every copy cost more than the crop itself.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 @dataclass(frozen=True)
@@ -51,27 +81,21 @@ class TrainPreset:
     hflip: float = 0.5
     lighting_std: float = 0.0
 
-    def draw(self, width: int, height: int, rng_seed: int) -> tuple[tuple[float, float, float, float], bool, np.ndarray]:
+    def draw(self, width: int, height: int, rng: np.random.Generator) -> tuple[tuple[float, float, float, float], bool, np.ndarray]:
         """(crop box in source pixels (l, t, r, b), flip?, RGB lighting offset on [0, 1])."""
-        torch.manual_seed(rng_seed)  # torchvision's samplers draw from the global torch RNG
         if self.kind == "random-resized-crop":
-            top, left, h, w = T.RandomResizedCrop.get_params(_Size(width, height), list(self.scale), list(self.ratio))
+            top, left, h, w = random_resized_crop_params(rng, width, height, self.scale, self.ratio)
             box = (left, top, left + w, top + h)
-        else:  # crop of the resize x resize image, mapped back to source pixels
-            top, left, h, w = T.RandomCrop.get_params(_Size(self.resize, self.resize), (self.size, self.size))
+        else:  # a size x size crop of the resize x resize image, mapped back to source pixels
+            top, left = (int(v) for v in rng.integers(0, self.resize - self.size + 1, 2))
             sx, sy = width / self.resize, height / self.resize
-            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        flip = bool(torch.rand(1).item() < self.hflip)
+            box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        flip = bool(rng.random() < self.hflip)
         offset = np.zeros(3, np.float32)
         if self.lighting_std > 0:
-            alpha = torch.randn(3).numpy() * self.lighting_std
+            alpha = rng.normal(0.0, self.lighting_std, 3)
             offset = (np.array(IMAGENET_EIGVEC) @ (alpha * np.array(IMAGENET_EIGVAL))).astype(np.float32)
         return box, flip, offset
-
-
-def _Size(width: int, height: int) -> torch.Tensor:
-    """What torchvision's get_params needs of an image, its size, as a tensor that owns no memory."""
-    return torch.empty((1, 1, 1)).expand(1, height, width)
 
 
 def draft_scale(src: tuple[int, int], boxes, out: tuple[int, int]) -> int:
@@ -89,14 +113,16 @@ def decode_rgb(img: Image.Image, scale: int) -> tuple[Image.Image, float, float]
     width, height = img.size
     if scale > 1 and img.format == "JPEG":
         img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
-    img = img.convert("RGB")
+    img.load()
+    if img.mode != "RGB":  # convert() copies even when the mode is already right
+        img = img.convert("RGB")
     return img, img.size[0] / width, img.size[1] / height
 
 
-def make_copies(img: Image.Image, preset: TrainPreset, seeds: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Decode `img` once and make one uint8 HWC array per seed; returns (copies, lighting [M, 3])."""
+def make_copies(img: Image.Image, preset: TrainPreset, copies: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode `img` once and make `copies` uint8 HWC arrays; returns (copies, lighting [M, 3])."""
     width, height = img.size
-    draws = [preset.draw(width, height, s) for s in seeds]
+    draws = [preset.draw(width, height, rng) for _ in range(copies)]
     out = (preset.size, preset.size)
     img, fx, fy = decode_rgb(img, draft_scale((width, height), [d[0] for d in draws], out))
     copies = []

@@ -1,0 +1,186 @@
+"""`python -m hvd_ba bench loader`: this pipeline against the naive way to get BA with torchvision.
+
+Naive (a): an `ImageFolder` whose sample list is repeated M times; every copy is read, decoded and
+transformed on its own (RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize), as a user
+would write it. Ours (b): each image read and decoded once, M copies as uint8 (hvd_ba.data).
+Same images, same number of augmented samples, same worker count, in the same run; the ratio is
+printed last. The corpus is real photographs (scikit-image's sample photos) cut and re-encoded to
+ImageNet-like sizes (about 500 x 375) and JPEG qualities.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CORPUS_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+                 "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
+IMAGENET_SIDES = (500, 375)  # the most common ImageNet training image size
+DEFAULT_CORPUS = "~/.cache/hvd_ba/bench-photos"
+
+
+def parser_bench() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvd_ba bench", description="Benchmarks that print a ratio against a baseline measured in the same run.")
+    sub = p.add_subparsers(dest="what", required=True)
+    loader = sub.add_parser("loader", help="BA loader against the naive torchvision way")
+    loader.add_argument("--copies", default="1,4,8", help="comma-separated M values (default: 1,4,8)")
+    loader.add_argument("--images", type=int, default=480, help="unique images per measurement (default: 480)")
+    loader.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="loader processes, one per core (default: all cores)")
+    loader.add_argument("--size", type=int, default=224, help="crop side, px (default: 224)")
+    loader.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if absent (default: {DEFAULT_CORPUS})")
+    return p
+
+
+# ------------------------------------------------------------------------------------- corpus
+
+
+def make_photo_corpus(root: Path, per_photo: int = 60, seed: int = 0) -> Path:
+    """root/train/<photo>/*.JPEG: random crops of each sample photo at ImageNet-like size/quality."""
+    import skimage
+    from PIL import Image
+
+    src = Path(skimage.__file__).parent / "data"
+    rng = np.random.default_rng(seed)
+    for name in CORPUS_PHOTOS:
+        photo = Image.open(src / name).convert("RGB")
+        folder = root / "train" / Path(name).stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_photo):
+            w, h = photo.size
+            frac = rng.uniform(0.5, 1.0)
+            cw, ch = int(w * frac), int(h * frac)
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            long_side, short_side = (int(s * rng.uniform(0.9, 1.1)) for s in IMAGENET_SIDES)
+            size = (long_side, short_side) if cw >= ch else (short_side, long_side)
+            img = photo.resize(size, Image.BICUBIC, box=(left, top, left + cw, top + ch))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=int(rng.integers(85, 96)))
+            (folder / f"{Path(name).stem}_{i:04d}.JPEG").write_bytes(buf.getvalue())
+    return root
+
+
+# ----------------------------------------------------------------------------------- pipelines
+
+
+def naive_loader(root: Path, copies: int, images: int, size: int, workers: int, batch: int):
+    import torchvision
+    import torchvision.transforms as T
+
+    transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
+                           T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+    dataset.samples = dataset.samples[:images] * copies  # BA the naive way: the index repeated M times
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False,
+                                       persistent_workers=False)
+
+
+def ba_loader(root: Path, copies: int, images: int, size: int, workers: int, batch: int):
+    from hvd_ba.data.manifest import load_index
+    from hvd_ba.data.pipeline import BACollate, BATrainSet
+    from hvd_ba.data.transforms import TrainPreset
+
+    index = load_index(root, "train", None)
+    dataset = BATrainSet(index, copies, TrainPreset(size=size), seed=0)
+    unique = max(1, batch // copies)
+    keys = [(i, 0, ()) for i in range(images)]
+    batches = [keys[i:i + unique] for i in range(0, len(keys), unique)]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=BACollate(), num_workers=workers)
+
+
+def samples_per_second(loader) -> tuple[float, int]:
+    """Steady-state rate: the clock starts when the first batch arrives, so worker start-up
+    (the same fork and imports for both pipelines) is not counted against the faster one."""
+    samples, counted, start = 0, 0, None
+    for batch in loader:
+        n = (batch["images"] if isinstance(batch, dict) else batch[0]).shape[0]
+        samples += n
+        if start is None:
+            start = time.perf_counter()
+        else:
+            counted += n
+    return counted / (time.perf_counter() - start), samples
+
+
+# ----------------------------------------------------------------------------- stage costs
+
+
+def stage_costs(root: Path, size: int, copies: int, repeats: int = 40) -> dict:
+    """Milliseconds per sample of each stage, in this process (one core), for both pipelines."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from hvd_ba.data.transforms import TrainPreset, decode_rgb, draft_scale, image_rng
+
+    files = sorted((root / "train").rglob("*.JPEG"))[:repeats]
+    blobs = [f.read_bytes() for f in files]
+    rrc, flip = T.RandomResizedCrop(size), T.RandomHorizontalFlip(1.0)
+    to_tensor, norm = T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    preset = TrainPreset(size=size)
+    t = {k: 0.0 for k in ("naive decode", "naive crop+resize", "naive flip", "naive ToTensor+Normalize",
+                          "ours draw boxes", "ours decode (once, DCT-scaled)", "ours crop+resize", "ours flip",
+                          "ours to uint8 array")}
+
+    def timed(key, fn, *args):
+        s = time.perf_counter()
+        out = fn(*args)
+        t[key] += time.perf_counter() - s
+        return out
+
+    for data in blobs:
+        img = timed("naive decode", lambda: Image.open(io.BytesIO(data)).convert("RGB"))
+        crop = timed("naive crop+resize", rrc, img)
+        crop = timed("naive flip", flip, crop)
+        timed("naive ToTensor+Normalize", lambda c: norm(to_tensor(c)), crop)
+        src = Image.open(io.BytesIO(data))
+        draws = timed("ours draw boxes", lambda: [preset.draw(*src.size, rng) for rng in [image_rng(0, 0, 0)] for _ in range(copies)])
+        scale = draft_scale(src.size, [d[0] for d in draws], (size, size))
+        dec, fx, fy = timed("ours decode (once, DCT-scaled)", decode_rgb, src, scale)
+        for (l, tp, r, b), _, _ in draws:
+            c = timed("ours crop+resize", lambda: dec.resize((size, size), Image.BILINEAR, box=(l * fx, tp * fy, r * fx, b * fy)))
+            c = timed("ours flip", c.transpose, Image.FLIP_LEFT_RIGHT)
+            timed("ours to uint8 array", np.asarray, c)
+    n = len(blobs)
+    out = {k: 1000 * v / n for k, v in t.items()}
+    for k in ("ours crop+resize", "ours flip", "ours to uint8 array"):
+        out[k] /= copies  # per sample
+    out["ours decode (once, DCT-scaled)"] /= copies
+    out["ours draw boxes"] /= copies
+    return out
+
+
+def run_loader_bench(args) -> int:
+    copies_list = [int(c) for c in args.copies.split(",")]
+    root = Path(os.path.expanduser(args.corpus))
+    n_files = len(list((root / "train").rglob("*.JPEG")))
+    if n_files < args.images:
+        print(f"bench: making the photo corpus in {root} ...", flush=True)
+        make_photo_corpus(root, per_photo=-(-args.images // len(CORPUS_PHOTOS)))
+        n_files = len(list((root / "train").rglob("*.JPEG")))
+    images = min(args.images, n_files)
+    batch = 64
+    print(f"bench loader: {images} unique photos (~{IMAGENET_SIDES[0]}x{IMAGENET_SIDES[1]} JPEG), crop {args.size}, "
+          f"{args.workers} loader processes (one per core), batches of {batch} samples")
+    torch.set_num_threads(1)
+    # warm the page cache so both pipelines read from memory
+    for f in (root / "train").rglob("*.JPEG"):
+        f.read_bytes()
+    print("\nper-sample cost of each stage (ms, one core, M = 4 for ours):")
+    for key, ms in stage_costs(root, args.size, 4).items():
+        print(f"  {key:<32} {ms:7.2f}")
+    rows = []
+    for m in copies_list:
+        naive, n_naive = samples_per_second(naive_loader(root, m, images, args.size, args.workers, batch))
+        ours, n_ours = samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch))
+        assert n_naive == n_ours == images * m, (n_naive, n_ours)
+        rows.append((m, naive / args.workers, ours / args.workers))
+    print(f"\n{'M':>3} {'naive samples/s/core':>22} {'hvd_ba samples/s/core':>22} {'ratio':>7}")
+    for m, naive, ours in rows:
+        print(f"{m:>3} {naive:>22.1f} {ours:>22.1f} {ours / naive:>7.2f}")
+    print("ratios (hvd_ba / naive): " + ", ".join(f"M={m}: {ours / naive:.2f}" for m, naive, ours in rows))
+    return 0
