@@ -33,6 +33,7 @@ def parser_bench() -> argparse.ArgumentParser:
     loader.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="loader processes, one per core (default: all cores)")
     loader.add_argument("--size", type=int, default=224, help="crop side, px (default: 224)")
+    loader.add_argument("--batch", type=int, default=64, help="samples per batch, both pipelines (default: 64)")
     loader.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if absent (default: {DEFAULT_CORPUS})")
     return p
 
@@ -104,6 +105,8 @@ def samples_per_second(loader) -> tuple[float, int]:
             start = time.perf_counter()
         else:
             counted += n
+    if not counted:
+        raise ValueError("bench: fewer than two batches; raise --images or lower --batch")
     return counted / (time.perf_counter() - start), samples
 
 
@@ -163,7 +166,7 @@ def run_loader_bench(args) -> int:
         make_photo_corpus(root, per_photo=-(-args.images // len(CORPUS_PHOTOS)))
         n_files = len(list((root / "train").rglob("*.JPEG")))
     images = min(args.images, n_files)
-    batch = 64
+    batch = args.batch
     print(f"bench loader: {images} unique photos (~{IMAGENET_SIDES[0]}x{IMAGENET_SIDES[1]} JPEG), crop {args.size}, "
           f"{args.workers} loader processes (one per core), batches of {batch} samples")
     torch.set_num_threads(1)
