@@ -62,6 +62,10 @@ class ModelConfig:
     arch: str = "resnet50"  # see hvd_ba.models.ARCHS
     num_classes: int | None = None  # None: the number of class folders in the data
     ghost_size: int | None = 64  # samples per ghost-BN group (rank-local); None: plain BN over the rank's batch
+    # split: one forward, each group normalised on its own; accumulate: one forward/backward per
+    # group with gradient accumulation (the authors' way; less activation memory). Same result.
+    ghost_impl: str = "split"
+    width: float = 1.0  # width multiplier (mobilenet's alpha; small_resnet's channels / 24)
     zero_init_residual: bool = True  # last BN gamma of each residual block starts at 0 (Goyal et al.)
 
 
@@ -72,6 +76,12 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4  # applied to every parameter except batch-norm ones
+    decay_biases: bool = True  # false: biases get no weight decay either (a common option)
+    label_smoothing: float = 0.0
+    schedule: str = "step"  # step: milestones x decay; cosine: half cosine to 0 after warmup
+    fp16_allreduce: bool = False  # Horovod fp16 compression of gradients on the wire
+    adasum: bool = False  # Horovod Adasum reduction instead of averaging
+    gradient_predivide_factor: float = 1.0
     epochs: int = 90
     warmup_epochs: float = 5.0  # per-iteration linear warmup to the peak LR (Goyal et al. 2017)
     milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # epochs
@@ -86,6 +96,9 @@ class RunConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     threads: int = 0  # torch intra-op threads per rank; 0: cores / local ranks
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
+    amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler; CUDA)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
     record_reads: bool = False  # write each rank's list of file indices read per epoch (tests)
 
 
@@ -229,6 +242,9 @@ LAYOUTS = ("copy-major", "sample-major")
 SHARDS = ("global", "static")
 AUGMENT_KINDS = ("random-resized-crop", "resize-random-crop")
 WORKER_STARTS = ("fork", "forkserver", "spawn")
+GHOST_IMPLS = ("split", "accumulate")
+SCHEDULES = ("step", "cosine")
+AMPS = ("off", "bf16", "fp16")
 
 
 def _require(ok: bool, key: str, message: str):
@@ -269,6 +285,16 @@ def validate(cfg: Config) -> None:
             f"{m.ghost_size} does not divide the samples per rank per step "
             f"(data.copies {d.copies} x data.unique_batch {d.unique_batch} = {samples})",
         )
+    _require(m.ghost_impl in GHOST_IMPLS, "model.ghost_impl", f"must be one of {GHOST_IMPLS}, got {m.ghost_impl!r}")
+    if m.ghost_impl == "accumulate":
+        _require(m.ghost_size is not None, "model.ghost_impl", "accumulate needs model.ghost_size")
+    _require(m.width > 0, "model.width", f"must be > 0, got {m.width}")
+    _require(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
+    _require(0 <= o.label_smoothing < 1, "optim.label_smoothing", f"must be in [0, 1), got {o.label_smoothing}")
+    _require(o.gradient_predivide_factor > 0, "optim.gradient_predivide_factor", "must be > 0")
+    _require(not (o.adasum and o.gradient_predivide_factor != 1.0), "optim.gradient_predivide_factor",
+             "must be 1 with optim.adasum (Horovod does not combine them)")
+    _require(r.amp in AMPS, "run.amp", f"must be one of {AMPS}, got {r.amp!r}")
     _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
     _require(o.reference_batch >= 1, "optim.reference_batch", "must be >= 1")
     _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")

@@ -97,11 +97,40 @@ def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, op
     _hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
 
-def distributed_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Wrap an optimizer so that step() averages gradients across ranks with allreduce."""
+def distributed_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, fp16_allreduce: bool = False,
+                          adasum: bool = False, backward_passes_per_step: int = 1,
+                          gradient_predivide_factor: float = 1.0) -> torch.optim.Optimizer:
+    """Wrap an optimizer so that step() averages gradients across ranks with allreduce.
+
+    fp16_allreduce: compress gradients to fp16 on the wire; adasum: Adasum reduction instead of
+    averaging; backward_passes_per_step: local backward passes accumulated before each allreduce;
+    gradient_predivide_factor: split the averaging into a division before and after the sum.
+    """
     if _hvd is None:
         return optimizer
-    return _hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=_hvd.Average)
+    return _hvd.DistributedOptimizer(
+        optimizer, named_parameters=model.named_parameters(),
+        compression=_hvd.Compression.fp16 if fp16_allreduce else _hvd.Compression.none,
+        op=_hvd.Adasum if adasum else _hvd.Average,
+        backward_passes_per_step=backward_passes_per_step,
+        gradient_predivide_factor=gradient_predivide_factor,
+    )
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    """optimizer.step(), with the Horovod + AMP order when a GradScaler is used: finish the
+    allreduce, unscale, then step without a second synchronisation (horovod #1089, #3160)."""
+    if scaler is None:
+        optimizer.step()
+        return
+    if _hvd is not None:
+        optimizer.synchronize()
+        scaler.unscale_(optimizer)
+        with optimizer.skip_synchronize():
+            scaler.step(optimizer)
+    else:
+        scaler.step(optimizer)
+    scaler.update()
 
 
 def shutdown() -> None:

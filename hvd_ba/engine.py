@@ -25,6 +25,10 @@ class TrainState:
     steps_per_epoch: int
     step: int = 0  # optimizer steps taken so far (global step)
     epoch: int = 0
+    forward_chunks: int = 1  # forward/backward passes per step (ghost_impl=accumulate: samples / ghost_size)
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None: fp32
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    channels_last: bool = False
     reads: dict = field(default_factory=dict)  # epoch -> file indices read by this rank (run.record_reads)
     bad_files: set = field(default_factory=set)  # paths this rank could not decode (logged once each)
 
@@ -42,7 +46,7 @@ def normalize(batch: dict, state: TrainState) -> torch.Tensor:
 class Meter:
     """Sums of per-batch figures on this rank; `reduce` sums them over all ranks."""
 
-    KEYS = ("loss_sum", "correct", "samples", "images", "files", "bytes", "bad")
+    KEYS = ("loss_sum", "correct", "samples", "images", "files", "bytes", "bad", "correct5")
 
     def __init__(self):
         self.totals = torch.zeros(len(self.KEYS), dtype=torch.float64)
@@ -56,6 +60,43 @@ class Meter:
         return dict(zip(self.KEYS, totals.tolist()))
 
 
+def lr_at(step: int, state: TrainState, o) -> float:
+    return learning_rate(step, state.steps_per_epoch, state.peak_lr, o.warmup_epochs, o.milestones, o.decay,
+                         o.schedule, o.epochs)
+
+
+def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[float, int]:
+    """One optimizer step on one batch; returns (mean loss over the rank's samples, correct).
+
+    The loss is the plain mean cross-entropy over all M*B samples of this rank (the paper's BA
+    loss); DistributedOptimizer averages the gradients over ranks. With
+    model.ghost_impl=accumulate the batch goes through in `state.forward_chunks` forward/backward
+    passes of ghost_size samples each (the authors' way, for memory), each loss scaled by
+    1/chunks, and Horovod allreduces once after the last (backward_passes_per_step = chunks).
+    """
+    opt = state.optimizer
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x = normalize(batch, state)
+    if state.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = batch["labels"].to(state.device, non_blocking=True)
+    chunks = state.forward_chunks
+    opt.zero_grad()
+    loss_sum, correct = 0.0, 0
+    for xc, yc in zip(x.chunk(chunks), labels.chunk(chunks)):
+        with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
+            logits = state.model(xc)
+        loss = F.cross_entropy(logits.float(), yc, label_smoothing=cfg.optim.label_smoothing)
+        loss_to_backward = loss / chunks
+        (state.scaler.scale(loss_to_backward) if state.scaler else loss_to_backward).backward()
+        loss_sum += loss.item()
+        correct += (logits.argmax(1) == yc).sum().item()
+    dist.optimizer_step(opt, state.scaler)
+    state.step += 1
+    return loss_sum / chunks, correct
+
+
 def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
     """One epoch of BA training; returns figures summed over all ranks."""
     model, opt, o = state.model, state.optimizer, cfg.optim
@@ -67,21 +108,10 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
     t_wait = time.perf_counter()
     for i, batch in enumerate(loader):
         data_time += time.perf_counter() - t_wait
-        lr = learning_rate(state.step, state.steps_per_epoch, state.peak_lr, o.warmup_epochs, o.milestones, o.decay)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        labels = batch["labels"].to(state.device, non_blocking=True)
-        logits = model(normalize(batch, state))
-        # The plain mean cross-entropy over all M*B samples of this rank (the paper's BA loss);
-        # DistributedOptimizer averages the gradients over ranks.
-        loss = F.cross_entropy(logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        state.step += 1
-        loss_value = loss.item()
-        n = labels.numel()
-        meter.add(loss_sum=loss_value * n, correct=(logits.argmax(1) == labels).sum().item(), samples=n,
+        lr = lr_at(state.step, state, o)
+        loss_value, correct = train_step(state, batch, lr, cfg)
+        n = batch["labels"].numel()
+        meter.add(loss_sum=loss_value * n, correct=correct, samples=n,
                   images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"], bad=len(batch["bad"]))
         for entry in batch["bad"]:
             if entry not in state.bad_files:
@@ -142,10 +172,17 @@ def evaluate(state: TrainState, loader, tag: str) -> dict:
     meter = Meter()
     for batch in loader:
         labels = batch["labels"].to(state.device, non_blocking=True)
-        logits = state.model(normalize(batch, state))
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        meter.add(loss_sum=loss.item(), correct=(logits.argmax(1) == labels).sum().item(), samples=labels.numel(),
-                  images=labels.numel(), files=batch["files"], bytes=batch["bytes"])
+        x = normalize(batch, state)
+        if state.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
+            logits = state.model(x)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        meter.add(loss_sum=loss.item(), correct=(top5[:, 0] == labels).sum().item(), samples=labels.numel(),
+                  images=labels.numel(), files=batch["files"], bytes=batch["bytes"],
+                  correct5=(top5 == labels[:, None]).any(1).sum().item())
     sums = meter.reduce(f"eval_meter.{tag}")
     return {"val_loss": sums["loss_sum"] / sums["samples"], "val_top1": 100.0 * sums["correct"] / sums["samples"],
+            "val_top5": 100.0 * sums["correct5"] / sums["samples"], "val_correct": int(sums["correct"]),
             "val_images": int(sums["samples"])}

@@ -126,39 +126,46 @@ class MobileNetV1(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def _mobilenet(num_classes: int, zero_init_residual: bool) -> nn.Module:
-    return MobileNetV1(num_classes)
+def _mobilenet(num_classes: int, zero_init_residual: bool, width: float) -> nn.Module:
+    return MobileNetV1(num_classes, width)
 
 
-def _resnet50(num_classes: int, zero_init_residual: bool) -> nn.Module:
+def _resnet50(num_classes: int, zero_init_residual: bool, width: float) -> nn.Module:
+    if width != 1.0:
+        raise ValueError("config key 'model.width': resnet50 has no width multiplier here (use 1.0)")
     return torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=zero_init_residual)
 
 
-def _alexnet(num_classes: int, zero_init_residual: bool) -> nn.Module:
+def _alexnet(num_classes: int, zero_init_residual: bool, width: float) -> nn.Module:
+    if width != 1.0:
+        raise ValueError("config key 'model.width': alexnet has no width multiplier here (use 1.0)")
     return torchvision.models.alexnet(num_classes=num_classes)
 
 
-def _small_resnet(num_classes: int, zero_init_residual: bool) -> nn.Module:
-    return SmallResNet(num_classes, zero_init_residual=zero_init_residual)
+def _small_resnet(num_classes: int, zero_init_residual: bool, width: float) -> nn.Module:
+    return SmallResNet(num_classes, width=max(1, round(24 * width)), zero_init_residual=zero_init_residual)
 
 
 ARCHS = {"resnet50": _resnet50, "mobilenet": _mobilenet, "alexnet": _alexnet, "small_resnet": _small_resnet}
 
 
 def build_model(arch: str, num_classes: int, ghost_size: int | None = None,
-                zero_init_residual: bool = True) -> nn.Module:
+                zero_init_residual: bool = True, width: float = 1.0) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"config key 'model.arch': unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
-    model = ARCHS[arch](num_classes, zero_init_residual)
+    model = ARCHS[arch](num_classes, zero_init_residual, width)
     if ghost_size is not None:
         use_ghost_batch_norm(model, ghost_size)
     return model
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every parameter except batch-norm ones (seed, section B)."""
-    bn_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 for p in m.parameters(recurse=False)}
-    decay = [p for p in model.parameters() if id(p) not in bn_params]
-    no_decay = [p for p in model.parameters() if id(p) in bn_params]
+def parameter_groups(model: nn.Module, weight_decay: float, decay_biases: bool = True) -> list[dict]:
+    """Weight decay on every parameter except batch-norm ones (seed, section B); with
+    decay_biases=False, biases are exempt too."""
+    exempt = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              for p in m.parameters(recurse=False)}
+    if not decay_biases:
+        exempt |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    decay = [p for p in model.parameters() if id(p) not in exempt]
+    no_decay = [p for p in model.parameters() if id(p) in exempt]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -29,6 +29,26 @@ from hvd_ba.schedule import peak_lr
 log = logging.getLogger("hvd_ba")
 
 
+def derived_figures(cfg: Config, world: int, steps_per_epoch: int) -> list[str]:
+    """What a run derives from its config, printed at its start."""
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    unique_global = d.unique_batch * world
+    samples = d.copies * d.unique_batch
+    peak = peak_lr(o.base_lr, unique_global, o.reference_batch)
+    ghost = (f"{samples // m.ghost_size} groups of {m.ghost_size} per rank ({m.ghost_impl})" if m.ghost_size
+             else "off (plain BN over the rank's batch)")
+    return [
+        f"unique batch: {d.unique_batch} per rank, {unique_global} global; copies M = {d.copies}",
+        f"samples per step: {samples} per rank, {samples * world} global",
+        f"ghost BN: {ghost}",
+        f"peak LR: {peak:.4g} = {o.base_lr:g} x {unique_global} / {o.reference_batch} (M does not change it), "
+        f"linear warmup over {o.warmup_epochs:g} epochs, then "
+        + (f"x{o.decay:g} at epochs {', '.join(f'{e:g}' for e in o.milestones)}" if o.schedule == "step" else "cosine")
+        + f" of {o.epochs}",
+        f"steps per epoch: {steps_per_epoch} (those of unique batch {unique_global})",
+    ]
+
+
 def setup_logging() -> None:
     """Rank 0 logs at INFO; other ranks only warnings and errors, each line tagged with its rank."""
     handler = logging.StreamHandler(sys.stdout)
@@ -53,6 +73,18 @@ def state_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
+def select_device() -> torch.device:
+    """CUDA GPU local_rank, or GPU 0 when the launcher gave each task one GPU (Slurm sets
+    CUDA_VISIBLE_DEVICES to one entry); the CPU when there is no GPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = dist.local_rank() if torch.cuda.device_count() > 1 else 0
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"rank {dist.rank()}: local rank {index} but only {torch.cuda.device_count()} GPUs visible")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def load_indexes(cfg: Config):
     """Rank 0 lists the splits (or finds their cached manifests fresh) and writes the manifests;
     the other ranks then read them instead of listing the folders themselves."""
@@ -73,7 +105,7 @@ def run_training(cfg: Config) -> dict:
     threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank; broadcast makes it certain
-    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    device = select_device()
     out = Path(cfg.run.out_dir)
 
     train_index, val_index = load_indexes(cfg)
@@ -83,35 +115,38 @@ def run_training(cfg: Config) -> dict:
     train_loader = make_train_loader(train_index, cfg, rank, world)
     val_loader = make_eval_loader(val_index, cfg, rank, world)
 
-    model = build_model(cfg.model.arch, num_classes, cfg.model.ghost_size, cfg.model.zero_init_residual).to(device)
-    o = cfg.optim
-    optimizer = torch.optim.SGD(parameter_groups(model, o.weight_decay), lr=o.base_lr, momentum=o.momentum,
-                                nesterov=o.nesterov)
+    m, o, r = cfg.model, cfg.optim, cfg.run
+    model = build_model(m.arch, num_classes, m.ghost_size, m.zero_init_residual, m.width).to(device)
+    if r.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(parameter_groups(model, o.weight_decay, o.decay_biases), lr=o.base_lr,
+                                momentum=o.momentum, nesterov=o.nesterov)
     # A fresh run has no optimizer state to share; parameters come from rank 0.
     dist.broadcast_state(model, optimizer, optimizer_state=False)
-    optimizer = dist.distributed_optimizer(optimizer, model)
-
+    samples_per_rank = cfg.data.copies * cfg.data.unique_batch
+    chunks = samples_per_rank // m.ghost_size if m.ghost_impl == "accumulate" else 1
+    optimizer = dist.distributed_optimizer(optimizer, model, fp16_allreduce=o.fp16_allreduce, adasum=o.adasum,
+                                           backward_passes_per_step=chunks,
+                                           gradient_predivide_factor=o.gradient_predivide_factor)
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp]
     unique_global = cfg.data.unique_batch * world
     state = TrainState(
-        model=model, optimizer=optimizer, device=device,
+        model=torch.compile(model) if r.compile else model, optimizer=optimizer, device=device,
         mean=torch.tensor(cfg.augment.mean, device=device).view(1, 3, 1, 1),
         std=torch.tensor(cfg.augment.std, device=device).view(1, 3, 1, 1),
         peak_lr=peak_lr(o.base_lr, unique_global, o.reference_batch), steps_per_epoch=len(train_loader),
+        forward_chunks=chunks, amp_dtype=amp_dtype, channels_last=r.channels_last,
+        scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
     )
-    samples_per_rank = cfg.data.copies * cfg.data.unique_batch
     if dist.is_primary():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         for name in ("metrics.jsonl", "steps.jsonl"):
             (out / name).unlink(missing_ok=True)
-        ghost = cfg.model.ghost_size
         log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images",
                  world, device, threads, cfg.model.arch, num_classes, len(train_index), len(val_index))
-        log.info("unique batch %d/rank, %d global; copies M=%d -> %d samples/rank/step, %d global; "
-                 "ghost BN groups/rank %s; peak LR %.4f (base %.3g x %d/%d); %d steps/epoch, %d epochs",
-                 cfg.data.unique_batch, unique_global, cfg.data.copies, samples_per_rank, samples_per_rank * world,
-                 samples_per_rank // ghost if ghost else "off (plain BN)", state.peak_lr, o.base_lr,
-                 unique_global, o.reference_batch, state.steps_per_epoch, o.epochs)
+        for line in derived_figures(cfg, world, state.steps_per_epoch):
+            log.info("%s", line)
 
     def step_log(record):
         append_jsonl(out / "steps.jsonl", record)
@@ -134,6 +169,10 @@ def run_training(cfg: Config) -> dict:
 
     # Trainable parameters must agree bit for bit (allreduce); the full state agrees because the
     # last evaluation averaged the rank-local BN running statistics.
+    if dist.is_primary():  # plain state dict: loads into the torchvision model (strict)
+        tmp = out / "model.pt.tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, out / "model.pt")
     rank_record = {"rank": rank, "world": world, "steps": state.step,
                    "param_sha256": state_digest(dict(model.named_parameters())),
                    "state_sha256": state_digest(model.state_dict())}
