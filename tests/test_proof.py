@@ -1,0 +1,110 @@
+"""The proof that 2 ranks equal 1: Horovod BA steps against one process that averages the
+per-rank losses itself, with ghost BN applied per rank and per group; and exact evaluation."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT  # noqa: F401  (path setup)
+from hvd_ba.config import load_config
+from hvd_ba.data.manifest import load_index
+from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
+from hvd_ba.engine import TrainState, evaluate, lr_at, normalize, train_step
+from hvd_ba.models import build_model, parameter_groups
+from hvd_ba.schedule import peak_lr
+from test_horovod import launch, read_jsonl
+
+PROOF = ["data.workers=0", "data.copies=4", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=1",
+         "optim.warmup_epochs=0.5", "optim.base_lr=1.6", "optim.momentum=0.9", "optim.nesterov=true",
+         "run.record_reads=false", "augment.scale=[0.25, 1.0]", "augment.hflip=0.5"]
+
+
+def fresh_state(cfg, num_classes, steps_per_epoch, world):
+    torch.manual_seed(cfg.run.seed)  # what every rank does before rank 0's broadcast
+    m, o = cfg.model, cfg.optim
+    model = build_model(m.arch, num_classes, m.ghost_size, m.zero_init_residual, m.width)
+    opt = torch.optim.SGD(parameter_groups(model, o.weight_decay, o.decay_biases), lr=o.base_lr,
+                          momentum=o.momentum, nesterov=o.nesterov)
+    return TrainState(model=model, optimizer=opt, device=torch.device("cpu"),
+                      mean=torch.tensor(cfg.augment.mean).view(1, 3, 1, 1),
+                      std=torch.tensor(cfg.augment.std).view(1, 3, 1, 1),
+                      peak_lr=peak_lr(o.base_lr, cfg.data.unique_batch * world, o.reference_batch),
+                      steps_per_epoch=steps_per_epoch)
+
+
+@pytest.mark.parametrize("steps, ghost_impl", [(1, "split"), (3, "split"), (3, "accumulate")])
+def test_two_ranks_equal_one_process(steps, ghost_impl, small_data, tmp_path):
+    settings = [*PROOF, f"run.max_steps_per_epoch={steps}", f"model.ghost_impl={ghost_impl}"]
+    out = tmp_path / "run"
+    r = launch("gloo", small_data, out, extra=settings)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trained = torch.load(out / "model.pt", weights_only=True)
+
+    cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *settings])
+    index = load_index(small_data, "train", None)
+    loaders = [make_train_loader(index, cfg, rank, 2) for rank in (0, 1)]
+    state = fresh_state(cfg, 4, len(loaders[0]), world=2)
+    model, opt = state.model, state.optimizer
+    model.train()
+    for step, batches in enumerate(zip(*loaders)):
+        lr = lr_at(step, state, cfg.optim)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        for batch in batches:  # each rank's batch on its own: ghost BN per rank, per group of 16
+            loss = F.cross_entropy(model(normalize(batch, state)), batch["labels"])
+            (loss / 2).backward()  # Horovod averages the two ranks' gradients
+        opt.step()
+    assert step + 1 == steps
+    initial = fresh_state(cfg, 4, 1, 2).model.state_dict()
+    for name, p in model.named_parameters():
+        assert torch.allclose(trained[name], p.detach(), atol=1e-5, rtol=0), name
+    moved = sum(float((trained[n] - initial[n]).abs().max()) > 1e-3 for n, _ in model.named_parameters())
+    assert moved > 10  # the parameters really changed, so the equality above is not trivial
+
+
+def test_split_and_accumulate_ghost_bn_give_the_same_step(small_data):
+    cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *PROOF])
+    index = load_index(small_data, "train", None)
+    (batch,) = [b for _, b in zip(range(1), make_train_loader(index, cfg, 0, 1))]
+    results = []
+    for chunks in (1, 2):  # 32 samples: one split forward, or two forward/backward passes of 16
+        state = fresh_state(cfg, 4, 10, 1)
+        state.forward_chunks = chunks
+        state.model.train()
+        loss, correct = train_step(state, batch, 0.1, cfg)
+        results.append((loss, correct, state.model.state_dict()))
+    (l1, c1, s1), (l2, c2, s2) = results
+    assert l1 == pytest.approx(l2, abs=1e-6) and c1 == c2
+    for name in s1:
+        assert torch.allclose(s1[name].float(), s2[name].float(), atol=1e-5), name
+
+
+def test_copies_do_not_change_lr_or_steps_per_epoch(small_data):
+    index = load_index(small_data, "train", None)
+    figures = {}
+    for m in (1, 4):
+        cfg = load_config("demo", [f"data.path={small_data}", f"data.copies={m}", "data.unique_batch=8",
+                                   "model.ghost_size=8"])
+        loader = make_train_loader(index, cfg, 0, 2)
+        state = fresh_state(cfg, 4, len(loader), world=2)
+        figures[m] = (len(loader), [lr_at(s, state, cfg.optim) for s in range(0, 200, 7)])
+    assert figures[1] == figures[4]
+    assert figures[1][0] == (4 * 48 // 2) // 8
+
+
+def test_two_rank_evaluation_equals_one_process(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = launch("gloo", small_data, out, extra=[*PROOF, "run.max_steps_per_epoch=4"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = read_jsonl(out / "metrics.jsonl")[-1]
+    cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *PROOF])
+    state = fresh_state(cfg, 4, 1, 1)
+    state.model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    single = evaluate(state, make_eval_loader(load_index(small_data, "val", None), cfg, 0, 1), tag="single")
+    assert single["val_images"] == record["val_images"] == 48
+    assert single["val_correct"] == record["val_correct"]
+    assert single["val_top5"] == record["val_top5"]
+    assert single["val_loss"] == pytest.approx(record["val_loss"], rel=1e-5)
+    assert json.loads((out / "result.json").read_text())["val_top1"] == record["val_top1"]
