@@ -23,7 +23,7 @@ def parser_train() -> argparse.ArgumentParser:
         prog="hvd_ba train",
         description="One rank of a BA training run; start it once per rank with horovodrun, srun or mpirun, e.g. "
                     "horovodrun -np 2 -H localhost:2 --gloo python -m hvd_ba train --config demo --set data.path=DIR")
-    _config_args(p, "resnet50_ba_m4")
+    _config_args(p, "resnet50")
     return p
 
 

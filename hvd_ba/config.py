@@ -218,7 +218,7 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
-def load_config(preset: str = "resnet50_ba_m4", overrides: list[str] | tuple = ()) -> Config:
+def load_config(preset: str = "resnet50", overrides: list[str] | tuple = ()) -> Config:
     raw = _read_yaml(_resolve_preset(preset))
     for text in overrides:
         key, value = parse_override(text)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from hvd_ba import dist
 from hvd_ba.schedule import learning_rate
@@ -105,6 +107,9 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
     meter, data_time, t0 = Meter(), 0.0, time.perf_counter()
     reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
     steps = len(loader)
+    bar = None
+    if dist.is_primary() and sys.stdout.isatty():  # a live bar on a terminal; log lines in files (Slurm logs)
+        bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}", unit="step", dynamic_ncols=True, leave=False)
     t_wait = time.perf_counter()
     for i, batch in enumerate(loader):
         data_time += time.perf_counter() - t_wait
@@ -120,14 +125,24 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
                             dist.rank(), entry)
         if reads is not None:
             reads.extend(batch["indices"].tolist())
+        if bar is not None:
+            bar.update(1)
         if dist.is_primary() and ((i + 1) % cfg.run.log_every == 0 or i + 1 == steps):
             elapsed = time.perf_counter() - t0
-            log.info("epoch %d step %d/%d loss %.4f lr %.4f | %.1f unique img/s/rank, %.1f samples/s/rank, data wait %.0f%%",
-                     state.epoch + 1, i + 1, steps, loss_value, lr, meter.totals[3] / elapsed,
-                     meter.totals[2] / elapsed, 100 * data_time / elapsed)
+            images_per_s, samples_per_s = float(meter.totals[3]) / elapsed, float(meter.totals[2]) / elapsed
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_s:.0f}",
+                                samples_s=f"{samples_per_s:.0f}")
+            else:
+                log.info("epoch %d step %d/%d loss %.4f lr %.4f | %.1f unique img/s/rank, %.1f samples/s/rank, "
+                         "data wait %.0f%%", state.epoch + 1, i + 1, steps, loss_value, lr, images_per_s,
+                         samples_per_s, 100 * data_time / elapsed)
             if step_log is not None:
-                step_log({"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr})
+                step_log({"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr,
+                          "unique_images_per_s_rank0": images_per_s, "samples_per_s_rank0": samples_per_s})
         t_wait = time.perf_counter()
+    if bar is not None:
+        bar.close()
     elapsed = time.perf_counter() - t0
     sums = meter.reduce(f"train_meter.{state.epoch}")
     # Per-rank I/O of this epoch: what proves that BA adds no reads (files and bytes per rank).

@@ -7,6 +7,7 @@ run.record_reads, the file indices the rank read).
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -43,7 +44,8 @@ def derived_figures(cfg: Config, world: int, steps_per_epoch: int) -> list[str]:
         f"ghost BN: {ghost}",
         f"peak LR: {peak:.4g} = {o.base_lr:g} x {unique_global} / {o.reference_batch} (M does not change it), "
         f"linear warmup over {o.warmup_epochs:g} epochs, then "
-        + (f"x{o.decay:g} at epochs {', '.join(f'{e:g}' for e in o.milestones)}" if o.schedule == "step" else "cosine")
+        + ("cosine" if o.schedule == "cosine" else
+           f"x{o.decay:g} at epochs {', '.join(f'{e:g}' for e in o.milestones)}" if o.milestones else "constant")
         + f" of {o.epochs}",
         f"steps per epoch: {steps_per_epoch} (those of unique batch {unique_global})",
     ]
@@ -59,10 +61,34 @@ def setup_logging() -> None:
     root.propagate = False
 
 
+EPOCH_CSV_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
+                     "unique_images", "samples", "unique_images_per_s", "samples_per_s", "files_read",
+                     "bytes_read", "bad_files", "data_wait_fraction", "epoch_time_s")
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
+
+
+def append_csv(path: Path, record: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, EPOCH_CSV_COLUMNS, restval="", extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
+
+
+def tensorboard_writer(out: Path):
+    """A SummaryWriter in out/tensorboard when TensorBoard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("TensorBoard is not installed; metrics go to metrics.jsonl and metrics.csv only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def state_digest(tensors: dict) -> str:
@@ -141,15 +167,20 @@ def run_training(cfg: Config) -> dict:
     if dist.is_primary():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        for name in ("metrics.jsonl", "steps.jsonl"):
+        for name in ("metrics.jsonl", "metrics.csv", "steps.jsonl"):
             (out / name).unlink(missing_ok=True)
         log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images",
                  world, device, threads, cfg.model.arch, num_classes, len(train_index), len(val_index))
         for line in derived_figures(cfg, world, state.steps_per_epoch):
             log.info("%s", line)
 
+    board = tensorboard_writer(out) if dist.is_primary() else None
+
     def step_log(record):
         append_jsonl(out / "steps.jsonl", record)
+        if board is not None:
+            for key in ("loss", "lr", "unique_images_per_s_rank0", "samples_per_s_rank0"):
+                board.add_scalar(f"step/{key}", record[key], record["step"])
 
     metrics = {}
     for epoch in range(o.epochs):
@@ -159,6 +190,11 @@ def run_training(cfg: Config) -> dict:
             metrics.update(evaluate(state, val_loader, tag=str(epoch)))
         if dist.is_primary():
             append_jsonl(out / "metrics.jsonl", metrics)
+            append_csv(out / "metrics.csv", metrics)
+            if board is not None:
+                for key in EPOCH_CSV_COLUMNS[1:]:
+                    if key in metrics:
+                        board.add_scalar(f"epoch/{key}", metrics[key], epoch + 1)
             log.info("epoch %d done: train loss %.4f top1 %.1f%% | val top1 %s | %.1f unique img/s, %.1f samples/s, %.1f MB read",
                      epoch + 1, metrics["train_loss"], metrics["train_top1"],
                      f"{metrics['val_top1']:.2f}%" if "val_top1" in metrics else "-",
@@ -169,6 +205,8 @@ def run_training(cfg: Config) -> dict:
 
     # Trainable parameters must agree bit for bit (allreduce); the full state agrees because the
     # last evaluation averaged the rank-local BN running statistics.
+    if board is not None:
+        board.close()
     if dist.is_primary():  # plain state dict: loads into the torchvision model (strict)
         tmp = out / "model.pt.tmp"
         torch.save(model.state_dict(), tmp)

@@ -6,7 +6,7 @@ from hvd_ba.config import ConfigError, check_paths, load_config
 
 
 def test_default_preset_is_the_paper_recipe():
-    cfg = load_config("resnet50_ba_m4")
+    cfg = load_config("resnet50")
     assert (cfg.data.copies, cfg.model.arch, cfg.model.ghost_size) == (4, "resnet50", 64)
     assert cfg.augment.size == 224 and cfg.augment.scale == [0.08, 1.0]
     assert cfg.augment.ratio == pytest.approx([3 / 4, 4 / 3]) and cfg.augment.hflip == 0.5
@@ -59,7 +59,7 @@ def test_bad_values_name_the_key(overrides, message):
 
 
 def test_unknown_preset_lists_the_shipped_ones():
-    with pytest.raises(ConfigError, match=r"config file 'resnet05' not found \(shipped presets: alexnet, demo, mobilenet, resnet50_ba_m4\)"):
+    with pytest.raises(ConfigError, match=r"config file 'resnet05' not found \(shipped presets: alexnet, demo, mobilenet, resnet50\)"):
         load_config("resnet05")
 
 

@@ -121,7 +121,7 @@ def count_reads(monkeypatch) -> list:
     return opened
 
 
-@pytest.mark.parametrize("preset", ["resnet50_ba_m4", "mobilenet", "alexnet", "demo"])
+@pytest.mark.parametrize("preset", ["resnet50", "mobilenet", "alexnet", "demo"])
 def test_every_preset_honours_m(preset, small_data, monkeypatch):
     """One decode per image, M distinct copies, for every preset (a peer ignores M for some)."""
     opened = count_reads(monkeypatch)

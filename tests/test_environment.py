@@ -48,7 +48,7 @@ def test_pyproject_entry_points_and_package_data():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["scripts"]["hvd-ba"] == "hvd_ba.__main__:main"
     assert "configs/*.yaml" in meta["tool"]["setuptools"]["package-data"]["hvd_ba"]
-    for name in ("resnet50_ba_m4", "demo"):
+    for name in ("resnet50", "demo"):
         assert (ROOT / "hvd_ba" / "configs" / f"{name}.yaml").is_file()
 
 

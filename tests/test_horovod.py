@@ -62,6 +62,16 @@ def test_two_ranks_train_in_lockstep_on_disjoint_shards(controller, small_data, 
     result = json.loads((out / "result.json").read_text())
     assert result["world"] == 2 and 0 <= result["val_top1"] <= 100
     assert (out / "config.yaml").is_file() and (out / "steps.jsonl").is_file()
+    import csv
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [m["epoch"] for m in metrics]
+    assert float(rows[-1]["val_top1"]) == pytest.approx(metrics[-1]["val_top1"])
+    # the start of the run prints the derived figures
+    for line in ("unique batch: 8 per rank, 16 global; copies M = 2", "samples per step: 16 per rank, 32 global",
+                 "ghost BN: 1 groups of 16 per rank (split)", "steps per epoch: 12 (those of unique batch 16)"):
+        assert line in r.stdout, line
 
 
 def test_failing_rank_stops_the_job(small_data, tmp_path):
