@@ -64,6 +64,31 @@ def cmd_bench(args) -> int:
     return {"loader": run_loader_bench}[args.what](args)
 
 
+def parser_plan() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvd_ba plan",
+                                description="Print the figures a run derives from its config (batches, ghost groups, "
+                                            "peak LR, steps per epoch) for a number of ranks, without training.")
+    p.add_argument("--ranks", type=int, required=True, help="number of Horovod ranks (GPUs)")
+    p.add_argument("--train-images", type=int, default=1_281_167,
+                   help="training images (default: 1,281,167, ImageNet-1k)")
+    _config_args(p, "resnet50")
+    return p
+
+
+def cmd_plan(args) -> int:
+    from hvd_ba.config import load_config
+    from hvd_ba.train import derived_figures
+
+    cfg = load_config(args.config, args.set)
+    if args.ranks < 1:
+        raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
+    steps = (args.train_images // args.ranks) // cfg.data.unique_batch
+    print(f"{cfg.model.arch} on {args.ranks} ranks, {args.train_images} training images:")
+    for line in derived_figures(cfg, args.ranks, steps):
+        print("  " + line)
+    return 0
+
+
 def cmd_train(args) -> int:
     from hvd_ba.config import check_paths, load_config
     from hvd_ba.train import main_rank
@@ -91,6 +116,7 @@ COMMANDS = {
     "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun/srun/mpirun)"),
     "demo": (parser_demo, cmd_demo, "make demo data and train on it with horovodrun -np 2"),
     "make-data": (parser_make_data, cmd_make_data, "write the synthetic ImageNet-layout JPEG dataset"),
+    "plan": (parser_plan, cmd_plan, "print the derived figures of a config on N ranks, without training"),
     "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader)"),
 }
 

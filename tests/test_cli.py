@@ -22,7 +22,7 @@ def test_every_command_has_help(command):
 def test_unknown_command_is_one_line_exit_2():
     r = run_cli("trian")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["hvd_ba: unknown command 'trian' (choose from: train, demo, make-data, bench)"]
+    assert r.stderr.strip().splitlines() == ["hvd_ba: unknown command 'trian' (choose from: train, demo, make-data, plan, bench)"]
 
 
 def test_missing_data_directory_is_one_line_exit_2(tmp_path):
@@ -48,3 +48,15 @@ def test_make_data_writes_imagenet_layout(tmp_path):
     val = list((tmp_path / "d" / "val").rglob("*.JPEG"))
     assert len(train) == 12 and len(val) == 6
     assert str(train[0]) == "train/n90000000/n90000000_00000.JPEG"
+
+
+def test_plan_prints_the_paper_figures_for_32_ranks():
+    r = run_cli("plan", "--config", "resnet50", "--ranks", "32")
+    assert r.returncode == 0, r.stderr
+    for line in ("unique batch: 64 per rank, 2048 global; copies M = 4",
+                 "samples per step: 256 per rank, 8192 global",
+                 "ghost BN: 4 groups of 64 per rank (split)",
+                 "peak LR: 0.8 = 0.1 x 2048 / 256 (M does not change it), linear warmup over 5 epochs, "
+                 "then x0.1 at epochs 30, 60, 80 of 90",
+                 "steps per epoch: 625 (those of unique batch 2048)"):
+        assert line in r.stdout, line

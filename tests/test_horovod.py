@@ -17,14 +17,15 @@ TRAIN_SETTINGS = [
 ]
 
 
-def launch(controller: str, data, out, extra=()) -> subprocess.CompletedProcess:
+def launch(controller: str, data, out, extra=(), preset="demo", settings=None) -> subprocess.CompletedProcess:
     cmd = [horovodrun(), "-np", "2", "-H", "localhost:2"]
     if controller == "gloo":
         cmd.append("--gloo")
     else:
         cmd += ["--mpi", "--mpi-args=--oversubscribe --allow-run-as-root --bind-to none"]
-    cmd += [sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set",
-            f"data.path={data}", f"run.out_dir={out}", *TRAIN_SETTINGS, *extra]
+    settings = TRAIN_SETTINGS if settings is None else settings
+    cmd += [sys.executable, "-m", "hvd_ba", "train", "--config", preset, "--set",
+            f"data.path={data}", f"run.out_dir={out}", *settings, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "120"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
 
@@ -107,3 +108,21 @@ def test_static_shards_are_owned_for_the_whole_run(small_data, tmp_path):
     assert not reads[0]["0"] & reads[1]["0"]
     assert reads[0]["0"] | reads[1]["0"] == set(range(4 * 48))  # the union over the run is the set
     assert ranks[0]["reads"]["0"] != ranks[0]["reads"]["1"]  # reshuffled within the shard
+
+
+def test_resnet50_paper_preset_runs_a_few_steps(small_data, tmp_path):
+    """The paper's ResNet-50 preset (M = 4, ghost BN of 64, zero-init residual gammas) at 64 px."""
+    out = tmp_path / "r50"
+    settings = ["data.unique_batch=16", "data.workers=1", "augment.size=64", "augment.eval_resize=73",
+                "augment.eval_crop=64", "optim.epochs=1", "optim.warmup_epochs=1", "run.max_steps_per_epoch=2", "run.log_every=1"]
+    r = launch("gloo", small_data, out, preset="resnet50", settings=settings)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ghost BN: 1 groups of 64 per rank (split)" in r.stdout
+    assert "peak LR: 0.0125 = 0.1 x 32 / 256" in r.stdout
+    steps = read_jsonl(out / "steps.jsonl")
+    assert [s["step"] for s in steps] == [1, 2] and all(s["loss"] > 0 for s in steps)
+    import torch
+    import torchvision
+
+    plain = torchvision.models.resnet50(num_classes=4)
+    plain.load_state_dict(torch.load(out / "model.pt", weights_only=True), strict=True)
