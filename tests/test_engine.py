@@ -24,3 +24,33 @@ def test_mobilenet_v1_shape_and_size():
     assert model(torch.randn(2, 3, 96, 96)).shape == (2, 1000)
     half = build_model("mobilenet", 1000, ghost_size=None)
     assert sum(1 for m in half.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1) == 13
+
+
+def test_weight_decay_can_exempt_biases():
+    from hvd_ba.models import parameter_groups
+
+    model = build_model("small_resnet", 10, ghost_size=32)
+    decay, no_decay = parameter_groups(model, 1e-4, decay_biases=False)
+    assert id(model.fc.bias) in {id(p) for p in no_decay["params"]}
+    assert id(model.fc.weight) in {id(p) for p in decay["params"]}
+
+
+def test_bf16_autocast_and_channels_last_step_on_cpu():
+    """The AMP and channels_last switches run (on the CPU here; CUDA on a GPU machine)."""
+    from hvd_ba.config import load_config
+    from hvd_ba.engine import train_step
+    from hvd_ba.models import parameter_groups
+
+    cfg = load_config("demo")
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 4, ghost_size=32).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(parameter_groups(model, 1e-4), lr=0.1, momentum=0.9)
+    state = TrainState(model=model, optimizer=opt, device=torch.device("cpu"), mean=torch.zeros(1, 3, 1, 1),
+                       std=torch.ones(1, 3, 1, 1), peak_lr=0.1, steps_per_epoch=1, amp_dtype=torch.bfloat16,
+                       channels_last=True)
+    batch = {"images": torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8),
+             "lighting": torch.zeros(64, 3), "labels": torch.randint(0, 4, (64,))}
+    before = model.fc.weight.detach().clone()
+    loss, correct = train_step(state, batch, 0.1, cfg)
+    assert 0.5 < loss < 5 and 0 <= correct <= 64
+    assert model.fc.weight.dtype == torch.float32 and not torch.equal(before, model.fc.weight)

@@ -126,3 +126,15 @@ def test_resnet50_paper_preset_runs_a_few_steps(small_data, tmp_path):
 
     plain = torchvision.models.resnet50(num_classes=4)
     plain.load_state_dict(torch.load(out / "model.pt", weights_only=True), strict=True)
+
+
+@pytest.mark.parametrize("controller, options", [
+    ("gloo", ["optim.fp16_allreduce=true", "optim.gradient_predivide_factor=2.0"]),
+    ("mpi", ["optim.adasum=true"]),
+])
+def test_allreduce_options_keep_ranks_in_lockstep(controller, options, small_data, tmp_path):
+    out = tmp_path / "run"
+    r = launch(controller, small_data, out, extra=["optim.epochs=1", "run.max_steps_per_epoch=4", *options])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] and ranks[0]["steps"] == 4

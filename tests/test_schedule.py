@@ -30,3 +30,13 @@ def test_step_decay_at_milestones(epoch, factor):
 def test_no_warmup():
     assert learning_rate(0, 10, 0.3, 0, [1], 0.5) == pytest.approx(0.3)
     assert learning_rate(10, 10, 0.3, 0, [1], 0.5) == pytest.approx(0.15)
+
+
+def test_cosine_after_warmup():
+    spe, peak = 10, 0.4
+    lrs = [learning_rate(s, spe, peak, 1, [], 0.1, "cosine", 5) for s in range(50)]
+    assert lrs[9] == pytest.approx(peak)  # end of warmup
+    assert lrs[10] == pytest.approx(peak)  # cosine starts at the peak
+    assert lrs[30] == pytest.approx(peak / 2, rel=0.02)  # half way through the remaining 40 steps
+    assert lrs[49] < 0.01 * peak
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
