@@ -101,7 +101,7 @@ def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[float, i
 
 def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
     """One epoch of BA training; returns figures summed over all ranks."""
-    model, opt, o = state.model, state.optimizer, cfg.optim
+    model, o = state.model, cfg.optim
     model.train()
     loader.batch_sampler.set_epoch(state.epoch)
     meter, data_time, t0 = Meter(), 0.0, time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):

@@ -123,25 +123,11 @@ def load_indexes(cfg: Config):
     return indexes
 
 
-def run_training(cfg: Config) -> dict:
-    t_start = time.time()
-    dist.init()
-    setup_logging()
-    rank, world = dist.rank(), dist.size()
-    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank; broadcast makes it certain
-    device = select_device()
-    out = Path(cfg.run.out_dir)
-
-    train_index, val_index = load_indexes(cfg)
-    if train_index.classes != val_index.classes:
-        raise ValueError(f"data.path '{cfg.data.path}': train/ and val/ have different class folders")
-    num_classes = cfg.model.num_classes or len(train_index.classes)
-    train_loader = make_train_loader(train_index, cfg, rank, world)
-    val_loader = make_eval_loader(val_index, cfg, rank, world)
-
+def build_state(cfg: Config, num_classes: int, device: torch.device, world: int, steps_per_epoch: int) -> TrainState:
+    """Model, optimizer and step settings of a fresh run, the same on every rank (rank 0's
+    parameters are broadcast; without Horovod initialised, as in tests, no collective runs)."""
     m, o, r = cfg.model, cfg.optim, cfg.run
+    torch.manual_seed(r.seed)
     model = build_model(m.arch, num_classes, m.ghost_size, m.zero_init_residual, m.width).to(device)
     if r.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -154,16 +140,36 @@ def run_training(cfg: Config) -> dict:
     optimizer = dist.distributed_optimizer(optimizer, model, fp16_allreduce=o.fp16_allreduce, adasum=o.adasum,
                                            backward_passes_per_step=chunks,
                                            gradient_predivide_factor=o.gradient_predivide_factor)
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp]
-    unique_global = cfg.data.unique_batch * world
-    state = TrainState(
+    return TrainState(
         model=torch.compile(model) if r.compile else model, optimizer=optimizer, device=device,
         mean=torch.tensor(cfg.augment.mean, device=device).view(1, 3, 1, 1),
         std=torch.tensor(cfg.augment.std, device=device).view(1, 3, 1, 1),
-        peak_lr=peak_lr(o.base_lr, unique_global, o.reference_batch), steps_per_epoch=len(train_loader),
-        forward_chunks=chunks, amp_dtype=amp_dtype, channels_last=r.channels_last,
-        scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
+        peak_lr=peak_lr(o.base_lr, cfg.data.unique_batch * world, o.reference_batch), steps_per_epoch=steps_per_epoch,
+        forward_chunks=chunks, amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp],
+        channels_last=r.channels_last, scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
     )
+
+
+def run_training(cfg: Config) -> dict:
+    t_start = time.time()
+    dist.init()
+    setup_logging()
+    rank, world = dist.rank(), dist.size()
+    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
+    torch.set_num_threads(threads)
+    device = select_device()
+    out = Path(cfg.run.out_dir)
+
+    train_index, val_index = load_indexes(cfg)
+    if train_index.classes != val_index.classes:
+        raise ValueError(f"data.path '{cfg.data.path}': train/ and val/ have different class folders")
+    num_classes = cfg.model.num_classes or len(train_index.classes)
+    train_loader = make_train_loader(train_index, cfg, rank, world)
+    val_loader = make_eval_loader(val_index, cfg, rank, world)
+
+    state = build_state(cfg, num_classes, device, world, len(train_loader))
+    model = state.model._orig_mod if cfg.run.compile else state.model  # what is saved: uncompiled
+    o = cfg.optim
     if dist.is_primary():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -203,14 +209,14 @@ def run_training(cfg: Config) -> dict:
                 log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)",
                             epoch + 1, metrics["bad_files"])
 
-    # Trainable parameters must agree bit for bit (allreduce); the full state agrees because the
-    # last evaluation averaged the rank-local BN running statistics.
     if board is not None:
         board.close()
     if dist.is_primary():  # plain state dict: loads into the torchvision model (strict)
         tmp = out / "model.pt.tmp"
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, out / "model.pt")
+    # Trainable parameters must agree bit for bit (allreduce); the full state agrees because the
+    # last evaluation averaged the rank-local BN running statistics.
     rank_record = {"rank": rank, "world": world, "steps": state.step,
                    "param_sha256": state_digest(dict(model.named_parameters())),
                    "state_sha256": state_digest(model.state_dict())}

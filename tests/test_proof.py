@@ -10,9 +10,8 @@ from conftest import ROOT  # noqa: F401  (path setup)
 from hvd_ba.config import load_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
-from hvd_ba.engine import TrainState, evaluate, lr_at, normalize, train_step
-from hvd_ba.models import build_model, parameter_groups
-from hvd_ba.schedule import peak_lr
+from hvd_ba.engine import evaluate, lr_at, normalize, train_step
+from hvd_ba.train import build_state
 from test_horovod import launch, read_jsonl
 
 PROOF = ["data.workers=0", "data.copies=4", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=1",
@@ -21,16 +20,8 @@ PROOF = ["data.workers=0", "data.copies=4", "data.unique_batch=8", "model.ghost_
 
 
 def fresh_state(cfg, num_classes, steps_per_epoch, world):
-    torch.manual_seed(cfg.run.seed)  # what every rank does before rank 0's broadcast
-    m, o = cfg.model, cfg.optim
-    model = build_model(m.arch, num_classes, m.ghost_size, m.zero_init_residual, m.width)
-    opt = torch.optim.SGD(parameter_groups(model, o.weight_decay, o.decay_biases), lr=o.base_lr,
-                          momentum=o.momentum, nesterov=o.nesterov)
-    return TrainState(model=model, optimizer=opt, device=torch.device("cpu"),
-                      mean=torch.tensor(cfg.augment.mean).view(1, 3, 1, 1),
-                      std=torch.tensor(cfg.augment.std).view(1, 3, 1, 1),
-                      peak_lr=peak_lr(o.base_lr, cfg.data.unique_batch * world, o.reference_batch),
-                      steps_per_epoch=steps_per_epoch)
+    """The state every rank starts from (Horovod is not initialised here: no collective runs)."""
+    return build_state(cfg, num_classes, torch.device("cpu"), world, steps_per_epoch)
 
 
 @pytest.mark.parametrize("steps, ghost_impl", [(1, "split"), (3, "split"), (3, "accumulate")])
