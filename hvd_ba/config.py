@@ -96,6 +96,9 @@ class RunConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     threads: int = 0  # torch intra-op threads per rank; 0: cores / local ranks
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
+    resume: str | None = None  # auto: the newest valid checkpoint of out_dir (fresh start if none); or a file
+    checkpoint_every: int | None = None  # steps between checkpoints (one is also written at each epoch end)
+    keep_checkpoints: int = 3  # the newest K are kept
     amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler; CUDA)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
@@ -306,6 +309,9 @@ def validate(cfg: Config) -> None:
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
     _require(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
     _require(r.threads >= 0, "run.threads", f"must be >= 0, got {r.threads}")
+    _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
+    if r.checkpoint_every is not None:
+        _require(r.checkpoint_every >= 1, "run.checkpoint_every", f"must be >= 1, got {r.checkpoint_every}")
     if r.max_steps_per_epoch is not None:
         _require(r.max_steps_per_epoch >= 1, "run.max_steps_per_epoch", "must be >= 1")
 

@@ -75,6 +75,13 @@ def barrier(name: str) -> None:
         _hvd.allreduce(torch.zeros(1), name=f"barrier.{name}", op=_hvd.Sum)
 
 
+def broadcast_object(obj, name: str):
+    """Rank 0's `obj` on every rank."""
+    if _hvd is None:
+        return obj
+    return _hvd.broadcast_object(obj, root_rank=0, name=name)
+
+
 def allgather_object(obj, name: str) -> list:
     if _hvd is None:
         return [obj]

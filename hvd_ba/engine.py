@@ -31,6 +31,7 @@ class TrainState:
     amp_dtype: torch.dtype | None = None  # autocast dtype; None: fp32
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     channels_last: bool = False
+    last_loss: float = 0.0  # this rank's loss of the last step
     reads: dict = field(default_factory=dict)  # epoch -> file indices read by this rank (run.record_reads)
     bad_files: set = field(default_factory=set)  # paths this rank could not decode (logged once each)
 
@@ -99,11 +100,15 @@ def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[float, i
     return loss_sum / chunks, correct
 
 
-def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
-    """One epoch of BA training; returns figures summed over all ranks."""
+def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None, start_step: int = 0) -> dict:
+    """One epoch of BA training (from `start_step` when resumed mid-epoch); returns figures summed
+    over all ranks. `on_step(step_in_epoch)` runs after every step on every rank; when it returns
+    True, the epoch ends there (an agreed stop) and the result has stopped=True."""
     model, o = state.model, cfg.optim
     model.train()
     loader.batch_sampler.set_epoch(state.epoch)
+    loader.batch_sampler.start = start_step
+    stopped = False
     meter, data_time, t0 = Meter(), 0.0, time.perf_counter()
     reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
     steps = len(loader)
@@ -115,6 +120,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
         data_time += time.perf_counter() - t_wait
         lr = lr_at(state.step, state, o)
         loss_value, correct = train_step(state, batch, lr, cfg)
+        state.last_loss = loss_value
         n = batch["labels"].numel()
         meter.add(loss_sum=loss_value * n, correct=correct, samples=n,
                   images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"], bad=len(batch["bad"]))
@@ -140,6 +146,9 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
             if step_log is not None:
                 step_log({"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr,
                           "unique_images_per_s_rank0": images_per_s, "samples_per_s_rank0": samples_per_s})
+        if on_step is not None and on_step(start_step + i + 1):
+            stopped = True
+            break
         t_wait = time.perf_counter()
     if bar is not None:
         bar.close()
@@ -162,6 +171,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None) -> dict:
         "samples_per_s": sums["samples"] / elapsed,
         "data_wait_fraction": data_time / elapsed,
         "lr": lr,
+        "stopped": stopped,
     }
 
 

@@ -11,7 +11,9 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -23,7 +25,8 @@ from hvd_ba import dist
 from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
-from hvd_ba.engine import TrainState, evaluate, train_one_epoch
+from hvd_ba.checkpoint import find_checkpoint, save_checkpoint
+from hvd_ba.engine import TrainState, average_bn_statistics, evaluate, train_one_epoch
 from hvd_ba.models import build_model, parameter_groups
 from hvd_ba.schedule import peak_lr
 
@@ -150,6 +153,91 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
     )
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; requeue and resume
+
+
+class StopRequest:
+    """Set by SIGTERM / SIGUSR1 (Slurm's --signal) in this rank's main process."""
+
+    def __init__(self):
+        self.requested, self.signal_name = False, None
+
+    def __call__(self, signum, frame):
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+
+def install_stop_handlers() -> StopRequest:
+    stop = StopRequest()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stop)
+    return stop
+
+
+def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, step_in_epoch: int,
+               epoch: int | None = None) -> None:
+    """Collective: every rank calls it at the same step. BN running statistics are averaged
+    first (so the saved model is the one all ranks would evaluate) and each rank's RNG state is
+    gathered; rank 0 writes."""
+    average_bn_statistics(model, tag=f"ckpt.{state.step}")
+    rng = dist.allgather_object(torch.get_rng_state(), name=f"rng.{state.step}")
+    if dist.is_primary():
+        inner = state.optimizer
+        payload = {"model": model.state_dict(), "optimizer": inner.state_dict(),
+                   "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
+                   "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
+                   "world": dist.size(), "rng": rng, "config": cfg.to_dict()}
+        path = save_checkpoint(out, payload, cfg.run.keep_checkpoints)
+        log.info("checkpoint %s (step %d)", path, state.step)
+
+
+def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path) -> tuple[int, int]:
+    """Place a run at its checkpoint: rank 0 loads, every rank receives. Returns (epoch, step in
+    epoch) to start from; (0, 0) for a fresh run. Progress records after the checkpoint go."""
+    found = None
+    if cfg.run.resume and dist.is_primary():
+        found = find_checkpoint(cfg.run.resume, out)
+    meta = None
+    if found is not None:
+        path, payload = found
+        model.load_state_dict(payload["model"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+        if state.scaler is not None and payload["scaler"] is not None:
+            state.scaler.load_state_dict(payload["scaler"])
+        meta = {key: payload[key] for key in ("step", "epoch", "step_in_epoch", "world", "rng")} | {"path": str(path)}
+    meta = dist.broadcast_object(meta, name="resume")
+    if dist.is_primary():
+        for name, field in (("steps.jsonl", "step"), ("metrics.jsonl", "epoch")):
+            keep = meta[field] if meta else 0
+            truncate_jsonl(out / name, lambda record, f=field, k=keep: record[f] <= k)
+        rows = read_jsonl(out / "metrics.jsonl")
+        (out / "metrics.csv").unlink(missing_ok=True)
+        for row in rows:
+            append_csv(out / "metrics.csv", row)
+    if meta is None:
+        return 0, 0
+    dist.broadcast_state(model, state.optimizer, optimizer_state=True)
+    state.step = meta["step"]
+    if meta["world"] == dist.size():
+        torch.set_rng_state(meta["rng"][dist.rank()])
+    else:
+        log.warning("checkpoint was written by %d ranks, this run has %d: RNG states not restored",
+                    meta["world"], dist.size())
+    log.info("resumed from %s: step %d, epoch %d, step %d of it", meta["path"], meta["step"],
+             meta["epoch"] + 1, meta["step_in_epoch"])
+    return meta["epoch"], meta["step_in_epoch"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def truncate_jsonl(path: Path, keep) -> None:
+    records = [r for r in read_jsonl(path) if keep(r)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
 def run_training(cfg: Config) -> dict:
     t_start = time.time()
     dist.init()
@@ -173,12 +261,29 @@ def run_training(cfg: Config) -> dict:
     if dist.is_primary():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        for name in ("metrics.jsonl", "metrics.csv", "steps.jsonl"):
-            (out / name).unlink(missing_ok=True)
         log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images",
                  world, device, threads, cfg.model.arch, num_classes, len(train_index), len(val_index))
         for line in derived_figures(cfg, world, state.steps_per_epoch):
             log.info("%s", line)
+
+    start_epoch, start_step = resume(cfg, state, model, out)
+    stop = install_stop_handlers()
+
+    def on_step(step_in_epoch: int) -> bool:
+        """Every rank, every step: agree on a stop and on a finite loss (one small allreduce)."""
+        flags = dist.allreduce_sum(torch.tensor([float(stop.requested), float(not math.isfinite(state.last_loss))]),
+                                   name=f"flags.{state.step}")
+        if flags[1] > 0:
+            raise FloatingPointError(f"non-finite loss at step {state.step} (epoch {state.epoch + 1}) on "
+                                     f"{int(flags[1])} rank(s); stopping, the last good checkpoint stays")
+        if flags[0] > 0:
+            log.warning("stop requested (%s); checkpointing at step %d", stop.signal_name or "another rank",
+                        state.step)
+            checkpoint(cfg, state, model, out, step_in_epoch)
+            return True
+        if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
+            checkpoint(cfg, state, model, out, step_in_epoch)
+        return False
 
     board = tensorboard_writer(out) if dist.is_primary() else None
 
@@ -189,9 +294,15 @@ def run_training(cfg: Config) -> dict:
                 board.add_scalar(f"step/{key}", record[key], record["step"])
 
     metrics = {}
-    for epoch in range(o.epochs):
+    for epoch in range(start_epoch, o.epochs):
         state.epoch = epoch
-        metrics = {"epoch": epoch + 1, **train_one_epoch(state, train_loader, cfg, step_log)}
+        metrics = {"epoch": epoch + 1, **train_one_epoch(state, train_loader, cfg, step_log, on_step,
+                                                         start_step if epoch == start_epoch else 0)}
+        if metrics["stopped"]:
+            if board is not None:
+                board.close()
+            log.warning("stopped at step %d; resume with --set run.resume=auto", state.step)
+            return {"preempted": True, "steps": state.step}
         if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == o.epochs:
             metrics.update(evaluate(state, val_loader, tag=str(epoch)))
         if dist.is_primary():
@@ -208,6 +319,7 @@ def run_training(cfg: Config) -> dict:
             if metrics["bad_files"]:
                 log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)",
                             epoch + 1, metrics["bad_files"])
+        checkpoint(cfg, state, model, out, step_in_epoch=0, epoch=epoch + 1)
 
     if board is not None:
         board.close()
@@ -237,7 +349,7 @@ def main_rank(cfg: Config) -> int:
     """Entry for one rank. Any exception ends this process hard, so that the other ranks'
     launcher tears the job down instead of leaving them hung in a collective (horovod #642)."""
     try:
-        run_training(cfg)
+        result = run_training(cfg)
     except BaseException:
         sys.stdout.flush()
         print(f"hvd_ba: rank {dist.rank()} failed:", file=sys.stderr)
@@ -245,4 +357,4 @@ def main_rank(cfg: Config) -> int:
         sys.stderr.flush()
         os._exit(1)
     dist.shutdown()
-    return 0
+    return PREEMPTED_EXIT_CODE if result.get("preempted") else 0

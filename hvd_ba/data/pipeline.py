@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import signal
 import threading
 import time
 
@@ -168,6 +169,7 @@ class ShardSampler(torch.utils.data.Sampler):
         self.num_files, self.rank, self.world, self.mode = num_files, rank, world, mode
         self.unique_batch, self.seed = unique_batch, seed
         self.epoch = 0
+        self.start = 0  # first step of the epoch to yield (a run resumed mid-epoch)
         self.per_rank = num_files // world
         self.steps = self.per_rank // unique_batch
         if max_steps is not None:
@@ -190,12 +192,12 @@ class ShardSampler(torch.utils.data.Sampler):
         return owned[torch.randperm(per, generator=_generator(self.seed, epoch, r))].tolist()
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps - self.start
 
     def __iter__(self):
         mine = self.shard(self.epoch)
         b, per = self.unique_batch, len(mine)
-        for s in range(self.steps):
+        for s in range(self.start, self.steps):
             yield [(mine[p], self.epoch, tuple(mine[(p + 1 + k) % per] for k in range(REPLACEMENT_TRIES)))
                    for p in range(s * b, (s + 1) * b)]
 
@@ -222,13 +224,18 @@ def make_eval_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.util
     return _loader(dataset, batches, BACollate(), d)
 
 
-def _watch_rank(rank_pid: int, worker_id: int) -> None:
-    """Worker init: exit when the rank process is gone.
+def _worker_init(rank_pid: int, worker_id: int) -> None:
+    """Worker init: default signal handlers, and exit when the rank process is gone.
 
-    Under forkserver the worker's parent is the fork server, not the rank, so PyTorch's own
-    parent check never fires; an orphaned worker would keep the launcher's output pipe open and
-    hang horovodrun after a rank dies.
+    The rank's preemption handlers (SIGTERM, SIGUSR1) are inherited by forked workers; there they
+    would only swallow the signal, so the default action is restored. Under forkserver the
+    worker's parent is the fork server, not the rank, so PyTorch's own parent check never fires;
+    an orphaned worker would keep the launcher's output pipe open and hang horovodrun after a
+    rank dies.
     """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
     def loop():
         while True:
             time.sleep(WATCHDOG_PERIOD_S)
@@ -247,7 +254,7 @@ def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:
         batch_sampler=batch_sampler,
         collate_fn=collate,
         num_workers=workers,
-        worker_init_fn=functools.partial(_watch_rank, os.getpid()) if workers else None,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
         multiprocessing_context=d.worker_start if workers else None,
         persistent_workers=workers > 0,
         prefetch_factor=d.prefetch if workers else None,

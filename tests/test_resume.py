@@ -1,0 +1,98 @@
+"""Never lose a job: a run killed (SIGKILL, mid-epoch) and resumed with run.resume=auto gives the
+same per-step losses and final parameters as an uninterrupted run; checkpoints survive crashes."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import ROOT, horovodrun
+from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint
+from test_horovod import launch, read_jsonl
+
+RUN = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=2",
+       "optim.warmup_epochs=0.5", "optim.base_lr=0.8", "optim.milestones=[1.5]", "run.max_steps_per_epoch=6",
+       "run.log_every=1", "run.checkpoint_every=2", "run.keep_checkpoints=2"]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    for p in parent.children(recursive=True) + [parent]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def start(data, out, extra=()):
+    cmd = [horovodrun(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvd_ba", "train",
+           "--config", "demo", "--set", f"data.path={data}", f"run.out_dir={out}", *RUN, *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def wait_for_step(out, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = read_jsonl(out / "steps.jsonl") if (out / "steps.jsonl").exists() else []
+        if steps and steps[-1]["step"] >= step:
+            return steps[-1]["step"]
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_killed_run_resumes_step_exactly(small_data, tmp_path):
+    reference = tmp_path / "reference"
+    r = launch("gloo", small_data, reference, settings=RUN)
+    assert r.returncode == 0, r.stdout[-3000:]
+    expected = read_jsonl(reference / "steps.jsonl")
+    assert [s["step"] for s in expected] == list(range(1, 13))
+
+    out = tmp_path / "killed"
+    kill_at = random.Random().randint(3, 10)
+    proc = start(small_data, out)
+    reached = wait_for_step(out, kill_at, proc)
+    kill_tree(proc)  # SIGKILL the launcher and every rank: no chance to clean up
+    saved = find_checkpoint("auto", out)
+    assert saved is not None and saved[1]["step"] <= reached
+
+    r = launch("gloo", small_data, out, settings=[*RUN, "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert f"resumed from {saved[0]}" in r.stdout
+    got = read_jsonl(out / "steps.jsonl")
+    assert [s["step"] for s in got] == list(range(1, 13))  # no gap, no duplicate
+    for a, b in zip(expected, got):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (kill_at, a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+    final_a = torch.load(reference / "model.pt", weights_only=True)
+    final_b = torch.load(out / "model.pt", weights_only=True)
+    for name in final_a:
+        assert torch.allclose(final_a[name].float(), final_b[name].float(), atol=1e-6), name
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    kept = sorted(p.name for p in checkpoint_dir(out).glob("ckpt-*.pt"))
+    assert kept == ["ckpt-000000010.pt", "ckpt-000000012.pt"]  # the newest 2
+
+
+def test_corrupt_latest_checkpoint_is_skipped(small_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    r = launch("gloo", small_data, out, settings=[*RUN, "optim.epochs=1"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    folder = checkpoint_dir(out)
+    assert (folder / "latest").read_text() == "ckpt-000000006.pt"
+    newest = folder / "ckpt-000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a write cut short
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hvd_ba"):
+        path, payload = find_checkpoint("auto", out)
+    assert path.name == "ckpt-000000004.pt" and payload["step"] == 4
+    assert f"skipping checkpoint {newest}" in caplog.text
+    assert not list(folder.glob(".*.tmp"))  # no temporary file left behind
