@@ -188,6 +188,7 @@ def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path
                    "world": dist.size(), "rng": rng, "config": cfg.to_dict()}
         path = save_checkpoint(out, payload, cfg.run.keep_checkpoints)
         log.info("checkpoint %s (step %d)", path, state.step)
+    dist.barrier(f"ckpt.{state.step}")  # nobody leaves (or exits) before the file is on disk
 
 
 def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path) -> tuple[int, int]:

@@ -3,6 +3,7 @@ same per-step losses and final parameters as an uninterrupted run; checkpoints s
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -96,3 +97,72 @@ def test_corrupt_latest_checkpoint_is_skipped(small_data, tmp_path, caplog):
     assert path.name == "ckpt-000000004.pt" and payload["step"] == 4
     assert f"skipping checkpoint {newest}" in caplog.text
     assert not list(folder.glob(".*.tmp"))  # no temporary file left behind
+
+
+def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process of `rank` (not one of its loader workers) under this launcher."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                # a loader worker is a fork of its rank: same command line as its parent
+                if p.cmdline()[1:3] == ["-m", "hvd_ba"] and p.parent().cmdline() != p.cmdline() \
+                        and p.environ().get("HOROVOD_RANK") == str(rank):
+                    return p
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.1)
+    raise TimeoutError(f"rank {rank} not found")
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_preemption_signal_on_one_rank_stops_all_with_a_checkpoint(signame, small_data, tmp_path):
+    out = tmp_path / "run"
+    proc = start(small_data, out, extra=["optim.epochs=20", "run.checkpoint_every=null"])
+    wait_for_step(out, 3, proc)
+    t0 = time.time()
+    rank_process(proc, 1).send_signal(getattr(signal, signame))  # Slurm signals one task; all must stop
+    output, _ = proc.communicate(timeout=60)
+    assert time.time() - t0 < 30, "the stop must come within the grace time"
+    assert proc.returncode != 0
+    # Both ranks stopped at the same step and the first to exit gave the preemption status 75.
+    # horovodrun then terminates the other rank's `sh -c` wrapper, which may report 143 although
+    # the rank itself had finished (srun and mpirun see 75 from every task).
+    stops = re.findall(r"\[(\d)\]<stdout>:\S+ \[rank \d\] stopped at step (\d+)", output)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({step for _, step in stops}) == 1, output[-3000:]
+    statuses = re.findall(r"exit with status code (-?\d+)", output)
+    assert statuses[0] == "75" and set(statuses) <= {"75", "143"}, statuses
+    assert "143" not in statuses or "Terminating remaining workers after failure of Process" in output
+    assert f"[rank 1] stop requested ({signame})" in output
+    path, payload = find_checkpoint("auto", out)
+    last = read_jsonl(out / "steps.jsonl")[-1]["step"]
+    assert payload["step"] == last == int(stops[0][1]) >= 3  # the checkpoint is at the step where all stopped
+    r = launch("gloo", small_data, out, settings=[*RUN, "optim.epochs=1", "run.max_steps_per_epoch=8",
+                                                  "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert read_jsonl(out / "steps.jsonl")[-1]["step"] == 8
+
+
+def test_dead_rank_ends_the_job_instead_of_hanging(small_data, tmp_path):
+    out = tmp_path / "run"
+    proc = start(small_data, out, extra=["optim.epochs=20"])
+    wait_for_step(out, 2, proc)
+    t0 = time.time()
+    rank_process(proc, 1).send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=90)
+    assert time.time() - t0 < 60
+    assert proc.returncode != 0
+    assert "Process 1 exit with status code" in output  # the launcher names the lost rank
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = launch("gloo", small_data, out, settings=[*RUN, "optim.base_lr=1e9", "optim.warmup_epochs=0"])
+    assert r.returncode != 0
+    assert "non-finite loss at step" in r.stdout + r.stderr
+    steps = read_jsonl(out / "steps.jsonl")
+    saved = find_checkpoint("auto", out)
+    if saved is not None:  # a checkpoint written before the fault holds finite weights
+        assert all(torch.isfinite(t).all() for t in saved[1]["model"].values() if t.is_floating_point())
+    assert steps == [] or all(s["step"] < 12 for s in steps)
