@@ -49,6 +49,8 @@ def save_checkpoint(out_dir: str | Path, payload: dict, keep: int) -> Path:
     """Write ckpt-<step>.pt, then point `latest` at it, then prune to the newest `keep`."""
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".ckpt-*.tmp"):  # left by a writer killed mid-write; only rank 0 writes
+        stale.unlink(missing_ok=True)
     path = folder / f"ckpt-{payload['step']:09d}.pt"
     _atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": __version__, **payload}, f))
     _atomic_write(folder / LATEST, lambda f: f.write(path.name.encode()))

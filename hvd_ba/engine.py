@@ -109,6 +109,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
     loader.batch_sampler.set_epoch(state.epoch)
     loader.batch_sampler.start = start_step
     stopped = False
+    bad_this_epoch = set()
     meter, data_time, t0 = Meter(), 0.0, time.perf_counter()
     reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
     steps = len(loader)
@@ -123,8 +124,11 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
         state.last_loss = loss_value
         n = batch["labels"].numel()
         meter.add(loss_sum=loss_value * n, correct=correct, samples=n,
-                  images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"], bad=len(batch["bad"]))
-        for entry in batch["bad"]:
+                  images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"])
+        for entry in batch["bad"]:  # a broken file can be tried more than once (as a replacement too)
+            if entry not in bad_this_epoch:
+                bad_this_epoch.add(entry)
+                meter.add(bad=1)
             if entry not in state.bad_files:
                 state.bad_files.add(entry)
                 log.warning("rank %d: skipped unreadable image %s; a file of the same shard replaces it",

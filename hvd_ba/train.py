@@ -282,7 +282,8 @@ def run_training(cfg: Config) -> dict:
                         state.step)
             checkpoint(cfg, state, model, out, step_in_epoch)
             return True
-        if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
+        if (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0
+                and step_in_epoch < state.steps_per_epoch):  # the epoch's end writes its own
             checkpoint(cfg, state, model, out, step_in_epoch)
         return False
 

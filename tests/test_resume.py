@@ -89,14 +89,21 @@ def test_corrupt_latest_checkpoint_is_skipped(small_data, tmp_path, caplog):
     folder = checkpoint_dir(out)
     assert (folder / "latest").read_text() == "ckpt-000000006.pt"
     newest = folder / "ckpt-000000006.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])  # a write cut short
+    # a writer killed mid-write leaves only its temporary file; the checkpoints stay whole
+    (folder / ".ckpt-000000008.pt.4242.tmp").write_bytes(newest.read_bytes()[:1000])
+    assert find_checkpoint("auto", out)[0] == newest
+    newest.write_bytes(newest.read_bytes()[:1000])  # a damaged file (disk full, copied half)
     import logging
 
     with caplog.at_level(logging.WARNING, logger="hvd_ba"):
         path, payload = find_checkpoint("auto", out)
     assert path.name == "ckpt-000000004.pt" and payload["step"] == 4
     assert f"skipping checkpoint {newest}" in caplog.text
-    assert not list(folder.glob(".*.tmp"))  # no temporary file left behind
+    r = launch("gloo", small_data, out, settings=[*RUN, "optim.epochs=1", "run.max_steps_per_epoch=6",
+                                                  "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "resumed from" in r.stdout and "ckpt-000000004.pt" in r.stdout
+    assert not list(folder.glob(".*.tmp"))  # the dead writer's temporary file is cleaned up
 
 
 def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
