@@ -99,6 +99,9 @@ class RunConfig:
     resume: str | None = None  # auto: the newest valid checkpoint of out_dir (fresh start if none); or a file
     checkpoint_every: int | None = None  # steps between checkpoints (one is also written at each epoch end)
     keep_checkpoints: int = 3  # the newest K are kept
+    # steps between the ranks' agreement on stop requests (preemption signals) and finite losses:
+    # one small allreduce, a full synchronisation of the ranks, so not every step
+    sync_every: int = 10
     amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler; CUDA)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
@@ -309,6 +312,7 @@ def validate(cfg: Config) -> None:
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
     _require(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
     _require(r.threads >= 0, "run.threads", f"must be >= 0, got {r.threads}")
+    _require(r.sync_every >= 1, "run.sync_every", f"must be >= 1, got {r.sync_every}")
     _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
     if r.checkpoint_every is not None:
         _require(r.checkpoint_every >= 1, "run.checkpoint_every", f"must be >= 1, got {r.checkpoint_every}")

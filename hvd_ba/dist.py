@@ -57,6 +57,10 @@ def is_primary() -> bool:
     return rank() == 0
 
 
+# Collective names: a recurring collective keeps one name (calls are synchronous and in the same
+# order on every rank); a name per step would fill Horovod's response cache and renegotiate.
+
+
 def allreduce_sum(tensor: torch.Tensor, name: str) -> torch.Tensor:
     if _hvd is None:
         return tensor

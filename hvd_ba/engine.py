@@ -37,13 +37,14 @@ class TrainState:
 
 
 def normalize(batch: dict, state: TrainState) -> torch.Tensor:
-    """uint8 HWC [N, H, W, 3] + lighting offsets -> normalised float NCHW.
+    """uint8 HWC [N, H, W, 3] + lighting offsets -> normalised float NCHW (channels_last if set).
 
     Done here, not in the loader workers, so that a GPU does the float work.
     """
     x = batch["images"].to(state.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     x = x.add_(batch["lighting"].to(state.device, non_blocking=True).view(-1, 3, 1, 1))
-    return x.sub_(state.mean).div_(state.std).contiguous()
+    layout = torch.channels_last if state.channels_last else torch.contiguous_format
+    return x.sub_(state.mean).div_(state.std).contiguous(memory_format=layout)
 
 
 class Meter:
@@ -81,8 +82,6 @@ def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[float, i
     for group in opt.param_groups:
         group["lr"] = lr
     x = normalize(batch, state)
-    if state.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     labels = batch["labels"].to(state.device, non_blocking=True)
     chunks = state.forward_chunks
     opt.zero_grad()
@@ -157,9 +156,9 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
-    sums = meter.reduce(f"train_meter.{state.epoch}")
+    sums = meter.reduce("train_meter")
     # Per-rank I/O of this epoch: what proves that BA adds no reads (files and bytes per rank).
-    io_per_rank = dist.allgather_object((int(meter.totals[4]), int(meter.totals[5])), name=f"io.{state.epoch}")
+    io_per_rank = dist.allgather_object((int(meter.totals[4]), int(meter.totals[5])), name="io")
     return {
         "train_loss": sums["loss_sum"] / sums["samples"],
         "train_top1": 100.0 * sums["correct"] / sums["samples"],
@@ -180,7 +179,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
 
 
 @torch.no_grad()
-def average_bn_statistics(model: torch.nn.Module, tag: str) -> None:
+def average_bn_statistics(model: torch.nn.Module) -> None:
     """Average BN running statistics over ranks, so that every rank evaluates (and saves) one model.
 
     Ghost BN *training* statistics stay rank-local; only the running averages used at inference,
@@ -188,22 +187,20 @@ def average_bn_statistics(model: torch.nn.Module, tag: str) -> None:
     """
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            module.running_mean.copy_(dist.allreduce_mean(module.running_mean, name=f"bn.{tag}.{name}.mean"))
-            module.running_var.copy_(dist.allreduce_mean(module.running_var, name=f"bn.{tag}.{name}.var"))
+            module.running_mean.copy_(dist.allreduce_mean(module.running_mean, name=f"bn.{name}.mean"))
+            module.running_var.copy_(dist.allreduce_mean(module.running_var, name=f"bn.{name}.var"))
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, loader, tag: str) -> dict:
+def evaluate(state: TrainState, loader) -> dict:
     """Exact top-1 over the whole split: every file is evaluated once by exactly one rank,
     all ranks with the same model (BN running statistics averaged first)."""
-    average_bn_statistics(state.model, tag)
+    average_bn_statistics(state.model)
     state.model.eval()
     meter = Meter()
     for batch in loader:
         labels = batch["labels"].to(state.device, non_blocking=True)
         x = normalize(batch, state)
-        if state.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
             logits = state.model(x)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -211,7 +208,7 @@ def evaluate(state: TrainState, loader, tag: str) -> dict:
         meter.add(loss_sum=loss.item(), correct=(top5[:, 0] == labels).sum().item(), samples=labels.numel(),
                   images=labels.numel(), files=batch["files"], bytes=batch["bytes"],
                   correct5=(top5 == labels[:, None]).any(1).sum().item())
-    sums = meter.reduce(f"eval_meter.{tag}")
+    sums = meter.reduce("eval_meter")
     return {"val_loss": sums["loss_sum"] / sums["samples"], "val_top1": 100.0 * sums["correct"] / sums["samples"],
             "val_top5": 100.0 * sums["correct5"] / sums["samples"], "val_correct": int(sums["correct"]),
             "val_images": int(sums["samples"])}

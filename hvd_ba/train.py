@@ -178,8 +178,8 @@ def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path
     """Collective: every rank calls it at the same step. BN running statistics are averaged
     first (so the saved model is the one all ranks would evaluate) and each rank's RNG state is
     gathered; rank 0 writes."""
-    average_bn_statistics(model, tag=f"ckpt.{state.step}")
-    rng = dist.allgather_object(torch.get_rng_state(), name=f"rng.{state.step}")
+    average_bn_statistics(model)
+    rng = dist.allgather_object(torch.get_rng_state(), name="rng")
     if dist.is_primary():
         inner = state.optimizer
         payload = {"model": model.state_dict(), "optimizer": inner.state_dict(),
@@ -188,7 +188,7 @@ def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path
                    "world": dist.size(), "rng": rng, "config": cfg.to_dict()}
         path = save_checkpoint(out, payload, cfg.run.keep_checkpoints)
         log.info("checkpoint %s (step %d)", path, state.step)
-    dist.barrier(f"ckpt.{state.step}")  # nobody leaves (or exits) before the file is on disk
+    dist.barrier("checkpoint")  # nobody leaves (or exits) before the file is on disk
 
 
 def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path) -> tuple[int, int]:
@@ -270,20 +270,31 @@ def run_training(cfg: Config) -> dict:
     start_epoch, start_step = resume(cfg, state, model, out)
     stop = install_stop_handlers()
 
+    first_bad_step = None
+
     def on_step(step_in_epoch: int) -> bool:
-        """Every rank, every step: agree on a stop and on a finite loss (one small allreduce)."""
-        flags = dist.allreduce_sum(torch.tensor([float(stop.requested), float(not math.isfinite(state.last_loss))]),
-                                   name=f"flags.{state.step}")
+        """Every rank, every step. Every run.sync_every steps, at checkpoints and at the epoch's
+        end, the ranks agree (one small allreduce) on a stop and on finite losses."""
+        nonlocal first_bad_step
+        if first_bad_step is None and not math.isfinite(state.last_loss):
+            first_bad_step = state.step
+        due = state.step % cfg.run.sync_every == 0 or step_in_epoch == state.steps_per_epoch
+        periodic = (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0
+                    and step_in_epoch < state.steps_per_epoch)  # the epoch's end writes its own
+        if not (due or periodic):
+            return False
+        flags = dist.allreduce_sum(torch.tensor([float(stop.requested), float(first_bad_step is not None)]),
+                                   name="flags")
         if flags[1] > 0:
-            raise FloatingPointError(f"non-finite loss at step {state.step} (epoch {state.epoch + 1}) on "
-                                     f"{int(flags[1])} rank(s); stopping, the last good checkpoint stays")
+            where = f"step {first_bad_step}" if first_bad_step is not None else f"a step before {state.step}"
+            raise FloatingPointError(f"non-finite loss at {where} (epoch {state.epoch + 1}) on {int(flags[1])} "
+                                     "rank(s); stopping, no checkpoint after it: the last good one stays")
         if flags[0] > 0:
             log.warning("stop requested (%s); checkpointing at step %d", stop.signal_name or "another rank",
                         state.step)
             checkpoint(cfg, state, model, out, step_in_epoch)
             return True
-        if (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0
-                and step_in_epoch < state.steps_per_epoch):  # the epoch's end writes its own
+        if periodic:
             checkpoint(cfg, state, model, out, step_in_epoch)
         return False
 
@@ -306,7 +317,7 @@ def run_training(cfg: Config) -> dict:
             log.warning("stopped at step %d; resume with --set run.resume=auto", state.step)
             return {"preempted": True, "steps": state.step}
         if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == o.epochs:
-            metrics.update(evaluate(state, val_loader, tag=str(epoch)))
+            metrics.update(evaluate(state, val_loader))
         if dist.is_primary():
             append_jsonl(out / "metrics.jsonl", metrics)
             append_csv(out / "metrics.csv", metrics)

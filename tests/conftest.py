@@ -1,5 +1,4 @@
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,3 @@ def run_cli(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hvd_ba", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", ROOT), env=env, **kwargs)
 
-
-def horovodrun() -> str:
-    beside = Path(sys.executable).parent / "horovodrun"
-    return str(beside) if beside.is_file() else shutil.which("horovodrun")

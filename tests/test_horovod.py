@@ -2,11 +2,11 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, horovodrun
+from conftest import ROOT
+from hvd_ba.demo import horovodrun_command
 
 TRAIN_SETTINGS = [
     "data.copies=2", "data.unique_batch=8", "data.workers=1", "model.ghost_size=16",
@@ -17,17 +17,19 @@ TRAIN_SETTINGS = [
 ]
 
 
-def launch(controller: str, data, out, extra=(), preset="demo", settings=None) -> subprocess.CompletedProcess:
-    cmd = [horovodrun(), "-np", "2", "-H", "localhost:2"]
-    if controller == "gloo":
-        cmd.append("--gloo")
-    else:
-        cmd += ["--mpi", "--mpi-args=--oversubscribe --allow-run-as-root --bind-to none"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "120"}
+
+
+def train_command(controller: str, data, out, extra=(), preset="demo", settings=None) -> list[str]:
+    """`horovodrun -np 2 ... python -m hvd_ba train`, built as the demo builds it."""
     settings = TRAIN_SETTINGS if settings is None else settings
-    cmd += [sys.executable, "-m", "hvd_ba", "train", "--config", preset, "--set",
-            f"data.path={data}", f"run.out_dir={out}", *settings, *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "120"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    return horovodrun_command(2, controller, ["--config", preset, "--set", f"data.path={data}",
+                                              f"run.out_dir={out}", *settings, *extra])
+
+
+def launch(controller: str, data, out, extra=(), preset="demo", settings=None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(controller, data, out, extra, preset, settings), capture_output=True,
+                          text=True, timeout=400, env=ENV, cwd=ROOT)
 
 
 def read_jsonl(path):

@@ -93,7 +93,7 @@ def test_two_rank_evaluation_equals_one_process(small_data, tmp_path):
     cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *PROOF])
     state = fresh_state(cfg, 4, 1, 1)
     state.model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    single = evaluate(state, make_eval_loader(load_index(small_data, "val", None), cfg, 0, 1), tag="single")
+    single = evaluate(state, make_eval_loader(load_index(small_data, "val", None), cfg, 0, 1))
     assert single["val_images"] == record["val_images"] == 48
     assert single["val_correct"] == record["val_correct"]
     assert single["val_top5"] == record["val_top5"]

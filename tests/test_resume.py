@@ -1,21 +1,18 @@
 """Never lose a job: a run killed (SIGKILL, mid-epoch) and resumed with run.resume=auto gives the
 same per-step losses and final parameters as an uninterrupted run; checkpoints survive crashes."""
-import json
-import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 import torch
 
-from conftest import ROOT, horovodrun
+from conftest import ROOT
 from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint
-from test_horovod import launch, read_jsonl
+from test_horovod import ENV, launch, read_jsonl, train_command
 
 RUN = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=2",
        "optim.warmup_epochs=0.5", "optim.base_lr=0.8", "optim.milestones=[1.5]", "run.max_steps_per_epoch=6",
@@ -33,10 +30,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def start(data, out, extra=()):
-    cmd = [horovodrun(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvd_ba", "train",
-           "--config", "demo", "--set", f"data.path={data}", f"run.out_dir={out}", *RUN, *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    return subprocess.Popen(train_command("gloo", data, out, extra, settings=RUN), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
 
 
 def wait_for_step(out, step, proc, timeout=240):
