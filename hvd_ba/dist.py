@@ -33,10 +33,6 @@ def _check_local_rank() -> None:
             )
 
 
-def initialized() -> bool:
-    return _hvd is not None
-
-
 def rank() -> int:
     return _hvd.rank() if _hvd else 0
 

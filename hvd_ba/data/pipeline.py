@@ -33,12 +33,9 @@ def read_file(path: str) -> bytes:
         return f.read()
 
 
-def open_image(data: bytes, path: str) -> Image.Image:
-    """Parse the header; decoding errors surface later, at convert/resize."""
-    img = Image.open(io.BytesIO(data))
-    if img.mode not in ("RGB", "L", "CMYK", "P", "RGBA", "LA", "I;16", "YCbCr"):
-        raise ValueError(f"unsupported mode {img.mode}")
-    return img
+def open_image(data: bytes) -> Image.Image:
+    """Parse the header only; decoding (and its errors) come later, at draft/convert/resize."""
+    return Image.open(io.BytesIO(data))
 
 
 class BATrainSet(torch.utils.data.Dataset):
@@ -66,7 +63,7 @@ class BATrainSet(torch.utils.data.Dataset):
             try:
                 data = read_file(self.path(j))
                 nbytes += len(data)
-                img = open_image(data, self.path(j))
+                img = open_image(data)
                 copies, lighting = make_copies(img, self.preset, self.copies, image_rng(self.seed, epoch, j))
             except Exception as err:  # PIL raises many types for broken files
                 bad.append(f"{self.path(j)} ({type(err).__name__}: {err})")
@@ -87,7 +84,7 @@ class EvalSet(torch.utils.data.Dataset):
         path = os.path.join(self.index.root, self.index.paths[i])
         data = read_file(path)
         try:
-            image = eval_image(open_image(data, path), self.resize, self.crop)
+            image = eval_image(open_image(data), self.resize, self.crop)
         except Exception as err:
             # Evaluation must be exact: a broken validation file is an error, not a skip.
             raise ValueError(f"cannot decode validation image '{path}': {err}") from None
