@@ -181,8 +181,7 @@ def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path
     average_bn_statistics(model)
     rng = dist.allgather_object(torch.get_rng_state(), name="rng")
     if dist.is_primary():
-        inner = state.optimizer
-        payload = {"model": model.state_dict(), "optimizer": inner.state_dict(),
+        payload = {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
                    "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
                    "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
                    "world": dist.size(), "rng": rng, "config": cfg.to_dict()}
@@ -270,12 +269,12 @@ def run_training(cfg: Config) -> dict:
     start_epoch, start_step = resume(cfg, state, model, out)
     stop = install_stop_handlers()
 
-    first_bad_step = None
+    first_bad_step, stop_at_epoch_end = None, False
 
     def on_step(step_in_epoch: int) -> bool:
         """Every rank, every step. Every run.sync_every steps, at checkpoints and at the epoch's
         end, the ranks agree (one small allreduce) on a stop and on finite losses."""
-        nonlocal first_bad_step
+        nonlocal first_bad_step, stop_at_epoch_end
         if first_bad_step is None and not math.isfinite(state.last_loss):
             first_bad_step = state.step
         due = state.step % cfg.run.sync_every == 0 or step_in_epoch == state.steps_per_epoch
@@ -292,6 +291,11 @@ def run_training(cfg: Config) -> dict:
         if flags[0] > 0:
             log.warning("stop requested (%s); checkpointing at step %d", stop.signal_name or "another rank",
                         state.step)
+            if step_in_epoch == state.steps_per_epoch:
+                # The epoch's last step: let it end as usual (evaluation, metrics, its checkpoint)
+                # and stop after it, so a resumed run never starts with an empty epoch.
+                stop_at_epoch_end = True
+                return False
             checkpoint(cfg, state, model, out, step_in_epoch)
             return True
         if periodic:
@@ -333,6 +337,11 @@ def run_training(cfg: Config) -> dict:
                 log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)",
                             epoch + 1, metrics["bad_files"])
         checkpoint(cfg, state, model, out, step_in_epoch=0, epoch=epoch + 1)
+        if stop_at_epoch_end:
+            if board is not None:
+                board.close()
+            log.warning("stopped at step %d; resume with --set run.resume=auto", state.step)
+            return {"preempted": True, "steps": state.step}
 
     if board is not None:
         board.close()

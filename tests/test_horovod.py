@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ROOT
 from hvd_ba.demo import horovodrun_command
+from hvd_ba.train import read_jsonl
 
 TRAIN_SETTINGS = [
     "data.copies=2", "data.unique_batch=8", "data.workers=1", "model.ghost_size=16",
@@ -30,10 +31,6 @@ def train_command(controller: str, data, out, extra=(), preset="demo", settings=
 def launch(controller: str, data, out, extra=(), preset="demo", settings=None) -> subprocess.CompletedProcess:
     return subprocess.run(train_command(controller, data, out, extra, preset, settings), capture_output=True,
                           text=True, timeout=400, env=ENV, cwd=ROOT)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])

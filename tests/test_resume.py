@@ -120,7 +120,7 @@ def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
 @pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
 def test_preemption_signal_on_one_rank_stops_all_with_a_checkpoint(signame, small_data, tmp_path):
     out = tmp_path / "run"
-    proc = start(small_data, out, extra=["optim.epochs=20", "run.checkpoint_every=null"])
+    proc = start(small_data, out, extra=["optim.epochs=20", "run.checkpoint_every=null", "run.sync_every=2"])
     wait_for_step(out, 3, proc)
     t0 = time.time()
     rank_process(proc, 1).send_signal(getattr(signal, signame))  # Slurm signals one task; all must stop
@@ -139,10 +139,9 @@ def test_preemption_signal_on_one_rank_stops_all_with_a_checkpoint(signame, smal
     path, payload = find_checkpoint("auto", out)
     last = read_jsonl(out / "steps.jsonl")[-1]["step"]
     assert payload["step"] == last == int(stops[0][1]) >= 3  # the checkpoint is at the step where all stopped
-    r = launch("gloo", small_data, out, settings=[*RUN, "optim.epochs=1", "run.max_steps_per_epoch=8",
-                                                  "run.resume=auto"])
+    r = launch("gloo", small_data, out, settings=[*RUN, "run.resume=auto"])
     assert r.returncode == 0, r.stdout[-3000:]
-    assert read_jsonl(out / "steps.jsonl")[-1]["step"] == 8
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 13))
 
 
 def test_dead_rank_ends_the_job_instead_of_hanging(small_data, tmp_path):
@@ -168,3 +167,21 @@ def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):
     if saved is not None:  # a checkpoint written before the fault holds finite weights
         assert all(torch.isfinite(t).all() for t in saved[1]["model"].values() if t.is_floating_point())
     assert steps == [] or all(s["step"] < 12 for s in steps)
+
+
+def test_stop_agreed_at_an_epochs_last_step_finishes_that_epoch(small_data, tmp_path):
+    """With agreement only at the epoch's end, a signal in epoch 1 stops the job after epoch 1's
+    evaluation and checkpoint; the resumed run starts cleanly at epoch 2 (not an empty epoch)."""
+    out = tmp_path / "run"
+    proc = start(small_data, out, extra=["run.sync_every=1000", "run.checkpoint_every=null"])
+    wait_for_step(out, 2, proc)
+    rank_process(proc, 0).send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=60)
+    assert "[rank 0] stopped at step 6" in output, output[-3000:]
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
+    path, payload = find_checkpoint("auto", out)
+    assert (payload["step"], payload["epoch"], payload["step_in_epoch"]) == (6, 1, 0)
+    r = launch("gloo", small_data, out, settings=[*RUN, "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 13))
