@@ -3,6 +3,7 @@ is built in its own function and its work is imported lazily, so `--help` is ins
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hvd_ba.config import ConfigError
@@ -69,8 +70,10 @@ def parser_plan() -> argparse.ArgumentParser:
                                 description="Print the figures a run derives from its config (batches, ghost groups, "
                                             "peak LR, steps per epoch) for a number of ranks, without training.")
     p.add_argument("--ranks", type=int, required=True, help="number of Horovod ranks (GPUs)")
-    p.add_argument("--train-images", type=int, default=1_281_167,
-                   help="training images (default: 1,281,167, ImageNet-1k)")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="training images (default: those of data.path/train when it exists, else 1,281,167 "
+                        "as in ImageNet-1k)")
+    p.add_argument("--show-config", action="store_true", help="also print the resolved config as YAML")
     _config_args(p, "resnet50")
     return p
 
@@ -82,10 +85,22 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.ranks < 1:
         raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
+    if args.train_images is None:
+        args.train_images = 1_281_167
+        if cfg.data.path and os.path.isdir(os.path.join(cfg.data.path, "train")):
+            from hvd_ba.data.manifest import load_index
+
+            cache = os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None
+            args.train_images = len(load_index(cfg.data.path, "train", cache))
     steps = (args.train_images // args.ranks) // cfg.data.unique_batch
     print(f"{cfg.model.arch} on {args.ranks} ranks, {args.train_images} training images:")
     for line in derived_figures(cfg, args.ranks, steps):
         print("  " + line)
+    if args.show_config:
+        import yaml
+
+        print("resolved config:")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     return 0
 
 
@@ -112,11 +127,101 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def parser_hosts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hvd_ba hosts",
+        description="Expand a Slurm job's host list into horovodrun's -H value (host:slots,...) or an Open MPI "
+                    "hostfile, e.g. horovodrun -np $SLURM_NTASKS -H $(python -m hvd_ba hosts) ...")
+    p.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST"),
+                   help="Slurm host list, e.g. 'node[01-04,07]' (default: $SLURM_JOB_NODELIST)")
+    p.add_argument("--tasks-per-node", default=os.environ.get("SLURM_TASKS_PER_NODE"),
+                   help="slots per host, e.g. '4(x2),2' (default: $SLURM_TASKS_PER_NODE)")
+    p.add_argument("--np", type=int, default=None, help="check that this many tasks fit in the slots")
+    p.add_argument("--format", choices=("horovod", "hostfile", "lines"), default="horovod",
+                   help="horovod: host:n,host:n; hostfile: 'host slots=n' lines; lines: one host per line")
+    return p
+
+
+def cmd_hosts(args) -> int:
+    from hvd_ba import cluster
+
+    try:
+        if args.format == "lines":
+            print("\n".join(cluster.expand_hostlist(args.nodelist)))
+            return 0
+        host_slots = cluster.slots(args.nodelist, args.tasks_per_node)
+        if args.np is not None:
+            cluster.check_tasks(host_slots, args.np)
+    except cluster.HostListError as err:
+        print(f"hvd_ba hosts: error: {err}", file=sys.stderr)
+        return 2
+    print(cluster.horovod_hosts(host_slots) if args.format == "horovod" else cluster.mpi_hostfile(host_slots), end=
+          "\n" if args.format == "horovod" else "")
+    return 0
+
+
+def parser_stage() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hvd_ba stage",
+        description="Copy each rank's static shard (training and evaluation files) from data.path to node-local "
+                    "disk, verified, skipping files already there. Start it like the training (srun/horovodrun/"
+                    "mpirun, same tasks), then train with --set data.local_path=DEST.")
+    _config_args(p, "resnet50")
+    p.add_argument("--dest", default=None, help="node-local folder, e.g. $SLURM_TMPDIR/imagenet "
+                                                "(default: config key data.local_path)")
+    p.add_argument("--threads", type=int, default=8, help="copy threads per rank (default: 8)")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash files already present against the last stage record instead of trusting their size")
+    return p
+
+
+def cmd_stage(args) -> int:
+    from hvd_ba.stage import run_stage
+
+    return run_stage(args)
+
+
+def parser_analyze() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hvd_ba analyze",
+        description="Measure the paper's theory on a checkpoint (--run DIR) or a fresh model (--config): "
+                    "lambda-max: top eigenvalues of batch-averaged loss Hessians for plain B, BA B x M and plain "
+                    "M*B batches against 2/lr; grad-variance: minibatch gradient variance against M. Runs in one "
+                    "process or under horovodrun/srun (parts spread over the ranks).")
+    p.add_argument("what", choices=("lambda-max", "grad-variance"))
+    p.add_argument("--run", default=None, help="run directory: its config.yaml and checkpoint (default: latest)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file inside --run (default: the latest valid)")
+    _config_args(p, "demo")
+    p.add_argument("--batches", type=int, default=4, help="batches per kind, K (default: 4)")
+    p.add_argument("--unique", type=int, default=None,
+                   help="unique images per batch, B (default: data.unique_batch x the run's ranks)")
+    p.add_argument("--copies", type=int, default=None, help="lambda-max: M of the BA kind (default: data.copies)")
+    p.add_argument("--copies-list", default="1,2,4,8", help="grad-variance: the M values (default: 1,2,4,8)")
+    p.add_argument("--reference-images", type=int, default=1024,
+                   help="grad-variance: images in the reference (large-sample) gradient (default: 1024)")
+    p.add_argument("--parts", type=int, default=None,
+                   help="forward passes (own BN statistics) per batch; a multiple of the ranks (default: ranks)")
+    p.add_argument("--tol", type=float, default=1e-3, help="power iteration: relative tolerance (default: 1e-3)")
+    p.add_argument("--max-iter", type=int, default=100, help="power iteration: most iterations (default: 100)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: cores / local ranks)")
+    p.add_argument("--out", default=None, help="JSON output (default: RUN/analysis/<what>-step<N>.json)")
+    return p
+
+
+def cmd_analyze(args) -> int:
+    from hvd_ba.analyze import run_analysis
+
+    return run_analysis(args)
+
+
 COMMANDS = {
     "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun/srun/mpirun)"),
     "demo": (parser_demo, cmd_demo, "make demo data and train on it with horovodrun -np 2"),
     "make-data": (parser_make_data, cmd_make_data, "write the synthetic ImageNet-layout JPEG dataset"),
     "plan": (parser_plan, cmd_plan, "print the derived figures of a config on N ranks, without training"),
+    "hosts": (parser_hosts, cmd_hosts, "expand a Slurm host list into horovodrun's -H or an MPI hostfile"),
+    "stage": (parser_stage, cmd_stage, "copy each rank's static shard to node-local disk (once per job)"),
+    "analyze": (parser_analyze, cmd_analyze, "lambda_max of batch Hessians, gradient variance against M"),
     "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader)"),
 }
 

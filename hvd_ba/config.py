@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class DataConfig:
     worker_start: str = "fork"
     prefetch: int = 2  # batches prefetched per worker
     eval_batch: int = 100  # images per evaluation batch, per rank
+    # Node-local copy made by `python -m hvd_ba stage` (static shards): images are read from here,
+    # the file index still comes from data.path. None: read data.path itself.
+    local_path: str | None = None
 
 
 @dataclass
@@ -94,7 +98,7 @@ class RunConfig:
     seed: int = 0
     log_every: int = 20  # steps between progress lines / steps.jsonl records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    threads: int = 0  # torch intra-op threads per rank; 0: cores / local ranks
+    threads: int = 0  # torch intra-op threads per rank; 0: $SLURM_CPUS_PER_TASK, else cores / local ranks
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
     resume: str | None = None  # auto: the newest valid checkpoint of out_dir (fresh start if none); or a file
     checkpoint_every: int | None = None  # steps between checkpoints (one is also written at each epoch end)
@@ -102,6 +106,9 @@ class RunConfig:
     # steps between the ranks' agreement on stop requests (preemption signals) and finite losses:
     # one small allreduce, a full synchronisation of the ranks, so not every step
     sync_every: int = 10
+    # A file whose appearance asks for a stop exactly as SIGUSR1 does (checked by rank 0 at each
+    # agreement): how a batch script reaches ranks that horovodrun or mpirun started on other nodes.
+    stop_file: str | None = None
     amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler; CUDA)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
@@ -233,7 +240,16 @@ def load_config(preset: str = "resnet50", overrides: list[str] | tuple = ()) -> 
         if not isinstance(raw[section], dict):
             raise ConfigError(f"config section '{section}': expected a mapping")
         raw[section][name] = value
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    # Expanded in each process, so '$SLURMD_NODENAME' or '$SLURM_JOB_ID' can name per-node folders.
+    for section, name in (("data", "local_path"), ("run", "stop_file")):
+        value = getattr(getattr(cfg, section), name)
+        if value:
+            expanded = os.path.expandvars(value)
+            if "$" in expanded:
+                raise ConfigError(f"config key '{section}.{name}': {value!r} names an unset environment variable")
+            setattr(getattr(cfg, section), name, expanded)
+    return cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -320,6 +336,14 @@ def validate(cfg: Config) -> None:
         _require(r.max_steps_per_epoch >= 1, "run.max_steps_per_epoch", "must be >= 1")
 
 
+def where() -> str:
+    """' on host H (rank r of w)' for messages of a process started by a launcher; '' alone."""
+    from hvd_ba.cluster import launch_rank
+
+    rank, world = launch_rank()
+    return f" on host {socket.gethostname()} (rank {rank} of {world})" if world > 1 else ""
+
+
 def check_paths(cfg: Config) -> None:
     """File-system checks, run on the launching process before Horovod starts any rank."""
     if cfg.data.path is None:
@@ -327,7 +351,14 @@ def check_paths(cfg: Config) -> None:
     root = Path(cfg.data.path)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise ConfigError(f"config key 'data.path': data directory '{root / split}' does not exist")
+            raise ConfigError(f"config key 'data.path': data directory '{root / split}' does not exist{where()}")
+    if cfg.data.local_path is not None:
+        if cfg.data.shard != "static":
+            raise ConfigError("config key 'data.local_path': a node-local copy holds static shards; "
+                              f"set data.shard=static (it is {cfg.data.shard!r})")
+        if not Path(cfg.data.local_path).is_dir():
+            raise ConfigError(f"config key 'data.local_path': staged copy '{cfg.data.local_path}' does not exist"
+                              f"{where()}; run `python -m hvd_ba stage` on every node first")
     out = Path(cfg.run.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ run.record_reads, the file indices the rank read).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -243,7 +244,8 @@ def run_training(cfg: Config) -> dict:
     dist.init()
     setup_logging()
     rank, world = dist.rank(), dist.size()
-    threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
+    threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(
+        1, (os.cpu_count() or 1) // dist.local_size())
     torch.set_num_threads(threads)
     device = select_device()
     out = Path(cfg.run.out_dir)
@@ -251,6 +253,13 @@ def run_training(cfg: Config) -> dict:
     train_index, val_index = load_indexes(cfg)
     if train_index.classes != val_index.classes:
         raise ValueError(f"data.path '{cfg.data.path}': train/ and val/ have different class folders")
+    if cfg.data.local_path:
+        from hvd_ba.stage import check_staged, rank_files
+
+        check_staged(cfg.data.local_path, rank_files(cfg, train_index, val_index, rank, world), rank, world)
+        local = Path(cfg.data.local_path)
+        train_index = dataclasses.replace(train_index, root=str(local / "train"))
+        val_index = dataclasses.replace(val_index, root=str(local / "val"))
     num_classes = cfg.model.num_classes or len(train_index.classes)
     train_loader = make_train_loader(train_index, cfg, rank, world)
     val_loader = make_eval_loader(val_index, cfg, rank, world)
@@ -261,6 +270,7 @@ def run_training(cfg: Config) -> dict:
     if dist.is_primary():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        log.info("resolved config (saved as %s):\n%s", out / "config.yaml", (out / "config.yaml").read_text().rstrip())
         log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images",
                  world, device, threads, cfg.model.arch, num_classes, len(train_index), len(val_index))
         for line in derived_figures(cfg, world, state.steps_per_epoch):
@@ -282,6 +292,9 @@ def run_training(cfg: Config) -> dict:
                     and step_in_epoch < state.steps_per_epoch)  # the epoch's end writes its own
         if not (due or periodic):
             return False
+        if (dist.is_primary() and cfg.run.stop_file and not stop.requested
+                and os.path.exists(cfg.run.stop_file)):
+            stop.requested, stop.signal_name = True, f"stop file {cfg.run.stop_file}"
         flags = dist.allreduce_sum(torch.tensor([float(stop.requested), float(first_bad_step is not None)]),
                                    name="flags")
         if flags[1] > 0:

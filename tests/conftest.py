@@ -18,8 +18,8 @@ def small_data(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_cli(*args, timeout=120, env_extra=None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "hvd_ba", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", ROOT), env=env, **kwargs)
 

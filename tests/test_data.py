@@ -237,3 +237,24 @@ def test_empty_class_folder_and_empty_dataset_are_errors(tmp_path):
     (tmp_path / "b" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="data directory '.*/b/train' has no class folders"):
         load_index(tmp_path / "b", "train", None)
+
+
+def test_loader_workers_survive_the_preemption_signals(small_data):
+    """srun delivers SIGUSR1/SIGTERM to every process of a task, loader workers included: they
+    must leave the stop to the rank (found on the local Slurm: a killed worker failed the rank)."""
+    import os
+    import signal
+    import time
+
+    cfg = load_config("demo", [f"data.path={small_data}", "data.workers=2", "data.unique_batch=8"])
+    loader = make_train_loader(load_index(small_data, "train", None), cfg, rank=0, world=1)
+    batches = iter(loader)
+    next(batches)
+    workers = [w.pid for w in batches._workers]
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in batches._workers)
+    assert next(batches)["images"].shape[0] == 8 * cfg.data.copies

@@ -185,8 +185,15 @@ class ShardSampler(torch.utils.data.Sampler):
         r, n, per = self.rank, self.num_files, self.per_rank
         if self.mode == "global":
             return torch.randperm(n, generator=_generator(self.seed, epoch))[r * per:(r + 1) * per].tolist()
-        owned = torch.randperm(n, generator=_generator(self.seed))[r * per:(r + 1) * per]
+        owned = torch.tensor(self.owned())
         return owned[torch.randperm(per, generator=_generator(self.seed, epoch, r))].tolist()
+
+    def owned(self) -> list[int]:
+        """static mode: the files this rank reads over the whole run (what `stage` copies)."""
+        if self.mode != "static":
+            raise ValueError("only static shards own a fixed set of files; set data.shard=static")
+        r, per = self.rank, self.per_rank
+        return torch.randperm(self.num_files, generator=_generator(self.seed))[r * per:(r + 1) * per].tolist()
 
     def __len__(self) -> int:
         return self.steps - self.start
@@ -208,30 +215,42 @@ def train_preset(cfg) -> TrainPreset:
 def make_train_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.utils.data.DataLoader:
     d = cfg.data
     dataset = BATrainSet(index, d.copies, train_preset(cfg), cfg.run.seed)
-    sampler = ShardSampler(len(index), rank, world, d.unique_batch, cfg.run.seed, d.shard, cfg.run.max_steps_per_epoch)
+    sampler = train_sampler(len(index), cfg, rank, world)
     return _loader(dataset, sampler, BACollate(d.layout), d)
 
 
-def make_eval_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.utils.data.DataLoader:
+def train_sampler(num_files: int, cfg, rank: int, world: int) -> ShardSampler:
+    return ShardSampler(num_files, rank, world, cfg.data.unique_batch, cfg.run.seed, cfg.data.shard,
+                        cfg.run.max_steps_per_epoch)
+
+
+def eval_files(num_files: int, rank: int, world: int) -> list[int]:
     """Rank r evaluates files r, r + world, ...: every file exactly once over all ranks."""
+    return list(range(rank, num_files, world))
+
+
+def make_eval_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.utils.data.DataLoader:
     d, a = cfg.data, cfg.augment
     dataset = EvalSet(index, a.eval_resize, a.eval_crop)
-    mine = list(range(rank, len(index), world))
+    mine = eval_files(len(index), rank, world)
     batches = [mine[i:i + d.eval_batch] for i in range(0, len(mine), d.eval_batch)]
     return _loader(dataset, batches, BACollate(), d)
 
 
 def _worker_init(rank_pid: int, worker_id: int) -> None:
-    """Worker init: default signal handlers, and exit when the rank process is gone.
+    """Worker init: ignore the preemption signals, and exit when the rank process is gone.
 
-    The rank's preemption handlers (SIGTERM, SIGUSR1) are inherited by forked workers; there they
-    would only swallow the signal, so the default action is restored. Under forkserver the
+    Slurm delivers SIGTERM/SIGUSR1 to every process of a task (srun forwards them to the whole
+    process tree), workers included. Only the rank decides how to stop (checkpoint, then exit);
+    a worker killed by the signal would fail the rank's next batch instead, so workers ignore
+    both, and they end with the rank. SIGINT keeps its default. Under forkserver the
     worker's parent is the fork server, not the rank, so PyTorch's own parent check never fires;
     an orphaned worker would keep the launcher's output pipe open and hang horovodrun after a
     rank dies.
     """
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def loop():
         while True:

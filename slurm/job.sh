@@ -1,0 +1,124 @@
+# hvd_ba: what every sbatch script of slurm/ does, sourced by them (not run on its own).
+#
+# The script sets, before sourcing this file:
+#   CONFIG      preset name or YAML path (python -m hvd_ba train --config)
+#   DATA        ImageNet-layout root on the shared file system (train/, val/)
+#   OUT         run directory on the shared file system (checkpoints, metrics, logs/)
+#   LAUNCHER    srun | horovodrun | mpirun
+#   STAGE       1: copy each rank's static shard to LOCAL_DATA first (python -m hvd_ba stage)
+#   LOCAL_DATA  node-local folder for STAGE=1; expanded on each task, so '$SLURMD_NODENAME' works
+#   SETTINGS    extra `--set` overrides, e.g. "data.workers=6 run.amp=bf16"
+#   PYTHON      the interpreter of the environment (default: python on PATH)
+# and calls `run_job "$@"`: the sbatch command line's extra arguments are more overrides.
+#
+# A job: prints what it runs, stages if asked, launches the training in the background and
+# waits. On the preemption signal (#SBATCH --signal=B:USR1@grace, or `scancel --signal=USR1
+# --batch`) or SIGTERM, it asks the ranks to stop: it forwards the signal to srun (which passes
+# it to every task) and creates OUT/STOP, which rank 0 sees whichever launcher started it. The
+# ranks checkpoint at the same step and exit 75. After USR1 the job then requeues itself
+# (`scontrol requeue`) and the next start resumes from OUT/checkpoints (run.resume=auto); after
+# TERM alone (scancel, or Slurm's own preemption requeue) it only leaves the checkpoint. A run
+# that failed for another reason is not requeued: its exit status is the job's.
+
+PREEMPTED=75
+
+job_log() { echo "[hvd_ba job $(date +%H:%M:%S)] $*"; }
+
+launch_command() {
+    # launch_command <python args...>: sets CMD to start one process per Slurm task with LAUNCHER.
+    local np=${SLURM_NTASKS:?not inside a Slurm allocation (SLURM_NTASKS is unset)}
+    case "$LAUNCHER" in
+        srun)
+            CMD=(srun --mpi=pmix --kill-on-bad-exit=1 "$PYTHON" "$@") ;;
+        horovodrun)
+            local hosts
+            hosts=$("$PYTHON" -m hvd_ba hosts --np "$np") || return 2
+            # shellcheck disable=SC2206  # HOROVODRUN_ARGS is a list of flags
+            CMD=(horovodrun -np "$np" -H "$hosts" ${HOROVODRUN_ARGS:---gloo} "$PYTHON" "$@") ;;
+        mpirun)
+            local root_flag=()
+            [ "$(id -u)" = 0 ] && root_flag=(--allow-run-as-root)
+            # Inside an allocation Open MPI reads the nodes from Slurm and starts its daemons with srun.
+            CMD=(mpirun -np "$np" "${root_flag[@]}" --bind-to none --map-by slot -x PATH -x LD_LIBRARY_PATH
+                 "$PYTHON" "$@") ;;
+        *)
+            job_log "error: LAUNCHER='$LAUNCHER' (choose srun, horovodrun or mpirun)"; return 2 ;;
+    esac
+}
+
+run_job() {
+    set -u
+    PYTHON=${PYTHON:-python}
+    STAGE=${STAGE:-0}
+    SETTINGS=${SETTINGS:-}
+    local restart=${SLURM_RESTART_COUNT:-0}
+    local log_dir="$OUT/logs/job-${SLURM_JOB_ID}"
+    mkdir -p "$log_dir" || { job_log "error: cannot create $log_dir (OUT='$OUT')"; return 2; }
+    local attempt_log="$log_dir/attempt-$restart.log"
+    local stop_file="$OUT/STOP"
+    rm -f "$stop_file"  # a stop asked of the previous attempt is done
+
+    local sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
+    if [ "$STAGE" = 1 ]; then sets+=(data.shard=static data.local_path="$LOCAL_DATA"); fi
+    # shellcheck disable=SC2206  # SETTINGS is a space-separated list of key=value words
+    sets+=($SETTINGS "$@")
+
+    {
+        job_log "job $SLURM_JOB_ID attempt $restart ($SLURM_JOB_NAME): $SLURM_JOB_NUM_NODES nodes" \
+                "[$SLURM_JOB_NODELIST], tasks per node $SLURM_TASKS_PER_NODE, launcher $LAUNCHER"
+        job_log "config $CONFIG; overrides: ${sets[*]}"
+        job_log "logs: $log_dir"
+    } | tee -a "$attempt_log"
+    env | grep -E '^(SLURM|CUDA_VISIBLE|OMPI_|HOROVOD_|NCCL_)' | sort > "$log_dir/attempt-$restart.env"
+
+    # The resolved config, printed before anything runs (and checked: a bad key fails here).
+    "$PYTHON" -m hvd_ba plan --show-config --config "$CONFIG" --ranks "$SLURM_NTASKS" --set "${sets[@]}" 2>&1 \
+        | tee -a "$attempt_log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { job_log "error: the config does not load; nothing launched"; return 2; }
+
+    if [ "$STAGE" = 1 ]; then
+        job_log "staging static shards to $LOCAL_DATA" | tee -a "$attempt_log"
+        launch_command -m hvd_ba stage --config "$CONFIG" --set "${sets[@]}" || return 2
+        "${CMD[@]}" 2>&1 | tee -a "$attempt_log"
+        [ "${PIPESTATUS[0]}" = 0 ] || { job_log "error: staging failed; nothing trained" | tee -a "$attempt_log"; return 3; }
+    fi
+
+    local requeue_asked=0 pid
+    on_signal() {
+        # USR1 (Slurm's --signal, or scancel --signal=USR1 --batch): preemption, requeue after the
+        # checkpoint. TERM (scancel, or Slurm preempting with its own requeue): checkpoint only.
+        [ "$1" = USR1 ] && requeue_asked=1
+        job_log "signal $1: asking the ranks to checkpoint and stop" | tee -a "$attempt_log"
+        touch "$stop_file"
+        [ "$LAUNCHER" = srun ] && kill -USR1 "$pid" 2>/dev/null
+    }
+    trap 'on_signal USR1' USR1
+    trap 'on_signal TERM' TERM
+
+    launch_command -m hvd_ba train --config "$CONFIG" --set "${sets[@]}" || return 2
+    job_log "launch: ${CMD[*]}" | tee -a "$attempt_log"
+    "${CMD[@]}" > >(tee -a "$attempt_log") 2>&1 &
+    pid=$!
+    local status
+    while true; do
+        wait "$pid"
+        status=$?
+        # wait returns early (status > 128) when a trapped signal arrives; the launcher goes on.
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+    echo "$status" > "$log_dir/attempt-$restart.exit"
+
+    if [ "$status" = 0 ] && [ -f "$OUT/result.json" ]; then
+        job_log "run complete: $OUT/result.json" | tee -a "$attempt_log"
+        return 0
+    fi
+    # srun and mpirun pass the ranks' 75 on; horovodrun reports 1 for it, so the signal counts too.
+    if [ "$requeue_asked" = 1 ] && { [ "$status" = "$PREEMPTED" ] || [ -e "$OUT/checkpoints/latest" ]; }; then
+        job_log "stopped with a checkpoint (exit $status): requeueing job $SLURM_JOB_ID" | tee -a "$attempt_log"
+        scontrol requeue "$SLURM_JOB_ID"
+        return 0
+    fi
+    job_log "training failed with exit status $status; not requeued (see $attempt_log)" | tee -a "$attempt_log"
+    return "$status"
+}

@@ -1,0 +1,127 @@
+"""Node-local staging: each rank copies exactly the files it reads, once, verified; training with
+data.local_path reads only the copy and refuses to start when a rank's files are missing."""
+import hashlib
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT, run_cli
+from hvd_ba.config import load_config
+from hvd_ba.data.manifest import load_index
+from hvd_ba.stage import RECORD_DIR, rank_files
+from test_horovod import ENV, train_command
+
+STATIC = ["data.shard=static", "data.unique_batch=8"]
+
+
+@pytest.fixture
+def shared(small_data, tmp_path):
+    """A private copy of the small set: the tests write into it."""
+    root = tmp_path / "shared"
+    shutil.copytree(small_data, root)
+    return root
+
+
+def stage(shared, dest, rank, world=2, *extra, manifests="null"):
+    return run_cli("stage", "--config", "demo", "--dest", str(dest), *extra, "--set", f"data.path={shared}",
+                   f"data.manifest_dir={manifests}", *STATIC,
+                   env_extra={"HOROVOD_RANK": str(rank), "HOROVOD_SIZE": str(world)})
+
+
+def expected_files(shared, rank, world=2):
+    cfg = load_config("demo", [f"data.path={shared}", *STATIC])
+    return rank_files(cfg, load_index(shared, "train", None), load_index(shared, "val", None), rank, world)
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_each_rank_stages_its_own_files_once_and_verified(shared, tmp_path):
+    dest = tmp_path / "local"
+    files = {r: expected_files(shared, r) for r in (0, 1)}
+    train = [{rel for rel, _ in files[r] if rel.startswith("train/")} for r in (0, 1)]
+    assert not train[0] & train[1] and len(train[0]) == len(train[1]) == 96  # 192 files over 2 ranks
+    for r in (0, 1):
+        out = stage(shared, dest, r)
+        assert out.returncode == 0, out.stderr
+        assert f"rank {r} of 2" in out.stdout and f"{len(files[r])} copied" in out.stdout
+    staged = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and RECORD_DIR not in p.parts}
+    assert staged == {rel for r in (0, 1) for rel, _ in files[r]}
+    for r in (0, 1):
+        record = json.loads((dest / RECORD_DIR / f"rank{r}-of2.json").read_text())
+        assert record["files"] == len(files[r]) and record["world"] == 2
+        for rel, size in files[r]:
+            assert (dest / rel).stat().st_size == size
+            assert record["sha256"][rel] == sha256(shared / rel)
+
+    again = stage(shared, dest, 0)  # a requeued job: nothing to copy
+    assert again.returncode == 0 and " 0 copied" in again.stdout, again.stdout
+
+    # A same-size corruption passes the size check but not --verify; a truncated file is recopied.
+    rel0, rel1 = files[0][0][0], files[0][1][0]
+    data = bytearray((dest / rel0).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (dest / rel0).write_bytes(bytes(data))
+    (dest / rel1).write_bytes((dest / rel1).read_bytes()[:100])
+    plain = stage(shared, dest, 0)
+    assert " 1 copied" in plain.stdout and sha256(dest / rel1) == sha256(shared / rel1)
+    assert sha256(dest / rel0) != sha256(shared / rel0)
+    verified = stage(shared, dest, 0, 2, "--verify")
+    assert " 1 copied" in verified.stdout and sha256(dest / rel0) == sha256(shared / rel0)
+
+
+def test_staging_needs_static_shards_and_a_destination(shared, tmp_path):
+    r = run_cli("stage", "--config", "demo", "--dest", str(tmp_path / "x"), "--set", f"data.path={shared}")
+    assert r.returncode == 2 and "config key 'data.shard': staging needs static shards" in r.stderr
+    r = run_cli("stage", "--config", "demo", "--set", f"data.path={shared}", *STATIC)
+    assert r.returncode == 2 and "give --dest DIR" in r.stderr
+    r = run_cli("stage", "--config", "demo", "--dest", str(tmp_path / "x"), "--set", f"data.path={tmp_path}/nope",
+                *STATIC, env_extra={"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2"})
+    assert r.returncode == 2 and "does not exist on host" in r.stderr and "(rank 1 of 2)" in r.stderr
+
+
+def test_a_source_that_changed_since_its_listing_is_an_error(shared, tmp_path):
+    manifests = tmp_path / "manifests"
+    for split in ("train", "val"):
+        load_index(shared, split, manifests)  # listed (as a job's first step would), then changed:
+    rel = expected_files(shared, 0)[0][0]
+    (shared / rel).write_bytes((shared / rel).read_bytes() + b"extra")  # rewritten in place, new size
+    r = stage(shared, tmp_path / "local", 0, manifests=manifests)
+    assert r.returncode == 2 and "the dataset manifest says" in r.stderr and "rank 0" in r.stderr
+
+
+RUN = ["data.workers=1", "data.copies=2", "model.ghost_size=16", "optim.epochs=1", "optim.warmup_epochs=0",
+       "run.max_steps_per_epoch=4", "data.manifest_dir=null", *STATIC]
+
+
+def test_training_reads_only_the_staged_copy(shared, tmp_path):
+    dest = tmp_path / "local"
+    for r in (0, 1):
+        assert stage(shared, dest, r).returncode == 0
+    # Spoil every image on the shared file system, same sizes and names (the listing stays valid):
+    # a rank that read from it would count bad files or fail evaluation.
+    for path in shared.rglob("*.JPEG"):
+        path.write_bytes(b"\0" * path.stat().st_size)
+    out = tmp_path / "run"
+    cmd = train_command("gloo", shared, out, settings=[*RUN, f"data.local_path={dest}"])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["bad_files"] == 0 and metrics[-1]["files_read"] > 0
+    assert json.loads((out / "result.json").read_text())["val_top1"] is not None
+
+
+def test_training_stops_before_its_first_step_when_a_ranks_files_are_missing(shared, tmp_path):
+    dest = tmp_path / "local"
+    for r in (0, 1):
+        assert stage(shared, dest, r).returncode == 0
+    (dest / expected_files(shared, 1)[5][0]).unlink()
+    out = tmp_path / "run"
+    cmd = train_command("gloo", shared, out, settings=[*RUN, f"data.local_path={dest}"])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode != 0
+    assert "rank 1 of 2 on host" in r.stdout + r.stderr and "1 of its 120 files are missing" in r.stdout + r.stderr
+    assert not (out / "steps.jsonl").exists()
