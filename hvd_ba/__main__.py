@@ -25,6 +25,8 @@ def parser_train() -> argparse.ArgumentParser:
         description="One rank of a BA training run; start it once per rank with horovodrun, srun or mpirun, e.g. "
                     "horovodrun -np 2 -H localhost:2 --gloo python -m hvd_ba train --config demo --set data.path=DIR")
     _config_args(p, "resnet50")
+    p.add_argument("--track-lambda-every", type=int, default=None, metavar="N",
+                   help="record lambda_max of plain/BA/large batches every N steps (run.track_lambda_every)")
     return p
 
 
@@ -108,7 +110,8 @@ def cmd_train(args) -> int:
     from hvd_ba.config import check_paths, load_config
     from hvd_ba.train import main_rank
 
-    cfg = load_config(args.config, args.set)
+    extra = [f"run.track_lambda_every={args.track_lambda_every}"] if args.track_lambda_every else []
+    cfg = load_config(args.config, [*args.set, *extra])
     check_paths(cfg)
     return main_rank(cfg)
 
@@ -214,6 +217,28 @@ def cmd_analyze(args) -> int:
     return run_analysis(args)
 
 
+def parser_plot() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hvd_ba plot",
+        description="PNG plots of run directories: training curves (loss, top-1, LR), lambda_max during training "
+                    "(lambda.jsonl), and the results of `analyze` (RUN/analysis/*.json); into RUN/plots/.")
+    p.add_argument("runs", nargs="*", help="run directories")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: RUN/plots)")
+    p.add_argument("--compare", action="store_true",
+                   help="one lambda.png overlaying the lambda tracks of all given runs (into the first's plots/)")
+    p.add_argument("--theory", default=None, metavar="DIR",
+                   help="also write DIR/stability.png: Theorem A's stability boundary on least squares against B")
+    return p
+
+
+def cmd_plot(args) -> int:
+    from hvd_ba.plot import run_plot
+
+    if not args.runs and not args.theory:
+        raise ConfigError("plot: give at least one run directory (or --theory DIR)")
+    return run_plot(args)
+
+
 COMMANDS = {
     "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun/srun/mpirun)"),
     "demo": (parser_demo, cmd_demo, "make demo data and train on it with horovodrun -np 2"),
@@ -222,6 +247,7 @@ COMMANDS = {
     "hosts": (parser_hosts, cmd_hosts, "expand a Slurm host list into horovodrun's -H or an MPI hostfile"),
     "stage": (parser_stage, cmd_stage, "copy each rank's static shard to node-local disk (once per job)"),
     "analyze": (parser_analyze, cmd_analyze, "lambda_max of batch Hessians, gradient variance against M"),
+    "plot": (parser_plot, cmd_plot, "PNG plots of runs (curves, lambda tracks) and of analyses"),
     "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader)"),
 }
 

@@ -118,7 +118,10 @@ class AnalysisMode:
 
 
 def _part_loss(model, x, y, label_smoothing: float) -> torch.Tensor:
-    return F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+    logits = model(x)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
 
 
 def _local_parts(parts: int) -> list[int]:
@@ -184,14 +187,15 @@ def top_eigenvalue(hvp, params: list[torch.Tensor], tol: float = 1e-3, max_iter:
 
 
 def measure_lambda(model, batches: Batches, kinds: list[BatchKind], num_batches: int, parts: int,
-                   label_smoothing: float, tol: float, max_iter: int) -> dict:
-    """Per kind: the top eigenvalue of each of `num_batches` batches, their max and mean."""
+                   label_smoothing: float, tol: float, max_iter: int, first: int = 0) -> dict:
+    """Per kind: the top eigenvalue of each of `num_batches` batches (first, first + 1, ...),
+    their max and mean."""
     results = {}
     with AnalysisMode(model):
         params = _params(model)
         for kind in kinds:
             values, losses, iterations = [], [], []
-            for k in range(num_batches):
+            for k in range(first, first + num_batches):
                 hvp, loss = batch_hvp(model, batches, kind, k, parts, label_smoothing)
                 value, its = top_eigenvalue(hvp, params, tol, max_iter, seed=k)
                 values.append(value)

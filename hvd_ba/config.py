@@ -109,6 +109,11 @@ class RunConfig:
     # A file whose appearance asks for a stop exactly as SIGUSR1 does (checked by rank 0 at each
     # agreement): how a batch script reaches ranks that horovodrun or mpirun started on other nodes.
     stop_file: str | None = None
+    # Every N steps, lambda_max (top eigenvalue of the batch-averaged loss Hessian; hvd_ba/analyze.py)
+    # of `track_lambda_batches` batches of each kind (plain B, BA B x M, plain M*B) at the current
+    # weights, into lambda.jsonl. Collective and costly (tens of Hessian-vector products); None: off.
+    track_lambda_every: int | None = None
+    track_lambda_batches: int = 1
     amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler; CUDA)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
@@ -328,6 +333,9 @@ def validate(cfg: Config) -> None:
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
     _require(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
     _require(r.threads >= 0, "run.threads", f"must be >= 0, got {r.threads}")
+    _require(r.track_lambda_every is None or r.track_lambda_every >= 1, "run.track_lambda_every",
+             f"must be >= 1 or null, got {r.track_lambda_every}")
+    _require(r.track_lambda_batches >= 1, "run.track_lambda_batches", f"must be >= 1, got {r.track_lambda_batches}")
     _require(r.sync_every >= 1, "run.sync_every", f"must be >= 1, got {r.sync_every}")
     _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
     if r.checkpoint_every is not None:

@@ -27,7 +27,7 @@ from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
 from hvd_ba.checkpoint import find_checkpoint, save_checkpoint
-from hvd_ba.engine import TrainState, average_bn_statistics, evaluate, train_one_epoch
+from hvd_ba.engine import TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
 from hvd_ba.models import build_model, parameter_groups
 from hvd_ba.schedule import peak_lr
 
@@ -207,7 +207,7 @@ def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path) ->
         meta = {key: payload[key] for key in ("step", "epoch", "step_in_epoch", "world", "rng")} | {"path": str(path)}
     meta = dist.broadcast_object(meta, name="resume")
     if dist.is_primary():
-        for name, field in (("steps.jsonl", "step"), ("metrics.jsonl", "epoch")):
+        for name, field in (("steps.jsonl", "step"), ("lambda.jsonl", "step"), ("metrics.jsonl", "epoch")):
             keep = meta[field] if meta else 0
             truncate_jsonl(out / name, lambda record, f=field, k=keep: record[f] <= k)
         rows = read_jsonl(out / "metrics.jsonl")
@@ -228,11 +228,35 @@ def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path) ->
     return meta["epoch"], meta["step_in_epoch"]
 
 
+def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_index, out: Path) -> None:
+    """Collective: lambda_max of plain B, BA B x M and plain M*B batches at the current weights
+    (one part per rank, as in training), appended to lambda.jsonl. Leaves the training exactly as
+    it was: BN running statistics restored, no draw from the global RNG."""
+    from hvd_ba.analyze import Batches, measure_lambda, standard_kinds
+
+    world = dist.size()
+    kinds = standard_kinds(cfg.data.unique_batch * world, cfg.data.copies)
+    t0 = time.perf_counter()
+    results = measure_lambda(model, Batches(cfg, train_index, state.epoch, state.device), kinds,
+                             cfg.run.track_lambda_batches, world, cfg.optim.label_smoothing, tol=1e-2, max_iter=50,
+                             first=state.step)
+    lr = lr_at(state.step, state, cfg.optim)
+    if dist.is_primary():
+        record = {"step": state.step, "epoch": state.epoch + 1, "lr": lr, "two_over_lr": 2 / lr if lr else None,
+                  "kinds": {name: {k: r[k] for k in ("unique", "copies", "samples", "lambda_max", "lambda_mean")}
+                            for name, r in results.items()}, "seconds": time.perf_counter() - t0}
+        append_jsonl(out / "lambda.jsonl", record)
+        log.info("step %d lambda_max: %s | 2/lr %.4g", state.step,
+                 ", ".join(f"{name} {r['lambda_max']:.4g}" for name, r in results.items()), 2 / lr if lr else math.inf)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def truncate_jsonl(path: Path, keep) -> None:
+    if not path.exists():
+        return
     records = [r for r in read_jsonl(path) if keep(r)]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -287,6 +311,8 @@ def run_training(cfg: Config) -> dict:
         nonlocal first_bad_step, stop_at_epoch_end
         if first_bad_step is None and not math.isfinite(state.last_loss):
             first_bad_step = state.step
+        if cfg.run.track_lambda_every and state.step % cfg.run.track_lambda_every == 0:
+            track_lambda(cfg, state, model, train_index, out)
         due = state.step % cfg.run.sync_every == 0 or step_in_epoch == state.steps_per_epoch
         periodic = (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0
                     and step_in_epoch < state.steps_per_epoch)  # the epoch's end writes its own
