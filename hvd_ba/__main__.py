@@ -52,6 +52,9 @@ def parser_make_data() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=50, help="validation images per class (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes (default: 0)")
     p.add_argument("--workers", type=int, default=2, help="processes used to render (default: 2)")
+    p.add_argument("--photos", action="store_true",
+                   help="instead: a real-photo set, 8 classes of crops of scikit-image's sample photographs "
+                        "(--train-per-class, --val-per-class, --seed apply)")
     return p
 
 
@@ -123,8 +126,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_make_data(args) -> int:
-    from hvd_ba.data.synthetic import make_dataset
+    from hvd_ba.data.synthetic import make_dataset, make_photo_dataset
 
+    if args.photos:
+        summary = make_photo_dataset(args.dir, args.train_per_class, args.val_per_class, args.seed)
+        print(f"wrote {summary['files']} JPEG files ({summary['bytes'] / 1e6:.1f} MB) of {summary['classes']} "
+              f"photo classes to {args.dir}")
+        return 0
     summary = make_dataset(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed, args.workers)
     print(f"wrote {summary['files']} JPEG files ({summary['bytes'] / 1e6:.1f} MB) of {summary['classes']} classes to {args.dir}")
     return 0
@@ -204,8 +212,11 @@ def parser_analyze() -> argparse.ArgumentParser:
                    help="grad-variance: images in the reference (large-sample) gradient (default: 1024)")
     p.add_argument("--parts", type=int, default=None,
                    help="forward passes (own BN statistics) per batch; a multiple of the ranks (default: ranks)")
-    p.add_argument("--tol", type=float, default=1e-3, help="power iteration: relative tolerance (default: 1e-3)")
-    p.add_argument("--max-iter", type=int, default=100, help="power iteration: most iterations (default: 100)")
+    p.add_argument("--method", choices=("lanczos", "power"), default="lanczos",
+                   help="top eigenvalue by Lanczos (ARPACK; 10 vectors of memory) or power iteration (default: lanczos)")
+    p.add_argument("--tol", type=float, default=1e-3, help="eigenvalue: relative tolerance (default: 1e-3)")
+    p.add_argument("--max-iter", type=int, default=300,
+                   help="eigenvalue: about this many Hessian-vector products at most (default: 300)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: cores / local ranks)")
     p.add_argument("--out", default=None, help="JSON output (default: RUN/analysis/<what>-step<N>.json)")
     return p

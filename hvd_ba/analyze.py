@@ -2,7 +2,8 @@
 
 lambda-max: the top eigenvalue of each batch-averaged loss Hessian <H>_k (supplementary Eq. 4)
   over K batches of three kinds side by side, by Hessian-vector products (double backward) and
-  power iteration to a relative tolerance; lambda_max is their maximum, compared with 2/eta.
+  Lanczos (ARPACK) or power iteration to a relative tolerance; lambda_max is their maximum,
+  compared with 2/eta.
 grad-variance: E||g_batch - g_ref||^2 of the minibatch gradient for BA with M = 1, 2, 4, 8 at
   fixed B and for plain batches of M*B distinct images; 1/M is what independent samples give.
 
@@ -143,23 +144,59 @@ def batch_hvp(model, batches: Batches, kind: BatchKind, k: int, parts: int, labe
     loss = float(dist.allreduce_sum(torch.tensor([loss_sum], dtype=torch.float64), name="analysis.loss")) / parts
 
     def hvp(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-        total = None
+        flat = None
         for g in grads:
             hv = torch.autograd.grad(g, params, grad_outputs=vectors, retain_graph=True)
-            total = list(hv) if total is None else [t + h for t, h in zip(total, hv)]
-        flat = torch.cat([t.reshape(-1) for t in total]).double()
+            part = torch.cat([t.reshape(-1) for t in hv]).double()  # parts add in float64, here as across ranks
+            flat = part if flat is None else flat + part
         flat = dist.allreduce_sum(flat.cpu(), name="analysis.hvp").to(flat.device) / parts
         return [c.view_as(p).to(p.dtype) for c, p in zip(flat.split([p.numel() for p in params]), params)]
 
     return hvp, loss
 
 
-def top_eigenvalue(hvp, params: list[torch.Tensor], tol: float = 1e-3, max_iter: int = 100,
-                   seed: int = 0) -> tuple[float, int]:
-    """The largest (algebraic) eigenvalue of the symmetric operator `hvp` by power iteration,
-    stopped when it changes by less than tol (relative) between iterations; (value, iterations).
-    Power iteration finds the eigenvalue of largest magnitude; when that is negative, a second
-    run on H - lambda I finds the top one."""
+def top_eigenvalue(hvp, params: list[torch.Tensor], tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
+                   method: str = "lanczos", ncv: int = 10) -> tuple[float, int]:
+    """The largest (algebraic) eigenvalue of the symmetric operator `hvp`; (value, products used).
+
+    lanczos: ARPACK's implicitly restarted Lanczos (scipy eigsh, which='LA') to relative
+      accuracy `tol`, with `ncv` Lanczos vectors (memory: ncv x parameters in float64) and at
+      most about `max_iter` products. Robust when the spectrum's top is not its largest
+      magnitude, as near a minimum's flat directions or early in training.
+    power: power iteration, stopped when the value changes by less than `tol` (relative); when
+      the largest-magnitude eigenvalue is negative a second run on H - lambda I finds the top one.
+      Needs one vector of memory, but slows to a crawl when the top is not well separated.
+    The starting vector is seeded, so ranks that see the same products do the same arithmetic.
+    """
+    if method == "power":
+        return _power_top(hvp, params, tol, max_iter, seed)
+    if method != "lanczos":
+        raise ConfigError(f"unknown eigenvalue method {method!r} (lanczos or power)")
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    sizes = [p.numel() for p in params]
+    n = sum(sizes)
+    products = 0
+
+    def matvec(x):
+        nonlocal products
+        products += 1
+        flat = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+        vectors = [c.view(p.shape).to(p.device, p.dtype) for c, p in zip(flat.split(sizes), params)]
+        return torch.cat([t.reshape(-1) for t in hvp(vectors)]).double().cpu().numpy()
+
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    ncv = min(n, max(ncv, 3))
+    try:
+        values = eigsh(LinearOperator((n, n), matvec=matvec, dtype=np.float64), k=1, which="LA", tol=tol,
+                       maxiter=max(1, max_iter // ncv), v0=v0, ncv=ncv, return_eigenvectors=False)
+    except ArpackNoConvergence as err:
+        values = err.eigenvalues if len(err.eigenvalues) else [float("nan")]
+    return float(values[0]), products
+
+
+def _power_top(hvp, params, tol, max_iter, seed) -> tuple[float, int]:
     def power(op) -> tuple[float, int]:
         g = torch.Generator().manual_seed(seed)
         v = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype) for p in params]
@@ -187,7 +224,7 @@ def top_eigenvalue(hvp, params: list[torch.Tensor], tol: float = 1e-3, max_iter:
 
 
 def measure_lambda(model, batches: Batches, kinds: list[BatchKind], num_batches: int, parts: int,
-                   label_smoothing: float, tol: float, max_iter: int, first: int = 0) -> dict:
+                   label_smoothing: float, tol: float, max_iter: int, first: int = 0, method: str = "lanczos") -> dict:
     """Per kind: the top eigenvalue of each of `num_batches` batches (first, first + 1, ...),
     their max and mean."""
     results = {}
@@ -197,7 +234,7 @@ def measure_lambda(model, batches: Batches, kinds: list[BatchKind], num_batches:
             values, losses, iterations = [], [], []
             for k in range(first, first + num_batches):
                 hvp, loss = batch_hvp(model, batches, kind, k, parts, label_smoothing)
-                value, its = top_eigenvalue(hvp, params, tol, max_iter, seed=k)
+                value, its = top_eigenvalue(hvp, params, tol, max_iter, seed=k, method=method)
                 values.append(value)
                 losses.append(loss)
                 iterations.append(its)
@@ -308,14 +345,14 @@ def run_analysis(args) -> int:
         copies = args.copies or cfg.data.copies
         kinds = standard_kinds(unique, copies)
         results = measure_lambda(model, batches, kinds, args.batches, parts, cfg.optim.label_smoothing, args.tol,
-                                 args.max_iter)
+                                 args.max_iter, method=args.method)
         lr = facts["lr"]
         record = {**facts, "unique": unique, "copies": copies, "batches": args.batches, "parts": parts,
-                  "ranks": dist.size(), "tol": args.tol, "two_over_lr": 2 / lr if lr else math.inf,
+                  "ranks": dist.size(), "tol": args.tol, "method": args.method, "two_over_lr": 2 / lr if lr else math.inf,
                   "two_one_plus_mu_over_lr": 2 * (1 + facts["momentum"]) / lr if lr else math.inf,
                   "kinds": results, "seconds": time.perf_counter() - t0}
         lines = [f"lambda_max of batch-averaged Hessians, {facts['source']} (step {facts['step']}), "
-                 f"{args.batches} batches per kind, power iteration to rel. tol {args.tol:g}:"]
+                 f"{args.batches} batches per kind, {args.method} to rel. tol {args.tol:g}:"]
         lines.append(f"  {'batch kind':<22} {'samples':>7} {'lambda_max':>11} {'mean':>9} {'margin 2/lr-lmax':>17}  per batch")
         for name, r in results.items():
             lines.append(f"  {name:<22} {r['samples']:>7} {r['lambda_max']:>11.4g} {r['lambda_mean']:>9.4g} "

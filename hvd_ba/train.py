@@ -238,7 +238,7 @@ def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_i
     kinds = standard_kinds(cfg.data.unique_batch * world, cfg.data.copies)
     t0 = time.perf_counter()
     results = measure_lambda(model, Batches(cfg, train_index, state.epoch, state.device), kinds,
-                             cfg.run.track_lambda_batches, world, cfg.optim.label_smoothing, tol=1e-2, max_iter=50,
+                             cfg.run.track_lambda_batches, world, cfg.optim.label_smoothing, tol=1e-2, max_iter=100,
                              first=state.step)
     lr = lr_at(state.step, state, cfg.optim)
     if dist.is_primary():

@@ -20,13 +20,27 @@ def operator(matrix):
     return lambda v: [matrix @ v[0]]
 
 
+@pytest.mark.parametrize("method", ["lanczos", "power"])
 @pytest.mark.parametrize("eigenvalues", [[5.0, 2.0, -1.0, 0.5], [1.0, -6.0, 0.2, 0.0], [3.0, 3.0 - 1e-2, 1.0, 1.0]])
-def test_power_iteration_finds_the_top_algebraic_eigenvalue(eigenvalues):
-    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+def test_the_top_algebraic_eigenvalue_is_found(method, eigenvalues):
+    d = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     matrix = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
-    value, iterations = top_eigenvalue(operator(matrix), [torch.zeros(4, dtype=torch.float64)], tol=1e-10,
-                                       max_iter=5000)
-    assert value == pytest.approx(max(eigenvalues), rel=1e-4) and iterations > 1
+    value, products = top_eigenvalue(operator(matrix), [torch.zeros(d, dtype=torch.float64)], tol=1e-10,
+                                     max_iter=20_000, method=method)
+    assert value == pytest.approx(max(eigenvalues), rel=1e-4, abs=1e-9) and products > 1
+
+
+def test_lanczos_finds_a_small_top_above_a_large_negative_bulk():
+    """The case of a network near a flat minimum, where power iteration's stopping rule fails: a
+    top of 1e-3 over eigenvalues down to -2 in 400 dimensions."""
+    d = 400
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    values = torch.cat([torch.tensor([1e-3]), -2 * torch.rand(d - 1, generator=torch.Generator().manual_seed(3),
+                                                                   dtype=torch.float64)])
+    matrix = q @ torch.diag(values) @ q.T
+    value, products = top_eigenvalue(operator(matrix), [torch.zeros(d, dtype=torch.float64)], tol=1e-6, max_iter=3000)
+    assert value == pytest.approx(1e-3, rel=1e-3) and products < 3000
 
 
 class FixedBatches:
@@ -77,17 +91,22 @@ def test_hessian_vector_products_and_lambda_match_the_explicit_hessian():
         assert torch.allclose(hv, central, rtol=1e-5, atol=1e-7)
         explicit = torch.autograd.functional.hessian(loss_of, flat0)
         assert torch.allclose(explicit, explicit.T, atol=1e-12)
-        value, _ = top_eigenvalue(hvp, list(model.parameters()), tol=1e-9, max_iter=5000)
+        lanczos, _ = top_eigenvalue(hvp, list(model.parameters()), tol=1e-9, max_iter=5000)
+        power, _ = top_eigenvalue(hvp, list(model.parameters()), tol=1e-9, max_iter=5000, method="power")
     assert loss == pytest.approx(float(loss_of(flat0)), rel=1e-9)
-    assert value == pytest.approx(float(torch.linalg.eigvalsh(explicit)[-1]), rel=1e-4)
+    top = float(torch.linalg.eigvalsh(explicit)[-1])
+    assert lanczos == pytest.approx(top, rel=1e-6) and power == pytest.approx(top, rel=1e-4)
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
 
 
 def test_two_ranks_give_the_answers_of_one_process(small_data, tmp_path):
-    common = ["--config", "demo", "--batches", "2", "--unique", "16", "--parts", "2", "--tol", "1e-4",
+    # A fixed number of power iterations (tol 0), so both compute the same sequence of vectors.
+    common = ["--config", "demo", "--batches", "2", "--unique", "8", "--parts", "2", "--method", "power", "--tol", "0",
+              "--max-iter", "12",
+              "--threads", "1",  # float32 reductions depend on the thread count; this batch is sensitive
               "--set", f"data.path={small_data}", "model.ghost_size=16", "model.zero_init_residual=false",
-              "data.manifest_dir=null"]
+              "data.manifest_dir=null", "augment.size=32"]
     one = run_cli("analyze", "lambda-max", *common, "--out", str(tmp_path / "one.json"), timeout=600)
     assert one.returncode == 0, one.stderr
     cmd = horovodrun_command(2, "gloo", [*common, "--out", str(tmp_path / "two.json")])
@@ -97,10 +116,10 @@ def test_two_ranks_give_the_answers_of_one_process(small_data, tmp_path):
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert b["ranks"] == 2 and a["ranks"] == 1
-    assert list(a["kinds"]) == ["plain B=16", "BA B=16 x M=4", "plain B=64"]
+    assert list(a["kinds"]) == ["plain B=8", "BA B=8 x M=4", "plain B=32"]
     for name in a["kinds"]:
         assert a["kinds"][name]["losses"] == pytest.approx(b["kinds"][name]["losses"], rel=1e-6)
-        assert a["kinds"][name]["per_batch"] == pytest.approx(b["kinds"][name]["per_batch"], rel=1e-3)
+        assert a["kinds"][name]["per_batch"] == pytest.approx(b["kinds"][name]["per_batch"], rel=1e-6)
         assert a["kinds"][name]["lambda_max"] > 0
 
 
