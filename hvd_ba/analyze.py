@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from hvd_ba import dist
 from hvd_ba.config import Config, ConfigError, load_config
+from hvd_ba.data.device_augment import unit_pixels
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import BACollate, BATrainSet, _generator, train_preset
 from hvd_ba.models import build_model
@@ -79,9 +80,11 @@ class Batches:
         per = kind.unique // parts
         start = (k * kind.unique) % len(self.order)
         files = [self.order[(start + part * per + i) % len(self.order)] for i in range(per)]
-        dataset = BATrainSet(self.index, kind.copies, train_preset(self.cfg), self.cfg.run.seed)
+        a = self.cfg.augment
+        dataset = BATrainSet(self.index, kind.copies, train_preset(self.cfg), self.cfg.run.seed,
+                             a.canvas if a.where == "device" else None)
         batch = BACollate(self.cfg.data.layout)([dataset[(i, self.epoch, ())] for i in files])
-        x = batch["images"].to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        x = unit_pixels(batch, self.device)
         x = x.add_(batch["lighting"].to(self.device).view(-1, 3, 1, 1)).sub_(self.mean).div_(self.std)
         return x, batch["labels"].to(self.device)
 

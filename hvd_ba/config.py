@@ -55,6 +55,10 @@ class AugmentConfig:
     resize: int = 256  # resize-random-crop only: the square the crop is taken from, px
     hflip: float = 0.5  # probability of a horizontal flip
     lighting_std: float = 0.0  # AlexNet PCA lighting noise (0.1 in the original); 0: off
+    # loader: workers make the M crops (uint8). device: workers decode once and send the image
+    # with its M crop boxes; the training device (the GPU) crops all M*B in one batched call.
+    where: str = "loader"
+    canvas: int = 512  # where=device: decoded images are bounded to this long side, px
     eval_resize: int = 256  # evaluation: resize the short side to this, px
     eval_crop: int = 224  # evaluation: then centre-crop to this, px
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel, on [0, 1]
@@ -299,6 +303,8 @@ def validate(cfg: Config) -> None:
     _require(a.kind in AUGMENT_KINDS, "augment.kind", f"must be one of {AUGMENT_KINDS}, got {a.kind!r}")
     if a.kind == "resize-random-crop":
         _require(a.resize >= a.size, "augment.resize", f"{a.resize} is below augment.size {a.size}")
+    _require(a.where in ("loader", "device"), "augment.where", f"must be loader or device, got {a.where!r}")
+    _require(a.canvas >= a.size, "augment.canvas", f"{a.canvas} is below augment.size {a.size}")
     _require(a.lighting_std >= 0, "augment.lighting_std", f"must be >= 0, got {a.lighting_std}")
     _require(len(a.mean) == 3 and len(a.std) == 3 and min(a.std) > 0, "augment.std", "mean and std need 3 channels, std > 0")
     if m.num_classes is not None:

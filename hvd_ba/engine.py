@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hvd_ba import dist
+from hvd_ba.data.device_augment import unit_pixels
 from hvd_ba.schedule import learning_rate
 
 log = logging.getLogger("hvd_ba")
@@ -37,11 +38,13 @@ class TrainState:
 
 
 def normalize(batch: dict, state: TrainState) -> torch.Tensor:
-    """uint8 HWC [N, H, W, 3] + lighting offsets -> normalised float NCHW (channels_last if set).
+    """uint8 HWC [N, H, W, 3] (or canvases + crop boxes) + lighting offsets -> normalised float
+    NCHW (channels_last if set).
 
-    Done here, not in the loader workers, so that a GPU does the float work.
+    Done here, not in the loader workers, so that a GPU does the float work (and, with
+    augment.where=device, the crops themselves).
     """
-    x = batch["images"].to(state.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = unit_pixels(batch, state.device)
     x = x.add_(batch["lighting"].to(state.device, non_blocking=True).view(-1, 3, 1, 1))
     layout = torch.channels_last if state.channels_last else torch.contiguous_format
     return x.sub_(state.mean).div_(state.std).contiguous(memory_format=layout)

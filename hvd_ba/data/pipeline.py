@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hvd_ba.data.device_augment import canvas_copies, collate_canvases
 from hvd_ba.data.manifest import FileIndex
 from hvd_ba.data.transforms import TrainPreset, eval_image, image_rng, make_copies
 
@@ -44,10 +45,13 @@ class BATrainSet(torch.utils.data.Dataset):
     A file that cannot be read or decoded is replaced by the next of `replacements` (files of the
     same shard, fixed by the sampler, so the replacement is deterministic); the failed path is
     returned for the main process to log once and count.
+    With `canvas` (augment.where: device) an item is the one decoded image (long side <= canvas
+    px) with its M crop boxes instead of M crops; the training step crops on the device.
     """
 
-    def __init__(self, index: FileIndex, copies: int, preset: TrainPreset, seed: int):
+    def __init__(self, index: FileIndex, copies: int, preset: TrainPreset, seed: int, canvas: int | None = None):
         self.index, self.copies, self.preset, self.seed = index, copies, preset, seed
+        self.canvas = canvas
 
     def __len__(self) -> int:
         return len(self.index)
@@ -64,12 +68,16 @@ class BATrainSet(torch.utils.data.Dataset):
                 data = read_file(self.path(j))
                 nbytes += len(data)
                 img = open_image(data)
-                copies, lighting = make_copies(img, self.preset, self.copies, image_rng(self.seed, epoch, j))
+                rng = image_rng(self.seed, epoch, j)
+                if self.canvas:
+                    item = canvas_copies(img, self.preset, self.copies, rng, self.canvas)
+                else:
+                    copies, lighting = make_copies(img, self.preset, self.copies, rng)
+                    item = {"copies": copies, "lighting": lighting}
             except Exception as err:  # PIL raises many types for broken files
                 bad.append(f"{self.path(j)} ({type(err).__name__}: {err})")
                 continue
-            return {"copies": copies, "lighting": lighting, "label": self.index.labels[j], "index": j,
-                    "files": files, "bytes": nbytes, "bad": bad}
+            return {**item, "label": self.index.labels[j], "index": j, "files": files, "bytes": nbytes, "bad": bad}
         raise RuntimeError(f"{len(bad)} files in a row could not be decoded: " + "; ".join(bad))
 
 
@@ -97,6 +105,8 @@ class BACollate:
 
     copy-major: sample k*B + b is copy k of image b (each group of B holds B distinct images, the
     layout of the paper's ghost-BN runs); sample-major: the M copies of an image are adjacent.
+    Items made for device augmentation (a "canvas" each) give "canvas", "boxes", "owner" and
+    "flips" (hvd_ba/data/device_augment.py) in place of "images".
     """
 
     def __init__(self, layout: str = "copy-major"):
@@ -105,16 +115,20 @@ class BACollate:
         self.copy_major = layout == "copy-major"
 
     def __call__(self, items):
-        b, m = len(items), len(items[0]["copies"])
-        shape = items[0]["copies"][0].shape
-        # Each copy is written once, straight into the batch tensor (in shared memory when in a
-        # worker, as torch's default_collate does), instead of stacking and permuting copies.
-        images = _batch_tensor((m * b, *shape), torch.uint8)
+        b, m = len(items), len(items[0]["lighting"])
         lighting = torch.from_numpy(np.stack([it["lighting"] for it in items]))  # [B, M, 3]
         labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
-        for i, it in enumerate(items):
-            for k, array in enumerate(it["copies"]):
-                images[k * b + i if self.copy_major else i * m + k].numpy()[:] = array
+        if "canvas" in items[0]:
+            side = (max(it["canvas"].shape[0] for it in items), max(it["canvas"].shape[1] for it in items))
+            pixels = collate_canvases(items, self.copy_major, _batch_tensor((b, *side, 3), torch.uint8, zero=True))
+        else:
+            # Each copy is written once, straight into the batch tensor (in shared memory when in a
+            # worker, as torch's default_collate does), instead of stacking and permuting copies.
+            images = _batch_tensor((m * b, *items[0]["copies"][0].shape), torch.uint8)
+            for i, it in enumerate(items):
+                for k, array in enumerate(it["copies"]):
+                    images[k * b + i if self.copy_major else i * m + k].numpy()[:] = array
+            pixels = {"images": images}
         if self.copy_major:
             lighting = lighting.transpose(0, 1).reshape(m * b, 3)
             labels = labels.repeat(m)
@@ -122,7 +136,7 @@ class BACollate:
             lighting = lighting.reshape(b * m, 3)
             labels = labels.repeat_interleave(m)
         return {
-            "images": images,
+            **pixels,
             "labels": labels,
             "lighting": lighting,
             "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
@@ -132,12 +146,13 @@ class BACollate:
         }
 
 
-def _batch_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+def _batch_tensor(shape: tuple, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
     numel = int(np.prod(shape))
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+    out = torch.empty(0, dtype=dtype).new(storage).view(shape)
+    return out.zero_() if zero else out
 
 
 def _generator(*words: int) -> torch.Generator:
@@ -213,8 +228,8 @@ def train_preset(cfg) -> TrainPreset:
 
 
 def make_train_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.utils.data.DataLoader:
-    d = cfg.data
-    dataset = BATrainSet(index, d.copies, train_preset(cfg), cfg.run.seed)
+    d, a = cfg.data, cfg.augment
+    dataset = BATrainSet(index, d.copies, train_preset(cfg), cfg.run.seed, a.canvas if a.where == "device" else None)
     sampler = train_sampler(len(index), cfg, rank, world)
     return _loader(dataset, sampler, BACollate(d.layout), d)
 
