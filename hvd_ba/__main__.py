@@ -66,8 +66,10 @@ def parser_bench() -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     from hvd_ba.bench import run_loader_bench
+    from hvd_ba.perf import run_breakdown, run_gpu_bench, run_scaling
 
-    return {"loader": run_loader_bench}[args.what](args)
+    return {"loader": run_loader_bench, "gpu": run_gpu_bench, "breakdown": run_breakdown,
+            "scaling": run_scaling}[args.what](args)
 
 
 def parser_plan() -> argparse.ArgumentParser:
@@ -259,7 +261,7 @@ COMMANDS = {
     "stage": (parser_stage, cmd_stage, "copy each rank's static shard to node-local disk (once per job)"),
     "analyze": (parser_analyze, cmd_analyze, "lambda_max of batch Hessians, gradient variance against M"),
     "plot": (parser_plot, cmd_plot, "PNG plots of runs (curves, lambda tracks) and of analyses"),
-    "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader)"),
+    "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader | gpu | breakdown | scaling)"),
 }
 
 

@@ -35,6 +35,9 @@ def parser_bench() -> argparse.ArgumentParser:
     loader.add_argument("--size", type=int, default=224, help="crop side, px (default: 224)")
     loader.add_argument("--batch", type=int, default=64, help="samples per batch, both pipelines (default: 64)")
     loader.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if absent (default: {DEFAULT_CORPUS})")
+    from hvd_ba.perf import add_parsers
+
+    add_parsers(sub)
     return p
 
 

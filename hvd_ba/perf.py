@@ -1,0 +1,452 @@
+"""Performance benchmarks of training: `bench gpu`, `bench breakdown` (one rank's step split into
+data wait, forward/backward, allreduce, optimizer) and `bench scaling` (breakdowns under real
+`horovodrun -np 2` over Gloo and MPI at M = 1, 2, 4, then a ring-allreduce model of ResNet-50 at
+W = 8 ... 1024 workers).
+
+Every figure comes with the baseline it is compared to, measured in the same run. In the
+breakdown, the allreduce is timed on its own (one grouped allreduce of all gradients after the
+backward pass, as Horovod's tensor fusion sends them), not overlapped with the backward pass as
+DistributedOptimizer does in training: it is the communication time the overlap has to hide.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from hvd_ba.config import load_config
+from hvd_ba.models import build_model
+
+RESNET50_ASSUMED_GPU_SAMPLES_PER_S = 2500.0  # assumed: an A100-class GPU, bf16, channels_last
+DEFAULT_BANDWIDTHS_GBIT = "10,100,400"  # assumed: Ethernet, EDR InfiniBand, NDR InfiniBand
+DEFAULT_LATENCY_US = 10.0  # assumed: per ring step (software + network)
+
+
+def add_parsers(sub) -> None:
+    gpu = sub.add_parser("gpu", help="images/s of training: synthetic tensors on the device (the no-I/O ceiling) "
+                                     "against this loader at several M, loader and device augmentation")
+    gpu.add_argument("--model", default=None, help="arch (default: resnet50 on CUDA, small_resnet on CPU)")
+    gpu.add_argument("--size", type=int, default=None, help="crop side, px (default: 224 on CUDA, 64 on CPU)")
+    gpu.add_argument("--unique-batch", type=int, default=None, help="unique images per step (default: 32 on CUDA "
+                     "as in the resnet50 preset, 8 on CPU); samples per step = M x this")
+    gpu.add_argument("--copies", default="1,4,8", help="M values (default: 1,4,8)")
+    gpu.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 4 on CPU)")
+    gpu.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 2 on CPU)")
+    gpu.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes (default: all cores)")
+    gpu.add_argument("--amp", default=None, help="off | bf16 (default: bf16 on CUDA, off on CPU)")
+    gpu.add_argument("--where", default="loader,device", help="augmentation places to measure (default: loader,device)")
+    gpu.add_argument("--corpus", default="~/.cache/hvd_ba/bench-photos", help="photo corpus folder, made if short")
+    gpu.add_argument("--json", default=None, help="also write the figures here")
+
+    br = sub.add_parser("breakdown", help="one rank's step time split into data / forward+backward / allreduce / "
+                                          "optimizer (run under horovodrun)")
+    _breakdown_args(br)
+    br.add_argument("--json", default=None, help="rank 0 writes the figures here")
+
+    sc = sub.add_parser("scaling", help="breakdowns under horovodrun -np 2 (Gloo, MPI) at M = 1, 2, 4, and a "
+                                        "ring-allreduce projection of ResNet-50 to W = 8 ... 1024")
+    _breakdown_args(sc)
+    sc.add_argument("--copies-list", default="1,2,4", help="M values (default: 1,2,4)")
+    sc.add_argument("--backends", default="gloo,mpi", help="horovodrun controllers (default: gloo,mpi)")
+    sc.add_argument("--np", type=int, default=2, help="ranks of the measured runs (default: 2)")
+    sc.add_argument("--bandwidths-gbit", default=DEFAULT_BANDWIDTHS_GBIT,
+                    help=f"projection: link bandwidths, Gbit/s (assumed; default: {DEFAULT_BANDWIDTHS_GBIT})")
+    sc.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US,
+                    help=f"projection: latency per ring step, us (assumed; default: {DEFAULT_LATENCY_US})")
+    sc.add_argument("--gpu-samples-per-s", type=float, default=RESNET50_ASSUMED_GPU_SAMPLES_PER_S,
+                    help="projection: ResNet-50 training samples/s of one GPU (assumed unless you pass the "
+                         f"ceiling `bench gpu` measured; default: {RESNET50_ASSUMED_GPU_SAMPLES_PER_S:.0f})")
+    sc.add_argument("--out", default="runs/bench-scaling", help="folder for scaling.json and scaling.png")
+
+
+def _breakdown_args(p) -> None:
+    p.add_argument("--model", default="small_resnet", help="arch (default: small_resnet)")
+    p.add_argument("--size", type=int, default=64, help="crop side, px (default: 64)")
+    p.add_argument("--unique-batch", type=int, default=16, help="unique images per rank per step (default: 16)")
+    p.add_argument("--copies", type=int, default=4, help="M (default: 4)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--workers", type=int, default=1, help="loader processes per rank (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
+    p.add_argument("--fp16-allreduce", action="store_true", help="Horovod fp16 compression on the wire")
+    p.add_argument("--corpus", default="~/.cache/hvd_ba/bench-photos", help="photo corpus folder, made if short")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def corpus(path: str, images: int) -> Path:
+    from hvd_ba.bench import CORPUS_PHOTOS, make_photo_corpus
+
+    root = Path(os.path.expanduser(path))
+    if len(list((root / "train").rglob("*.JPEG"))) < images:
+        print(f"bench: making the photo corpus in {root} ...", flush=True)
+        make_photo_corpus(root, per_photo=-(-images // len(CORPUS_PHOTOS)))
+    return root
+
+
+def loader_for(root: Path, copies: int, unique: int, size: int, workers: int, where: str, steps: int,
+               rank: int = 0, world: int = 1):
+    from hvd_ba.data.manifest import load_index
+    from hvd_ba.data.pipeline import make_train_loader
+
+    cfg = load_config("resnet50", [f"data.path={root}", "data.manifest_dir=null", f"data.copies={copies}",
+                                   f"data.unique_batch={unique}", f"data.workers={workers}", f"augment.size={size}",
+                                   f"augment.where={where}", "model.ghost_size=null", f"run.max_steps_per_epoch={steps}"])
+    return make_train_loader(load_index(root, "train", None), cfg, rank, world), cfg
+
+
+def input_state(cfg, device: torch.device, channels_last: bool):
+    """What engine.normalize needs of a TrainState."""
+    a = cfg.augment
+    return SimpleNamespace(device=device, channels_last=channels_last,
+                           mean=torch.tensor(a.mean, device=device).view(1, 3, 1, 1),
+                           std=torch.tensor(a.std, device=device).view(1, 3, 1, 1))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_and_step(arch: str, device: torch.device, amp: str, channels_last: bool, ghost: int | None = 64):
+    model = build_model(arch, 1000, ghost).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    dtype = {"off": None, "bf16": torch.bfloat16}[amp]
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, step
+
+
+# ----------------------------------------------------------------------------------- bench gpu
+
+
+def run_gpu_bench(args) -> int:
+    from hvd_ba.engine import normalize
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    arch = args.model or ("resnet50" if cuda else "small_resnet")
+    size = args.size or (224 if cuda else 64)
+    unique = args.unique_batch or (32 if cuda else 8)
+    steps, warmup = args.steps or (30 if cuda else 4), args.warmup or (5 if cuda else 2)
+    amp = args.amp or ("bf16" if cuda else "off")
+    channels_last = True
+    copies_list = [int(c) for c in args.copies.split(",")]
+    places = args.where.split(",")
+    if not cuda:
+        print("bench gpu: no CUDA device; the reduced form on the CPU (the same measurements, small sizes)")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers) if args.workers < (os.cpu_count() or 1) else 1)
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"bench gpu: {arch} on {name}, {size} px, amp {amp}, channels_last, {unique} unique images x M per step, "
+          f"{steps} timed steps after {warmup}, {args.workers} loader processes")
+    root = corpus(args.corpus, unique * (warmup + steps))
+    model, step = model_and_step(arch, device, amp, channels_last)
+    rows = []
+    for m in copies_list:
+        samples = unique * m
+        # (a) the ceiling: the same step on tensors already on the device
+        x = torch.randn(samples, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (samples,), device=device)
+        for _ in range(warmup):
+            step(x, y)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        sync(device)
+        ceiling = samples * steps / (time.perf_counter() - t)
+        for where in places:
+            # (b) this project's loader feeding the same step
+            loader, cfg = loader_for(root, m, unique, size, args.workers, where, warmup + steps)
+            state = input_state(cfg, device, channels_last)
+            timed, start, io_wait = 0, None, 0.0
+            t_wait = time.perf_counter()
+            for i, batch in enumerate(loader):
+                if i == warmup:
+                    sync(device)
+                    start, io_wait = time.perf_counter(), 0.0
+                    t_wait = start
+                io_wait += time.perf_counter() - t_wait
+                step(normalize(batch, state), batch["labels"].to(device, non_blocking=True))
+                timed += samples if i >= warmup else 0
+                t_wait = time.perf_counter()
+            sync(device)
+            elapsed = time.perf_counter() - start
+            fed = timed / elapsed
+            # the loader alone: samples/s that `workers` processes make, per process
+            t = time.perf_counter()
+            made = sum(b["labels"].numel() for b in loader_for(root, m, unique, size, args.workers, where,
+                                                                 warmup + steps)[0])
+            per_worker = made / (time.perf_counter() - t) / args.workers
+            rows.append({"copies": m, "where": where, "samples_per_step": samples, "ceiling_samples_per_s": ceiling,
+                         "loader_samples_per_s": fed, "ratio": fed / ceiling, "data_wait_fraction": io_wait / elapsed,
+                         "loader_only_samples_per_s_per_process": per_worker,
+                         "processes_for_ceiling": ceiling / per_worker})
+            print(f"  M={m} {where}: {fed:.1f} samples/s against the ceiling {ceiling:.1f} ({fed / ceiling:.2f}); "
+                  f"loader alone {per_worker:.1f} samples/s per process", flush=True)
+    print(f"\n{'M':>2} {'augment on':>10} {'samples/step':>12} {'ceiling/s':>10} {'fed/s':>9} {'ratio':>6} "
+          f"{'data wait':>9} {'loader/s/proc':>13} {'procs for ceiling':>17}")
+    for r in rows:
+        print(f"{r['copies']:>2} {r['where']:>10} {r['samples_per_step']:>12} {r['ceiling_samples_per_s']:>10.1f} "
+              f"{r['loader_samples_per_s']:>9.1f} {r['ratio']:>6.2f} {100 * r['data_wait_fraction']:>8.0f}% "
+              f"{r['loader_only_samples_per_s_per_process']:>13.1f} {r['processes_for_ceiling']:>17.1f}")
+    print("ratios (loader-fed / ceiling): " + ", ".join(f"M={r['copies']} {r['where']}: {r['ratio']:.2f}" for r in rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "arch": arch, "size": size, "amp": amp,
+                                               "unique_batch": unique, "workers": args.workers, "rows": rows}, indent=1))
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench breakdown
+
+
+def run_breakdown(args) -> int:
+    import horovod.torch as hvd
+
+    from hvd_ba import dist
+    from hvd_ba.engine import normalize
+
+    torch.set_num_threads(args.threads)
+    dist.init()
+    rank, world = dist.rank(), dist.size()
+    device = torch.device("cpu")
+    root = corpus(args.corpus, args.unique_batch * world * (args.warmup + args.steps)) if rank == 0 else None
+    dist.barrier("corpus")
+    root = corpus(args.corpus, 0)
+    loader, cfg = loader_for(root, args.copies, args.unique_batch, args.size, args.workers, "loader",
+                             args.warmup + args.steps, rank, world)
+    state = input_state(cfg, device, False)
+    model = build_model(args.model, 1000, 64).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none
+    params = [p for p in model.parameters() if p.requires_grad]
+    wire_bytes = sum(p.numel() for p in params) * (2 if args.fp16_allreduce else 4)
+    phases = {k: 0.0 for k in ("data", "forward_backward", "allreduce", "optimizer")}
+    t_wait = time.perf_counter()
+    for i, batch in enumerate(loader):
+        t0 = time.perf_counter()
+        if i == args.warmup:
+            phases = dict.fromkeys(phases, 0.0)
+        phases["data"] += t0 - t_wait
+        x = normalize(batch, state)
+        opt.zero_grad()
+        F.cross_entropy(model(x), batch["labels"]).backward()
+        t1 = time.perf_counter()
+        grads = [p.grad for p in params]
+        averaged = hvd.grouped_allreduce(grads, op=hvd.Average, name="grads", compression=compression)
+        for p, g in zip(params, averaged):
+            p.grad.copy_(g)
+        t2 = time.perf_counter()
+        opt.step()
+        t_wait = time.perf_counter()
+        phases["forward_backward"] += t1 - t0
+        phases["allreduce"] += t2 - t1
+        phases["optimizer"] += t_wait - t2
+    per_step = {k: v / args.steps for k, v in phases.items()}
+    # the mean over ranks of each phase (a slow rank shows up in the others' allreduce wait)
+    mean = dist.allreduce_mean(torch.tensor([per_step[k] for k in phases], dtype=torch.float64), name="phases")
+    per_step = dict(zip(phases, mean.tolist()))
+    link = allreduce_fit(world) if world > 1 else None
+    result = {"world": world, "copies": args.copies, "unique_batch": args.unique_batch,
+              "samples_per_rank": args.copies * args.unique_batch, "model": args.model, "size": args.size,
+              "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
+              "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
+              "controller": "mpi" if hvd.mpi_enabled() and not hvd.gloo_enabled() else "gloo"}
+    if rank == 0:
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    dist.shutdown()
+    return 0
+
+
+def allreduce_fit(world: int, repeats: int = 5) -> dict:
+    """Time allreduces of 16 KB ... 16 MB and fit t = a + b * bytes (least squares on the medians):
+    latency a and, by the ring model's 2(W-1)/W factor, the link bandwidth."""
+    import horovod.torch as hvd
+
+    sizes, times = [], []
+    for exp in range(14, 25, 2):
+        nbytes = 2 ** exp
+        tensor = torch.zeros(nbytes // 4)
+        hvd.allreduce(tensor, name=f"warm{exp}")
+        runs = []
+        for r in range(repeats):
+            t = time.perf_counter()
+            hvd.allreduce(tensor, name=f"fit{exp}.{r}")
+            runs.append(time.perf_counter() - t)
+        sizes.append(nbytes)
+        times.append(sorted(runs)[repeats // 2])
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(times) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, times)) / sum((x - mx) ** 2 for x in sizes)
+    intercept = my - slope * mx
+    factor = 2 * (world - 1) / world
+    return {"bytes": sizes, "seconds": times, "latency_s": max(intercept, 0.0),
+            "bandwidth_bytes_per_s": factor / slope if slope > 0 else float("inf")}
+
+
+# ------------------------------------------------------------------------------ bench scaling
+
+
+def ring_allreduce_s(nbytes: float, workers: int, bandwidth_bytes_per_s: float, latency_s: float) -> float:
+    """Ring allreduce: 2(W-1) steps, each a latency, carrying 2(W-1)/W of the bytes over each link."""
+    if workers == 1:
+        return 0.0
+    return 2 * (workers - 1) * latency_s + 2 * (workers - 1) / workers * nbytes / bandwidth_bytes_per_s
+
+
+def project(grad_bytes: float, samples_per_s: float, unique: int, workers: list[int], bandwidths_gbit: list[float],
+            latency_s: float) -> list[dict]:
+    """Step time and scaling efficiency of data-parallel training, per configuration.
+
+    compute = samples per allreduce / samples_per_s; communication is not overlapped with the
+    backward pass (a lower bound on efficiency; Horovod hides part of it behind the backward pass).
+    Efficiency = compute / (compute + allreduce): the throughput of W workers over W times one.
+    """
+    configs = [("plain M=1", 1, 1, 1.0), ("BA M=4", 4, 1, 1.0), ("BA M=4 + fp16", 4, 1, 0.5),
+               ("plain M=1, 4 passes/allreduce", 1, 4, 1.0)]
+    rows = []
+    for gbit in bandwidths_gbit:
+        bw = gbit * 1e9 / 8
+        for w in workers:
+            for name, copies, passes, wire in configs:
+                compute = unique * copies * passes / samples_per_s
+                comm = ring_allreduce_s(grad_bytes * wire, w, bw, latency_s)
+                rows.append({"bandwidth_gbit": gbit, "workers": w, "config": name, "compute_s": compute,
+                             "allreduce_s": comm, "efficiency": compute / (compute + comm),
+                             "unique_images_per_s": w * unique * passes / (compute + comm)})
+    return rows
+
+
+def resnet50_gradient_bytes() -> int:
+    import torchvision
+
+    return 4 * sum(p.numel() for p in torchvision.models.resnet50().parameters())
+
+
+def run_scaling(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    copies_list = [int(c) for c in args.copies_list.split(",")]
+    corpus(args.corpus, args.unique_batch * args.np * (args.warmup + args.steps))
+    measured = []
+    print(f"bench scaling: horovodrun -np {args.np}, {args.model} at {args.size} px, {args.unique_batch} unique "
+          f"images per rank per step, M = {copies_list}, {args.steps} timed steps", flush=True)
+    for backend in args.backends.split(","):
+        for m in copies_list:
+            with tempfile.TemporaryDirectory() as tmp:
+                target = Path(tmp) / "breakdown.json"
+                cmd = ["horovodrun", "-np", str(args.np), f"--{backend}", sys.executable, "-m", "hvd_ba", "bench",
+                       "breakdown", "--model", args.model, "--size", str(args.size), "--unique-batch",
+                       str(args.unique_batch), "--copies", str(m), "--steps", str(args.steps), "--warmup",
+                       str(args.warmup), "--workers", str(args.workers), "--threads", str(args.threads),
+                       "--corpus", args.corpus, "--json", str(target)]
+                if args.fp16_allreduce:
+                    cmd.append("--fp16-allreduce")
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                if done.returncode or not target.exists():
+                    print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"bench scaling: the {backend} run at M={m} failed ({done.returncode})")
+                r = json.loads(target.read_text())
+                r["backend"] = backend
+                measured.append(r)
+                s = r["seconds_per_step"]
+                print(f"  {backend} M={m}: step {1000 * r['step_s']:.0f} ms, allreduce {1000 * s['allreduce']:.0f} ms",
+                      flush=True)
+    print(f"\nmeasured, per step (mean over {args.np} ranks; allreduce timed on its own after the backward pass):")
+    print(f"{'backend':>7} {'M':>2} {'samples':>7} {'data ms':>8} {'fwd+bwd ms':>10} {'allreduce ms':>12} "
+          f"{'opt ms':>7} {'step ms':>8} {'comm %':>7} {'MB/step':>8} {'KB/unique img':>13} {'KB/sample':>9}")
+    for r in measured:
+        s, step = r["seconds_per_step"], r["step_s"]
+        unique_global, samples_global = r["unique_batch"] * r["world"], r["samples_per_rank"] * r["world"]
+        r["comm_fraction"] = s["allreduce"] / step
+        r["bytes_per_unique_image"] = r["wire_bytes_per_step"] / unique_global
+        r["bytes_per_sample"] = r["wire_bytes_per_step"] / samples_global
+        print(f"{r['backend']:>7} {r['copies']:>2} {samples_global:>7} {1000 * s['data']:>8.1f} "
+              f"{1000 * s['forward_backward']:>10.1f} {1000 * s['allreduce']:>12.1f} {1000 * s['optimizer']:>7.1f} "
+              f"{1000 * step:>8.1f} {100 * r['comm_fraction']:>6.1f}% {r['wire_bytes_per_step'] / 1e6:>8.2f} "
+              f"{r['bytes_per_unique_image'] / 1e3:>13.1f} {r['bytes_per_sample'] / 1e3:>9.1f}")
+    base = {(r["backend"]): r for r in measured if r["copies"] == copies_list[0]}
+    for r in measured:
+        b = base[r["backend"]]
+        r["compute_ratio_to_first"] = r["seconds_per_step"]["forward_backward"] / b["seconds_per_step"]["forward_backward"]
+    fits = [r["allreduce_fit"] for r in measured if r.get("allreduce_fit")]
+    for backend in args.backends.split(","):
+        fit = next(r["allreduce_fit"] for r in measured if r["backend"] == backend and r.get("allreduce_fit"))
+        print(f"{backend}: allreduce fit on this machine (loopback, {args.np} ranks): latency "
+              f"{1e6 * fit['latency_s']:.0f} us, bandwidth {8 * fit['bandwidth_bytes_per_s'] / 1e9:.1f} Gbit/s")
+    # measured compute per sample of this run's model (the largest M: the steadiest figure)
+    big = max((r for r in measured), key=lambda r: r["samples_per_rank"])
+    measured_rate = big["samples_per_rank"] / big["seconds_per_step"]["forward_backward"]
+    grad_bytes = resnet50_gradient_bytes()
+    workers = [2 ** k for k in range(3, 11)]
+    bandwidths = [float(b) for b in args.bandwidths_gbit.split(",")]
+    unique = 32  # per GPU: the resnet50 preset's data.unique_batch
+    proj = project(grad_bytes, args.gpu_samples_per_s, unique, workers, bandwidths, args.latency_us * 1e-6)
+    configs = list(dict.fromkeys(r["config"] for r in proj))
+    print(f"\nprojection: ResNet-50 ({grad_bytes / 1e6:.1f} MB of fp32 gradients, measured from torchvision), "
+          f"{unique} unique images per GPU per step, {args.gpu_samples_per_s:.0f} samples/s per GPU (assumed unless "
+          f"given), ring latency {args.latency_us:.0f} us per step (assumed), no overlap of allreduce and backward.")
+    print("scaling efficiency (throughput of W GPUs / W x one GPU):")
+    print(f"{'Gbit/s':>6} {'W':>5} " + " ".join(f"{c:>30}" for c in configs))
+    for gbit in bandwidths:
+        for w in workers:
+            cells = [next(r for r in proj if r["bandwidth_gbit"] == gbit and r["workers"] == w and r["config"] == c)
+                     for c in configs]
+            print(f"{gbit:>6.0f} {w:>5} " + " ".join(
+                f"{100 * c['efficiency']:>5.1f}% ({1000 * (c['compute_s'] + c['allreduce_s']):>6.1f} ms/allreduce)"
+                .rjust(30) for c in cells))
+    print(f"\nthis run's {big['model']} on this CPU: {measured_rate:.1f} samples/s per rank forward+backward (measured);"
+          f" ResNet-50 on a GPU: {args.gpu_samples_per_s:.0f} (assumed). Inputs measured here: the breakdowns, the "
+          f"allreduce fits, the gradient bytes. Assumed: GPU rate, bandwidths, latency.")
+    result = {"measured": measured, "allreduce_fits": fits, "projection": proj, "grad_bytes_resnet50": grad_bytes,
+              "gpu_samples_per_s": args.gpu_samples_per_s, "latency_us": args.latency_us,
+              "measured_samples_per_s_per_rank": measured_rate}
+    (out / "scaling.json").write_text(json.dumps(result, indent=1))
+    plot_scaling(proj, out / "scaling.png")
+    print(f"wrote {out / 'scaling.json'} and {out / 'scaling.png'}")
+    return 0
+
+
+def plot_scaling(proj: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bandwidths = sorted({r["bandwidth_gbit"] for r in proj})
+    fig, axes = plt.subplots(1, len(bandwidths), figsize=(4.2 * len(bandwidths), 3.6), sharey=True, squeeze=False)
+    for ax, gbit in zip(axes[0], bandwidths):
+        for config in dict.fromkeys(r["config"] for r in proj):
+            rows = [r for r in proj if r["bandwidth_gbit"] == gbit and r["config"] == config]
+            ax.plot([r["workers"] for r in rows], [100 * r["efficiency"] for r in rows], "o-", label=config, ms=3)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{gbit:.0f} Gbit/s")
+        ax.set_xlabel("GPUs (W)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("scaling efficiency, %")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("ResNet-50, ring allreduce model (no overlap)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
