@@ -270,7 +270,7 @@ def run_breakdown(args) -> int:
               "samples_per_rank": args.copies * args.unique_batch, "model": args.model, "size": args.size,
               "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
               "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
-              "controller": "mpi" if hvd.mpi_enabled() and not hvd.gloo_enabled() else "gloo"}
+              "controller": "gloo" if hvd.gloo_enabled() else "mpi"}
     if rank == 0:
         print(json.dumps(result))
         if args.json:

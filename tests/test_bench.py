@@ -18,3 +18,75 @@ def test_bench_loader_prints_stage_costs_and_ratios(tmp_path):
     m = re.fullmatch(r"ratios \(hvd_ba / naive\): M=1: (\d+\.\d\d), M=2: (\d+\.\d\d)", last)
     assert m, last
     assert all(float(v) > 0 for v in m.groups())
+
+
+def test_ring_allreduce_model_and_projection():
+    from hvd_ba.perf import project, ring_allreduce_s
+
+    # 2(W-1) latencies + 2(W-1)/W of the bytes over the link
+    assert ring_allreduce_s(1e8, 1, 1e9, 1e-5) == 0.0
+    assert abs(ring_allreduce_s(1e8, 4, 1e9, 1e-5) - (6e-5 + 1.5 * 0.1)) < 1e-12
+    rows = project(1e8, 1000.0, 32, [8, 64, 1024], [10.0, 100.0], 1e-5)
+    cell = {(r["bandwidth_gbit"], r["workers"], r["config"]): r for r in rows}
+    for gbit in (10.0, 100.0):
+        for w in (8, 64, 1024):
+            plain, ba = cell[gbit, w, "plain M=1"], cell[gbit, w, "BA M=4"]
+            fp16, passes = cell[gbit, w, "BA M=4 + fp16"], cell[gbit, w, "plain M=1, 4 passes/allreduce"]
+            assert abs(ba["compute_s"] - 4 * plain["compute_s"]) < 1e-12  # M times the samples per allreduce
+            assert ba["allreduce_s"] == plain["allreduce_s"] and abs(fp16["allreduce_s"] * 2 - ba["allreduce_s"]) < 6e-5 * w
+            assert plain["efficiency"] < ba["efficiency"] < fp16["efficiency"] <= 1.0
+            assert abs(passes["efficiency"] - ba["efficiency"]) < 1e-12  # same compute per allreduce
+        assert cell[gbit, 8, "plain M=1"]["efficiency"] > cell[gbit, 1024, "plain M=1"]["efficiency"]
+    # 32 samples at 1000/s = 32 ms of compute; 1e8 bytes at 10 Gbit/s, W = 8: 0.14 s + 0.14 ms
+    p = cell[10.0, 8, "plain M=1"]
+    assert abs(p["allreduce_s"] - (14e-5 + 1.75 * 1e8 / 1.25e9)) < 1e-9
+    assert abs(p["efficiency"] - 0.032 / (0.032 + p["allreduce_s"])) < 1e-12
+
+
+def test_bench_scaling_measures_both_controllers_and_projects(tmp_path):
+    """Real horovodrun -np 2 over Gloo and MPI at M = 1, 2: the breakdown and the projection."""
+    r = run_cli("bench", "scaling", "--copies-list", "1,2", "--steps", "2", "--warmup", "1", "--unique-batch", "4",
+                "--corpus", str(tmp_path / "photos"), "--out", str(tmp_path / "out"), timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    import json
+
+    result = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    measured = {(m["backend"], m["copies"]): m for m in result["measured"]}
+    assert set(measured) == {("gloo", 1), ("gloo", 2), ("mpi", 1), ("mpi", 2)}
+    for backend in ("gloo", "mpi"):
+        one, two = measured[backend, 1], measured[backend, 2]
+        assert one["controller"] == backend and one["world"] == 2
+        assert one["wire_bytes_per_step"] == two["wire_bytes_per_step"] > 1e6  # the model's gradients, fp32
+        assert two["bytes_per_sample"] * 2 == one["bytes_per_sample"]  # M copies: half the bytes per sample
+        assert two["bytes_per_unique_image"] == one["bytes_per_unique_image"]
+        for m in (one, two):
+            s = m["seconds_per_step"]
+            assert all(v > 0 for v in s.values()) and 0 < m["comm_fraction"] < 1
+            assert abs(sum(s.values()) - m["step_s"]) < 1e-9
+            fit = m["allreduce_fit"]
+            assert fit["bandwidth_bytes_per_s"] > 0 and len(fit["bytes"]) == len(fit["seconds"]) == 6
+    assert result["grad_bytes_resnet50"] == 4 * 25_557_032  # torchvision's ResNet-50 parameters, fp32
+    assert len(result["projection"]) == 3 * 8 * 4  # bandwidths x W = 8..1024 x configurations
+    assert (tmp_path / "out" / "scaling.png").stat().st_size > 10_000
+    assert re.search(r"^\s+gloo\s+2\s+16\s", r.stdout, re.M), r.stdout  # 2 ranks x 4 unique x M=2 samples
+    assert "scaling efficiency" in r.stdout and "assumed" in r.stdout
+
+
+def test_bench_gpu_reduced_form_on_cpu(tmp_path):
+    """No CUDA here: the reduced form, the same measurements (ceiling, loader- and device-fed)."""
+    out = tmp_path / "gpu.json"
+    r = run_cli("bench", "gpu", "--copies", "1,2", "--steps", "2", "--warmup", "1", "--workers", "1",
+                "--corpus", str(tmp_path / "photos"), "--json", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    rows = {(row["copies"], row["where"]): row for row in result["rows"]}
+    assert set(rows) == {(1, "loader"), (1, "device"), (2, "loader"), (2, "device")}
+    for (m, _), row in rows.items():
+        assert row["samples_per_step"] == 8 * m
+        assert row["ceiling_samples_per_s"] > 0 and row["loader_samples_per_s"] > 0
+        assert abs(row["ratio"] - row["loader_samples_per_s"] / row["ceiling_samples_per_s"]) < 1e-9
+        assert row["processes_for_ceiling"] > 0
+    assert "reduced form" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("ratios (loader-fed / ceiling): M=1 loader: ")
