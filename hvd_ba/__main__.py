@@ -210,8 +210,9 @@ def parser_analyze() -> argparse.ArgumentParser:
                    help="unique images per batch, B (default: data.unique_batch x the run's ranks)")
     p.add_argument("--copies", type=int, default=None, help="lambda-max: M of the BA kind (default: data.copies)")
     p.add_argument("--copies-list", default="1,2,4,8", help="grad-variance: the M values (default: 1,2,4,8)")
-    p.add_argument("--reference-images", type=int, default=1024,
-                   help="grad-variance: images in the reference (large-sample) gradient (default: 1024)")
+    p.add_argument("--reference-images", type=int, default=0,
+                   help="grad-variance: images in the reference gradient; 0: the whole training split, the full "
+                        "gradient (default: 0)")
     p.add_argument("--parts", type=int, default=None,
                    help="forward passes (own BN statistics) per batch; a multiple of the ranks (default: ranks)")
     p.add_argument("--method", choices=("lanczos", "power"), default="lanczos",

@@ -59,6 +59,8 @@ class BatchKind:
 
 def standard_kinds(unique: int, copies: int) -> list[BatchKind]:
     """Plain batch B, BA batch B x M, plain batch M*B (the paper's three-way comparison)."""
+    if copies == 1:  # the three coincide
+        return [BatchKind(f"plain B={unique}", unique, 1)]
     return [BatchKind(f"plain B={unique}", unique, 1), BatchKind(f"BA B={unique} x M={copies}", unique, copies),
             BatchKind(f"plain B={unique * copies}", unique * copies, 1)]
 
@@ -259,14 +261,38 @@ def batch_gradient(model, batches: Batches, kind: BatchKind, k: int, parts: int,
     return dist.allreduce_sum(total.cpu(), name="analysis.grad") / parts
 
 
+def reference_batches(n_train: int, unique: int, num_batches: int, max_copies: int,
+                      reference_images: int) -> tuple[bool, int, int]:
+    """(full?, first batch, batches) of the reference gradient, in batches of `unique` along the
+    permutation: the whole split, or a sample that starts after the positions the measured batches
+    use (their largest kind, plain M*B, takes num_batches * unique * max_copies)."""
+    if reference_images <= 0 or reference_images >= n_train:
+        return True, 0, n_train // unique
+    used = num_batches * unique * max_copies
+    if used + reference_images > n_train:
+        raise ConfigError(f"grad-variance: {n_train} training images cannot hold the measured batches ({used} "
+                          f"images) and a disjoint reference of {reference_images}; lower --reference-images "
+                          f"or --batches, or use 0 (the full gradient)")
+    return False, -(-used // unique), max(1, reference_images // unique)
+
+
 def measure_grad_variance(model, batches: Batches, unique: int, copies_list: list[int], num_batches: int,
                           reference_images: int, parts: int, label_smoothing: float) -> dict:
-    """E||g - g_ref||^2 over `num_batches` batches of each kind. g_ref: the mean gradient over
-    `reference_images` distinct images with one augmentation each, in batches of `unique`."""
+    """E||g - g_ref||^2 over `num_batches` batches of each kind.
+
+    g_ref, with one augmentation per image, in batches of `unique`: reference_images 0 (default)
+    takes the whole training split, the full gradient. Batches of n distinct images drawn without
+    replacement from N then have variance sigma^2 / n * (N - n) / (N - 1) (the finite-population
+    factor), so the independent-sampling expectation for a plain batch of M*B, relative to B, is
+    1/M * (N - M*B) / (N - B), what `independent_ratio` holds. A smaller reference is a sample
+    taken after the images the measured batches use (disjoint from them), which adds its own
+    variance, about that of one batch of its size, to every row.
+    """
+    n_train = len(batches.order)
     with AnalysisMode(model):
         ref_kind = BatchKind("reference", unique, 1)
-        ref_batches = max(1, reference_images // unique)  # a large sample of the same permutation
-        reference = sum(batch_gradient(model, batches, ref_kind, k, parts, label_smoothing)
+        full, first, ref_batches = reference_batches(n_train, unique, num_batches, max(copies_list), reference_images)
+        reference = sum(batch_gradient(model, batches, ref_kind, first + k, parts, label_smoothing)
                         for k in range(ref_batches)) / ref_batches
         rows = []
         for kind_type in ("BA", "plain"):
@@ -280,9 +306,10 @@ def measure_grad_variance(model, batches: Batches, unique: int, copies_list: lis
         base = next(r["variance"] for r in rows if r["kind"] == "BA" and r["copies"] == 1)
         for r in rows:
             r["ratio_to_m1"] = r["variance"] / base
-            r["independent_ratio"] = 1.0 / r["copies"]
-    return {"reference_images": ref_batches * unique, "reference_norm2": float((reference ** 2).sum()),
-            "rows": rows}
+            fpc = (n_train - unique * r["copies"]) / (n_train - unique) if full else 1.0
+            r["independent_ratio"] = fpc / r["copies"]
+    return {"reference_images": ref_batches * unique, "reference_is_full": full, "train_images": n_train,
+            "reference_norm2": float((reference ** 2).sum()), "rows": rows}
 
 
 # ------------------------------------------------------------------------------------ the command
@@ -371,11 +398,14 @@ def run_analysis(args) -> int:
                   **result, "seconds": time.perf_counter() - t0}
         lines = [f"gradient variance E||g - g_ref||^2, {facts['source']} (step {facts['step']}), {args.batches} "
                  f"batches per kind, g_ref over {result['reference_images']} images (||g_ref||^2 = "
-                 f"{result['reference_norm2']:.4g}):",
-                 f"  {'batch kind':<22} {'samples':>7} {'variance':>10} {'ratio to M=1':>13} {'1/M':>6}"]
+                 f"{result['reference_norm2']:.4g}; {'the full gradient' if result['reference_is_full'] else 'a sample'} "
+                 f"of {result['train_images']} training images):",
+                 f"  {'batch kind':<22} {'samples':>7} {'variance':>10} {'ratio to M=1':>13} {'independent':>11}"]
         for r in result["rows"]:
             lines.append(f"  {r['name']:<22} {r['samples']:>7} {r['variance']:>10.4g} {r['ratio_to_m1']:>13.3f} "
-                         f"{r['independent_ratio']:>6.3f}")
+                         f"{r['independent_ratio']:>11.3f}")
+        lines.append("  independent: the ratio if the M*B samples were independent draws, 1/M (x the finite-population "
+                     "factor (N-MB)/(N-B) when g_ref is the full gradient)")
     if dist.is_primary():
         out = _out_path(args, facts, args.what)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,21 +55,32 @@ def plot_training(run: Path, out: Path) -> Path | None:
 
 
 def plot_lambda_tracks(runs: list[Path], out: Path) -> Path | None:
-    """lambda_max against step for every kind of every run that has lambda.jsonl; 2/lr dashed."""
+    """One run: lambda_max against step for each batch kind, 2/lr dashed. Several runs (--compare):
+    each run's own training batch kind against epochs (runs of different batch sizes take different
+    steps per epoch), each with its 2/lr."""
     tracks = [(run, read_jsonl(run / "lambda.jsonl")) for run in runs]
     tracks = [(run, records) for run, records in tracks if records]
     if not tracks:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = ("-", "--", ":", "-.")
-    for r, (run, records) in enumerate(tracks):
-        label_run = f"{run.name}: " if len(tracks) > 1 else ""
+    if len(tracks) == 1:
+        run, records = tracks[0]
+        steps = [x["step"] for x in records]
         for i, name in enumerate(records[0]["kinds"]):
-            ax.plot([x["step"] for x in records], [x["kinds"][name]["lambda_max"] for x in records],
-                    styles[r % 4], marker="o", ms=3, color=_kind_color(name, i), label=f"{label_run}{name}")
-        ax.plot([x["step"] for x in records], [x["two_over_lr"] for x in records], styles[r % 4], color="k",
-                lw=1, label=f"{label_run}2/lr")
-    ax.set(xlabel="step", ylabel="lambda_max of batch-averaged Hessian", yscale="log",
+            ax.plot(steps, [x["kinds"][name]["lambda_max"] for x in records], "-", marker="o", ms=3,
+                    color=_kind_color(name, i), label=name)
+        ax.plot(steps, [x["two_over_lr"] for x in records], "--", color="k", lw=1, label="2/lr")
+        ax.set_xlabel("step")
+    else:
+        for r, (run, records) in enumerate(tracks):
+            own = _own_kind(records[0])
+            color = f"C{r}"
+            epochs = [x.get("epochs_done", x["epoch"]) for x in records]
+            ax.plot(epochs, [x["kinds"][own]["lambda_max"] for x in records], "-", marker="o", ms=3, color=color,
+                    label=f"{run.name}: {own}")
+            ax.plot(epochs, [x["two_over_lr"] for x in records], "--", color=color, lw=1, label=f"{run.name}: 2/lr")
+        ax.set_xlabel("epoch")
+    ax.set(ylabel="lambda_max of batch-averaged Hessian", yscale="log",
            title="lambda_max during training (Theorem A: stable while below 2/lr)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -77,6 +88,15 @@ def plot_lambda_tracks(runs: list[Path], out: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _own_kind(record: dict) -> str:
+    """The kind of a lambda.jsonl record that is the run's own training batch (B unique x M)."""
+    unique, copies = record.get("unique"), record.get("copies")
+    for name, kind in record["kinds"].items():
+        if kind["unique"] == unique and kind["copies"] == copies:
+            return name
+    return next(name for name, kind in record["kinds"].items() if kind["copies"] > 1)  # older records: BA
 
 
 def plot_lambda_analysis(result_path: Path, out: Path) -> Path:

@@ -169,3 +169,15 @@ def test_lambda_tracking_records_and_leaves_training_untouched(small_data, tmp_p
     assert (tmp_path / "theory" / "stability.png").stat().st_size > 10_000
     r = run_cli("plot", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_reference_gradient_is_the_full_split_or_a_disjoint_sample():
+    from hvd_ba.analyze import reference_batches
+    from hvd_ba.config import ConfigError
+
+    assert reference_batches(2600, 32, 16, 8, 0) == (True, 0, 81)  # every full batch of the split
+    assert reference_batches(2600, 32, 16, 8, 5000) == (True, 0, 81)
+    full, first, count = reference_batches(10_000, 32, 4, 8, 1024)
+    assert not full and first * 32 >= 4 * 32 * 8 and count == 32  # starts after the 1024 measured positions
+    with pytest.raises(ConfigError, match="disjoint reference"):
+        reference_batches(1500, 32, 4, 8, 1024)
