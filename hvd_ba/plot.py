@@ -123,8 +123,11 @@ def plot_grad_variance(result_path: Path, out: Path) -> Path:
     for kind, color, label in (("BA", "tab:red", f"BA: B={r['unique']} x M"), ("plain", "tab:green", f"plain: M*{r['unique']} distinct")):
         rows = [row for row in r["rows"] if row["kind"] == kind]
         ax.plot([row["copies"] for row in rows], [row["ratio_to_m1"] for row in rows], "o-", color=color, label=label)
-    ms = sorted({row["copies"] for row in r["rows"]})
-    ax.plot(ms, [1 / m for m in ms], "k--", label="1/M (independent samples)")
+    plain = [row for row in r["rows"] if row["kind"] == "plain"]
+    ms = [row["copies"] for row in plain]
+    full = " x (N-MB)/(N-B)" if r.get("reference_is_full") else ""
+    ax.plot(ms, [row.get("independent_ratio", 1 / row["copies"]) for row in plain], "k--",
+            label=f"1/M{full} (independent samples)")
     ax.set(xscale="log", yscale="log", xlabel="M", ylabel="E||g - g_ref||^2 relative to M = 1",
            title=f"gradient variance against M at step {r['step']}")
     ax.set_xticks(ms, [str(m) for m in ms])
