@@ -84,6 +84,7 @@ def _breakdown_args(p) -> None:
 
 
 def corpus(path: str, images: int) -> Path:
+    """The bench photo corpus (bench loader's), grown to at least `images` files."""
     from hvd_ba.bench import CORPUS_PHOTOS, make_photo_corpus
 
     root = Path(os.path.expanduser(path))
@@ -139,6 +140,7 @@ def model_and_step(arch: str, device: torch.device, amp: str, channels_last: boo
 
 
 def run_gpu_bench(args) -> int:
+    from hvd_ba.bench import samples_per_second
     from hvd_ba.engine import normalize
 
     cuda = torch.cuda.is_available()
@@ -153,7 +155,7 @@ def run_gpu_bench(args) -> int:
     places = args.where.split(",")
     if not cuda:
         print("bench gpu: no CUDA device; the reduced form on the CPU (the same measurements, small sizes)")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers) if args.workers < (os.cpu_count() or 1) else 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"bench gpu: {arch} on {name}, {size} px, amp {amp}, channels_last, {unique} unique images x M per step, "
           f"{steps} timed steps after {warmup}, {args.workers} loader processes")
@@ -192,10 +194,8 @@ def run_gpu_bench(args) -> int:
             elapsed = time.perf_counter() - start
             fed = timed / elapsed
             # the loader alone: samples/s that `workers` processes make, per process
-            t = time.perf_counter()
-            made = sum(b["labels"].numel() for b in loader_for(root, m, unique, size, args.workers, where,
-                                                                 warmup + steps)[0])
-            per_worker = made / (time.perf_counter() - t) / args.workers
+            rate, _ = samples_per_second(loader_for(root, m, unique, size, args.workers, where, warmup + steps)[0])
+            per_worker = rate / args.workers
             rows.append({"copies": m, "where": where, "samples_per_step": samples, "ceiling_samples_per_s": ceiling,
                          "loader_samples_per_s": fed, "ratio": fed / ceiling, "data_wait_fraction": io_wait / elapsed,
                          "loader_only_samples_per_s_per_process": per_worker,
