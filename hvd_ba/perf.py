@@ -240,7 +240,7 @@ def run_breakdown(args) -> int:
     compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none
     params = [p for p in model.parameters() if p.requires_grad]
     wire_bytes = sum(p.numel() for p in params) * (2 if args.fp16_allreduce else 4)
-    phases = {k: 0.0 for k in ("data", "forward_backward", "allreduce", "optimizer")}
+    phases = {k: 0.0 for k in ("data", "forward_backward", "rank_skew", "allreduce", "optimizer")}
     t_wait = time.perf_counter()
     for i, batch in enumerate(loader):
         t0 = time.perf_counter()
@@ -251,6 +251,8 @@ def run_breakdown(args) -> int:
         opt.zero_grad()
         F.cross_entropy(model(x), batch["labels"]).backward()
         t1 = time.perf_counter()
+        dist.barrier(f"skew{i}")  # waiting for the slowest rank, kept apart from the transfer itself
+        t_skew = time.perf_counter()
         grads = [p.grad for p in params]
         averaged = hvd.grouped_allreduce(grads, op=hvd.Average, name="grads", compression=compression)
         for p, g in zip(params, averaged):
@@ -259,7 +261,8 @@ def run_breakdown(args) -> int:
         opt.step()
         t_wait = time.perf_counter()
         phases["forward_backward"] += t1 - t0
-        phases["allreduce"] += t2 - t1
+        phases["rank_skew"] += t_skew - t1
+        phases["allreduce"] += t2 - t_skew
         phases["optimizer"] += t_wait - t2
     per_step = {k: v / args.steps for k, v in phases.items()}
     # the mean over ranks of each phase (a slow rank shows up in the others' allreduce wait)
@@ -373,9 +376,11 @@ def run_scaling(args) -> int:
                 s = r["seconds_per_step"]
                 print(f"  {backend} M={m}: step {1000 * r['step_s']:.0f} ms, allreduce {1000 * s['allreduce']:.0f} ms",
                       flush=True)
-    print(f"\nmeasured, per step (mean over {args.np} ranks; allreduce timed on its own after the backward pass):")
-    print(f"{'backend':>7} {'M':>2} {'samples':>7} {'data ms':>8} {'fwd+bwd ms':>10} {'allreduce ms':>12} "
-          f"{'opt ms':>7} {'step ms':>8} {'comm %':>7} {'MB/step':>8} {'KB/unique img':>13} {'KB/sample':>9}")
+    print(f"\nmeasured, per step (mean over {args.np} ranks; skew: the wait at a barrier for the slowest rank; "
+          f"allreduce: then the gradients' grouped allreduce on its own; comm %: allreduce / step):")
+    print(f"{'backend':>7} {'M':>2} {'samples':>7} {'data ms':>8} {'fwd+bwd ms':>10} {'skew ms':>8} "
+          f"{'allreduce ms':>12} {'opt ms':>7} {'step ms':>8} {'comm %':>7} {'MB/step':>8} {'KB/unique img':>13} "
+          f"{'KB/sample':>9}")
     for r in measured:
         s, step = r["seconds_per_step"], r["step_s"]
         unique_global, samples_global = r["unique_batch"] * r["world"], r["samples_per_rank"] * r["world"]
@@ -383,7 +388,8 @@ def run_scaling(args) -> int:
         r["bytes_per_unique_image"] = r["wire_bytes_per_step"] / unique_global
         r["bytes_per_sample"] = r["wire_bytes_per_step"] / samples_global
         print(f"{r['backend']:>7} {r['copies']:>2} {samples_global:>7} {1000 * s['data']:>8.1f} "
-              f"{1000 * s['forward_backward']:>10.1f} {1000 * s['allreduce']:>12.1f} {1000 * s['optimizer']:>7.1f} "
+              f"{1000 * s['forward_backward']:>10.1f} {1000 * s['rank_skew']:>8.1f} {1000 * s['allreduce']:>12.1f} "
+              f"{1000 * s['optimizer']:>7.1f} "
               f"{1000 * step:>8.1f} {100 * r['comm_fraction']:>6.1f}% {r['wire_bytes_per_step'] / 1e6:>8.2f} "
               f"{r['bytes_per_unique_image'] / 1e3:>13.1f} {r['bytes_per_sample'] / 1e3:>9.1f}")
     base = {(r["backend"]): r for r in measured if r["copies"] == copies_list[0]}
@@ -407,14 +413,14 @@ def run_scaling(args) -> int:
     print(f"\nprojection: ResNet-50 ({grad_bytes / 1e6:.1f} MB of fp32 gradients, measured from torchvision), "
           f"{unique} unique images per GPU per step, {args.gpu_samples_per_s:.0f} samples/s per GPU (assumed unless "
           f"given), ring latency {args.latency_us:.0f} us per step (assumed), no overlap of allreduce and backward.")
-    print("scaling efficiency (throughput of W GPUs / W x one GPU):")
+    print("scaling efficiency = throughput of W GPUs / (W x one GPU), and (in brackets) the time between allreduces:")
     print(f"{'Gbit/s':>6} {'W':>5} " + " ".join(f"{c:>30}" for c in configs))
     for gbit in bandwidths:
         for w in workers:
             cells = [next(r for r in proj if r["bandwidth_gbit"] == gbit and r["workers"] == w and r["config"] == c)
                      for c in configs]
             print(f"{gbit:>6.0f} {w:>5} " + " ".join(
-                f"{100 * c['efficiency']:>5.1f}% ({1000 * (c['compute_s'] + c['allreduce_s']):>6.1f} ms/allreduce)"
+                f"{100 * c['efficiency']:>5.1f}% ({1000 * (c['compute_s'] + c['allreduce_s']):>6.1f} ms)"
                 .rjust(30) for c in cells))
     print(f"\nthis run's {big['model']} on this CPU: {measured_rate:.1f} samples/s per rank forward+backward (measured);"
           f" ResNet-50 on a GPU: {args.gpu_samples_per_s:.0f} (assumed). Inputs measured here: the breakdowns, the "
