@@ -140,6 +140,22 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler=None) -> None:
     scaler.update()
 
 
+def grouped_allreduce_average(tensors: list[torch.Tensor], name: str, fp16: bool = False) -> list[torch.Tensor]:
+    """The mean over ranks of each tensor, in one grouped (fused) allreduce, as DistributedOptimizer
+    sends gradients; fp16: compressed to fp16 on the wire."""
+    if _hvd is None:
+        return tensors
+    compression = _hvd.Compression.fp16 if fp16 else _hvd.Compression.none
+    return _hvd.grouped_allreduce(tensors, op=_hvd.Average, name=name, compression=compression)
+
+
+def controller() -> str:
+    """How the ranks talk: gloo or mpi (local: a single process without Horovod)."""
+    if _hvd is None:
+        return "local"
+    return "gloo" if _hvd.gloo_enabled() else "mpi"
+
+
 def shutdown() -> None:
     if _hvd is not None:
         _hvd.shutdown()

@@ -219,8 +219,6 @@ def run_gpu_bench(args) -> int:
 
 
 def run_breakdown(args) -> int:
-    import horovod.torch as hvd
-
     from hvd_ba import dist
     from hvd_ba.engine import normalize
 
@@ -236,8 +234,7 @@ def run_breakdown(args) -> int:
     state = input_state(cfg, device, False)
     model = build_model(args.model, 1000, 64).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none
+    dist.broadcast_state(model, opt, optimizer_state=False)
     params = [p for p in model.parameters() if p.requires_grad]
     wire_bytes = sum(p.numel() for p in params) * (2 if args.fp16_allreduce else 4)
     phases = {k: 0.0 for k in ("data", "forward_backward", "rank_skew", "allreduce", "optimizer")}
@@ -254,7 +251,7 @@ def run_breakdown(args) -> int:
         dist.barrier(f"skew{i}")  # waiting for the slowest rank, kept apart from the transfer itself
         t_skew = time.perf_counter()
         grads = [p.grad for p in params]
-        averaged = hvd.grouped_allreduce(grads, op=hvd.Average, name="grads", compression=compression)
+        averaged = dist.grouped_allreduce_average(grads, "grads", fp16=args.fp16_allreduce)
         for p, g in zip(params, averaged):
             p.grad.copy_(g)
         t2 = time.perf_counter()
@@ -273,7 +270,7 @@ def run_breakdown(args) -> int:
               "samples_per_rank": args.copies * args.unique_batch, "model": args.model, "size": args.size,
               "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
               "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
-              "controller": "gloo" if hvd.gloo_enabled() else "mpi"}
+              "controller": dist.controller()}
     if rank == 0:
         print(json.dumps(result))
         if args.json:
@@ -285,17 +282,17 @@ def run_breakdown(args) -> int:
 def allreduce_fit(world: int, repeats: int = 5) -> dict:
     """Time allreduces of 16 KB ... 16 MB and fit t = a + b * bytes (least squares on the medians):
     latency a and, by the ring model's 2(W-1)/W factor, the link bandwidth."""
-    import horovod.torch as hvd
+    from hvd_ba import dist
 
     sizes, times = [], []
     for exp in range(14, 25, 2):
         nbytes = 2 ** exp
         tensor = torch.zeros(nbytes // 4)
-        hvd.allreduce(tensor, name=f"warm{exp}")
+        dist.allreduce_mean(tensor, name=f"warm{exp}")
         runs = []
         for r in range(repeats):
             t = time.perf_counter()
-            hvd.allreduce(tensor, name=f"fit{exp}.{r}")
+            dist.allreduce_mean(tensor, name=f"fit{exp}.{r}")
             runs.append(time.perf_counter() - t)
         sizes.append(nbytes)
         times.append(sorted(runs)[repeats // 2])
