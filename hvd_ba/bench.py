@@ -102,7 +102,7 @@ def samples_per_second(loader) -> tuple[float, int]:
     (the same fork and imports for both pipelines) is not counted against the faster one."""
     samples, counted, start = 0, 0, None
     for batch in loader:
-        n = (batch["images"] if isinstance(batch, dict) else batch[0]).shape[0]
+        n = (batch["labels"] if isinstance(batch, dict) else batch[1]).shape[0]
         samples += n
         if start is None:
             start = time.perf_counter()

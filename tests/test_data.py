@@ -258,3 +258,35 @@ def test_loader_workers_survive_the_preemption_signals(small_data):
     time.sleep(0.5)
     assert all(w.is_alive() for w in batches._workers)
     assert next(batches)["images"].shape[0] == 8 * cfg.data.copies
+
+
+def test_a_rank_that_leaves_an_epoch_unfinished_still_exits(small_data):
+    """Workers ignore SIGTERM, which is all PyTorch's and multiprocessing's exit paths send to a
+    worker that does not stop by itself (one with batches still queued after a `break`, a stop or
+    an exception): the rank must still exit promptly, with its own exit status."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    script = (
+        "import sys\n"
+        "from hvd_ba.config import load_config\n"
+        "from hvd_ba.data.manifest import load_index\n"
+        "from hvd_ba.data.pipeline import make_train_loader\n"
+        f"cfg = load_config('demo', ['data.path={small_data}', 'data.workers=2', 'data.unique_batch=8'])\n"
+        f"loader = make_train_loader(load_index('{small_data}', 'train', None), cfg, rank=0, world=1)\n"
+        "for batch in loader:\n"
+        "    break\n"
+        "if sys.argv[1] == 'raise':\n"
+        "    raise KeyError('left mid-epoch')\n"
+        "print('left mid-epoch')\n"
+    )
+    for mode, code in (("break", 0), ("raise", 1)):
+        start = time.monotonic()
+        r = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT)
+        assert r.returncode == code, r.stderr[-2000:]
+        assert time.monotonic() - start < 60
+        assert "killed by signal" not in r.stderr  # no spurious worker-failure report on the way out

@@ -104,3 +104,24 @@ def test_make_copies_and_canvas_copies_draw_alike(small_data):
     with Image.open(path) as img:
         item = canvas_copies(img, preset, 5, image_rng(1, 0, 9), canvas=512)
     np.testing.assert_array_equal(lighting, item["lighting"])
+
+
+def test_two_ranks_train_with_device_augmentation(small_data, tmp_path):
+    """horovodrun -np 2 with augment.where=device: ranks in lockstep, and the same run as the
+    loader path up to resampling noise (the same files, boxes, flips and offsets)."""
+    import json
+
+    from test_horovod import launch
+    from hvd_ba.train import read_jsonl
+
+    runs = {}
+    for where in ("loader", "device"):
+        out = tmp_path / where
+        r = launch("gloo", small_data, out, extra=["optim.epochs=2", f"augment.where={where}"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+        assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+        runs[where] = read_jsonl(out / "metrics.jsonl")
+    for a, b in zip(runs["loader"], runs["device"]):
+        assert a["files_read_per_rank"] == b["files_read_per_rank"] and a["samples"] == b["samples"]
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * a["train_loss"], (a["train_loss"], b["train_loss"])

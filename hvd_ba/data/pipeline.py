@@ -10,8 +10,10 @@ indices [B] (file indices), files (files opened), bytes (bytes read), bad (paths
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import io
+import multiprocessing
 import os
 import signal
 import threading
@@ -278,8 +280,34 @@ def _worker_init(rank_pid: int, worker_id: int) -> None:
     threading.Thread(target=loop, name="rank-watchdog", daemon=True).start()
 
 
+def _kill_workers_at_exit() -> None:
+    """Kill (SIGKILL) the loader workers still alive when the rank exits.
+
+    Workers ignore SIGTERM (see _worker_init), and SIGTERM is all that PyTorch's worker shutdown
+    and multiprocessing's exit hook send when a worker does not stop by itself, which happens
+    when an epoch was left unfinished (a stop, a `break`, an exception) with batches still
+    queued: the exit hook would then wait for that worker forever. Registered after
+    multiprocessing's own hook, so it runs first (atexit is last in, first out).
+    """
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        # PyTorch's SIGCHLD handler would report each killed worker as an error; we are leaving
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        if child.daemon:  # DataLoader workers are daemonic; multiprocessing would terminate them too
+            child.kill()
+            child.join(timeout=5)
+
+
+_exit_hook_registered = False
+
+
 def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:
+    global _exit_hook_registered
     workers = d.workers
+    if workers and not _exit_hook_registered:
+        atexit.register(_kill_workers_at_exit)
+        _exit_hook_registered = True
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
