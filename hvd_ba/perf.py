@@ -225,7 +225,7 @@ def run_breakdown(args) -> int:
     torch.set_num_threads(args.threads)
     dist.init()
     rank, world = dist.rank(), dist.size()
-    device = torch.device("cpu")
+    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     root = corpus(args.corpus, args.unique_batch * world * (args.warmup + args.steps)) if rank == 0 else None
     dist.barrier("corpus")
     root = corpus(args.corpus, 0)
@@ -246,7 +246,8 @@ def run_breakdown(args) -> int:
         phases["data"] += t0 - t_wait
         x = normalize(batch, state)
         opt.zero_grad()
-        F.cross_entropy(model(x), batch["labels"]).backward()
+        F.cross_entropy(model(x), batch["labels"].to(device)).backward()
+        sync(device)
         t1 = time.perf_counter()
         dist.barrier(f"skew{i}")  # waiting for the slowest rank, kept apart from the transfer itself
         t_skew = time.perf_counter()
@@ -254,8 +255,10 @@ def run_breakdown(args) -> int:
         averaged = dist.grouped_allreduce_average(grads, "grads", fp16=args.fp16_allreduce)
         for p, g in zip(params, averaged):
             p.grad.copy_(g)
+        sync(device)
         t2 = time.perf_counter()
         opt.step()
+        sync(device)
         t_wait = time.perf_counter()
         phases["forward_backward"] += t1 - t0
         phases["rank_skew"] += t_skew - t1
@@ -436,14 +439,18 @@ def plot_scaling(proj: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     bandwidths = sorted({r["bandwidth_gbit"] for r in proj})
     fig, axes = plt.subplots(1, len(bandwidths), figsize=(4.2 * len(bandwidths), 3.6), sharey=True, squeeze=False)
     for ax, gbit in zip(axes[0], bandwidths):
         for config in dict.fromkeys(r["config"] for r in proj):
             rows = [r for r in proj if r["bandwidth_gbit"] == gbit and r["config"] == config]
-            ax.plot([r["workers"] for r in rows], [100 * r["efficiency"] for r in rows], "o-", label=config, ms=3)
+            style = "x:" if "passes" in config else "o-"  # it coincides with BA M=4: drawn on top, dotted
+            ax.plot([r["workers"] for r in rows], [100 * r["efficiency"] for r in rows], style, label=config, ms=4)
         ax.set_xscale("log", base=2)
+        ax.set_xticks([r["workers"] for r in proj if r["bandwidth_gbit"] == gbit][::len(set(r["config"] for r in proj))])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_title(f"{gbit:.0f} Gbit/s")
         ax.set_xlabel("GPUs (W)")
         ax.grid(alpha=0.3)
