@@ -10,6 +10,7 @@ DistributedOptimizer does in training: it is the communication time the overlap 
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -41,7 +42,7 @@ def add_parsers(sub) -> None:
     gpu.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 4 on CPU)")
     gpu.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 2 on CPU)")
     gpu.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes (default: all cores)")
-    gpu.add_argument("--amp", default=None, help="off | bf16 (default: bf16 on CUDA, off on CPU)")
+    gpu.add_argument("--amp", default=None, choices=("off", "bf16"), help="autocast (default: bf16 on CUDA, off on CPU)")
     gpu.add_argument("--where", default="loader,device", help="augmentation places to measure (default: loader,device)")
     gpu.add_argument("--corpus", default="~/.cache/hvd_ba/bench-photos", help="photo corpus folder, made if short")
     gpu.add_argument("--json", default=None, help="also write the figures here")
@@ -194,7 +195,11 @@ def run_gpu_bench(args) -> int:
             elapsed = time.perf_counter() - start
             fed = timed / elapsed
             # the loader alone: samples/s that `workers` processes make, per process
-            rate, _ = samples_per_second(loader_for(root, m, unique, size, args.workers, where, warmup + steps)[0])
+            del loader, batch  # its persistent workers go now, not at exit
+            alone = loader_for(root, m, unique, size, args.workers, where, warmup + steps)[0]
+            rate, _ = samples_per_second(alone)
+            del alone
+            gc.collect()
             per_worker = rate / args.workers
             rows.append({"copies": m, "where": where, "samples_per_step": samples, "ceiling_samples_per_s": ceiling,
                          "loader_samples_per_s": fed, "ratio": fed / ceiling, "data_wait_fraction": io_wait / elapsed,
