@@ -62,9 +62,10 @@ def add_parsers(sub) -> None:
                     help=f"projection: link bandwidths, Gbit/s (assumed; default: {DEFAULT_BANDWIDTHS_GBIT})")
     sc.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US,
                     help=f"projection: latency per ring step, us (assumed; default: {DEFAULT_LATENCY_US})")
-    sc.add_argument("--gpu-samples-per-s", type=float, default=RESNET50_ASSUMED_GPU_SAMPLES_PER_S,
-                    help="projection: ResNet-50 training samples/s of one GPU (assumed unless you pass the "
-                         f"ceiling `bench gpu` measured; default: {RESNET50_ASSUMED_GPU_SAMPLES_PER_S:.0f})")
+    sc.add_argument("--gpu-samples-per-s", type=float, default=None,
+                    help="projection: ResNet-50 training samples/s of one GPU (default: measured on this machine's "
+                         "GPU, bf16, channels_last, 32 per step, when there is one; else an assumed "
+                         f"{RESNET50_ASSUMED_GPU_SAMPLES_PER_S:.0f})")
     sc.add_argument("--out", default="runs/bench-scaling", help="folder for scaling.json and scaling.png")
 
 
@@ -346,6 +347,27 @@ def project(grad_bytes: float, samples_per_s: float, unique: int, workers: list[
     return rows
 
 
+def resnet50_gpu_rate(given: float | None, unique: int, steps: int = 20, warmup: int = 5) -> tuple[float, str]:
+    """ResNet-50 training samples/s of one GPU: given, else measured here (bf16, channels_last,
+    synthetic tensors on the GPU, `unique` per step), else the assumed figure."""
+    if given is not None:
+        return given, "given"
+    if not torch.cuda.is_available():
+        return RESNET50_ASSUMED_GPU_SAMPLES_PER_S, "assumed: no CUDA here"
+    device = torch.device("cuda")
+    _, step = model_and_step("resnet50", device, "bf16", True)
+    x = torch.randn(unique, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (unique,), device=device)
+    for _ in range(warmup):
+        step(x, y)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    sync(device)
+    return unique * steps / (time.perf_counter() - t), "measured"
+
+
 def resnet50_gradient_bytes() -> int:
     import torchvision
 
@@ -413,11 +435,11 @@ def run_scaling(args) -> int:
     workers = [2 ** k for k in range(3, 11)]
     bandwidths = [float(b) for b in args.bandwidths_gbit.split(",")]
     unique = 32  # per GPU: the resnet50 preset's data.unique_batch
-    proj = project(grad_bytes, args.gpu_samples_per_s, unique, workers, bandwidths, args.latency_us * 1e-6)
+    gpu_rate, gpu_source = resnet50_gpu_rate(args.gpu_samples_per_s, unique)
+    proj = project(grad_bytes, gpu_rate, unique, workers, bandwidths, args.latency_us * 1e-6)
     configs = list(dict.fromkeys(r["config"] for r in proj))
     print(f"\nprojection: ResNet-50 ({grad_bytes / 1e6:.1f} MB of fp32 gradients, measured from torchvision), "
-          f"{unique} unique images per GPU per step, {args.gpu_samples_per_s:.0f} samples/s per GPU (assumed unless "
-          f"given), ring latency {args.latency_us:.0f} us per step (assumed), no overlap of allreduce and backward.")
+          f"{unique} unique images per GPU per step, {gpu_rate:.0f} samples/s per GPU ({gpu_source}), ring latency {args.latency_us:.0f} us per step (assumed), no overlap of allreduce and backward.")
     print("scaling efficiency = throughput of W GPUs / (W x one GPU), and (in brackets) the time between allreduces:")
     print(f"{'Gbit/s':>6} {'W':>5} " + " ".join(f"{c:>30}" for c in configs))
     for gbit in bandwidths:
@@ -428,10 +450,11 @@ def run_scaling(args) -> int:
                 f"{100 * c['efficiency']:>5.1f}% ({1000 * (c['compute_s'] + c['allreduce_s']):>6.1f} ms)"
                 .rjust(30) for c in cells))
     print(f"\nthis run's {big['model']} on this CPU: {measured_rate:.1f} samples/s per rank forward+backward (measured);"
-          f" ResNet-50 on a GPU: {args.gpu_samples_per_s:.0f} (assumed). Inputs measured here: the breakdowns, the "
-          f"allreduce fits, the gradient bytes. Assumed: GPU rate, bandwidths, latency.")
+          f" ResNet-50 on a GPU: {gpu_rate:.0f} ({gpu_source}). Inputs measured here: the breakdowns, the "
+          f"allreduce fits, the gradient bytes{', the GPU rate' if gpu_source == 'measured' else ''}. Assumed: "
+          f"{'' if gpu_source == 'measured' else 'the GPU rate, '}bandwidths, latency.")
     result = {"measured": measured, "allreduce_fits": fits, "projection": proj, "grad_bytes_resnet50": grad_bytes,
-              "gpu_samples_per_s": args.gpu_samples_per_s, "latency_us": args.latency_us,
+              "gpu_samples_per_s": gpu_rate, "gpu_rate_source": gpu_source, "latency_us": args.latency_us,
               "measured_samples_per_s_per_rank": measured_rate}
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     plot_scaling(proj, out / "scaling.png")

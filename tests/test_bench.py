@@ -65,6 +65,9 @@ def test_bench_scaling_measures_both_controllers_and_projects(tmp_path):
             assert abs(sum(s.values()) - m["step_s"]) < 1e-9
             fit = m["allreduce_fit"]
             assert fit["bandwidth_bytes_per_s"] > 0 and len(fit["bytes"]) == len(fit["seconds"]) == 6
+    import torch
+
+    assert result["gpu_rate_source"] == ("measured" if torch.cuda.is_available() else "assumed: no CUDA here")
     assert result["grad_bytes_resnet50"] == 4 * 25_557_032  # torchvision's ResNet-50 parameters, fp32
     assert len(result["projection"]) == 3 * 8 * 4  # bandwidths x W = 8..1024 x configurations
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 10_000
