@@ -138,6 +138,20 @@ def model_and_step(arch: str, device: torch.device, amp: str, channels_last: boo
     return model, step
 
 
+def synthetic_rate(step, samples: int, size: int, device: torch.device, warmup: int, steps: int) -> float:
+    """Samples/s of `step` on random channels_last tensors already on the device (no I/O at all)."""
+    x = torch.randn(samples, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (samples,), device=device)
+    for _ in range(warmup):
+        step(x, y)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    sync(device)
+    return samples * steps / (time.perf_counter() - t)
+
+
 # ----------------------------------------------------------------------------------- bench gpu
 
 
@@ -167,16 +181,7 @@ def run_gpu_bench(args) -> int:
     for m in copies_list:
         samples = unique * m
         # (a) the ceiling: the same step on tensors already on the device
-        x = torch.randn(samples, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (samples,), device=device)
-        for _ in range(warmup):
-            step(x, y)
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            step(x, y)
-        sync(device)
-        ceiling = samples * steps / (time.perf_counter() - t)
+        ceiling = synthetic_rate(step, samples, size, device, warmup, steps)
         for where in places:
             # (b) this project's loader feeding the same step
             loader, cfg = loader_for(root, m, unique, size, args.workers, where, warmup + steps)
@@ -356,16 +361,7 @@ def resnet50_gpu_rate(given: float | None, unique: int, steps: int = 20, warmup:
         return RESNET50_ASSUMED_GPU_SAMPLES_PER_S, "assumed: no CUDA here"
     device = torch.device("cuda")
     _, step = model_and_step("resnet50", device, "bf16", True)
-    x = torch.randn(unique, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (unique,), device=device)
-    for _ in range(warmup):
-        step(x, y)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step(x, y)
-    sync(device)
-    return unique * steps / (time.perf_counter() - t), "measured"
+    return synthetic_rate(step, unique, 224, device, warmup, steps), "measured"
 
 
 def resnet50_gradient_bytes() -> int:

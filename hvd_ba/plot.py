@@ -22,6 +22,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from hvd_ba.train import read_jsonl  # noqa: E402
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _kind_color(name: str, index: int) -> str:
     """The three kinds in their standard order: plain B blue, BA red, plain M*B green."""
     return ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange")[index % 5]
@@ -47,11 +54,7 @@ def plot_training(run: Path, out: Path) -> Path | None:
         axes[2].plot([s["step"] for s in steps], [s["lr"] for s in steps])
     axes[2].set(xlabel="step", ylabel="learning rate", title="schedule")
     fig.suptitle(str(run))
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "training.png")
 
 
 def plot_lambda_tracks(runs: list[Path], out: Path) -> Path | None:
@@ -83,11 +86,7 @@ def plot_lambda_tracks(runs: list[Path], out: Path) -> Path | None:
     ax.set(ylabel="lambda_max of batch-averaged Hessian", yscale="log",
            title="lambda_max during training (Theorem A: stable while below 2/lr)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "lambda.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "lambda.png")
 
 
 def _own_kind(record: dict) -> str:
@@ -110,11 +109,7 @@ def plot_lambda_analysis(result_path: Path, out: Path) -> Path:
     ax.set(ylabel="top eigenvalue of <H>_k (dots: batches; bar: lambda_max)", yscale="log",
            title=f"lambda_max at step {r['step']} ({Path(r['source']).name})")
     ax.legend()
-    fig.tight_layout()
-    path = out / (result_path.stem + ".png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out / (result_path.stem + ".png"))
 
 
 def plot_grad_variance(result_path: Path, out: Path) -> Path:
@@ -132,11 +127,7 @@ def plot_grad_variance(result_path: Path, out: Path) -> Path:
            title=f"gradient variance against M at step {r['step']}")
     ax.set_xticks(ms, [str(m) for m in ms])
     ax.legend()
-    fig.tight_layout()
-    path = out / (result_path.stem + ".png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out / (result_path.stem + ".png"))
 
 
 def plot_stability(out: Path, dim: int = 5, samples: int = 64, seed: int = 0) -> Path:
@@ -156,12 +147,8 @@ def plot_stability(out: Path, dim: int = 5, samples: int = 64, seed: int = 0) ->
            title=f"SGD stability, least squares (N={samples}, d={dim})")
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.legend(fontsize=8)
-    fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "stability.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "stability.png")
 
 
 def run_plot(args) -> int:
