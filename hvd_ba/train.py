@@ -243,7 +243,8 @@ def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_i
     lr = lr_at(state.step, state, cfg.optim)
     if dist.is_primary():
         record = {"step": state.step, "epoch": state.epoch + 1, "epochs_done": state.step / state.steps_per_epoch,
-                  "unique": cfg.data.unique_batch * world, "copies": cfg.data.copies, "lr": lr, "two_over_lr": 2 / lr if lr else None,
+                  "unique": cfg.data.unique_batch * world, "copies": cfg.data.copies, "lr": lr,
+                  "two_over_lr": 2 / lr if lr else None,
                   "kinds": {name: {k: r[k] for k in ("unique", "copies", "samples", "lambda_max", "lambda_mean")}
                             for name, r in results.items()}, "seconds": time.perf_counter() - t0}
         append_jsonl(out / "lambda.jsonl", record)
