@@ -39,13 +39,11 @@ def canvas_copies(img: Image.Image, preset: TrainPreset, copies: int, rng: np.ra
             "lighting": np.stack([d[2] for d in draws])}
 
 
-def collate_canvases(items: list[dict], copy_major: bool, out: torch.Tensor | None = None) -> dict:
-    """B decoded images zero-padded into one uint8 [B, H, W, 3] (H, W: the batch's largest), and
-    per sample (M*B, in the layout's order): the box [l, t, r, b], the owning image, the flip."""
+def collate_canvases(items: list[dict], copy_major: bool, canvas: torch.Tensor) -> dict:
+    """B decoded images written into `canvas`, a zeroed uint8 [B, H, W, 3] (H, W: the batch's
+    largest), and per sample (M*B, in the layout's order): the box [l, t, r, b], the owning image,
+    the flip."""
     b, m = len(items), len(items[0]["boxes"])
-    height = max(it["canvas"].shape[0] for it in items)
-    width = max(it["canvas"].shape[1] for it in items)
-    canvas = out if out is not None else torch.zeros((b, height, width, 3), dtype=torch.uint8)
     for i, it in enumerate(items):
         h, w = it["canvas"].shape[:2]
         canvas[i, :h, :w].numpy()[:] = it["canvas"]
