@@ -36,7 +36,8 @@ def parser_demo() -> argparse.ArgumentParser:
         description="Make the embedded demo dataset if absent and train on it with "
                     "`horovodrun -np 2 -H localhost:2 --gloo` (CPU, a few minutes).")
     p.add_argument("--data", default=DEFAULT_DEMO_DATA, help=f"demo dataset folder (default: {DEFAULT_DEMO_DATA})")
-    p.add_argument("--out", default=DEFAULT_DEMO_RUN, help=f"run directory (default: {DEFAULT_DEMO_RUN})")
+    p.add_argument("--out", default=None,
+                   help=f"run directory (default: {DEFAULT_DEMO_RUN}, or {DEFAULT_DEMO_RUN}-<n> when that holds a run)")
     p.add_argument("--np", type=int, default=2, help="number of ranks (default: 2)")
     p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo", help="Horovod controller (default: gloo)")
     _config_args(p, "demo")
@@ -112,12 +113,22 @@ def cmd_plan(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from hvd_ba.config import check_paths, load_config
-    from hvd_ba.train import main_rank
+    # Preemption signals are caught from here on (before torch and Horovod are imported): one
+    # during start-up ends the rank with 75, the last checkpoint staying the resume point.
+    from hvd_ba.lifecycle import PREEMPTED_EXIT_CODE, Preempted, install_stop_handlers
 
-    extra = [f"run.track_lambda_every={args.track_lambda_every}"] if args.track_lambda_every else []
-    cfg = load_config(args.config, [*args.set, *extra])
-    check_paths(cfg)
+    install_stop_handlers()
+    try:
+        from hvd_ba.config import check_paths, load_config
+        from hvd_ba.train import main_rank
+
+        extra = [f"run.track_lambda_every={args.track_lambda_every}"] if args.track_lambda_every else []
+        cfg = load_config(args.config, [*args.set, *extra])
+        check_paths(cfg)
+    except Preempted as err:
+        print(f"hvd_ba: stopped ({err}) before the rank started; the last checkpoint stays the resume point",
+              file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return main_rank(cfg)
 
 

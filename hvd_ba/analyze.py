@@ -41,7 +41,7 @@ from hvd_ba.data.device_augment import unit_pixels
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import BACollate, BATrainSet, _generator, train_preset
 from hvd_ba.models import build_model
-from hvd_ba.schedule import learning_rate, peak_lr
+from hvd_ba.schedule import config_lr, peak_lr
 
 
 @dataclass(frozen=True)
@@ -336,7 +336,7 @@ def load_analysis_target(args) -> tuple[Config, torch.nn.Module, dict]:
                        write=dist.is_primary())
     torch.manual_seed(cfg.run.seed)
     m = cfg.model
-    model = build_model(m.arch, m.num_classes or len(index.classes), m.ghost_size, m.zero_init_residual, m.width)
+    model = build_model(m.arch, m.num_classes or len(index.classes), m.ghost_size, m.zero_init_residual, m.width, m.dropout)
     step, world = 0, dist.size()
     if payload is not None:
         model.load_state_dict(payload["model"])
@@ -346,7 +346,7 @@ def load_analysis_target(args) -> tuple[Config, torch.nn.Module, dict]:
     if cfg.run.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.run.max_steps_per_epoch)
     peak = peak_lr(o.base_lr, cfg.data.unique_batch * world, o.reference_batch)
-    lr = learning_rate(step, steps_per_epoch, peak, o.warmup_epochs, o.milestones, o.decay, o.schedule, o.epochs)
+    lr = config_lr(step, steps_per_epoch, peak, o)
     facts = {"source": source, "step": step, "run_world": world, "lr": lr, "momentum": o.momentum,
              "epoch": step // max(steps_per_epoch, 1), "index": index}
     return cfg, model, facts

@@ -54,9 +54,24 @@ def save_checkpoint(out_dir: str | Path, payload: dict, keep: int) -> Path:
     path = folder / f"ckpt-{payload['step']:09d}.pt"
     _atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": __version__, **payload}, f))
     _atomic_write(folder / LATEST, lambda f: f.write(path.name.encode()))
-    for old in sorted(p for p in folder.iterdir() if NAME.match(p.name))[:-keep]:
-        old.unlink(missing_ok=True)
+    prune(folder, payload.get("run_id"), keep, path)
     return path
+
+
+def run_id_of(path: Path) -> str | None:
+    """The run id stored in a checkpoint, read without loading its tensors; None if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id")
+    except Exception:  # a damaged file: not known to be ours, so never pruned
+        return None
+
+
+def prune(folder: Path, run_id: str | None, keep: int, newest: Path) -> None:
+    """Remove this run's oldest checkpoints (by step) beyond `keep`. Only checkpoints that name
+    `run_id` are candidates, and never `newest` (the one `latest` now names)."""
+    ours = sorted(p for p in folder.iterdir() if NAME.match(p.name) and p != newest and run_id_of(p) == run_id)
+    for old in ours[:max(0, len(ours) - (keep - 1))]:
+        old.unlink(missing_ok=True)
 
 
 def _candidates(folder: Path) -> list[Path]:

@@ -48,11 +48,13 @@ class AugmentConfig:
     """Per-image augmentation preset, applied independently to each of the M copies
     (hvd_ba/data/transforms.py). The defaults are the paper's ResNet-50 preset."""
 
-    kind: str = "random-resized-crop"  # or resize-random-crop (AlexNet: resize x resize, random size crop)
+    # random-resized-crop; short-side-random-crop (AlexNet: shorter side to `resize`, its central
+    # resize x resize patch, a random size x size crop); resize-random-crop (resize x resize, crop)
+    kind: str = "random-resized-crop"
     size: int = 224  # output side, px
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area fraction range
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect-ratio range
-    resize: int = 256  # resize-random-crop only: the square the crop is taken from, px
+    resize: int = 256  # short-side- and resize-random-crop: the square the crop is taken from, px
     hflip: float = 0.5  # probability of a horizontal flip
     lighting_std: float = 0.0  # AlexNet PCA lighting noise (0.1 in the original); 0: off
     # loader: workers make the M crops (uint8). device: workers decode once and send the image
@@ -75,6 +77,7 @@ class ModelConfig:
     ghost_impl: str = "split"
     width: float = 1.0  # width multiplier (mobilenet's alpha; small_resnet's channels / 24)
     zero_init_residual: bool = True  # last BN gamma of each residual block starts at 0 (Goyal et al.)
+    dropout: float = 0.0  # small_resnet only: dropout before the classifier (AlexNet-style); 0: none
 
 
 @dataclass
@@ -92,6 +95,9 @@ class OptimConfig:
     gradient_predivide_factor: float = 1.0
     epochs: int = 90
     warmup_epochs: float = 5.0  # per-iteration linear warmup to the peak LR (Goyal et al. 2017)
+    # base: the warmup starts at base_lr (the LR of reference_batch unique images) at iteration 0,
+    # as Goyal et al. and their code; zero: from 0 (many modern recipes)
+    warmup_from: str = "base"
     milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # epochs
     decay: float = 0.1  # LR factor at each milestone
 
@@ -105,6 +111,13 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads per rank; 0: $SLURM_CPUS_PER_TASK, else cores / local ranks
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
     resume: str | None = None  # auto: the newest valid checkpoint of out_dir (fresh start if none); or a file
+    # A fresh start in an out_dir that holds a run is refused; true: move that run aside to
+    # <out_dir>.old-<time> (never deleted) and start afresh.
+    overwrite: bool = False
+    # Seconds a rank may go without progress (a batch from its loader, a step, an evaluation
+    # batch) before the job is ended with a message naming the rank, host and what it waited for.
+    # Horovod's stall shutdown is set to the same time. Start-up (listing, resume) is not timed.
+    stall_timeout: float = 300.0
     checkpoint_every: int | None = None  # steps between checkpoints (one is also written at each epoch end)
     keep_checkpoints: int = 3  # the newest K are kept
     # steps between the ranks' agreement on stop requests (preemption signals) and finite losses:
@@ -202,6 +215,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file '{path}': not valid YAML ({err})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}': expected a mapping of sections")
+    raw.pop("run_id", None)  # a run's config.yaml used as a preset: the id belongs to that run
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -251,7 +265,7 @@ def load_config(preset: str = "resnet50", overrides: list[str] | tuple = ()) -> 
         raw[section][name] = value
     cfg = from_dict(raw)
     # Expanded in each process, so '$SLURMD_NODENAME' or '$SLURM_JOB_ID' can name per-node folders.
-    for section, name in (("data", "local_path"), ("run", "stop_file")):
+    for section, name in (("data", "local_path"), ("data", "manifest_dir"), ("run", "stop_file")):
         value = getattr(getattr(cfg, section), name)
         if value:
             expanded = os.path.expandvars(value)
@@ -261,9 +275,11 @@ def load_config(preset: str = "resnet50", overrides: list[str] | tuple = ()) -> 
     return cfg
 
 
-def save_config(cfg: Config, path: Path) -> None:
+def save_config(cfg: Config, path: Path, run_id: str | None = None) -> None:
+    """The resolved config as YAML (with the run's id on top when given; loading drops it)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    head = {"run_id": run_id} if run_id else {}
+    tmp.write_text(yaml.safe_dump({**head, **cfg.to_dict()}, sort_keys=False))
     os.replace(tmp, path)
 
 
@@ -271,7 +287,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 LAYOUTS = ("copy-major", "sample-major")
 SHARDS = ("global", "static")
-AUGMENT_KINDS = ("random-resized-crop", "resize-random-crop")
+AUGMENT_KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
 WORKER_STARTS = ("fork", "forkserver", "spawn")
 GHOST_IMPLS = ("split", "accumulate")
 SCHEDULES = ("step", "cosine")
@@ -301,7 +317,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= a.hflip <= 1.0, "augment.hflip", f"must be a probability, got {a.hflip}")
     _require(a.eval_crop <= a.eval_resize, "augment.eval_crop", f"{a.eval_crop} exceeds augment.eval_resize {a.eval_resize}")
     _require(a.kind in AUGMENT_KINDS, "augment.kind", f"must be one of {AUGMENT_KINDS}, got {a.kind!r}")
-    if a.kind == "resize-random-crop":
+    if a.kind in ("short-side-random-crop", "resize-random-crop"):
         _require(a.resize >= a.size, "augment.resize", f"{a.resize} is below augment.size {a.size}")
     _require(a.where in ("loader", "device"), "augment.where", f"must be loader or device, got {a.where!r}")
     _require(a.canvas >= a.size, "augment.canvas", f"{a.canvas} is below augment.size {a.size}")
@@ -322,6 +338,7 @@ def validate(cfg: Config) -> None:
     if m.ghost_impl == "accumulate":
         _require(m.ghost_size is not None, "model.ghost_impl", "accumulate needs model.ghost_size")
     _require(m.width > 0, "model.width", f"must be > 0, got {m.width}")
+    _require(o.warmup_from in ("base", "zero"), "optim.warmup_from", f"must be base or zero, got {o.warmup_from!r}")
     _require(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
     _require(0 <= o.label_smoothing < 1, "optim.label_smoothing", f"must be in [0, 1), got {o.label_smoothing}")
     _require(o.gradient_predivide_factor > 0, "optim.gradient_predivide_factor", "must be > 0")
@@ -343,6 +360,10 @@ def validate(cfg: Config) -> None:
              f"must be >= 1 or null, got {r.track_lambda_every}")
     _require(r.track_lambda_batches >= 1, "run.track_lambda_batches", f"must be >= 1, got {r.track_lambda_batches}")
     _require(r.sync_every >= 1, "run.sync_every", f"must be >= 1, got {r.sync_every}")
+    _require(r.stall_timeout > 0, "run.stall_timeout", f"must be > 0 seconds, got {r.stall_timeout}")
+    _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(m.dropout == 0 or m.arch == "small_resnet", "model.dropout",
+             f"only small_resnet takes a dropout here ({m.arch} has its own or none)")
     _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
     if r.checkpoint_every is not None:
         _require(r.checkpoint_every >= 1, "run.checkpoint_every", f"must be >= 1, got {r.checkpoint_every}")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from hvd_ba.config import ConfigError, check_paths, load_config
+from hvd_ba.runs import claim_fresh, holds_run
 
 
 def horovodrun_path() -> str:
@@ -35,6 +36,25 @@ def horovodrun_command(np: int, controller: str, rank_args: list[str]) -> list[s
     return cmd + [sys.executable, "-m", "hvd_ba", "train", *rank_args]
 
 
+def choose_out_dir(args) -> str:
+    """--out as given; by default runs/demo, or the first runs/demo-<n> that holds no run when
+    the user asked neither to resume nor to overwrite (so the demo can be run again)."""
+    from hvd_ba.__main__ import DEFAULT_DEMO_RUN
+
+    if args.out is not None:
+        return args.out
+    continuing = any(s.startswith(("run.resume=", "run.overwrite=")) for s in args.set)
+    if continuing or not holds_run(DEFAULT_DEMO_RUN):
+        return DEFAULT_DEMO_RUN
+    n = 2
+    while holds_run(f"{DEFAULT_DEMO_RUN}-{n}"):
+        n += 1
+    out = f"{DEFAULT_DEMO_RUN}-{n}"
+    print(f"demo: {DEFAULT_DEMO_RUN} holds an earlier run; this one goes to {out} (to continue an interrupted run "
+          f"instead: python -m hvd_ba demo --out DIR --set run.resume=auto)", flush=True)
+    return out
+
+
 def run_demo(args) -> int:
     t0 = time.time()
     data = Path(args.data)
@@ -44,8 +64,11 @@ def run_demo(args) -> int:
         print(f"demo: writing the demo dataset to {data} ...", flush=True)
         summary = make_dataset(data)
         print(f"demo: {summary['files']} JPEGs, {summary['bytes'] / 1e6:.1f} MB, in {time.time() - t0:.0f} s", flush=True)
-    overrides = [f"data.path={data}", f"run.out_dir={args.out}", *args.set]
+    out = choose_out_dir(args)
+    overrides = [f"data.path={data}", f"run.out_dir={out}", *args.set]
     cfg = load_config(args.config, overrides)  # fail here, once, before any rank starts
+    if holds_run(out) and not (cfg.run.resume or cfg.run.overwrite):
+        claim_fresh(cfg, Path(out))  # raises the one-line refusal naming the choices
     check_paths(cfg)
     cmd = horovodrun_command(args.np, args.controller, ["--config", args.config, "--set", *overrides])
     print("demo: " + " ".join(cmd), flush=True)

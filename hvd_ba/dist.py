@@ -12,8 +12,14 @@ import torch
 _hvd = None
 
 
-def init() -> None:
+def init(stall_timeout: float | None = None) -> None:
+    """Start Horovod. stall_timeout: Horovod's stall check warns (naming the ranks that did not
+    submit a tensor) after min(60 s, stall_timeout) and shuts down after stall_timeout, unless
+    HOROVOD_STALL_CHECK_TIME_SECONDS / HOROVOD_STALL_SHUTDOWN_TIME_SECONDS are set already."""
     global _hvd
+    if stall_timeout is not None:
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60.0, stall_timeout)))))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(1, int(stall_timeout))))
     import horovod.torch as hvd
 
     hvd.init()

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from hvd_ba import dist
 from hvd_ba.data.device_augment import unit_pixels
-from hvd_ba.schedule import learning_rate
+from hvd_ba.schedule import config_lr
 
 log = logging.getLogger("hvd_ba")
 
@@ -35,6 +35,10 @@ class TrainState:
     last_loss: float = 0.0  # this rank's loss of the last step
     reads: dict = field(default_factory=dict)  # epoch -> file indices read by this rank (run.record_reads)
     bad_files: set = field(default_factory=set)  # paths this rank could not decode (logged once each)
+    progress: "EpochProgress | None" = None  # the running epoch's sums (carried by mid-epoch checkpoints)
+    watchdog: object = None  # hvd_ba.lifecycle.Watchdog: told of every step's progress
+    run_id: str | None = None
+    plan: dict | None = None  # hvd_ba.runs.run_plan: what the data order and LR depend on
 
 
 def normalize(batch: dict, state: TrainState) -> torch.Tensor:
@@ -67,9 +71,33 @@ class Meter:
         return dict(zip(self.KEYS, totals.tolist()))
 
 
+class EpochProgress:
+    """The running epoch's sums on this rank (Meter), its data-wait and wall seconds; a
+    checkpoint in the middle of an epoch carries them, so a resumed epoch's metrics cover the
+    whole epoch, not only the steps after the resume."""
+
+    def __init__(self, record: dict | None = None):
+        self.meter, self.data_time, self.before_s = Meter(), 0.0, 0.0
+        if record:
+            self.meter.totals = torch.tensor(record["totals"], dtype=torch.float64)
+            self.data_time, self.before_s = record["data_time"], record["elapsed"]
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before_s + time.perf_counter() - self.t0
+
+    def to_record(self) -> dict:
+        return {"totals": self.meter.totals.tolist(), "data_time": self.data_time, "elapsed": self.elapsed()}
+
+    @staticmethod
+    def merge(records: list[dict]) -> dict:
+        """Several ranks' records as one (a resume on another number of ranks: all on rank 0)."""
+        return {"totals": [sum(column) for column in zip(*(r["totals"] for r in records))],
+                "data_time": max(r["data_time"] for r in records), "elapsed": max(r["elapsed"] for r in records)}
+
+
 def lr_at(step: int, state: TrainState, o) -> float:
-    return learning_rate(step, state.steps_per_epoch, state.peak_lr, o.warmup_epochs, o.milestones, o.decay,
-                         o.schedule, o.epochs)
+    return config_lr(step, state.steps_per_epoch, state.peak_lr, o)
 
 
 def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[float, int]:
@@ -102,25 +130,52 @@ def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[float, i
     return loss_sum / chunks, correct
 
 
-def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None, start_step: int = 0) -> dict:
-    """One epoch of BA training (from `start_step` when resumed mid-epoch); returns figures summed
-    over all ranks. `on_step(step_in_epoch)` runs after every step on every rank; when it returns
-    True, the epoch ends there (an agreed stop) and the result has stopped=True."""
+def _waiting_for(loader, state: TrainState, step_in_epoch: int):
+    """What the rank waits for while its loader makes the batch of `step_in_epoch` (for the
+    watchdog's message; computed only when it fires)."""
+    def describe() -> str:
+        sampler, b = loader.batch_sampler, loader.batch_sampler.unique_batch
+        files = sampler.shard(state.epoch)[step_in_epoch * b:(step_in_epoch + 1) * b]
+        dataset = loader.dataset
+        names = [dataset.path(i) for i in files[:3]]
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        return (f"its data loader (the batch of step {step_in_epoch + 1} of epoch {state.epoch + 1}: "
+                f"{', '.join(names)}{more})")
+    return describe
+
+
+def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None, start_step: int = 0,
+                    partial: dict | None = None, reads_log=None) -> dict:
+    """One epoch of BA training (from `start_step` when resumed mid-epoch, with that epoch's
+    `partial` sums so far); returns figures summed over all ranks. `on_step(step_in_epoch)` runs
+    after every step on every rank; when it returns True, the epoch ends there (an agreed stop)
+    and the result has stopped=True. `reads_log(record)` (run.record_reads) gets each step's
+    files of every rank (an allgather per step: for tests)."""
     model, o = state.model, cfg.optim
     model.train()
     loader.batch_sampler.set_epoch(state.epoch)
     loader.batch_sampler.start = start_step
     stopped = False
     bad_this_epoch = set()
-    meter, data_time, t0 = Meter(), 0.0, time.perf_counter()
+    state.progress = progress = EpochProgress(partial)
+    meter = progress.meter
     reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
-    steps = len(loader)
+    steps = loader.batch_sampler.steps
     bar = None
     if dist.is_primary() and sys.stdout.isatty():  # a live bar on a terminal; log lines in files (Slurm logs)
-        bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}", unit="step", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=steps, initial=start_step, desc=f"epoch {state.epoch + 1}", unit="step", dynamic_ncols=True,
+                   leave=False)
+    watchdog = state.watchdog
+    lr = lr_at(state.step, state, o)
     t_wait = time.perf_counter()
+    if watchdog is not None:
+        watchdog.tick(_waiting_for(loader, state, start_step))
     for i, batch in enumerate(loader):
-        data_time += time.perf_counter() - t_wait
+        step_in_epoch = start_step + i + 1
+        progress.data_time += time.perf_counter() - t_wait
+        if watchdog is not None:
+            watchdog.tick(f"step {state.step + 1} to finish (forward, backward, allreduce with the other ranks)",
+                          peers=True)
         lr = lr_at(state.step, state, o)
         loss_value, correct = train_step(state, batch, lr, cfg)
         state.last_loss = loss_value
@@ -137,28 +192,35 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
                             dist.rank(), entry)
         if reads is not None:
             reads.extend(batch["indices"].tolist())
+            every = dist.allgather_object(batch["indices"].tolist(), name="reads")
+            if reads_log is not None:
+                reads_log({"step": state.step, "epoch": state.epoch, "world": dist.size(), "files": every})
         if bar is not None:
             bar.update(1)
-        if dist.is_primary() and ((i + 1) % cfg.run.log_every == 0 or i + 1 == steps):
-            elapsed = time.perf_counter() - t0
+        if dist.is_primary() and (step_in_epoch % cfg.run.log_every == 0 or step_in_epoch == steps):
+            elapsed = progress.elapsed()
             images_per_s, samples_per_s = float(meter.totals[3]) / elapsed, float(meter.totals[2]) / elapsed
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_s:.0f}",
                                 samples_s=f"{samples_per_s:.0f}")
             else:
                 log.info("epoch %d step %d/%d loss %.4f lr %.4f | %.1f unique img/s/rank, %.1f samples/s/rank, "
-                         "data wait %.0f%%", state.epoch + 1, i + 1, steps, loss_value, lr, images_per_s,
-                         samples_per_s, 100 * data_time / elapsed)
+                         "data wait %.0f%%", state.epoch + 1, step_in_epoch, steps, loss_value, lr, images_per_s,
+                         samples_per_s, 100 * progress.data_time / elapsed)
             if step_log is not None:
                 step_log({"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr,
                           "unique_images_per_s_rank0": images_per_s, "samples_per_s_rank0": samples_per_s})
-        if on_step is not None and on_step(start_step + i + 1):
+        if on_step is not None and on_step(step_in_epoch):
             stopped = True
             break
+        if watchdog is not None and step_in_epoch < steps:
+            watchdog.tick(_waiting_for(loader, state, step_in_epoch))
         t_wait = time.perf_counter()
     if bar is not None:
         bar.close()
-    elapsed = time.perf_counter() - t0
+    if watchdog is not None:
+        watchdog.tick(f"the end of epoch {state.epoch + 1} (sums over the ranks)", peers=True)
+    elapsed = progress.elapsed()
     sums = meter.reduce("train_meter")
     # Per-rank I/O of this epoch: what proves that BA adds no reads (files and bytes per rank).
     io_per_rank = dist.allgather_object((int(meter.totals[4]), int(meter.totals[5])), name="io")
@@ -175,7 +237,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
         "epoch_time_s": elapsed,
         "unique_images_per_s": sums["images"] / elapsed,
         "samples_per_s": sums["samples"] / elapsed,
-        "data_wait_fraction": data_time / elapsed,
+        "data_wait_fraction": progress.data_time / elapsed,
         "lr": lr,
         "stopped": stopped,
     }
@@ -201,7 +263,11 @@ def evaluate(state: TrainState, loader) -> dict:
     average_bn_statistics(state.model)
     state.model.eval()
     meter = Meter()
-    for batch in loader:
+    if state.watchdog is not None:
+        state.watchdog.tick(f"evaluation batch 1 of {len(loader)} (its data loader)")
+    for i, batch in enumerate(loader):
+        if state.watchdog is not None:
+            state.watchdog.tick(f"evaluation batch {i + 2} of {len(loader)} (its data loader or the forward pass)")
         labels = batch["labels"].to(state.device, non_blocking=True)
         x = normalize(batch, state)
         with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):

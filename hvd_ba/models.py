@@ -67,8 +67,9 @@ class SmallResNet(torchvision.models.ResNet):
     only the stem (3x3 conv, stride 2, no max-pool: demo crops are small) and the widths differ.
     """
 
-    def __init__(self, num_classes: int, width: int = 24, zero_init_residual: bool = True):
+    def __init__(self, num_classes: int, width: int = 24, zero_init_residual: bool = True, dropout: float = 0.0):
         super().__init__(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, zero_init_residual=zero_init_residual)
+        self.dropout = nn.Dropout(dropout) if dropout else None  # no parameters: state dict unchanged
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -88,6 +89,13 @@ class SmallResNet(torchvision.models.ResNet):
             for m in self.modules():
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
+
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(self.dropout(x) if self.dropout is not None else x)
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int, groups: int = 1) -> nn.Sequential:
@@ -126,34 +134,35 @@ class MobileNetV1(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def _mobilenet(num_classes: int, zero_init_residual: bool, width: float) -> nn.Module:
+def _mobilenet(num_classes: int, zero_init_residual: bool, width: float, dropout: float) -> nn.Module:
     return MobileNetV1(num_classes, width)
 
 
-def _resnet50(num_classes: int, zero_init_residual: bool, width: float) -> nn.Module:
+def _resnet50(num_classes: int, zero_init_residual: bool, width: float, dropout: float) -> nn.Module:
     if width != 1.0:
         raise ValueError("config key 'model.width': resnet50 has no width multiplier here (use 1.0)")
     return torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=zero_init_residual)
 
 
-def _alexnet(num_classes: int, zero_init_residual: bool, width: float) -> nn.Module:
+def _alexnet(num_classes: int, zero_init_residual: bool, width: float, dropout: float) -> nn.Module:
     if width != 1.0:
         raise ValueError("config key 'model.width': alexnet has no width multiplier here (use 1.0)")
     return torchvision.models.alexnet(num_classes=num_classes)
 
 
-def _small_resnet(num_classes: int, zero_init_residual: bool, width: float) -> nn.Module:
-    return SmallResNet(num_classes, width=max(1, round(24 * width)), zero_init_residual=zero_init_residual)
+def _small_resnet(num_classes: int, zero_init_residual: bool, width: float, dropout: float) -> nn.Module:
+    return SmallResNet(num_classes, width=max(1, round(24 * width)), zero_init_residual=zero_init_residual,
+                       dropout=dropout)
 
 
 ARCHS = {"resnet50": _resnet50, "mobilenet": _mobilenet, "alexnet": _alexnet, "small_resnet": _small_resnet}
 
 
 def build_model(arch: str, num_classes: int, ghost_size: int | None = None,
-                zero_init_residual: bool = True, width: float = 1.0) -> nn.Module:
+                zero_init_residual: bool = True, width: float = 1.0, dropout: float = 0.0) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"config key 'model.arch': unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
-    model = ARCHS[arch](num_classes, zero_init_residual, width)
+    model = ARCHS[arch](num_classes, zero_init_residual, width, dropout)
     if ghost_size is not None:
         use_ghost_batch_norm(model, ghost_size)
     return model

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-import signal
+import socket
 import sys
 import time
 import traceback
@@ -23,13 +23,17 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist
+from hvd_ba.checkpoint import find_checkpoint, save_checkpoint
 from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
-from hvd_ba.checkpoint import find_checkpoint, save_checkpoint
-from hvd_ba.engine import TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
+from hvd_ba.engine import EpochProgress, TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
+from hvd_ba.lifecycle import (PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog, install_stop_handlers,
+                              pause_point)
 from hvd_ba.models import build_model, parameter_groups
-from hvd_ba.schedule import peak_lr
+from hvd_ba.runs import (RunRefused, claim_fresh, index_digest, new_run_id, plan_differences, read_result,
+                         read_run_id, refuse_resume, run_plan)
+from hvd_ba.schedule import describe_warmup, peak_lr
 
 log = logging.getLogger("hvd_ba")
 
@@ -47,7 +51,7 @@ def derived_figures(cfg: Config, world: int, steps_per_epoch: int) -> list[str]:
         f"samples per step: {samples} per rank, {samples * world} global",
         f"ghost BN: {ghost}",
         f"peak LR: {peak:.4g} = {o.base_lr:g} x {unique_global} / {o.reference_batch} (M does not change it), "
-        f"linear warmup over {o.warmup_epochs:g} epochs, then "
+        f"{describe_warmup(peak, o)} (linear per iteration), then "
         + ("cosine" if o.schedule == "cosine" else
            f"x{o.decay:g} at epochs {', '.join(f'{e:g}' for e in o.milestones)}" if o.milestones else "constant")
         + f" of {o.epochs}",
@@ -117,14 +121,45 @@ def select_device() -> torch.device:
 
 def load_indexes(cfg: Config):
     """Rank 0 lists the splits (or finds their cached manifests fresh) and writes the manifests;
-    the other ranks then read them instead of listing the folders themselves."""
-    cache = os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None
+    the other ranks then read them instead of listing the folders themselves. Then the ranks
+    agree: a rank whose index differs from rank 0's (a folder changed between listings, a stale
+    manifest on one node) stops every rank with a message naming it, before any step (a
+    different number of steps would hang a collective)."""
+    cache = manifest_cache(cfg)
+    pause_point("indexes")
     if dist.is_primary():
         indexes = [load_index(cfg.data.path, split, cache) for split in ("train", "val")]
     dist.barrier("manifests")
     if not dist.is_primary():
         indexes = [load_index(cfg.data.path, split, cache, write=False) for split in ("train", "val")]
-    return indexes
+    train, val = indexes
+    mine = (len(train), index_digest(train), len(val), index_digest(val), socket.gethostname())
+    every = dist.allgather_object(mine, name="indexes")
+    ref = every[0]
+    for r, other in enumerate(every):
+        if other[:4] != ref[:4]:
+            raise DataMismatch(
+                f"data.path '{cfg.data.path}': rank {r} on host {other[4]} sees {other[0]} training and {other[2]} "
+                f"validation files, rank 0 on host {ref[4]} sees {ref[0]} and {ref[2]}"
+                + (" (same counts, other files)" if other[0] == ref[0] and other[2] == ref[2] else "")
+                + "; a folder changed between listings, or a node has a stale manifest in data.manifest_dir "
+                "(delete it there); no rank trained")
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataMismatch(
+            f"data.path '{cfg.data.path}': train/ has {len(train.classes)} class folders, val/ has {len(val.classes)}"
+            + (f"; only in train/: {', '.join(only_train[:5])}" if only_train else "")
+            + (f"; only in val/: {', '.join(only_val[:5])}" if only_val else ""))
+    return train, val
+
+
+def manifest_cache(cfg: Config) -> str | None:
+    return os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None
+
+
+class DataMismatch(RunRefused):
+    """The ranks, or the splits, do not see the same data."""
 
 
 def build_state(cfg: Config, num_classes: int, device: torch.device, world: int, steps_per_epoch: int) -> TrainState:
@@ -132,7 +167,7 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
     parameters are broadcast; without Horovod initialised, as in tests, no collective runs)."""
     m, o, r = cfg.model, cfg.optim, cfg.run
     torch.manual_seed(r.seed)
-    model = build_model(m.arch, num_classes, m.ghost_size, m.zero_init_residual, m.width).to(device)
+    model = build_model(m.arch, num_classes, m.ghost_size, m.zero_init_residual, m.width, m.dropout).to(device)
     if r.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(parameter_groups(model, o.weight_decay, o.decay_biases), lr=o.base_lr,
@@ -154,78 +189,154 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
     )
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; requeue and resume
-
-
-class StopRequest:
-    """Set by SIGTERM / SIGUSR1 (Slurm's --signal) in this rank's main process."""
-
-    def __init__(self):
-        self.requested, self.signal_name = False, None
-
-    def __call__(self, signum, frame):
-        self.requested, self.signal_name = True, signal.Signals(signum).name
-
-
-def install_stop_handlers() -> StopRequest:
-    stop = StopRequest()
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, stop)
-    return stop
-
-
 def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, step_in_epoch: int,
                epoch: int | None = None) -> None:
     """Collective: every rank calls it at the same step. BN running statistics are averaged
-    first (so the saved model is the one all ranks would evaluate) and each rank's RNG state is
-    gathered; rank 0 writes."""
+    first (so the saved model is the one all ranks would evaluate); each rank's RNG states and,
+    mid-epoch, its partial epoch sums are gathered; rank 0 writes."""
+    if state.watchdog is not None:
+        state.watchdog.tick(f"the checkpoint of step {state.step}", peers=True)
     average_bn_statistics(model)
-    rng = dist.allgather_object(torch.get_rng_state(), name="rng")
+    rng = dist.allgather_object(rng_states(), name="rng")
+    partial = dist.allgather_object(state.progress.to_record(), name="partial") if step_in_epoch else None
     if dist.is_primary():
         payload = {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
                    "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
                    "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
-                   "world": dist.size(), "rng": rng, "config": cfg.to_dict()}
+                   "world": dist.size(), "rng": rng, "partial": partial, "config": cfg.to_dict(),
+                   "run_id": state.run_id, "plan": state.plan}
         path = save_checkpoint(out, payload, cfg.run.keep_checkpoints)
         log.info("checkpoint %s (step %d)", path, state.step)
     dist.barrier("checkpoint")  # nobody leaves (or exits) before the file is on disk
 
 
-def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path) -> tuple[int, int]:
-    """Place a run at its checkpoint: rank 0 loads, every rank receives. Returns (epoch, step in
-    epoch) to start from; (0, 0) for a fresh run. Progress records after the checkpoint go."""
-    found = None
-    if cfg.run.resume and dist.is_primary():
-        found = find_checkpoint(cfg.run.resume, out)
-    meta = None
-    if found is not None:
-        path, payload = found
-        model.load_state_dict(payload["model"])
-        state.optimizer.load_state_dict(payload["optimizer"])
-        if state.scaler is not None and payload["scaler"] is not None:
-            state.scaler.load_state_dict(payload["scaler"])
-        meta = {key: payload[key] for key in ("step", "epoch", "step_in_epoch", "world", "rng")} | {"path": str(path)}
-    meta = dist.broadcast_object(meta, name="resume")
+def rng_states() -> dict:
+    """This rank's global RNG states: torch's CPU generator and, on a GPU, the CUDA one."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states) -> None:
+    if isinstance(states, torch.Tensor):  # a checkpoint of format 1 held the CPU state only
+        states = {"cpu": states}
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where a run starts: epoch and step in it (0, 0 for a fresh run), the run's id, the
+    epoch's partial sums of this rank when resumed mid-epoch, and whether it is already done."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    run_id: str | None = None
+    partial: dict | None = None
+    complete: bool = False
+
+
+def claim_run_dir(cfg: Config, out: Path) -> str | None:
+    """Rank 0 decides whether this start may use `out` (runs.claim_fresh), every rank learns it.
+    Returns the run id of a fresh start (None when resuming: the checkpoint decides)."""
+    decision = None
     if dist.is_primary():
-        for name, field in (("steps.jsonl", "step"), ("lambda.jsonl", "step"), ("metrics.jsonl", "epoch")):
-            keep = meta[field] if meta else 0
-            truncate_jsonl(out / name, lambda record, f=field, k=keep: record[f] <= k)
-        rows = read_jsonl(out / "metrics.jsonl")
-        (out / "metrics.csv").unlink(missing_ok=True)
-        for row in rows:
-            append_csv(out / "metrics.csv", row)
-    if meta is None:
-        return 0, 0
+        try:
+            if cfg.run.resume:
+                decision = {"run_id": None}
+            else:
+                run_id, moved = claim_fresh(cfg, out)
+                decision = {"run_id": run_id, "moved": str(moved) if moved else None}
+        except RunRefused as err:
+            decision = {"error": str(err)}
+    decision = dist.broadcast_object(decision, name="claim")
+    if "error" in decision:
+        raise RunRefused(decision["error"])
+    if decision.get("moved"):
+        log.warning("run.overwrite: the earlier run in %s was moved to %s", out, decision["moved"])
+    return decision["run_id"]
+
+
+def _check_checkpoint(cfg: Config, payload: dict, path, out: Path, plan: dict) -> tuple[str, bool]:
+    """Rank 0: the run id the resumed run continues and whether the world size changes, or
+    RunRefused when the checkpoint belongs to another run or another data order / LR schedule."""
+    run_id = payload.get("run_id")
+    here = read_run_id(out)
+    if run_id and here and run_id != here:
+        raise RunRefused(f"run.resume: checkpoint '{path}' belongs to run {run_id}, but run.out_dir '{out}' holds run "
+                         f"{here}; resume into that run's own folder, or into an empty run.out_dir")
+    saved_plan = payload.get("plan") or {"world": payload.get("world")}
+    differences, resized = plan_differences(saved_plan, plan)
+    if differences:
+        raise refuse_resume(path, differences, saved_plan, plan)
+    return run_id or here or new_run_id(), resized
+
+
+def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, fresh_id: str | None) -> Placement:
+    """Place a run at its checkpoint: rank 0 loads and checks it, every rank receives it.
+    Progress records after the checkpoint go. A fresh run (or run.resume with no checkpoint
+    yet) starts at (0, 0)."""
+    meta = None
+    if dist.is_primary():
+        found = find_checkpoint(cfg.run.resume, out) if cfg.run.resume else None
+        try:
+            if found is None:
+                meta = {"run_id": fresh_id or read_run_id(out) or new_run_id()}
+            else:
+                path, payload = found
+                run_id, resized = _check_checkpoint(cfg, payload, path, out, state.plan)
+                model.load_state_dict(payload["model"])
+                state.optimizer.load_state_dict(payload["optimizer"])
+                if state.scaler is not None and payload["scaler"] is not None:
+                    state.scaler.load_state_dict(payload["scaler"])
+                meta = {key: payload.get(key) for key in ("step", "epoch", "step_in_epoch", "world", "rng", "partial")}
+                meta |= {"path": str(path), "run_id": run_id, "resized": resized}
+        except RunRefused as err:
+            meta = {"error": str(err)}
+    pause_point("resume")
+    meta = dist.broadcast_object(meta, name="resume")
+    if "error" in meta:
+        raise RunRefused(meta["error"])
+    placement = Placement(run_id=meta["run_id"])
+    if "step" not in meta:
+        if dist.is_primary() and cfg.run.resume:
+            truncate_records(out, step=0, epoch=0)
+        return placement
+    placement.epoch, placement.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+    placement.complete = meta["epoch"] >= cfg.optim.epochs
     dist.broadcast_state(model, state.optimizer, optimizer_state=True)
     state.step = meta["step"]
+    if placement.complete:
+        return placement  # no step left: its records stay as they are
+    if dist.is_primary():
+        truncate_records(out, step=meta["step"], epoch=meta["epoch"])
+    partial = meta["partial"]
     if meta["world"] == dist.size():
-        torch.set_rng_state(meta["rng"][dist.rank()])
+        set_rng_states(meta["rng"][dist.rank()])
+        placement.partial = partial[dist.rank()] if partial else None
     else:
-        log.warning("checkpoint was written by %d ranks, this run has %d: RNG states not restored",
-                    meta["world"], dist.size())
+        log.warning("resuming a run of %d ranks on %d with the same unique global batch: every step reads the same "
+                    "files with the same LR; ghost-BN groups are rank-local, so losses differ from an uninterrupted "
+                    "run; RNG states not restored", meta["world"], dist.size())
+        if partial and dist.is_primary():  # the epoch's sums so far, all on rank 0
+            placement.partial = EpochProgress.merge(partial)
     log.info("resumed from %s: step %d, epoch %d, step %d of it", meta["path"], meta["step"],
              meta["epoch"] + 1, meta["step_in_epoch"])
-    return meta["epoch"], meta["step_in_epoch"]
+    return placement
+
+
+def truncate_records(out: Path, step: int, epoch: int) -> None:
+    """Drop progress records written after the resume point (a run killed after its last
+    checkpoint wrote some); metrics.csv is rebuilt from metrics.jsonl."""
+    for name, field, keep in (("steps.jsonl", "step", step), ("lambda.jsonl", "step", step),
+                              ("reads.jsonl", "step", step), ("metrics.jsonl", "epoch", epoch)):
+        truncate_jsonl(out / name, lambda record, f=field, k=keep: record[f] <= k)
+    rows = read_jsonl(out / "metrics.jsonl")
+    (out / "metrics.csv").unlink(missing_ok=True)
+    for row in rows:
+        append_csv(out / "metrics.csv", row)
 
 
 def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_index, out: Path) -> None:
@@ -265,20 +376,74 @@ def truncate_jsonl(path: Path, keep) -> None:
     os.replace(tmp, path)
 
 
-def run_training(cfg: Config) -> dict:
-    t_start = time.time()
-    dist.init()
-    setup_logging()
+class StepHooks:
+    """What runs after every step on every rank: lambda tracking, and every run.sync_every steps,
+    at checkpoints and at the epoch's end, the ranks' agreement (one small allreduce) on a stop
+    and on finite losses, then the checkpoint that a stop or run.checkpoint_every asks for.
+    Called with the step's index in its epoch (1-based); True ends the epoch (an agreed stop)."""
+
+    def __init__(self, cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, train_index,
+                 stop: StopRequest):
+        self.cfg, self.state, self.model, self.out, self.train_index, self.stop = cfg, state, model, out, train_index, stop
+        self.first_bad_step = None
+        self.stop_at_epoch_end = False  # a stop agreed at an epoch's last step: finish that epoch first
+
+    def __call__(self, step_in_epoch: int) -> bool:
+        cfg, state, r = self.cfg, self.state, self.cfg.run
+        if self.first_bad_step is None and not math.isfinite(state.last_loss):
+            self.first_bad_step = state.step
+        if r.track_lambda_every and state.step % r.track_lambda_every == 0:
+            state.watchdog.pause()  # tens of Hessian-vector products: not a stall
+            track_lambda(cfg, state, self.model, self.train_index, self.out)
+        epoch_end = step_in_epoch == state.steps_per_epoch
+        periodic = bool(r.checkpoint_every) and state.step % r.checkpoint_every == 0 and not epoch_end
+        if not (state.step % r.sync_every == 0 or epoch_end or periodic):
+            return False
+        if dist.is_primary() and r.stop_file and not self.stop.requested and os.path.exists(r.stop_file):
+            self.stop.requested, self.stop.signal_name = True, f"stop file {r.stop_file}"
+        flags = dist.allreduce_sum(torch.tensor([float(self.stop.requested), float(self.first_bad_step is not None)]),
+                                   name="flags")
+        if flags[1] > 0:
+            where = f"step {self.first_bad_step}" if self.first_bad_step is not None else f"a step before {state.step}"
+            raise FloatingPointError(f"non-finite loss at {where} (epoch {state.epoch + 1}) on {int(flags[1])} "
+                                     "rank(s); stopping, no checkpoint after it: the last good one stays")
+        if flags[0] > 0:
+            log.warning("stop requested (%s); checkpointing at step %d", self.stop.signal_name or "another rank",
+                        state.step)
+            if epoch_end:
+                # Let the epoch end as usual (evaluation, metrics, its checkpoint) and stop after
+                # it, so a resumed run never starts with an empty epoch.
+                self.stop_at_epoch_end = True
+                return False
+            checkpoint(cfg, state, self.model, self.out, step_in_epoch)
+            return True
+        if periodic:
+            checkpoint(cfg, state, self.model, self.out, step_in_epoch)
+        return False
+
+
+@dataclasses.dataclass
+class Run:
+    """What a rank builds before its first step."""
+
+    state: TrainState
+    model: torch.nn.Module  # what is saved: the uncompiled module
+    train_index: object
+    val_index: object
+    train_loader: object
+    val_loader: object
+    threads: int
+    num_classes: int
+
+
+def build_run(cfg: Config) -> Run:
     rank, world = dist.rank(), dist.size()
     threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(
         1, (os.cpu_count() or 1) // dist.local_size())
     torch.set_num_threads(threads)
     device = select_device()
-    out = Path(cfg.run.out_dir)
-
     train_index, val_index = load_indexes(cfg)
-    if train_index.classes != val_index.classes:
-        raise ValueError(f"data.path '{cfg.data.path}': train/ and val/ have different class folders")
+    digest = index_digest(train_index)
     if cfg.data.local_path:
         from hvd_ba.stage import check_staged, rank_files
 
@@ -289,60 +454,48 @@ def run_training(cfg: Config) -> dict:
     num_classes = cfg.model.num_classes or len(train_index.classes)
     train_loader = make_train_loader(train_index, cfg, rank, world)
     val_loader = make_eval_loader(val_index, cfg, rank, world)
-
     state = build_state(cfg, num_classes, device, world, len(train_loader))
-    model = state.model._orig_mod if cfg.run.compile else state.model  # what is saved: uncompiled
-    o = cfg.optim
-    if dist.is_primary():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        log.info("resolved config (saved as %s):\n%s", out / "config.yaml", (out / "config.yaml").read_text().rstrip())
-        log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images",
-                 world, device, threads, cfg.model.arch, num_classes, len(train_index), len(val_index))
-        for line in derived_figures(cfg, world, state.steps_per_epoch):
-            log.info("%s", line)
+    state.plan = run_plan(cfg, world, state.steps_per_epoch, len(train_index), digest, state.peak_lr)
+    model = state.model._orig_mod if cfg.run.compile else state.model
+    return Run(state, model, train_index, val_index, train_loader, val_loader, threads, num_classes)
 
-    start_epoch, start_step = resume(cfg, state, model, out)
-    stop = install_stop_handlers()
 
-    first_bad_step, stop_at_epoch_end = None, False
+def announce(cfg: Config, run: Run, out: Path) -> None:
+    """Rank 0: config.yaml (with the run id) and what the run derives from its config."""
+    if not dist.is_primary():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml", run.state.run_id)
+    log.info("run %s; resolved config (saved as %s):\n%s", run.state.run_id, out / "config.yaml",
+             (out / "config.yaml").read_text().rstrip())
+    log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images", dist.size(),
+             run.state.device, run.threads, cfg.model.arch, run.num_classes, len(run.train_index), len(run.val_index))
+    for line in derived_figures(cfg, dist.size(), run.state.steps_per_epoch):
+        log.info("%s", line)
 
-    def on_step(step_in_epoch: int) -> bool:
-        """Every rank, every step. Every run.sync_every steps, at checkpoints and at the epoch's
-        end, the ranks agree (one small allreduce) on a stop and on finite losses."""
-        nonlocal first_bad_step, stop_at_epoch_end
-        if first_bad_step is None and not math.isfinite(state.last_loss):
-            first_bad_step = state.step
-        if cfg.run.track_lambda_every and state.step % cfg.run.track_lambda_every == 0:
-            track_lambda(cfg, state, model, train_index, out)
-        due = state.step % cfg.run.sync_every == 0 or step_in_epoch == state.steps_per_epoch
-        periodic = (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0
-                    and step_in_epoch < state.steps_per_epoch)  # the epoch's end writes its own
-        if not (due or periodic):
-            return False
-        if (dist.is_primary() and cfg.run.stop_file and not stop.requested
-                and os.path.exists(cfg.run.stop_file)):
-            stop.requested, stop.signal_name = True, f"stop file {cfg.run.stop_file}"
-        flags = dist.allreduce_sum(torch.tensor([float(stop.requested), float(first_bad_step is not None)]),
-                                   name="flags")
-        if flags[1] > 0:
-            where = f"step {first_bad_step}" if first_bad_step is not None else f"a step before {state.step}"
-            raise FloatingPointError(f"non-finite loss at {where} (epoch {state.epoch + 1}) on {int(flags[1])} "
-                                     "rank(s); stopping, no checkpoint after it: the last good one stays")
-        if flags[0] > 0:
-            log.warning("stop requested (%s); checkpointing at step %d", stop.signal_name or "another rank",
-                        state.step)
-            if step_in_epoch == state.steps_per_epoch:
-                # The epoch's last step: let it end as usual (evaluation, metrics, its checkpoint)
-                # and stop after it, so a resumed run never starts with an empty epoch.
-                stop_at_epoch_end = True
-                return False
-            checkpoint(cfg, state, model, out, step_in_epoch)
-            return True
-        if periodic:
-            checkpoint(cfg, state, model, out, step_in_epoch)
-        return False
 
+def record_epoch(out: Path, metrics: dict, board) -> None:
+    """Rank 0: the epoch's record in metrics.jsonl, metrics.csv and TensorBoard, and its log line."""
+    epoch = metrics["epoch"]
+    append_jsonl(out / "metrics.jsonl", metrics)
+    append_csv(out / "metrics.csv", metrics)
+    if board is not None:
+        for key in EPOCH_CSV_COLUMNS[1:]:
+            if key in metrics:
+                board.add_scalar(f"epoch/{key}", metrics[key], epoch)
+    log.info("epoch %d done: train loss %.4f top1 %.1f%% | val top1 %s | %.1f unique img/s, %.1f samples/s, %.1f MB read",
+             epoch, metrics["train_loss"], metrics["train_top1"],
+             f"{metrics['val_top1']:.2f}%" if "val_top1" in metrics else "-",
+             metrics["unique_images_per_s"], metrics["samples_per_s"], metrics["bytes_read"] / 1e6)
+    if metrics["bad_files"]:
+        log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)", epoch,
+                    metrics["bad_files"])
+
+
+def train_epochs(cfg: Config, run: Run, out: Path, placement: Placement, stop: StopRequest) -> tuple[dict, bool]:
+    """The epochs from the placement on; returns (the last epoch's metrics, stopped early)."""
+    state, o = run.state, cfg.optim
+    hooks = StepHooks(cfg, state, run.model, out, run.train_index, stop)
     board = tensorboard_writer(out) if dist.is_primary() else None
 
     def step_log(record):
@@ -351,70 +504,133 @@ def run_training(cfg: Config) -> dict:
             for key in ("loss", "lr", "unique_images_per_s_rank0", "samples_per_s_rank0"):
                 board.add_scalar(f"step/{key}", record[key], record["step"])
 
-    metrics = {}
-    for epoch in range(start_epoch, o.epochs):
-        state.epoch = epoch
-        metrics = {"epoch": epoch + 1, **train_one_epoch(state, train_loader, cfg, step_log, on_step,
-                                                         start_step if epoch == start_epoch else 0)}
-        if metrics["stopped"]:
-            if board is not None:
-                board.close()
-            log.warning("stopped at step %d; resume with --set run.resume=auto", state.step)
-            return {"preempted": True, "steps": state.step}
-        if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == o.epochs:
-            metrics.update(evaluate(state, val_loader))
+    def reads_log(record):
         if dist.is_primary():
-            append_jsonl(out / "metrics.jsonl", metrics)
-            append_csv(out / "metrics.csv", metrics)
-            if board is not None:
-                for key in EPOCH_CSV_COLUMNS[1:]:
-                    if key in metrics:
-                        board.add_scalar(f"epoch/{key}", metrics[key], epoch + 1)
-            log.info("epoch %d done: train loss %.4f top1 %.1f%% | val top1 %s | %.1f unique img/s, %.1f samples/s, %.1f MB read",
-                     epoch + 1, metrics["train_loss"], metrics["train_top1"],
-                     f"{metrics['val_top1']:.2f}%" if "val_top1" in metrics else "-",
-                     metrics["unique_images_per_s"], metrics["samples_per_s"], metrics["bytes_read"] / 1e6)
-            if metrics["bad_files"]:
-                log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)",
-                            epoch + 1, metrics["bad_files"])
-        checkpoint(cfg, state, model, out, step_in_epoch=0, epoch=epoch + 1)
-        if stop_at_epoch_end:
-            if board is not None:
-                board.close()
-            log.warning("stopped at step %d; resume with --set run.resume=auto", state.step)
-            return {"preempted": True, "steps": state.step}
+            append_jsonl(out / "reads.jsonl", record)
 
-    if board is not None:
-        board.close()
-    if dist.is_primary():  # plain state dict: loads into the torchvision model (strict)
+    metrics, stopped = {}, False
+    try:
+        for epoch in range(placement.epoch, o.epochs):
+            state.epoch = epoch
+            first = epoch == placement.epoch
+            metrics = {"epoch": epoch + 1, **train_one_epoch(
+                state, run.train_loader, cfg, step_log, hooks, placement.step_in_epoch if first else 0,
+                placement.partial if first else None, reads_log)}
+            if metrics["stopped"]:
+                stopped = True
+                break
+            if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == o.epochs:
+                metrics.update(evaluate(state, run.val_loader))
+            if dist.is_primary():
+                record_epoch(out, metrics, board)
+            checkpoint(cfg, state, run.model, out, step_in_epoch=0, epoch=epoch + 1)
+            if hooks.stop_at_epoch_end and epoch + 1 < o.epochs:  # at the last epoch: finish the run
+                stopped = True
+                break
+    finally:
+        if board is not None:
+            board.close()
+    if stopped:
+        log.warning("stopped at step %d; resume with --set run.resume=auto", state.step)
+    return metrics, stopped
+
+
+def finish(cfg: Config, run: Run, out: Path, metrics: dict, t_start: float) -> dict:
+    """model.pt (rank 0), rank<r>.json (every rank) and result.json (rank 0, last)."""
+    state, model, rank, world = run.state, run.model, dist.rank(), dist.size()
+    if dist.is_primary():  # plain state dict on the CPU: loads into the torchvision model (strict)
         tmp = out / "model.pt.tmp"
-        torch.save(model.state_dict(), tmp)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, out / "model.pt")
     # Trainable parameters must agree bit for bit (allreduce); the full state agrees because the
     # last evaluation averaged the rank-local BN running statistics.
-    rank_record = {"rank": rank, "world": world, "steps": state.step,
+    rank_record = {"rank": rank, "world": world, "steps": state.step, "run_id": state.run_id,
                    "param_sha256": state_digest(dict(model.named_parameters())),
                    "state_sha256": state_digest(model.state_dict())}
     if cfg.run.record_reads:
         rank_record["reads"] = {str(e): v for e, v in state.reads.items()}
-    (out / f"rank{rank}.json").write_text(json.dumps(rank_record))
-    result = {"val_top1": metrics.get("val_top1"), "val_loss": metrics.get("val_loss"),
-              "chance_top1": 100.0 / num_classes, "epochs": o.epochs, "steps": state.step,
+    tmp = out / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(rank_record))
+    os.replace(tmp, out / f"rank{rank}.json")
+    result = {"run_id": state.run_id, "val_top1": metrics.get("val_top1"), "val_loss": metrics.get("val_loss"),
+              "chance_top1": 100.0 / run.num_classes, "epochs": cfg.optim.epochs, "steps": state.step,
               "world": world, "wall_time_s": time.time() - t_start}
     if dist.is_primary():
-        (out / "result.json").write_text(json.dumps(result, indent=1))
-        log.info("final val top-1 %.2f%% (chance %.1f%%) after %d epochs, %.0f s", result["val_top1"],
-                 result["chance_top1"], o.epochs, result["wall_time_s"])
+        tmp = out / ".result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out / "result.json")
+        top1 = result["val_top1"]
+        log.info("final val top-1 %s (chance %.1f%%) after %d epochs, %.0f s",
+                 f"{top1:.2f}%" if top1 is not None else "-", result["chance_top1"], cfg.optim.epochs,
+                 result["wall_time_s"])
     return result
+
+
+def finish_complete(cfg: Config, run: Run, out: Path, placement: Placement, t_start: float) -> dict:
+    """A resume of a run whose checkpoint is at its last epoch's end: when result.json parses and
+    names this run, nothing is rewritten; when the run was stopped between its last checkpoint
+    and result.json, the outputs are written from the checkpoint and metrics.jsonl."""
+    result = read_result(out) if dist.is_primary() else None
+    done = dist.broadcast_object(bool(result and result.get("run_id") == placement.run_id), name="complete")
+    if done:
+        if dist.is_primary():
+            log.info("run %s in %s is complete (val top-1 %s after %s epochs); nothing to do", placement.run_id, out,
+                     result.get("val_top1"), result.get("epochs"))
+        return {**(result or {}), "complete": True}
+    records = read_jsonl(out / "metrics.jsonl") if dist.is_primary() else []
+    last = dist.broadcast_object(records[-1] if records else {}, name="last_metrics")
+    log.info("run %s ended after its last checkpoint; writing its final outputs", placement.run_id)
+    return finish(cfg, run, out, last, t_start)
+
+
+def run_training(cfg: Config) -> dict:
+    """build -> resume -> train -> finish, on every rank."""
+    stop = install_stop_handlers()
+    t_start = time.time()
+    dist.init(stall_timeout=cfg.run.stall_timeout)
+    setup_logging()
+    pause_point("init")
+    out = Path(cfg.run.out_dir)
+    fresh_id = claim_run_dir(cfg, out)
+    run = build_run(cfg)
+    placement = resume(cfg, run.state, run.model, out, fresh_id)
+    run.state.run_id = placement.run_id
+    if placement.complete:
+        return finish_complete(cfg, run, out, placement, t_start)
+    announce(cfg, run, out)
+    stop.training_started()
+    run.state.watchdog = Watchdog(cfg.run.stall_timeout, dist.rank())
+    metrics, stopped = train_epochs(cfg, run, out, placement, stop)
+    run.state.watchdog.pause()
+    if stopped:
+        return {"preempted": True, "steps": run.state.step}
+    return finish(cfg, run, out, metrics, t_start)
 
 
 def main_rank(cfg: Config) -> int:
     """Entry for one rank. Any exception ends this process hard, so that the other ranks'
-    launcher tears the job down instead of leaving them hung in a collective (horovod #642)."""
+    launcher tears the job down instead of leaving them hung in a collective (horovod #642).
+    A refusal (the run folder, the checkpoint, the data) is one line from rank 0, exit 2; a stop
+    signal during start-up, one line and exit 75."""
     try:
         result = run_training(cfg)
-    except BaseException:
+    except Preempted as err:
+        print(f"hvd_ba: rank {dist.rank()} stopped ({err}): nothing was trained since the last checkpoint, which "
+              "stays the resume point", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        os._exit(PREEMPTED_EXIT_CODE)
+    except RunRefused as err:  # every rank raises it after the same broadcast
+        sys.stdout.flush()
+        if dist.is_primary():
+            print(f"hvd_ba: error: {err}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except BaseException as err:
+        sys.stdout.flush()
+        if type(err).__name__ == "HorovodInternalError" and "shut down" in str(err):
+            # A symptom, not a cause (horovod-pitfalls.md): another rank left first and said why.
+            print(f"hvd_ba: rank {dist.rank()} stopped: another rank left the job first (Horovod has been shut "
+                  "down); that rank's message tells why", file=sys.stderr, flush=True)
+            os._exit(1)
         print(f"hvd_ba: rank {dist.rank()} failed:", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()

@@ -56,7 +56,7 @@ def test_plan_prints_the_paper_figures_for_32_ranks():
     for line in ("unique batch: 64 per rank, 2048 global; copies M = 4",
                  "samples per step: 256 per rank, 8192 global",
                  "ghost BN: 4 groups of 64 per rank (split)",
-                 "peak LR: 0.8 = 0.1 x 2048 / 256 (M does not change it), linear warmup over 5 epochs, "
-                 "then x0.1 at epochs 30, 60, 80 of 90",
+                 "peak LR: 0.8 = 0.1 x 2048 / 256 (M does not change it), warmup from 0.1 to 0.8 over 5 epochs "
+                 "(linear per iteration), then x0.1 at epochs 30, 60, 80 of 90",
                  "steps per epoch: 625 (those of unique batch 2048)"):
         assert line in r.stdout, line

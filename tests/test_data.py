@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from hvd_ba.config import load_config
-from hvd_ba.data import pipeline
+from hvd_ba.data import pipeline, transforms
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import BACollate, ShardSampler, make_train_loader
 from hvd_ba.data.synthetic import make_dataset
@@ -290,3 +290,34 @@ def test_a_rank_that_leaves_an_epoch_unfinished_still_exits(small_data):
         assert r.returncode == code, r.stderr[-2000:]
         assert time.monotonic() - start < 60
         assert "killed by signal" not in r.stderr  # no spurious worker-failure report on the way out
+
+
+def test_alexnet_crops_match_torchvisions_transforms(small_data):
+    """The alexnet preset's copies are torchvision's Resize(256) -> CenterCrop(256) -> a random
+    224 crop -> flip of the one decoded image: the aspect ratio is kept (not 256 x 256)."""
+    import torchvision.transforms.functional as TF
+
+    from hvd_ba.data.pipeline import train_preset
+    from hvd_ba.data.transforms import image_rng, make_copies
+
+    preset = train_preset(load_config("alexnet"))
+    assert (preset.kind, preset.resize, preset.size, preset.lighting_std) == ("short-side-random-crop", 256, 224, 0.1)
+    diffs, shapes = [], set()
+    for i, path in enumerate(sorted((small_data / "train").rglob("*.JPEG"))[::16][:12]):
+        copies, lighting = make_copies(Image.open(path), preset, 3, image_rng(0, 0, i))
+        full = Image.open(path).convert("RGB")
+        shapes.add(full.size[0] > full.size[1])
+        patch = TF.center_crop(TF.resize(full, 256), 256)
+        rng = image_rng(0, 0, i)  # the draws of each copy, in make_copies' order
+        for k, copy in enumerate(copies):
+            top, left = (int(v) for v in rng.integers(0, 256 - 224 + 1, 2))
+            flip = rng.random() < 0.5
+            alpha = rng.normal(0.0, 0.1, 3)
+            ref = TF.crop(patch, top, left, 224, 224)
+            ref = np.asarray(TF.hflip(ref) if flip else ref).astype(float)
+            assert copy.shape == (224, 224, 3)
+            diffs.append(np.abs(ref - copy).mean())
+            assert np.allclose(lighting[k], np.array(transforms.IMAGENET_EIGVEC) @ (alpha * np.array(
+                transforms.IMAGENET_EIGVAL)), atol=1e-6)
+    assert shapes == {True, False}  # landscape and portrait images both tried
+    assert max(diffs) < 1.0, diffs  # the same pixels up to rounding in the resampler

@@ -40,3 +40,37 @@ def test_cosine_after_warmup():
     assert lrs[30] == pytest.approx(peak / 2, rel=0.02)  # half way through the remaining 40 steps
     assert lrs[49] < 0.01 * peak
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+# Goyal et al.'s warmup: from the base LR (0.1 for 256 images) at iteration 0, a constant rise per
+# iteration, the peak k x 0.1 at the end of epoch 5. ResNet-50 on 32 ranks x 64 unique images:
+# ImageNet-1k's 1,281,167 images give 625 steps per epoch, peak 0.8.
+GOYAL_32x64 = [(0, 0.1), (1, 0.1 + 0.7 / 3125), (625, 0.24), (3124, 0.8 - 0.7 / 3125), (3125, 0.8),
+               (18749, 0.8), (18750, 0.08), (37500, 0.008), (50000, 0.0008), (56249, 0.0008)]
+
+
+@pytest.mark.parametrize("step, expected", GOYAL_32x64)
+def test_warmup_from_the_base_lr_as_goyal(step, expected):
+    from hvd_ba.config import load_config
+    from hvd_ba.schedule import config_lr
+
+    cfg = load_config("resnet50", ["data.unique_batch=64"])
+    assert cfg.optim.warmup_from == "base"
+    peak = peak_lr(cfg.optim.base_lr, 64 * 32, cfg.optim.reference_batch)
+    assert peak == pytest.approx(0.8) and (1_281_167 // 32) // 64 == 625
+    assert config_lr(step, 625, peak, cfg.optim) == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_from_zero_stays_available_and_no_warmup_below_the_base():
+    from hvd_ba.config import load_config
+    from hvd_ba.schedule import config_lr, describe_warmup
+
+    zero = load_config("resnet50", ["optim.warmup_from=zero"]).optim
+    assert config_lr(0, 625, 0.8, zero) == pytest.approx(0.8 / 3125)  # 0.000256, the old rule
+    assert config_lr(625, 625, 0.8, zero) == pytest.approx(0.8 * 626 / 3125)
+    assert describe_warmup(0.8, zero) == "warmup from 0 to 0.8 over 5 epochs"
+    base = load_config("resnet50").optim
+    assert describe_warmup(0.8, base) == "warmup from 0.1 to 0.8 over 5 epochs"
+    # 2 ranks x 32: peak 0.025 is below the base 0.1, so there is nothing to warm up to
+    assert [config_lr(s, 100, 0.025, base) for s in (0, 250, 499, 500)] == [0.025] * 4
+    assert describe_warmup(0.025, base).startswith("no warmup (peak 0.025 is not above the base LR 0.1)")

@@ -164,8 +164,11 @@ def _generator(*words: int) -> torch.Generator:
 class ShardSampler(torch.utils.data.Sampler):
     """Which files rank r reads, in which order; yields batches of (file index, epoch, replacements).
 
-    global: each epoch a permutation seeded by (seed, epoch) is cut into `world` equal parts and
-        rank r reads part r, so over the run every rank sees the whole set.
+    global: each epoch a permutation seeded by (seed, epoch) is read in global batches of
+        world x unique_batch files, global step s taking positions [s*G, (s+1)*G) and rank r the
+        r-th block of B of them; the files of a global step depend on (seed, epoch, G) only, not
+        on how G is split, so a run resumed on another number of ranks with the same global batch
+        reads the same files at every step. Over the run every rank sees the whole set.
     static: one permutation seeded by `seed` is cut once; rank r owns part r for the whole run
         (the part a node stages to local disk) and shuffles it each epoch by (seed, epoch, r).
     Every rank must take the same number of steps or an allreduce would hang: the n % world files
@@ -201,7 +204,12 @@ class ShardSampler(torch.utils.data.Sampler):
         """This rank's files for `epoch`, in reading order."""
         r, n, per = self.rank, self.num_files, self.per_rank
         if self.mode == "global":
-            return torch.randperm(n, generator=_generator(self.seed, epoch))[r * per:(r + 1) * per].tolist()
+            perm = torch.randperm(n, generator=_generator(self.seed, epoch))
+            b, w, steps = self.unique_batch, self.world, self.per_rank // self.unique_batch
+            full = perm[:steps * b * w].view(steps, w, b)[:, r].reshape(-1)  # rank r's block of each global batch
+            tail = per - steps * b  # files that fill no global batch: split evenly, never read
+            rest = perm[steps * b * w:w * per][r * tail:(r + 1) * tail]
+            return torch.cat([full, rest]).tolist()
         owned = torch.tensor(self.owned())
         return owned[torch.randperm(per, generator=_generator(self.seed, epoch, r))].tolist()
 
@@ -318,4 +326,7 @@ def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:
         persistent_workers=workers > 0,
         prefetch_factor=d.prefetch if workers else None,
         pin_memory=torch.cuda.is_available(),
+        # Its own generator: creating an iterator draws the workers' base seed from it, not from
+        # the global RNG, whose state a checkpoint restores (dropout draws from it).
+        generator=torch.Generator().manual_seed(0),
     )

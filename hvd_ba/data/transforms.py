@@ -29,7 +29,7 @@ from PIL import Image
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
-KINDS = ("random-resized-crop", "resize-random-crop")
+KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
 
 
 def image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -69,9 +69,17 @@ def random_resized_crop_params(rng: np.random.Generator, width: int, height: int
 @dataclass(frozen=True)
 class TrainPreset:
     """One copy's augmentation. random-resized-crop: the Inception/ResNet crop of `scale` area and
-    `ratio` aspect; resize-random-crop: the AlexNet way, resize to resize x resize, then a random
-    size x size crop. Both: horizontal flip with probability `hflip`, PCA lighting noise of
-    standard deviation `lighting_std` (0: off)."""
+    `ratio` aspect; short-side-random-crop: Krizhevsky et al.'s AlexNet way, the shorter side
+    rescaled to `resize`, the central resize x resize patch, then a random size x size crop of it
+    (torchvision's Resize(resize) + CenterCrop(resize) + crop, same rounding); resize-random-crop:
+    resize to resize x resize (aspect ratio not kept), then a random size x size crop. All:
+    horizontal flip with probability `hflip`, PCA lighting noise of standard deviation
+    `lighting_std` (0: off).
+
+    Every kind returns its crop as a box in source pixels: the rescale and the centre patch are a
+    mapping computed once per decoded image, and each copy is one resample of the decoded image
+    over its box, which gives the pixels of resizing first and cropping after (PIL's resampler
+    places and sizes its filter by the box), without an intermediate image."""
 
     kind: str = "random-resized-crop"
     size: int = 224
@@ -86,6 +94,17 @@ class TrainPreset:
         if self.kind == "random-resized-crop":
             top, left, h, w = random_resized_crop_params(rng, width, height, self.scale, self.ratio)
             box = (left, top, left + w, top + h)
+        elif self.kind == "short-side-random-crop":
+            # torchvision: Resize(resize) keeps the aspect (long side truncated), CenterCrop rounds
+            short, long = min(width, height), max(width, height)
+            new_long = int(self.resize * long / short)
+            new_w, new_h = (self.resize, new_long) if width <= height else (new_long, self.resize)
+            centre_top = int(round((new_h - self.resize) / 2.0))
+            centre_left = int(round((new_w - self.resize) / 2.0))
+            top, left = (int(v) for v in rng.integers(0, self.resize - self.size + 1, 2))
+            sx, sy = width / new_w, height / new_h
+            top, left = top + centre_top, left + centre_left
+            box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
         else:  # a size x size crop of the resize x resize image, mapped back to source pixels
             top, left = (int(v) for v in rng.integers(0, self.resize - self.size + 1, 2))
             sx, sy = width / self.resize, height / self.resize

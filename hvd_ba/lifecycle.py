@@ -1,0 +1,137 @@
+"""How a rank stops: preemption signals from the first moment of the process, and a watchdog
+that ends a rank which makes no progress.
+
+Signals. SIGTERM and SIGUSR1 (Slurm's --signal, a scheduler's preemption) are caught from the
+start of `python -m hvd_ba train`. During start-up (listing the data, the broadcasts, the
+resume) nothing has been trained since the last checkpoint, so the handler raises `Preempted`
+and the rank exits 75 at once: the last checkpoint stays the resume point. Once training runs,
+the handler only sets a flag; the ranks agree on it at the next sync and checkpoint together.
+
+Stalls. A rank that stops making progress without dying (a loader worker blocked on a stalled
+file system, a peer rank stopped or deadlocked, so a collective never returns) would hold the
+allocation until its time limit. The watchdog thread of each rank ends the job when no progress
+was reported for `run.stall_timeout` seconds: it prints one line naming the rank, its host and
+what it waited for (the files of the batch), kills the rank's loader workers and exits.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, the last checkpoint is the resume point
+STALLED_EXIT_CODE = 70  # EX_SOFTWARE: no progress for run.stall_timeout seconds
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """A stop signal arrived during start-up: nothing to checkpoint, leave with exit 75."""
+
+
+class StopRequest:
+    """The handler of SIGTERM / SIGUSR1 in a rank's main process.
+
+    `in_startup` True: raise Preempted where the main thread is (start-up); False: set
+    `requested` for the ranks' next agreement (training)."""
+
+    def __init__(self):
+        self.requested, self.signal_name, self.in_startup = False, None, True
+
+    def __call__(self, signum, frame):
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+        if self.in_startup:
+            self.in_startup = False  # raise once; a second signal during the unwinding only sets the flag
+            raise Preempted(f"{self.signal_name} during start-up")
+
+    def training_started(self) -> None:
+        """From here a signal only sets the flag (one that came earlier already raised)."""
+        self.in_startup = False
+
+
+_stop: StopRequest | None = None
+
+
+def install_stop_handlers() -> StopRequest:
+    """Called first thing in a rank (before torch or Horovod are imported)."""
+    global _stop
+    if _stop is None:
+        _stop = StopRequest()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _stop)
+    return _stop
+
+
+def stop_request() -> StopRequest:
+    return install_stop_handlers()
+
+
+def pause_point(phase: str) -> None:
+    """Test hook: with HVD_BA_PAUSE_AT=<phase> (and HVD_BA_PAUSE_RANK, default any), print a line
+    and wait there up to 60 s, so a test can signal a rank at a known moment of its start-up."""
+    if os.environ.get("HVD_BA_PAUSE_AT") != phase:
+        return
+    wanted = os.environ.get("HVD_BA_PAUSE_RANK")
+    from hvd_ba import dist
+
+    if wanted is not None and int(wanted) != dist.rank():
+        return
+    print(f"hvd_ba: rank {dist.rank()} paused at {phase}", flush=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        time.sleep(0.05)
+
+
+class Watchdog:
+    """Ends the process when `tick` was not called for `timeout` seconds while armed."""
+
+    def __init__(self, timeout: float, rank: int):
+        self.timeout, self.rank = timeout, rank
+        self.last, self.what, self.armed, self.limit = time.monotonic(), "start", False, timeout
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
+        self._thread.start()
+
+    def tick(self, what, peers: bool = False) -> None:
+        """Progress: the rank now waits for `what` (a string, or a callable giving one, called
+        only when the watchdog fires). `peers`: a wait that ends only when the other ranks reach
+        the same collective; it is given a quarter more time, so that the rank that is really
+        stuck (its loader, say) reports first and names the cause."""
+        with self._lock:
+            self.last, self.what, self.armed = time.monotonic(), what, True
+            self.limit = self.timeout * (1.25 if peers else 1.0)
+
+    def pause(self) -> None:
+        """A phase that may legitimately take long (lambda tracking) or the end of training."""
+        with self._lock:
+            self.armed = False
+
+    def _run(self) -> None:
+        period = min(1.0, self.timeout / 4)
+        while True:
+            time.sleep(period)
+            with self._lock:
+                idle = time.monotonic() - self.last
+                fire = self.armed and idle > self.limit
+                what = self.what
+            if fire:
+                self._fire(idle, what)
+
+    def _fire(self, idle: float, what) -> None:
+        try:
+            what = what() if callable(what) else what
+        except Exception as err:  # the message must come out whatever happens
+            what = f"(unknown: {err})"
+        print(f"hvd_ba: rank {self.rank} on host {socket.gethostname()} stalled: no progress for {idle:.0f} s "
+              f"(run.stall_timeout {self.timeout:g} s) while waiting for {what}; ending the job", file=sys.stderr,
+              flush=True)
+        for child in multiprocessing.active_children():  # loader workers, stopped ones included
+            try:
+                child.kill()
+            except Exception:
+                pass
+        sys.stdout.flush()
+        os._exit(STALLED_EXIT_CODE)

@@ -1,0 +1,269 @@
+"""Runs that users re-run, resize and preempt: a run folder belongs to one run, a resume checks
+what it resumes (and may change the number of ranks on purpose), a complete run stays complete,
+signals during start-up, ranks that disagree on the data, and a stalled rank."""
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint, save_checkpoint
+from hvd_ba.data.manifest import _folder_state, load_index, manifest_path, write_manifest
+from test_horovod import ENV, launch, read_jsonl, train_command
+from test_resume import RUN, kill_tree, rank_process, wait_for_step
+
+ONE_EPOCH = [*RUN, "optim.epochs=1"]
+
+
+def train_alone(data, out, settings, extra=(), timeout=180, env_extra=None):
+    """One rank started without a launcher (Horovod of size 1)."""
+    return run_cli("train", "--config", "demo", "--set", f"data.path={data}", f"run.out_dir={out}", *settings, *extra,
+                   timeout=timeout, env_extra=env_extra)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_fresh_start_over_a_run_is_refused_and_overwrite_moves_it_aside(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = train_alone(small_data, out, ONE_EPOCH)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    first = json.loads((out / "result.json").read_text())
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", first["run_id"])
+    assert f"run_id: {first['run_id']}" in (out / "config.yaml").read_text()
+    assert torch.load(find_checkpoint("auto", out)[0], weights_only=True)["run_id"] == first["run_id"]
+    before = snapshot(out)
+
+    r = train_alone(small_data, out, ONE_EPOCH)  # the same command again: refused, nothing touched
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"run.out_dir '{out}' already holds a run ({first['run_id']})" in lines[0], r.stderr
+    for choice in ("run.resume=auto", "another run.out_dir", "run.overwrite=true"):
+        assert choice in lines[0]
+    assert snapshot(out) == before
+
+    r = train_alone(small_data, out, ONE_EPOCH, ["run.overwrite=true"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and snapshot(moved[0]) == before  # moved whole, never deleted
+    second = json.loads((out / "result.json").read_text())
+    assert second["run_id"] != first["run_id"]
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_pruning_removes_only_this_runs_checkpoints_and_latest_names_a_file(tmp_path):
+    def save(run_id, step):
+        return save_checkpoint(tmp_path, {"step": step, "run_id": run_id, "model": {"w": torch.zeros(2)}}, keep=2)
+
+    for step in (81, 162, 243):  # an older run with higher steps
+        save("old", step)
+    folder = checkpoint_dir(tmp_path)
+    (folder / "ckpt-000000300.pt").write_bytes(b"not a checkpoint")  # unknown: never pruned
+    for step in (2, 4, 6):
+        newest = save("new", step)
+        assert (folder / (folder / "latest").read_text()).is_file()
+    names = sorted(p.name for p in folder.glob("ckpt-*.pt"))
+    assert names == ["ckpt-000000004.pt", "ckpt-000000006.pt", "ckpt-000000162.pt", "ckpt-000000243.pt",
+                     "ckpt-000000300.pt"]
+    assert (folder / "latest").read_text() == newest.name == "ckpt-000000006.pt"
+    # keep=1: the checkpoint just written stays even where an older step of the run sorts above it
+    save_checkpoint(tmp_path, {"step": 5, "run_id": "new", "model": {}}, keep=1)
+    assert (folder / "latest").read_text() == "ckpt-000000005.pt" and (folder / "ckpt-000000005.pt").is_file()
+    assert not (folder / "ckpt-000000006.pt").exists() and (folder / "ckpt-000000243.pt").exists()
+
+
+def test_demo_run_twice_goes_to_a_fresh_folder(small_data, tmp_path):
+    quick = ["optim.epochs=1", "optim.warmup_epochs=0", "optim.milestones=[]", "run.max_steps_per_epoch=3",
+             "data.workers=0", "data.unique_batch=8", "data.copies=2", "model.ghost_size=16"]
+    outputs = []
+    for _ in range(2):
+        r = run_cli("demo", "--data", str(small_data), "--set", *quick, cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        outputs.append(r.stdout)
+    assert "runs/demo holds an earlier run; this one goes to runs/demo-2" in outputs[1]
+    ids = [json.loads((tmp_path / d / "result.json").read_text())["run_id"] for d in ("runs/demo", "runs/demo-2")]
+    assert ids[0] != ids[1]
+    assert len(read_jsonl(tmp_path / "runs/demo/metrics.jsonl")) == 1
+    r = run_cli("demo", "--data", str(small_data), "--out", "runs/demo", "--set", *quick, cwd=tmp_path)
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "run.resume=auto" in r.stderr
+
+
+def test_resume_refuses_a_changed_schedule_or_data_order_in_one_line(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = launch("gloo", small_data, out, settings=ONE_EPOCH)  # 2 ranks x 8 unique images
+    assert r.returncode == 0, r.stdout[-3000:]
+    before = snapshot(out)
+    # the measured case: a 2-rank checkpoint resumed on 1 rank with the same per-rank batch
+    r = train_alone(small_data, out, [*ONE_EPOCH, "optim.epochs=2", "run.resume=auto"])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for part in ("ranks 2 -> 1", "unique global batch 16 -> 8", "peak LR 0.05 -> 0.025",
+                 "--set data.unique_batch=16 keeps the unique global batch of 16"):
+        assert part in lines[0], lines[0]
+    r = launch("gloo", small_data, out, settings=[*ONE_EPOCH, "optim.epochs=2", "run.resume=auto", "run.seed=3",
+                                                  "optim.milestones=[0.5]", "data.copies=4"])
+    assert r.returncode != 0
+    message = [line for line in r.stderr.splitlines() if "hvd_ba: error" in line]
+    assert len(message) == 1
+    for part in ("data.copies 2 -> 4", "run.seed 0 -> 3", "optim.milestones [1.5] -> [0.5]"):
+        assert part in message[0], message[0]
+    assert snapshot(out) == before  # nothing trained, nothing rewritten
+
+
+def read_steps(out):
+    """step -> (sorted global files, lr), from reads.jsonl and steps.jsonl (run.log_every=1)."""
+    files = {r["step"]: sorted(i for part in r["files"] for i in part) for r in read_jsonl(out / "reads.jsonl")}
+    lrs = {s["step"]: s["lr"] for s in read_jsonl(out / "steps.jsonl")}
+    return files, lrs
+
+
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_reads_the_same_files_at_the_same_lr(worlds, small_data, tmp_path):
+    """Killed mid-epoch on one number of ranks, resumed on another with the unique global batch
+    kept: every step reads the same global set of files with the same LR as an uninterrupted run."""
+    per_rank = {1: 16, 2: 8}
+    settings = {w: [*RUN, f"data.unique_batch={per_rank[w]}", "run.record_reads=true"] for w in (1, 2)}
+    reference = tmp_path / "reference"
+    r = launch("gloo", small_data, reference, settings=settings[2])
+    assert r.returncode == 0, r.stdout[-3000:]
+    ref_files, ref_lrs = read_steps(reference)
+    assert sorted(ref_files) == sorted(ref_lrs) == list(range(1, 13))
+
+    out, first, then = tmp_path / "run", *worlds
+    if first == 2:
+        proc = subprocess.Popen(train_command("gloo", small_data, out, settings=settings[2]), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set",
+                                 f"data.path={small_data}", f"run.out_dir={out}", *settings[1]],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    wait_for_step(out, 9, proc)
+    kill_tree(proc)
+    saved = find_checkpoint("auto", out)[1]
+    assert 2 <= saved["step"] <= 9 and saved["world"] == first
+
+    resume = [*settings[then], "run.resume=auto"]
+    r = launch("gloo", small_data, out, settings=resume) if then == 2 else train_alone(small_data, out, resume)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resuming a run of {first} ranks on {then}" in r.stdout + r.stderr
+    files, lrs = read_steps(out)
+    assert sorted(files) == sorted(lrs) == list(range(1, 13))
+    assert files == ref_files
+    assert lrs == pytest.approx(ref_lrs, rel=1e-12)
+    assert json.loads((out / "result.json").read_text())["world"] == then
+    epochs = read_jsonl(out / "metrics.jsonl")
+    assert [m["unique_images"] for m in epochs] == [6 * 16, 6 * 16]  # the resumed epoch counted whole
+
+
+def test_a_complete_run_stays_complete(small_data, tmp_path):
+    out = tmp_path / "run"
+    stop_file = tmp_path / "STOP"
+    stop_file.write_text("")
+    # a stop asked from the start, agreed only at the epoch's end = the final epoch's last step
+    r = train_alone(small_data, out, [*ONE_EPOCH, "run.sync_every=1000", "run.checkpoint_every=null",
+                                      f"run.stop_file={stop_file}"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "stop requested (stop file" in r.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["val_top1"] is not None and result["steps"] == 6
+    stop_file.unlink()
+    before = snapshot(out)
+    r = train_alone(small_data, out, [*ONE_EPOCH, "run.resume=auto"])
+    assert r.returncode == 0 and "is complete" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert snapshot(out) == before  # result.json, metrics, checkpoints: not a byte rewritten
+    # killed after its last checkpoint, before result.json: the resume writes the outputs
+    (out / "result.json").unlink()
+    (out / "model.pt").unlink()
+    r = train_alone(small_data, out, [*ONE_EPOCH, "run.resume=auto"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((out / "result.json").read_text())
+    assert again["val_top1"] == result["val_top1"] and again["run_id"] == result["run_id"]
+    rewritten = torch.load(out / "model.pt", weights_only=True)
+    original = torch.load(io.BytesIO(before[Path("model.pt")]), weights_only=True)
+    assert rewritten.keys() == original.keys() and all(torch.equal(rewritten[k], original[k]) for k in original)
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def no_process_left(out):
+    return not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("phase,rank,signame", [("indexes", 0, "SIGUSR1"), ("resume", 1, "SIGTERM")])
+def test_a_signal_during_start_up_ends_the_job_with_75(phase, rank, signame, small_data, tmp_path):
+    out = tmp_path / "run"
+    r = launch("gloo", small_data, out, settings=ONE_EPOCH)
+    assert r.returncode == 0, r.stdout[-3000:]
+    before = snapshot(checkpoint_dir(out))
+    env = {**ENV, "HVD_BA_PAUSE_AT": phase, "HVD_BA_PAUSE_RANK": str(rank)}
+    proc = subprocess.Popen(train_command("gloo", small_data, out, settings=[*ONE_EPOCH, "optim.epochs=2",
+                                                                             "run.resume=auto"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if f"rank {rank} paused at {phase}" in line:
+            break
+    else:
+        raise AssertionError("".join(lines)[-3000:])
+    rank_process(proc, rank).send_signal(getattr(signal, signame))
+    t0 = time.time()
+    rest, _ = proc.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert time.time() - t0 < 30
+    assert f"Process {rank} exit with status code 75" in output, output[-3000:]
+    assert f"rank {rank} stopped ({signame} during start-up)" in output
+    assert not re.search(r"\[\d\]<std(out|err)>:Traceback", output), output[-3000:]  # none from a rank
+    assert snapshot(checkpoint_dir(out)) == before  # the last checkpoint stays the resume point
+    assert no_process_left(out)
+
+
+def test_ranks_that_see_different_data_stop_before_the_first_step(small_data, tmp_path):
+    """A stale manifest on one node (emulated: rank 1 has its own cache with 2 files missing)."""
+    cache = tmp_path / "manifests"
+    train = small_data / "train"
+    full = load_index(small_data, "train", None)
+    stale = type(full)(full.root, full.paths[2:], full.labels[2:], full.sizes[2:], full.classes)
+    write_manifest(manifest_path(train, cache / "1"), stale, _folder_state(train, list(full.classes)))
+    out = tmp_path / "run"
+    r = launch("gloo", small_data, out, settings=[*ONE_EPOCH, f"data.manifest_dir={cache}/$HOROVOD_RANK"])
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "hvd_ba: error" in line]
+    assert len(errors) == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"rank 1 on host \S+ sees 190 training and 48 validation files, rank 0 on host \S+ sees 192 "
+                     r"and 48", errors[0]), errors[0]
+    assert not (out / "steps.jsonl").exists()
+
+
+def test_a_stalled_loader_worker_ends_the_job_within_the_timeout(small_data, tmp_path):
+    out = tmp_path / "run"
+    timeout = 12
+    proc = subprocess.Popen(train_command("gloo", small_data, out, settings=[*RUN, "optim.epochs=50",
+                                                                             f"run.stall_timeout={timeout}"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    wait_for_step(out, 3, proc)
+    worker = [c for c in rank_process(proc, 1).children() if c.cmdline() == rank_process(proc, 1).cmdline()]
+    assert len(worker) == 1  # data.workers=1
+    worker[0].send_signal(signal.SIGSTOP)  # blocked as on a stalled file system
+    t0 = time.time()
+    output, _ = proc.communicate(timeout=120)
+    seconds = time.time() - t0
+    print(f"stalled worker -> job exit: {seconds:.1f} s (run.stall_timeout {timeout} s)")
+    assert proc.returncode != 0
+    assert timeout <= seconds < timeout + 30, seconds
+    message = re.search(r"hvd_ba: rank 1 on host \S+ stalled: no progress for \d+ s \(run.stall_timeout 12 s\) while "
+                        r"waiting for its data loader \(the batch of step \d+ of epoch \d+: (\S+)", output)
+    assert message and os.path.isfile(message.group(1).rstrip(",")), output[-3000:]
+    time.sleep(1)
+    assert no_process_left(out)  # the stopped worker too (it holds the run folder in its command line)
