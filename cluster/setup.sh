@@ -7,7 +7,9 @@
 #
 # Environment: PYTHON (default: python), HVD_BA_CACHE (default: ~/.cache/hvd_ba, where the built
 # wheels are kept), HVD_BA_SKIP_APT=1 (never call apt-get), HVD_BA_FORCE_HOROVOD_BUILD=1 (build
-# even when installed or cached), HVD_BA_HOROVOD_SDIST=path/to/horovod-0.28.1.tar.gz (no download).
+# even when installed or cached), HVD_BA_HOROVOD_SDIST=path/to/horovod-0.28.1.tar.gz (no download),
+# HVD_BA_GPU=auto|1|0 (Horovod's GPU flavour: where a GPU is | always, failing if CUDA or NCCL is
+# missing | never); CUDA_HOME, CUDA_PATH, NCCL_HOME, HOROVOD_NCCL_HOME (where to find them).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -98,14 +100,31 @@ fi
 step "pip install build deps" "$PY" -m pip install wheel setuptools packaging psutil cloudpickle
 
 # ---------------------------------------------------------------- 3. horovod
-# NCCL only where a GPU toolkit and NCCL exist; the CPU build still needs CUDA paths where
-# /usr/local/cuda is present, because the torch wheel is a CUDA build (horovod-build.md).
-GPU_OPS=""
+# The GPU flavour (NCCL) where this node has a GPU (or HVD_BA_GPU=1, e.g. on a login node; 0: CPU
+# only), with CUDA and NCCL found by cluster/gpu_detect.sh: nvcc on PATH, CUDA_HOME/CUDA_PATH or
+# /usr/local/cuda (its major must be torch's), NCCL from HOROVOD_NCCL_HOME, NCCL_HOME, torch's own
+# nvidia-nccl wheel or the system. The CPU build still needs CUDA paths where /usr/local/cuda is
+# present, because the torch wheel is a CUDA build (horovod-build.md).
+# shellcheck source=cluster/gpu_detect.sh
+source "$ROOT/cluster/gpu_detect.sh"
 if [ -d /usr/local/cuda ]; then
-  export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=/usr/local/cuda CUDAToolkit_ROOT=/usr/local/cuda
-  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
-     && ls /usr/lib/x86_64-linux-gnu/libnccl.so* /usr/local/cuda/lib64/libnccl.so* >/dev/null 2>&1; then
-    GPU_OPS=NCCL
+  export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} CUDAToolkit_ROOT=${CUDAToolkit_ROOT:-/usr/local/cuda}
+fi
+TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda or "")')
+TORCH_NCCL=$("$PY" -c 'import importlib.util, os
+spec = importlib.util.find_spec("nvidia.nccl") if importlib.util.find_spec("nvidia") else None
+print(os.path.dirname(spec.origin) if spec and spec.origin else (list(spec.submodule_search_locations)[0] if spec else ""))' 2>/dev/null || true)
+HAS_GPU=0
+command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && HAS_GPU=1
+gpu_detect "$TORCH_CUDA" "$TORCH_NCCL" "$HAS_GPU" "$CACHE/nccl-home" || die "HVD_BA_GPU=1: $GPU_WHY"
+say "horovod flavour: $GPU_WHY"
+if [ -n "$GPU_OPS" ]; then
+  export CUDA_HOME=$GPU_CUDA_HOME CUDAToolkit_ROOT=$GPU_CUDA_HOME PATH=$GPU_CUDA_HOME/bin:$PATH
+  export HOROVOD_NCCL_LINK=$GPU_NCCL_LINK
+  if [ -n "$GPU_NCCL_INCLUDE" ]; then
+    export HOROVOD_NCCL_INCLUDE=$GPU_NCCL_INCLUDE HOROVOD_NCCL_LIB=$GPU_NCCL_LIB
+  else
+    export HOROVOD_NCCL_HOME=$GPU_NCCL_HOME
   fi
 fi
 FLAVOR=${GPU_OPS:+nccl}; FLAVOR=${FLAVOR:-cpu}
@@ -118,6 +137,8 @@ import importlib.metadata as m, sys
 assert m.version("horovod") == "$HOROVOD"
 import horovod.torch as hvd
 assert hvd.gloo_built() and hvd.mpi_built()
+# On a GPU build an installed Horovod without NCCL is not "present" (its CUDA path copies to the host).
+assert "$GPU_OPS" != "NCCL" or hvd.nccl_built()
 PYEOF
 }
 build_horovod() {

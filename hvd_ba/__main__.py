@@ -264,6 +264,40 @@ def cmd_plot(args) -> int:
     return run_plot(args)
 
 
+def parser_status() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvd_ba status",
+                                description="What a run folder holds: its run id, whether it is complete (a result.json "
+                                            "that parses and names the run), its newest checkpoint, its lock.")
+    p.add_argument("run", help="run directory (run.out_dir)")
+    p.add_argument("--complete", action="store_true", help="only the exit status: 0 when complete, 1 otherwise")
+    return p
+
+
+def cmd_status(args) -> int:
+    from pathlib import Path
+
+    from hvd_ba.runs import LOCK, is_complete, read_lock, read_result, read_run_id
+
+    out = Path(args.run)
+    complete = is_complete(out)
+    if args.complete:
+        return 0 if complete else 1
+    from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint
+    from hvd_ba.fsio import read_records
+
+    print(f"run folder: {out}")
+    print(f"run id: {read_run_id(out) or '-'}")
+    result = read_result(out)
+    print(f"complete: {'yes, val top-1 %s' % result.get('val_top1') if complete else 'no'}")
+    print(f"epochs recorded: {len(read_records(out / 'metrics.jsonl'))}")
+    found = find_checkpoint("auto", out) if checkpoint_dir(out).is_dir() else None
+    print("resume point: " + (f"{found[0]} (step {found[1]['step']})" if found else "-"))
+    holder, age = read_lock(out / LOCK)
+    lock = f"held by host {holder.get('host')}, pid {holder.get('pid')}, heartbeat {age:.0f} s ago" if holder else "-"
+    print(f"lock: {lock}")
+    return 0
+
+
 COMMANDS = {
     "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun/srun/mpirun)"),
     "demo": (parser_demo, cmd_demo, "make demo data and train on it with horovodrun -np 2"),
@@ -273,6 +307,7 @@ COMMANDS = {
     "stage": (parser_stage, cmd_stage, "copy each rank's static shard to node-local disk (once per job)"),
     "analyze": (parser_analyze, cmd_analyze, "lambda_max of batch Hessians, gradient variance against M"),
     "plot": (parser_plot, cmd_plot, "PNG plots of runs (curves, lambda tracks) and of analyses"),
+    "status": (parser_status, cmd_status, "a run folder: run id, complete or not, resume point, lock"),
     "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader | gpu | breakdown | scaling)"),
 }
 

@@ -7,6 +7,7 @@ place a resumed run exactly), each rank's torch RNG state, the resolved config a
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from hvd_ba import __version__
+from hvd_ba import __version__, fsio
+from hvd_ba.fsio import DiskFull
 
 log = logging.getLogger("hvd_ba")
 
-FORMAT = 1
+FORMAT = 2  # 2: run id, plan, partial epoch sums, CUDA RNG states; 1 (older) is still read
 NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 LATEST = "latest"
 
@@ -27,35 +29,54 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+SPACE_MARGIN = 1.05  # free space wanted before a checkpoint: the last one's size x this + 16 MB
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
-    _fsync_dir(path.parent)
+def check_space(folder: Path, newest: Path | None) -> None:
+    """Raise DiskFull before writing a checkpoint that will not fit (the last one's size plus a
+    margin), so that the write never starts; the last good checkpoint stays the resume point."""
+    if newest is None or not newest.is_file():
+        return
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    needed = int(newest.stat().st_size * SPACE_MARGIN) + (16 << 20)
+    if free < needed:
+        raise DiskFull(errno.ENOSPC, f"run folder '{folder.parent}' is full: a checkpoint needs about {needed} bytes, "
+                       f"{free} are free; '{newest}' stays the resume point: free space, then resume with "
+                       "--set run.resume=auto", str(folder))
 
 
-def save_checkpoint(out_dir: str | Path, payload: dict, keep: int) -> Path:
-    """Write ckpt-<step>.pt, then point `latest` at it, then prune to the newest `keep`."""
+def save_checkpoint(out_dir: str | Path, payload: dict, keep: int, prune_legacy: bool = False) -> Path:
+    """Write ckpt-<step>.pt, then point `latest` at it, then prune to the newest `keep` of this
+    run. A full disk raises DiskFull (with the temporary file removed) naming the checkpoint that
+    stays the resume point."""
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".ckpt-*.tmp"):  # left by a writer killed mid-write; only rank 0 writes
-        stale.unlink(missing_ok=True)
+    fsio.remove_stale_temporaries(folder)  # left by a writer killed mid-write; only rank 0 writes
     path = folder / f"ckpt-{payload['step']:09d}.pt"
-    _atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": __version__, **payload}, f))
-    _atomic_write(folder / LATEST, lambda f: f.write(path.name.encode()))
-    prune(folder, payload.get("run_id"), keep, path)
+    previous = _candidates(folder)
+    check_space(folder, previous[0] if previous else None)
+    try:
+        fsio.atomic_torch_save(path, {"format": FORMAT, "version": __version__, **payload})
+        fsio.atomic_write(folder / LATEST, path.name)
+    except DiskFull as err:
+        resume_point = previous[0] if previous else None
+        stat = os.statvfs(folder)
+        needed = resume_point.stat().st_size if resume_point else 0
+        raise DiskFull(err.errno, f"run folder '{Path(out_dir)}': {fsio.SPACE_ERRORS[err.errno]} writing checkpoint "
+                       f"'{path.name}' (about {needed} bytes needed, {stat.f_bavail * stat.f_frsize} free); "
+                       + (f"'{resume_point}' stays the resume point" if resume_point else "no earlier checkpoint")
+                       + ": free space, then resume with --set run.resume=auto", str(path)) from None
+    prune(folder, {payload.get("run_id"), None} if prune_legacy else {payload.get("run_id")}, keep, path)
     return path
+
+
+def _ours(path: Path, run_ids: set) -> bool:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged file: not known to be ours
+        return False
+    return isinstance(payload, dict) and payload.get("run_id") in run_ids
 
 
 def run_id_of(path: Path) -> str | None:
@@ -66,12 +87,13 @@ def run_id_of(path: Path) -> str | None:
         return None
 
 
-def prune(folder: Path, run_id: str | None, keep: int, newest: Path) -> None:
-    """Remove this run's oldest checkpoints (by step) beyond `keep`. Only checkpoints that name
-    `run_id` are candidates, and never `newest` (the one `latest` now names)."""
-    ours = sorted(p for p in folder.iterdir() if NAME.match(p.name) and p != newest and run_id_of(p) == run_id)
+def prune(folder: Path, run_ids: set, keep: int, newest: Path) -> None:
+    """Remove this run's oldest checkpoints (by step) beyond `keep`. Only checkpoints whose run id
+    is in `run_ids` are candidates (None: format-1 checkpoints, which a run resumed from one
+    adopts), never an unreadable file, and never `newest` (the one `latest` now names)."""
+    ours = sorted(p for p in folder.iterdir() if NAME.match(p.name) and p != newest and _ours(p, run_ids))
     for old in ours[:max(0, len(ours) - (keep - 1))]:
-        old.unlink(missing_ok=True)
+        fsio.remove(old)
 
 
 def _candidates(folder: Path) -> list[Path]:
@@ -88,8 +110,8 @@ def _candidates(folder: Path) -> list[Path]:
 
 def load_checkpoint(path: str | Path) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"not an hvd_ba checkpoint of format {FORMAT}")
+    if not isinstance(payload, dict) or payload.get("format") not in (1, FORMAT):
+        raise ValueError(f"not an hvd_ba checkpoint of format 1 or {FORMAT}")
     return payload
 
 

@@ -118,6 +118,10 @@ class RunConfig:
     # batch) before the job is ended with a message naming the rank, host and what it waited for.
     # Horovod's stall shutdown is set to the same time. Start-up (listing, resume) is not timed.
     stall_timeout: float = 300.0
+    # A run holds its folder with a lock (run.out_dir/.lock: host, pid, Slurm job, start time) whose
+    # mtime is refreshed every minute. A lock from another host is taken for abandoned (its holder
+    # crashed with the node) once it was not refreshed for this many seconds.
+    lock_stale_after: float = 900.0
     checkpoint_every: int | None = None  # steps between checkpoints (one is also written at each epoch end)
     keep_checkpoints: int = 3  # the newest K are kept
     # steps between the ranks' agreement on stop requests (preemption signals) and finite losses:
@@ -277,10 +281,10 @@ def load_config(preset: str = "resnet50", overrides: list[str] | tuple = ()) -> 
 
 def save_config(cfg: Config, path: Path, run_id: str | None = None) -> None:
     """The resolved config as YAML (with the run's id on top when given; loading drops it)."""
-    tmp = path.with_suffix(".tmp")
+    from hvd_ba.fsio import atomic_write
+
     head = {"run_id": run_id} if run_id else {}
-    tmp.write_text(yaml.safe_dump({**head, **cfg.to_dict()}, sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump({**head, **cfg.to_dict()}, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -360,6 +364,9 @@ def validate(cfg: Config) -> None:
              f"must be >= 1 or null, got {r.track_lambda_every}")
     _require(r.track_lambda_batches >= 1, "run.track_lambda_batches", f"must be >= 1, got {r.track_lambda_batches}")
     _require(r.sync_every >= 1, "run.sync_every", f"must be >= 1, got {r.sync_every}")
+    _require(not (r.resume and r.overwrite), "run.overwrite",
+             "cannot be combined with run.resume (continue the run, or move it aside and start afresh)")
+    _require(r.lock_stale_after > 0, "run.lock_stale_after", f"must be > 0 seconds, got {r.lock_stale_after}")
     _require(r.stall_timeout > 0, "run.stall_timeout", f"must be > 0 seconds, got {r.stall_timeout}")
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.dropout == 0 or m.arch == "small_resnet", "model.dropout",

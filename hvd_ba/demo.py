@@ -43,7 +43,8 @@ def choose_out_dir(args) -> str:
 
     if args.out is not None:
         return args.out
-    continuing = any(s.startswith(("run.resume=", "run.overwrite=")) for s in args.set)
+    cfg = load_config(args.config, [f"run.out_dir={DEFAULT_DEMO_RUN}", *args.set])
+    continuing = bool(cfg.run.resume or cfg.run.overwrite)
     if continuing or not holds_run(DEFAULT_DEMO_RUN):
         return DEFAULT_DEMO_RUN
     n = 2

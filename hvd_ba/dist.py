@@ -14,12 +14,15 @@ _hvd = None
 
 def init(stall_timeout: float | None = None) -> None:
     """Start Horovod. stall_timeout: Horovod's stall check warns (naming the ranks that did not
-    submit a tensor) after min(60 s, stall_timeout) and shuts down after stall_timeout, unless
-    HOROVOD_STALL_CHECK_TIME_SECONDS / HOROVOD_STALL_SHUTDOWN_TIME_SECONDS are set already."""
+    submit a tensor) after min(60 s, stall_timeout), and shuts the job down after
+    max(3600 s, 4 x stall_timeout), unless HOROVOD_STALL_CHECK_TIME_SECONDS /
+    HOROVOD_STALL_SHUTDOWN_TIME_SECONDS are set already. The shutdown is the backstop of start-up
+    (rank 0 listing a large folder while the others wait is legitimately long); during training
+    the ranks' own watchdogs (hvd_ba/lifecycle.py) end a stall first and name its cause."""
     global _hvd
     if stall_timeout is not None:
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60.0, stall_timeout)))))
-        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(1, int(stall_timeout))))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(max(3600.0, 4 * stall_timeout))))
     import horovod.torch as hvd
 
     hvd.init()
@@ -153,6 +156,11 @@ def grouped_allreduce_average(tensors: list[torch.Tensor], name: str, fp16: bool
         return tensors
     compression = _hvd.Compression.fp16 if fp16 else _hvd.Compression.none
     return _hvd.grouped_allreduce(tensors, op=_hvd.Average, name=name, compression=compression)
+
+
+def nccl_built() -> bool:
+    """Whether Horovod's GPU operations use NCCL (False also without Horovod initialised)."""
+    return bool(_hvd is not None and _hvd.nccl_built())
 
 
 def controller() -> str:

@@ -39,6 +39,7 @@ class TrainState:
     watchdog: object = None  # hvd_ba.lifecycle.Watchdog: told of every step's progress
     run_id: str | None = None
     plan: dict | None = None  # hvd_ba.runs.run_plan: what the data order and LR depend on
+    legacy_checkpoints: bool = False  # resumed from a checkpoint without run id: prune those too
 
 
 def normalize(batch: dict, state: TrainState) -> torch.Tensor:

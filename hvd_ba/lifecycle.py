@@ -25,6 +25,7 @@ import time
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, the last checkpoint is the resume point
 STALLED_EXIT_CODE = 70  # EX_SOFTWARE: no progress for run.stall_timeout seconds
+DISK_FULL_EXIT_CODE = 74  # EX_IOERR: the run folder is full (or read-only); free space, then resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

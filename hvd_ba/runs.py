@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import secrets
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -65,15 +67,28 @@ def read_result(out: str | Path) -> dict | None:
 
 
 def move_aside(out: Path) -> Path:
-    """Rename the run folder to `<out>.old-<time>` (never deleted) and make `out` afresh."""
+    """Rename the run folder to `<out>.old-<time>` (never deleted) and make `out` afresh. A
+    symlinked folder: its target is moved and made afresh (the link keeps pointing there)."""
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise RunRefused(f"run.overwrite: run.out_dir '{out}' is the working directory or holds it; it cannot be "
+                         "moved aside from here: choose another run.out_dir; nothing was started")
+    if os.path.ismount(real):
+        raise RunRefused(f"run.overwrite: run.out_dir '{out}' is a mount point and cannot be moved aside; choose a "
+                         "folder inside it as run.out_dir; nothing was started")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = out.with_name(f"{out.name}.old-{stamp}")
+    target = real.with_name(f"{real.name}.old-{stamp}")
     n = 1
     while target.exists():
         n += 1
-        target = out.with_name(f"{out.name}.old-{stamp}-{n}")
-    os.rename(out, target)
-    out.mkdir(parents=True)
+        target = real.with_name(f"{real.name}.old-{stamp}-{n}")
+    try:
+        os.rename(real, target)
+        real.mkdir()
+    except OSError as err:
+        raise RunRefused(f"run.overwrite: cannot move '{out}' aside to '{target}' ({err.strerror}); move or remove it "
+                         "yourself, or choose another run.out_dir; nothing was started") from None
     return target
 
 
@@ -101,27 +116,54 @@ def index_digest(index) -> str:
     return h.hexdigest()
 
 
-def run_plan(cfg: Config, world: int, steps_per_epoch: int, train_files: int, train_digest: str,
-             peak: float) -> dict:
+# The order in which global shards read the files (ShardSampler.shard); format-1 checkpoints
+# were written with order 1, which cut the epoch's permutation into one contiguous part per rank.
+SHARD_ORDER = 2
+
+
+def run_plan(cfg: Config, world: int, steps_per_epoch: int | None, train_files: int | None,
+             train_digest: str | None, peak: float) -> dict:
     """What the data order and the LR of every step depend on; stored in every checkpoint."""
     d, o = cfg.data, cfg.optim
     return {
         "world": world, "unique_batch": d.unique_batch, "unique_global": d.unique_batch * world,
         "copies": d.copies, "ghost_size": cfg.model.ghost_size, "steps_per_epoch": steps_per_epoch,
         "train_files": train_files, "train_digest": train_digest, "seed": cfg.run.seed, "shard": d.shard,
-        "layout": d.layout, "peak_lr": peak, "warmup_epochs": o.warmup_epochs,
-        "warmup_from": o.warmup_from, "schedule": o.schedule,
+        "shard_order": SHARD_ORDER if d.shard == "global" else None, "layout": d.layout, "peak_lr": peak,
+        "warmup_epochs": o.warmup_epochs, "warmup_from": o.warmup_from,
+        "warmup_start": o.base_lr if o.warmup_from == "base" else 0.0, "schedule": o.schedule,
         "milestones": list(o.milestones), "decay": o.decay,
         "epochs": o.epochs if o.schedule == "cosine" else None,  # a step schedule may be extended
     }
+
+
+def legacy_plan(payload: dict) -> dict:
+    """The plan of a format-1 checkpoint (written before plans were stored), from its config:
+    its warmup rose from zero, and its global shards read in order 1 (which matters only in the
+    middle of an epoch: each epoch draws its own permutation)."""
+    cfg = payload["config"]
+    d, o = cfg["data"], cfg["optim"]
+    world = payload["world"]
+    plan = {"world": world, "unique_batch": d["unique_batch"], "unique_global": d["unique_batch"] * world,
+            "copies": d["copies"], "ghost_size": cfg["model"]["ghost_size"], "seed": cfg["run"]["seed"],
+            "shard": d["shard"], "layout": d["layout"],
+            "peak_lr": o["base_lr"] * d["unique_batch"] * world / o["reference_batch"],
+            "warmup_epochs": o["warmup_epochs"], "warmup_from": "zero", "warmup_start": 0.0,
+            "schedule": o["schedule"], "milestones": list(o["milestones"]), "decay": o["decay"],
+            "epochs": o["epochs"] if o["schedule"] == "cosine" else None}
+    if d["shard"] == "global":
+        plan["shard_order"] = 1 if payload.get("step_in_epoch") else SHARD_ORDER
+    return plan
 
 
 LABELS = {
     "world": "ranks", "unique_batch": "data.unique_batch (per rank)", "unique_global": "unique global batch",
     "copies": "data.copies", "ghost_size": "model.ghost_size", "steps_per_epoch": "steps per epoch",
     "train_files": "training files", "train_digest": "training file index", "seed": "run.seed",
-    "shard": "data.shard", "layout": "data.layout", "peak_lr": "peak LR", "warmup_epochs": "optim.warmup_epochs",
-    "warmup_from": "optim.warmup_from", "schedule": "optim.schedule", "milestones": "optim.milestones",
+    "shard": "data.shard", "shard_order": "global shard order (hvd_ba version; a format-1 checkpoint mid-epoch)",
+    "layout": "data.layout", "peak_lr": "peak LR", "warmup_epochs": "optim.warmup_epochs",
+    "warmup_from": "optim.warmup_from", "warmup_start": "warmup start LR (optim.base_lr)",
+    "schedule": "optim.schedule", "milestones": "optim.milestones",
     "decay": "optim.decay", "epochs": "optim.epochs (cosine)",
 }
 
@@ -140,7 +182,7 @@ def plan_differences(saved: dict, current: dict) -> tuple[list[str], bool]:
     The world size (and with it the per-rank batch) may change when the unique global batch and
     everything else stay: with global shards every global step then reads the same files at the
     same LR. Keys missing from an older checkpoint are not compared."""
-    keys = [k for k in LABELS if k in saved and k in current]
+    keys = [k for k in LABELS if k in saved and k in current and saved[k] is not None and current[k] is not None]
     diffs = {k for k in keys if (saved[k] != current[k] if not isinstance(saved[k], float)
                                  else abs(saved[k] - current[k]) > 1e-12 * max(1.0, abs(saved[k])))}
     resized = bool(diffs) and diffs <= {"world", "unique_batch"} and saved.get("shard") == "global"
@@ -152,11 +194,181 @@ def plan_differences(saved: dict, current: dict) -> tuple[list[str], bool]:
 def refuse_resume(path, differences: list[str], saved: dict, current: dict) -> RunRefused:
     hint = ""
     if saved.get("world") != current.get("world") and saved.get("shard") == "global":
-        whole = saved["unique_global"] % current["world"] == 0
-        hint = (f"; on {current['world']} ranks, --set data.unique_batch={saved['unique_global'] // current['world']} "
-                f"keeps the unique global batch of {saved['unique_global']}" if whole else
-                f"; the unique global batch {saved['unique_global']} does not split over {current['world']} ranks")
+        per_rank, rest = divmod(saved["unique_global"], current["world"])
+        samples, ghost = saved["copies"] * per_rank, saved.get("ghost_size")
+        if rest or per_rank == 0:
+            hint = f"; the unique global batch {saved['unique_global']} does not split over {current['world']} ranks"
+        elif ghost and samples % ghost:
+            hint = (f"; {current['world']} ranks would need data.unique_batch={per_rank}, whose {samples} samples per "
+                    f"rank are not a multiple of model.ghost_size {ghost}")
+        else:
+            hint = (f"; on {current['world']} ranks, --set data.unique_batch={per_rank} keeps the unique global "
+                    f"batch of {saved['unique_global']}")
     elif saved.get("world") != current.get("world"):
         hint = "; static shards are owned per rank: resume them on the same number of ranks"
+    if saved.get("warmup_from") == "zero" and current.get("warmup_from") == "base" and "warmup_start" in saved:
+        hint += "; a run started with the older warmup rule continues with --set optim.warmup_from=zero"
     return RunRefused(f"run.resume: checkpoint '{path}' was written with a different data order or LR schedule: "
                       + "; ".join(differences) + hint + "; nothing was trained")
+
+
+# Config keys a resume may change: how the run is operated, not what it trains. Everything else
+# (model, augmentation, optimiser, data) must match the checkpoint's config; the world size and
+# data.unique_batch are judged by the plan.
+MAY_CHANGE = {
+    "data": {"path", "unique_batch", "manifest_dir", "workers", "worker_start", "prefetch", "eval_batch", "local_path"},
+    "augment": {"where", "canvas"},
+    "optim": {"epochs"},  # a step schedule may be extended; a cosine one is judged by the plan
+    "run": {"out_dir", "resume", "overwrite", "stall_timeout", "log_every", "eval_every", "threads",
+            "checkpoint_every", "keep_checkpoints", "sync_every", "stop_file", "track_lambda_every",
+            "track_lambda_batches", "channels_last", "compile", "record_reads", "lock_stale_after"},
+}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'section.key old -> new' for each key a resume may not change (MAY_CHANGE)."""
+    out = []
+    for section, values in current.items():
+        before = saved.get(section, {})
+        for key, value in values.items():
+            if key in MAY_CHANGE.get(section, set()) or key not in before:
+                continue
+            old = before[key]
+            if isinstance(old, float) or isinstance(value, float):
+                same = old is not None and value is not None and abs(float(old) - float(value)) <= 1e-12 * max(
+                    1.0, abs(float(old)))
+            else:
+                same = old == value
+            if not same:
+                out.append(f"{section}.{key} {old} -> {value}")
+    return out
+
+
+# -------------------------------------------------------------------------------- the run lock
+
+LOCK = ".lock"
+
+
+class RunLocked(RunRefused):
+    """Another job holds the run folder."""
+
+
+def _lock_record() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
+            "started": time.time()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_lock(out: Path, stale_after: float) -> Path:
+    """Hold `out` for this run: `.lock` created atomically (O_EXCL) with host, pid, Slurm job id
+    and start time; its mtime is the holder's heartbeat (refresh_lock). A lock whose process is
+    gone on this host, or that an earlier attempt of the same Slurm job left, is broken with a
+    warning; one from another host is honoured until its heartbeat is `stale_after` s old.
+    Raises RunLocked naming the holder. Rank 0 only."""
+    import logging
+
+    log = logging.getLogger("hvd_ba")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            holder, age = read_lock(path)
+            if holder is None:  # vanished meanwhile, or torn: retry / break
+                if age is not None and age > 5:
+                    path.unlink(missing_ok=True)
+                continue
+            same_host = holder.get("host") == socket.gethostname()
+            job = os.environ.get("SLURM_JOB_ID")
+            reason = None
+            if same_host and not _pid_alive(int(holder.get("pid", -1))):
+                reason = f"its process {holder.get('pid')} is gone"
+            elif job and holder.get("job") == job and holder.get("pid") != os.getpid():
+                reason = f"an earlier attempt of Slurm job {job} left it"
+            elif not same_host and age > stale_after:
+                reason = f"its heartbeat is {age:.0f} s old (run.lock_stale_after {stale_after:g} s)"
+            if reason is None:
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                raise RunLocked(
+                    f"run.out_dir '{out}' is in use by another job: host {holder.get('host')}, pid {holder.get('pid')}"
+                    + (f", Slurm job {holder['job']}" if holder.get("job") else "")
+                    + f", since {started} (heartbeat {age:.0f} s ago); wait for it to end, or choose another "
+                    "run.out_dir; nothing was started")
+            log.warning("breaking the lock of %s: %s", out, reason)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(_lock_record()))
+        return path
+    raise RunLocked(f"run.out_dir '{out}': could not take {path} (several jobs starting at once?); nothing was started")
+
+
+def read_lock(path: Path) -> tuple[dict | None, float | None]:
+    """(holder record or None, seconds since its heartbeat or None)."""
+    try:
+        age = time.time() - path.stat().st_mtime
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError):
+        return None, age if "age" in locals() else None
+    return (holder if isinstance(holder, dict) else None), age
+
+
+def refresh_lock(path: Path) -> None:
+    """The holder's heartbeat: touch the lock (a failure is not fatal: the lock stays held)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def release_lock(path: Path | None) -> None:
+    if path is None:
+        return
+    holder, _ = read_lock(path)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+_held: Path | None = None
+
+
+def hold_lock(out: Path, stale_after: float) -> Path:
+    """take_lock, then a heartbeat thread that touches the lock every minute until the process
+    ends; release_held_lock() gives it up (every exit path of a rank calls it)."""
+    global _held
+    _held = take_lock(out, stale_after)
+    path = _held
+
+    def beat():
+        while _held == path:
+            time.sleep(min(60.0, stale_after / 4))
+            if _held == path:
+                refresh_lock(path)
+
+    threading.Thread(target=beat, name="lock-heartbeat", daemon=True).start()
+    return path
+
+
+def release_held_lock() -> None:
+    global _held
+    path, _held = _held, None
+    release_lock(path)
+
+
+def is_complete(out: str | Path) -> bool:
+    """A result.json that parses and names the run of config.yaml."""
+    result = read_result(out)
+    run_id = read_run_id(out)
+    return bool(result and run_id and result.get("run_id") == run_id)

@@ -23,11 +23,12 @@ def learning_rate(step: int, steps_per_epoch: int, peak: float, warmup_epochs: f
     cosine from `peak` to 0 at `epochs`.
     """
     warmup_steps = round(warmup_epochs * steps_per_epoch)
+    if warmup_start is not None and peak <= warmup_start:
+        warmup_steps = 0  # nothing to rise to: the schedule starts at the peak
     if step < warmup_steps:
         if warmup_start is None:
             return peak * (step + 1) / warmup_steps
-        if peak > warmup_start:
-            return warmup_start + (peak - warmup_start) * step / warmup_steps
+        return warmup_start + (peak - warmup_start) * step / warmup_steps
     if schedule == "cosine":
         total = epochs * steps_per_epoch
         progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
@@ -53,4 +54,5 @@ def describe_warmup(peak: float, optim) -> str:
     start = warmup_start(optim)
     if start is not None and peak <= start:
         return f"no warmup (peak {peak:.4g} is not above the base LR {start:g})"
-    return f"warmup from {start if start is not None else 0:.4g} to {peak:.4g} over {optim.warmup_epochs:g} epochs"
+    return (f"warmup from {start if start is not None else 0:.4g} to {peak:.4g} over {optim.warmup_epochs:g} epochs "
+            "(linear per iteration)")

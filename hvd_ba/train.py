@@ -7,10 +7,9 @@ run.record_reads, the file indices the rank read).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
+import errno
 import hashlib
-import json
 import logging
 import math
 import os
@@ -22,17 +21,19 @@ from pathlib import Path
 
 import torch
 
-from hvd_ba import dist
-from hvd_ba.checkpoint import find_checkpoint, save_checkpoint
+from hvd_ba import dist, fsio
+from hvd_ba.checkpoint import NAME, checkpoint_dir, find_checkpoint, run_id_of, save_checkpoint
 from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
 from hvd_ba.engine import EpochProgress, TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
-from hvd_ba.lifecycle import (PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog, install_stop_handlers,
+from hvd_ba.lifecycle import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog, install_stop_handlers,
                               pause_point)
 from hvd_ba.models import build_model, parameter_groups
-from hvd_ba.runs import (RunRefused, claim_fresh, index_digest, new_run_id, plan_differences, read_result,
-                         read_run_id, refuse_resume, run_plan)
+from hvd_ba.fsio import DiskFull, read_records, remove_stale_temporaries
+from hvd_ba.runs import (LOCK, RunRefused, claim_fresh, config_differences, hold_lock, index_digest, legacy_plan,
+                         new_run_id, plan_differences, read_result, read_run_id, refuse_resume, release_held_lock,
+                         run_plan)
 from hvd_ba.schedule import describe_warmup, peak_lr
 
 log = logging.getLogger("hvd_ba")
@@ -51,7 +52,7 @@ def derived_figures(cfg: Config, world: int, steps_per_epoch: int) -> list[str]:
         f"samples per step: {samples} per rank, {samples * world} global",
         f"ghost BN: {ghost}",
         f"peak LR: {peak:.4g} = {o.base_lr:g} x {unique_global} / {o.reference_batch} (M does not change it), "
-        f"{describe_warmup(peak, o)} (linear per iteration), then "
+        f"{describe_warmup(peak, o)}, then "
         + ("cosine" if o.schedule == "cosine" else
            f"x{o.decay:g} at epochs {', '.join(f'{e:g}' for e in o.milestones)}" if o.milestones else "constant")
         + f" of {o.epochs}",
@@ -75,18 +76,11 @@ EPOCH_CSV_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1"
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    fsio.append_record(path, record)
 
 
 def append_csv(path: Path, record: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, EPOCH_CSV_COLUMNS, restval="", extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(record)
+    fsio.append_csv(path, record, EPOCH_CSV_COLUMNS)
 
 
 def tensorboard_writer(out: Path):
@@ -127,14 +121,28 @@ def load_indexes(cfg: Config):
     different number of steps would hang a collective)."""
     cache = manifest_cache(cfg)
     pause_point("indexes")
+    error = None
     if dist.is_primary():
-        indexes = [load_index(cfg.data.path, split, cache) for split in ("train", "val")]
-    dist.barrier("manifests")
+        try:
+            indexes = [load_index(cfg.data.path, split, cache) for split in ("train", "val")]
+        except (OSError, ValueError) as err:  # an empty class folder, no class folders, unreadable
+            error = str(err)
+    error = dist.broadcast_object(error, name="manifests")  # the others wait for rank 0's listing
+    if error is not None:
+        raise DataMismatch(f"data.path '{cfg.data.path}': {error}; no rank trained")
+    mine = None
     if not dist.is_primary():
-        indexes = [load_index(cfg.data.path, split, cache, write=False) for split in ("train", "val")]
-    train, val = indexes
-    mine = (len(train), index_digest(train), len(val), index_digest(val), socket.gethostname())
+        try:
+            indexes = [load_index(cfg.data.path, split, cache, write=False) for split in ("train", "val")]
+        except (OSError, ValueError) as err:
+            mine = f"rank {dist.rank()} on host {socket.gethostname()}: {err}"
+    train, val = indexes if mine is None else (None, None)
+    if mine is None:
+        mine = (len(train), index_digest(train), len(val), index_digest(val), socket.gethostname())
     every = dist.allgather_object(mine, name="indexes")
+    for other in every:
+        if isinstance(other, str):
+            raise DataMismatch(f"data.path '{cfg.data.path}': {other}; no rank trained")
     ref = every[0]
     for r, other in enumerate(every):
         if other[:4] != ref[:4]:
@@ -199,15 +207,24 @@ def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path
     average_bn_statistics(model)
     rng = dist.allgather_object(rng_states(), name="rng")
     partial = dist.allgather_object(state.progress.to_record(), name="partial") if step_in_epoch else None
+    failure = None
     if dist.is_primary():
         payload = {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
                    "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
                    "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
                    "world": dist.size(), "rng": rng, "partial": partial, "config": cfg.to_dict(),
                    "run_id": state.run_id, "plan": state.plan}
-        path = save_checkpoint(out, payload, cfg.run.keep_checkpoints)
-        log.info("checkpoint %s (step %d)", path, state.step)
-    dist.barrier("checkpoint")  # nobody leaves (or exits) before the file is on disk
+        try:
+            path = save_checkpoint(out, payload, cfg.run.keep_checkpoints, prune_legacy=state.legacy_checkpoints)
+            log.info("checkpoint %s (step %d)", path, state.step)
+        except DiskFull as err:
+            failure = err.strerror
+    # Nobody leaves (or exits) before the file is on disk; a full disk stops every rank at once.
+    failure = dist.broadcast_object(failure, name="checkpoint")
+    if failure:
+        err = DiskFull(errno.ENOSPC, failure)
+        err.quiet = not dist.is_primary()  # one line, from rank 0
+        raise err
 
 
 def rng_states() -> dict:
@@ -244,11 +261,19 @@ def claim_run_dir(cfg: Config, out: Path) -> str | None:
     decision = None
     if dist.is_primary():
         try:
+            hold_lock(out, cfg.run.lock_stale_after)  # before anything else: one job per folder
+            for folder in (out, checkpoint_dir(out)):  # left by a writer killed mid-write (only rank 0 writes)
+                for stale in remove_stale_temporaries(folder):
+                    log.warning("removed %s, left by a write that a crash cut short", stale)
             if cfg.run.resume:
                 decision = {"run_id": None}
             else:
                 run_id, moved = claim_fresh(cfg, out)
                 decision = {"run_id": run_id, "moved": str(moved) if moved else None}
+                if moved:  # the lock went with the old folder: hold the new one
+                    release_held_lock()
+                    (moved / LOCK).unlink(missing_ok=True)
+                    hold_lock(out, cfg.run.lock_stale_after)
         except RunRefused as err:
             decision = {"error": str(err)}
     decision = dist.broadcast_object(decision, name="claim")
@@ -267,11 +292,45 @@ def _check_checkpoint(cfg: Config, payload: dict, path, out: Path, plan: dict) -
     if run_id and here and run_id != here:
         raise RunRefused(f"run.resume: checkpoint '{path}' belongs to run {run_id}, but run.out_dir '{out}' holds run "
                          f"{here}; resume into that run's own folder, or into an empty run.out_dir")
-    saved_plan = payload.get("plan") or {"world": payload.get("world")}
+    saved_plan = payload.get("plan") or legacy_plan(payload)
     differences, resized = plan_differences(saved_plan, plan)
+    differences += config_differences(payload["config"], cfg.to_dict())
     if differences:
         raise refuse_resume(path, differences, saved_plan, plan)
     return run_id or here or new_run_id(), resized
+
+
+def _nothing_to_resume(cfg: Config, out: Path, fresh_id: str | None) -> dict:
+    """Rank 0, run.resume without a checkpoint that loads: a complete run says so; a run with
+    epochs recorded (so it had checkpoints) is refused, never trained again over its records;
+    a run that died before its first checkpoint starts again from step 0."""
+    here = read_run_id(out)
+    result = read_result(out)
+    if result and here and result.get("run_id") == here:
+        return {"run_id": here, "complete": True}
+    epochs = read_records(out / "metrics.jsonl")
+    if epochs or result:
+        raise RunRefused(
+            f"run.resume: '{out}' holds run {here or '(no id)'} with {len(epochs)} epochs recorded but no checkpoint "
+            f"that loads in {checkpoint_dir(out)}; nothing to resume from: --set run.overwrite=true (without "
+            "run.resume) moves it aside and starts afresh, or run.resume=PATH names a checkpoint; nothing was trained")
+    return {"run_id": fresh_id or here or new_run_id()}
+
+
+def _set_aside_later_checkpoints(out: Path, step: int, run_id: str) -> None:
+    """Rank 0, a resume from an earlier checkpoint than the run's newest (run.resume=PATH): the
+    later ones of this run are an abandoned branch; moved to checkpoints/abandoned-<time>/ so
+    that neither `auto` nor pruning mistakes them for the run's progress."""
+    folder = checkpoint_dir(out)
+    later = [p for p in folder.glob("ckpt-*.pt") if NAME.match(p.name) and int(NAME.match(p.name).group(1)) > step
+             and run_id_of(p) == run_id]
+    if not later:
+        return
+    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for p in later:
+        os.replace(p, aside / p.name)
+    log.warning("resuming from step %d: %d later checkpoints of this run moved to %s", step, len(later), aside)
 
 
 def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, fresh_id: str | None) -> Placement:
@@ -280,30 +339,42 @@ def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, fr
     yet) starts at (0, 0)."""
     meta = None
     if dist.is_primary():
-        found = find_checkpoint(cfg.run.resume, out) if cfg.run.resume else None
         try:
+            found = find_checkpoint(cfg.run.resume, out) if cfg.run.resume else None
             if found is None:
-                meta = {"run_id": fresh_id or read_run_id(out) or new_run_id()}
+                meta = _nothing_to_resume(cfg, out, fresh_id) if cfg.run.resume else {"run_id": fresh_id}
             else:
                 path, payload = found
                 run_id, resized = _check_checkpoint(cfg, payload, path, out, state.plan)
-                model.load_state_dict(payload["model"])
-                state.optimizer.load_state_dict(payload["optimizer"])
+                try:
+                    model.load_state_dict(payload["model"])
+                    state.optimizer.load_state_dict(payload["optimizer"])
+                except (RuntimeError, ValueError, KeyError) as err:
+                    raise RunRefused(f"run.resume: checkpoint '{path}' does not fit this model and optimizer "
+                                     f"({str(err).splitlines()[0]}); nothing was trained") from None
                 if state.scaler is not None and payload["scaler"] is not None:
                     state.scaler.load_state_dict(payload["scaler"])
+                if cfg.run.resume != "auto":
+                    _set_aside_later_checkpoints(out, payload["step"], run_id)
                 meta = {key: payload.get(key) for key in ("step", "epoch", "step_in_epoch", "world", "rng", "partial")}
-                meta |= {"path": str(path), "run_id": run_id, "resized": resized}
+                meta |= {"path": str(path), "run_id": run_id, "resized": resized, "legacy": not payload.get("run_id")}
         except RunRefused as err:
             meta = {"error": str(err)}
+        except (OSError, ValueError) as err:  # run.resume=PATH that is missing or not a checkpoint
+            meta = {"error": f"run.resume: cannot load '{cfg.run.resume}' ({err}); nothing was trained"}
     pause_point("resume")
     meta = dist.broadcast_object(meta, name="resume")
     if "error" in meta:
         raise RunRefused(meta["error"])
     placement = Placement(run_id=meta["run_id"])
+    if meta.get("complete"):  # complete, its checkpoints removed: nothing to load
+        placement.complete = True
+        return placement
     if "step" not in meta:
         if dist.is_primary() and cfg.run.resume:
             truncate_records(out, step=0, epoch=0)
         return placement
+    state.legacy_checkpoints = bool(meta.get("legacy"))
     placement.epoch, placement.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
     placement.complete = meta["epoch"] >= cfg.optim.epochs
     dist.broadcast_state(model, state.optimizer, optimizer_state=True)
@@ -332,11 +403,9 @@ def truncate_records(out: Path, step: int, epoch: int) -> None:
     checkpoint wrote some); metrics.csv is rebuilt from metrics.jsonl."""
     for name, field, keep in (("steps.jsonl", "step", step), ("lambda.jsonl", "step", step),
                               ("reads.jsonl", "step", step), ("metrics.jsonl", "epoch", epoch)):
-        truncate_jsonl(out / name, lambda record, f=field, k=keep: record[f] <= k)
-    rows = read_jsonl(out / "metrics.jsonl")
-    (out / "metrics.csv").unlink(missing_ok=True)
-    for row in rows:
-        append_csv(out / "metrics.csv", row)
+        fsio.trim_records(out / name, lambda record, f=field, k=keep: record[f] <= k)
+    if (out / "metrics.csv").exists() or (out / "metrics.jsonl").exists():
+        fsio.write_csv(out / "metrics.csv", read_jsonl(out / "metrics.jsonl"), EPOCH_CSV_COLUMNS)
 
 
 def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_index, out: Path) -> None:
@@ -364,16 +433,8 @@ def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_i
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def truncate_jsonl(path: Path, keep) -> None:
-    if not path.exists():
-        return
-    records = [r for r in read_jsonl(path) if keep(r)]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    """The whole records of a JSONL file (a torn last line, left by a crash, is skipped)."""
+    return fsio.read_records(path)
 
 
 class StepHooks:
@@ -539,9 +600,7 @@ def finish(cfg: Config, run: Run, out: Path, metrics: dict, t_start: float) -> d
     """model.pt (rank 0), rank<r>.json (every rank) and result.json (rank 0, last)."""
     state, model, rank, world = run.state, run.model, dist.rank(), dist.size()
     if dist.is_primary():  # plain state dict on the CPU: loads into the torchvision model (strict)
-        tmp = out / "model.pt.tmp"
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, out / "model.pt")
+        fsio.atomic_torch_save(out / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     # Trainable parameters must agree bit for bit (allreduce); the full state agrees because the
     # last evaluation averaged the rank-local BN running statistics.
     rank_record = {"rank": rank, "world": world, "steps": state.step, "run_id": state.run_id,
@@ -549,16 +608,15 @@ def finish(cfg: Config, run: Run, out: Path, metrics: dict, t_start: float) -> d
                    "state_sha256": state_digest(model.state_dict())}
     if cfg.run.record_reads:
         rank_record["reads"] = {str(e): v for e, v in state.reads.items()}
-    tmp = out / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(rank_record))
-    os.replace(tmp, out / f"rank{rank}.json")
+    fsio.atomic_json(out / f"rank{rank}.json", rank_record)
     result = {"run_id": state.run_id, "val_top1": metrics.get("val_top1"), "val_loss": metrics.get("val_loss"),
               "chance_top1": 100.0 / run.num_classes, "epochs": cfg.optim.epochs, "steps": state.step,
               "world": world, "wall_time_s": time.time() - t_start}
     if dist.is_primary():
-        tmp = out / ".result.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / "result.json")
+        dist.barrier("outputs")  # result.json, the mark of a complete run, is written last
+        fsio.atomic_json(out / "result.json", result, indent=1)
+    else:
+        dist.barrier("outputs")
         top1 = result["val_top1"]
         log.info("final val top-1 %s (chance %.1f%%) after %d epochs, %.0f s",
                  f"{top1:.2f}%" if top1 is not None else "-", result["chance_top1"], cfg.optim.epochs,
@@ -611,29 +669,44 @@ def main_rank(cfg: Config) -> int:
     """Entry for one rank. Any exception ends this process hard, so that the other ranks'
     launcher tears the job down instead of leaving them hung in a collective (horovod #642).
     A refusal (the run folder, the checkpoint, the data) is one line from rank 0, exit 2; a stop
-    signal during start-up, one line and exit 75."""
+    signal during start-up, one line and exit 75. Every way out gives up the run folder's lock."""
+    stop = install_stop_handlers()
     try:
-        result = run_training(cfg)
+        try:
+            result = run_training(cfg)
+        finally:
+            stop.in_startup = False  # from here a signal only sets the flag, whatever happened
     except Preempted as err:
-        print(f"hvd_ba: rank {dist.rank()} stopped ({err}): nothing was trained since the last checkpoint, which "
-              "stays the resume point", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(PREEMPTED_EXIT_CODE)
+        _leave(f"hvd_ba: rank {dist.rank()} stopped ({err}): nothing was trained since the last checkpoint, which "
+               "stays the resume point", PREEMPTED_EXIT_CODE)
     except RunRefused as err:  # every rank raises it after the same broadcast
-        sys.stdout.flush()
-        if dist.is_primary():
-            print(f"hvd_ba: error: {err}", file=sys.stderr, flush=True)
-        os._exit(2)
+        _leave(f"hvd_ba: error: {err}" if dist.is_primary() else None, 2)
+    except DiskFull as err:
+        _leave(None if getattr(err, "quiet", False) else f"hvd_ba: rank {dist.rank()}: {err.strerror}",
+               DISK_FULL_EXIT_CODE)
     except BaseException as err:
-        sys.stdout.flush()
         if type(err).__name__ == "HorovodInternalError" and "shut down" in str(err):
             # A symptom, not a cause (horovod-pitfalls.md): another rank left first and said why.
-            print(f"hvd_ba: rank {dist.rank()} stopped: another rank left the job first (Horovod has been shut "
-                  "down); that rank's message tells why", file=sys.stderr, flush=True)
-            os._exit(1)
+            if stop.requested:  # this rank was signalled too (srun signals every task): a preemption
+                _leave(f"hvd_ba: rank {dist.rank()} stopped ({stop.signal_name}): the job was stopping; the last "
+                       "checkpoint stays the resume point", PREEMPTED_EXIT_CODE)
+            _leave(f"hvd_ba: rank {dist.rank()} stopped: another rank left the job first, or Horovod's stall "
+                   "shutdown ended it (Horovod has been shut down); the first rank's message tells why", 1)
+        sys.stdout.flush()
         print(f"hvd_ba: rank {dist.rank()} failed:", file=sys.stderr)
         traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+        _leave(None, 1)
+    release_held_lock()
     dist.shutdown()
     return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
+
+
+def _leave(message: str | None, status: int):
+    """Print `message` (one line), give up the lock and end the process at once (no Horovod
+    shutdown: another rank may be gone or stuck in a collective)."""
+    sys.stdout.flush()
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    release_held_lock()
+    os._exit(status)

@@ -21,6 +21,7 @@
 # that failed for another reason is not requeued: its exit status is the job's.
 
 PREEMPTED=75
+DISK_FULL=74  # the run folder is full or read-only: requeueing would only fail again
 
 job_log() { echo "[hvd_ba job $(date +%H:%M:%S)] $*"; }
 
@@ -109,9 +110,16 @@ run_job() {
     trap - USR1 TERM
     echo "$status" > "$log_dir/attempt-$restart.exit"
 
-    if [ "$status" = 0 ] && [ -f "$OUT/result.json" ]; then
+    # Complete means a result.json that parses and names the run of config.yaml (not a file that
+    # merely exists: a crash can leave an empty or torn one).
+    if [ "$status" = 0 ] && "$PYTHON" -m hvd_ba status --complete "$OUT" >/dev/null 2>&1; then
         job_log "run complete: $OUT/result.json" | tee -a "$attempt_log"
         return 0
+    fi
+    if [ "$status" = "$DISK_FULL" ]; then
+        job_log "the run folder is full (exit $status): not requeued; free space in $OUT's file system, then" \
+                "resubmit (it resumes from the last checkpoint)" | tee -a "$attempt_log"
+        return "$status"
     fi
     # srun and mpirun pass the ranks' 75 on; horovodrun reports 1 for it, so the signal counts too.
     if [ "$requeue_asked" = 1 ] && { [ "$status" = "$PREEMPTED" ] || [ -e "$OUT/checkpoints/latest" ]; }; then

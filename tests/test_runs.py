@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,11 +113,13 @@ def test_resume_refuses_a_changed_schedule_or_data_order_in_one_line(small_data,
                  "--set data.unique_batch=16 keeps the unique global batch of 16"):
         assert part in lines[0], lines[0]
     r = launch("gloo", small_data, out, settings=[*ONE_EPOCH, "optim.epochs=2", "run.resume=auto", "run.seed=3",
-                                                  "optim.milestones=[0.5]", "data.copies=4"])
+                                                  "optim.milestones=[0.5]", "data.copies=4", "optim.weight_decay=0.001",
+                                                  "model.width=2"])
     assert r.returncode != 0
     message = [line for line in r.stderr.splitlines() if "hvd_ba: error" in line]
     assert len(message) == 1
-    for part in ("data.copies 2 -> 4", "run.seed 0 -> 3", "optim.milestones [1.5] -> [0.5]"):
+    for part in ("data.copies 2 -> 4", "run.seed 0 -> 3", "optim.milestones [1.5] -> [0.5]",
+                 "optim.weight_decay 0.0001 -> 0.001", "model.width 1.0 -> 2.0"):
         assert part in message[0], message[0]
     assert snapshot(out) == before  # nothing trained, nothing rewritten
 
@@ -200,8 +203,12 @@ def no_process_left(out):
     return not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
 
 
-@pytest.mark.parametrize("phase,rank,signame", [("indexes", 0, "SIGUSR1"), ("resume", 1, "SIGTERM")])
-def test_a_signal_during_start_up_ends_the_job_with_75(phase, rank, signame, small_data, tmp_path):
+@pytest.mark.parametrize("phase,rank,signame,everyone", [("indexes", 0, "SIGUSR1", False),
+                                                          ("resume", 1, "SIGTERM", False),
+                                                          ("indexes", 0, "SIGTERM", True)])
+def test_a_signal_during_start_up_ends_the_job_with_75(phase, rank, signame, everyone, small_data, tmp_path):
+    """One rank signalled (the others learn it from the launcher), or every rank as srun does
+    (the one waiting in a collective sees Horovod shut down and knows it was stopping too)."""
     out = tmp_path / "run"
     r = launch("gloo", small_data, out, settings=ONE_EPOCH)
     assert r.returncode == 0, r.stdout[-3000:]
@@ -217,7 +224,8 @@ def test_a_signal_during_start_up_ends_the_job_with_75(phase, rank, signame, sma
             break
     else:
         raise AssertionError("".join(lines)[-3000:])
-    rank_process(proc, rank).send_signal(getattr(signal, signame))
+    for r in ((0, 1) if everyone else (rank,)):
+        rank_process(proc, r).send_signal(getattr(signal, signame))
     t0 = time.time()
     rest, _ = proc.communicate(timeout=60)
     output = "".join(lines) + rest
@@ -267,3 +275,107 @@ def test_a_stalled_loader_worker_ends_the_job_within_the_timeout(small_data, tmp
     assert message and os.path.isfile(message.group(1).rstrip(",")), output[-3000:]
     time.sleep(1)
     assert no_process_left(out)  # the stopped worker too (it holds the run folder in its command line)
+
+
+def test_a_stopped_rank_ends_the_job_through_the_other_ranks_watchdog(small_data, tmp_path):
+    out = tmp_path / "run"
+    timeout = 12
+    proc = subprocess.Popen(train_command("gloo", small_data, out, settings=[*RUN, "optim.epochs=50",
+                                                                             f"run.stall_timeout={timeout}"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    wait_for_step(out, 3, proc)
+    rank_process(proc, 1).send_signal(signal.SIGSTOP)  # a deadlocked or frozen rank
+    t0 = time.time()
+    output, _ = proc.communicate(timeout=120)
+    seconds = time.time() - t0
+    print(f"stopped rank -> job exit: {seconds:.1f} s (run.stall_timeout {timeout} s)")
+    assert proc.returncode != 0
+    assert 1.25 * timeout <= seconds < 1.25 * timeout + 30, seconds
+    assert re.search(r"hvd_ba: rank 0 on host \S+ stalled: no progress for \d+ s \(run.stall_timeout 12 s\) while "
+                     r"waiting for step \d+ to finish \(forward, backward, allreduce with the other ranks\)", output), \
+        output[-3000:]
+    time.sleep(1)
+    assert no_process_left(out)
+
+
+def make_format_1(path, out):
+    """A checkpoint as hvd_ba wrote it before run ids and plans (format 1)."""
+    payload = torch.load(path, weights_only=True)
+    for key in ("run_id", "plan", "partial"):
+        payload.pop(key)
+    payload["format"] = 1
+    payload["rng"] = [states["cpu"] for states in payload["rng"]]
+    folder = checkpoint_dir(out)
+    folder.mkdir(parents=True)
+    torch.save(payload, folder / path.name)
+    (folder / "latest").write_text(path.name)
+    return folder / path.name
+
+
+def test_format_1_checkpoints_resume_at_an_epoch_end_and_are_refused_mid_epoch(small_data, tmp_path):
+    source = tmp_path / "source"
+    r = train_alone(small_data, source, [*RUN, "optim.epochs=1"])  # checkpoints at steps 4 and 6 (epoch end)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mid = make_format_1(checkpoint_dir(source) / "ckpt-000000004.pt", tmp_path / "mid")
+    r = train_alone(small_data, tmp_path / "mid", [*RUN, "run.resume=auto"])
+    assert r.returncode == 2 and "global shard order (hvd_ba version; a format-1 checkpoint mid-epoch) 1 -> 2" \
+        in r.stderr, r.stderr
+    make_format_1(checkpoint_dir(source) / "ckpt-000000006.pt", tmp_path / "end")
+    r = train_alone(small_data, tmp_path / "end", [*RUN, "run.resume=auto", "optim.warmup_from=base"])
+    assert r.returncode == 2 and "optim.warmup_from zero -> base" in r.stderr \
+        and "continues with --set optim.warmup_from=zero" in r.stderr, r.stderr
+    r = train_alone(small_data, tmp_path / "end", [*RUN, "run.resume=auto"])  # the demo preset: from zero
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [s["step"] for s in read_jsonl(tmp_path / "end" / "steps.jsonl")] == list(range(7, 13))
+    # the adopted format-1 checkpoint is pruned like the run's own (keep 2)
+    assert sorted(p.name for p in checkpoint_dir(tmp_path / "end").glob("ckpt-*")) == [
+        "ckpt-000000010.pt", "ckpt-000000012.pt"]
+    assert mid.is_file()
+
+
+def test_resume_without_a_checkpoint_never_retrains_over_a_runs_records(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = train_alone(small_data, out, ONE_EPOCH)
+    assert r.returncode == 0
+    shutil.rmtree(checkpoint_dir(out))  # checkpoints deleted to save quota; the run is complete
+    before = snapshot(out)
+    r = train_alone(small_data, out, [*ONE_EPOCH, "run.resume=auto"])
+    assert r.returncode == 0 and "is complete" in r.stdout and snapshot(out) == before, r.stderr[-2000:]
+    (out / "result.json").unlink()  # not complete, epochs recorded, nothing to resume from
+    before = snapshot(out)
+    r = train_alone(small_data, out, [*ONE_EPOCH, "run.resume=auto"])
+    assert r.returncode == 2 and "with 1 epochs recorded but no checkpoint that loads" in r.stderr
+    assert "run.overwrite=true" in r.stderr and snapshot(out) == before
+
+
+def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(small_data, tmp_path):
+    out = tmp_path / "run"
+    settings = [*RUN, "run.keep_checkpoints=10"]
+    r = train_alone(small_data, out, settings)
+    assert r.returncode == 0
+    folder = checkpoint_dir(out)
+    r = train_alone(small_data, out, [*settings, f"run.resume={folder / 'ckpt-000000004.pt'}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from step 4: 4 later checkpoints of this run moved to" in r.stdout + r.stderr
+    (aside,) = folder.glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == [f"ckpt-0000000{s:02d}.pt" for s in (6, 8, 10, 12)]
+    assert sorted(p.name for p in folder.glob("ckpt-*")) == [f"ckpt-0000000{s:02d}.pt" for s in (2, 4, 6, 8, 10, 12)]
+
+
+def test_overwrite_of_a_symlinked_folder_and_of_the_working_directory(small_data, tmp_path):
+    real, link = tmp_path / "scratch" / "run", tmp_path / "run"
+    real.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    real.mkdir()
+    r = train_alone(small_data, link, ONE_EPOCH)
+    assert r.returncode == 0
+    r = train_alone(small_data, link, [*ONE_EPOCH, "run.overwrite=true"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert link.is_symlink() and (real / "result.json").is_file()
+    assert len(list((tmp_path / "scratch").glob("run.old-*"))) == 1  # the target was moved, the link kept
+    r = run_cli("train", "--config", "demo", "--set", f"data.path={small_data}", "run.out_dir=.", *ONE_EPOCH,
+                "run.overwrite=true", cwd=real)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "hvd_ba: error: run.overwrite: run.out_dir '.' is the working directory or holds it; it cannot be moved "
+        "aside from here: choose another run.out_dir; nothing was started"]

@@ -68,9 +68,20 @@ def test_warmup_from_zero_stays_available_and_no_warmup_below_the_base():
     zero = load_config("resnet50", ["optim.warmup_from=zero"]).optim
     assert config_lr(0, 625, 0.8, zero) == pytest.approx(0.8 / 3125)  # 0.000256, the old rule
     assert config_lr(625, 625, 0.8, zero) == pytest.approx(0.8 * 626 / 3125)
-    assert describe_warmup(0.8, zero) == "warmup from 0 to 0.8 over 5 epochs"
+    assert describe_warmup(0.8, zero) == "warmup from 0 to 0.8 over 5 epochs (linear per iteration)"
     base = load_config("resnet50").optim
-    assert describe_warmup(0.8, base) == "warmup from 0.1 to 0.8 over 5 epochs"
+    assert describe_warmup(0.8, base) == "warmup from 0.1 to 0.8 over 5 epochs (linear per iteration)"
     # 2 ranks x 32: peak 0.025 is below the base 0.1, so there is nothing to warm up to
     assert [config_lr(s, 100, 0.025, base) for s in (0, 250, 499, 500)] == [0.025] * 4
     assert describe_warmup(0.025, base).startswith("no warmup (peak 0.025 is not above the base LR 0.1)")
+
+
+def test_cosine_without_a_warmup_to_do_starts_at_the_peak():
+    """peak <= base LR: no warmup, so the cosine runs from step 0 (not from the nominal warmup's end)."""
+    from hvd_ba.config import load_config
+    from hvd_ba.schedule import config_lr
+
+    o = load_config("resnet50", ["optim.schedule=cosine", "optim.epochs=10", "optim.warmup_epochs=2"]).optim
+    lrs = [config_lr(s, 10, 0.05, o) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.05) and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[50] == pytest.approx(0.025, rel=0.05)

@@ -1,5 +1,6 @@
 """cluster/setup.sh: a second run only verifies; a failed step names itself and shows its log."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,3 +41,100 @@ def test_bad_interpreter_is_named(tmp_path):
     r = run_setup(tmp_path, PYTHON=str(tmp_path / "no-python"))
     assert r.returncode == 1
     assert f"'{tmp_path / 'no-python'}' is not a Python >= 3.10" in r.stderr
+
+
+# ------------------------------------------------------------- GPU build detection (fake trees)
+
+def fake_cuda(root, version, nvcc=True):
+    """A CUDA toolkit folder: bin/nvcc printing its release (or only version.json)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if nvcc:
+        (root / "bin").mkdir(exist_ok=True)
+        (root / "bin" / "nvcc").write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {version}, V{version}.1'\n")
+        (root / "bin" / "nvcc").chmod(0o755)
+    else:
+        (root / "version.json").write_text('{"cuda": {"name": "CUDA SDK", "version": "%s.1"}}' % version)
+    return root
+
+
+def fake_nccl(root, lib="lib", name="libnccl.so.2"):
+    (root / "include").mkdir(parents=True, exist_ok=True)
+    (root / "include" / "nccl.h").write_text("/* nccl */\n")
+    (root / lib).mkdir(exist_ok=True)
+    (root / lib / name).write_bytes(b"\x7fELF")
+    return root
+
+
+def detect(tmp_path, torch_cuda="13.0", torch_nccl="", has_gpu="1", **env):
+    script = (f"source {ROOT / 'cluster' / 'gpu_detect.sh'}; gpu_detect \"$@\"; rc=$?; "
+              "printf '%s\\n' \"rc=$rc\" \"ops=$GPU_OPS\" \"cuda=$GPU_CUDA_HOME\" \"nccl=$GPU_NCCL_HOME\" "
+              "\"link=$GPU_NCCL_LINK\" \"include=$GPU_NCCL_INCLUDE\" \"lib=$GPU_NCCL_LIB\" \"why=$GPU_WHY\"")
+    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "NCCL_HOME", "HOROVOD_NCCL_HOME",
+                                                             "HVD_BA_GPU")}
+    tools = tmp_path / "tools"  # the few commands the function uses, and no nvcc of this machine's
+    if not tools.exists():
+        tools.mkdir()
+        for name in ("sed", "ls", "dirname", "head", "mkdir", "ln"):
+            (tools / name).symlink_to(shutil.which(name))
+    base["PATH"] = str(tools)
+    if "PATH" in env:
+        env["PATH"] = env["PATH"].replace("/usr/bin:/bin", str(tools))
+    r = subprocess.run([shutil.which("bash"), "-c", script, "detect", torch_cuda, torch_nccl, has_gpu, str(tmp_path / "private")],
+                       capture_output=True, text=True, env={**base, "HVD_BA_SYSROOT": str(tmp_path / "sys"), **env})
+    return dict(line.split("=", 1) for line in r.stdout.splitlines())
+
+
+def test_gpu_detect_cpu_cases(tmp_path):
+    fake_cuda(tmp_path / "sys/usr/local/cuda", "13.0")
+    assert detect(tmp_path, HVD_BA_GPU="0")["ops"] == ""
+    got = detect(tmp_path, has_gpu="0")
+    assert got["ops"] == "" and got["rc"] == "0" and "no GPU on this node" in got["why"]
+    got = detect(tmp_path, torch_cuda="", HVD_BA_GPU="1")
+    assert got["rc"] == "1" and "torch is a CPU build" in got["why"]
+
+
+def test_gpu_detect_torch_wheel_nccl_with_nvcc_on_path(tmp_path):
+    cuda = fake_cuda(tmp_path / "modules/cuda-13.0", "13.0")
+    wheel = fake_nccl(tmp_path / "site-packages/nvidia/nccl")  # lib/libnccl.so.2 only, as the wheel
+    got = detect(tmp_path, torch_nccl=str(wheel), PATH=f"{cuda}/bin:/usr/bin:/bin")
+    assert got["rc"] == "0" and got["ops"] == "NCCL" and got["cuda"] == str(cuda) and got["link"] == "SHARED"
+    private = tmp_path / "private"
+    assert got["nccl"] == str(private)
+    assert os.path.realpath(private / "lib" / "libnccl.so") == str(wheel / "lib" / "libnccl.so.2")
+    assert os.path.realpath(private / "include" / "nccl.h") == str(wheel / "include" / "nccl.h")
+
+
+def test_gpu_detect_cuda_home_and_nccl_home_take_precedence(tmp_path):
+    fake_cuda(tmp_path / "sys/usr/local/cuda", "13.0")
+    home = fake_cuda(tmp_path / "opt/cuda", "13.1", nvcc=False)  # version.json only
+    nccl = fake_nccl(tmp_path / "opt/nccl", lib="lib64", name="libnccl.so")
+    got = detect(tmp_path, CUDA_HOME=str(home), NCCL_HOME=str(nccl), torch_nccl=str(tmp_path / "absent"))
+    assert (got["ops"], got["cuda"], got["nccl"]) == ("NCCL", str(home), str(nccl))
+
+
+def test_gpu_detect_refuses_a_cuda_of_another_major(tmp_path):
+    fake_cuda(tmp_path / "sys/usr/local/cuda", "12.4")
+    fake_nccl(tmp_path / "sys/usr/local/cuda", lib="lib64")
+    got = detect(tmp_path, HVD_BA_GPU="1")
+    assert got["rc"] == "1" and got["ops"] == ""
+    assert "no CUDA 13.x toolkit found" in got["why"] and "(CUDA 12.4, torch needs 13.x)" in got["why"]
+    assert detect(tmp_path)["rc"] == "0"  # auto: a CPU build, the reason said
+
+
+def test_gpu_detect_debian_nccl_and_login_node(tmp_path):
+    fake_cuda(tmp_path / "sys/usr/local/cuda", "13.0")
+    (tmp_path / "sys/usr/include").mkdir(parents=True)
+    (tmp_path / "sys/usr/include/nccl.h").write_text("")
+    (tmp_path / "sys/usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    (tmp_path / "sys/usr/lib/x86_64-linux-gnu/libnccl.so.2").write_bytes(b"")
+    got = detect(tmp_path, has_gpu="0", HVD_BA_GPU="1")  # a login node, GPU flavour asked for
+    assert got["ops"] == "NCCL" and got["include"] == str(tmp_path / "sys/usr/include")
+    assert got["lib"] == str(tmp_path / "sys/usr/lib/x86_64-linux-gnu")
+
+
+def test_gpu_detect_names_where_it_looked_for_nccl(tmp_path):
+    fake_cuda(tmp_path / "sys/usr/local/cuda", "13.0")
+    got = detect(tmp_path, HVD_BA_GPU="1", NCCL_HOME=str(tmp_path / "nowhere"))
+    assert got["rc"] == "1" and got["ops"] == ""
+    assert "no NCCL found" in got["why"] and str(tmp_path / "nowhere") in got["why"]
+    assert str(tmp_path / "sys/usr/include") in got["why"]

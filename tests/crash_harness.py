@@ -1,0 +1,126 @@
+"""Crash harness: kill a short training run at each of its file operations, resume it, and check
+that the resumed run ends exactly as an uninterrupted one.
+
+The run's own I/O functions (hvd_ba/fsio.py) count every write, fsync, rename and unlink; with
+HVD_BA_CRASH_AT=N the process SIGKILLs itself at its N-th (a write after half its bytes). Each
+run is a fork of this process (torch imported once, no torch work done here before forking), so
+one crash point costs two short runs. Usage (the tests call it):
+
+    python tests/crash_harness.py DATA WORKDIR [--points 1,5,9] --set SETTINGS...
+
+Prints one JSON line: {"operations": N, "covered": [...], "failures": [...]}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402  (imported before any fork: each run only forks)
+
+from hvd_ba.config import load_config  # noqa: E402
+from hvd_ba.fsio import read_records  # noqa: E402
+
+
+def run_child(data: str, out: Path, settings: list[str], env: dict, log: Path) -> int:
+    """One `python -m hvd_ba train` run as a fork of this process; its exit status (negative: the
+    signal that killed it)."""
+    pid = os.fork()
+    if pid == 0:  # the child: a rank of world 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.environ.update(env)
+            from hvd_ba.train import main_rank
+
+            cfg = load_config("demo", [f"data.path={data}", f"run.out_dir={out}", *settings])
+            code = main_rank(cfg)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 99
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def outcome(out: Path) -> dict:
+    result = json.loads((out / "result.json").read_text())
+    params = torch.load(out / "model.pt", weights_only=True)
+    return {"steps": [(s["step"], s["loss"], s["lr"]) for s in read_records(out / "steps.jsonl")],
+            "epochs": [m["epoch"] for m in read_records(out / "metrics.jsonl")],
+            "train_loss": [m["train_loss"] for m in read_records(out / "metrics.jsonl")],
+            "run_id": result.get("run_id"), "val_top1": result["val_top1"], "params": params}
+
+
+def compare(a: dict, b: dict) -> str | None:
+    """None when b ends as a: the same per-step losses and LRs, epochs, result and parameters."""
+    if [s[0] for s in a["steps"]] != [s[0] for s in b["steps"]]:
+        return f"steps {[s[0] for s in b['steps']]}"
+    for (step, loss_a, lr_a), (_, loss_b, lr_b) in zip(a["steps"], b["steps"]):
+        if abs(loss_a - loss_b) > 1e-6 or lr_a != lr_b:
+            return f"step {step}: loss {loss_b} vs {loss_a}, lr {lr_b} vs {lr_a}"
+    if a["epochs"] != b["epochs"]:
+        return f"epochs {b['epochs']}"
+    if any(abs(x - y) > 1e-6 for x, y in zip(a["train_loss"], b["train_loss"])):
+        return f"epoch train losses {b['train_loss']} vs {a['train_loss']}"
+    if a["val_top1"] != b["val_top1"] or not b["run_id"]:
+        return f"result {b['val_top1']} / {b['run_id']}"
+    for name, tensor in a["params"].items():
+        if not torch.allclose(tensor.float(), b["params"][name].float(), atol=1e-6):
+            return f"parameter {name}"
+    return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("data")
+    p.add_argument("workdir")
+    p.add_argument("--points", default=None, help="comma-separated crash points (default: every operation)")
+    p.add_argument("--set", dest="settings", nargs="*", default=[])
+    args = p.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    reference = work / "reference"
+    io_log = work / "reference-io.log"
+    code = run_child(args.data, reference, args.settings, {"HVD_BA_IO_LOG": str(io_log)}, work / "reference.log")
+    if code != 0:
+        print(json.dumps({"error": f"reference run exited {code}", "log": (work / "reference.log").read_text()[-3000:]}))
+        return 1
+    operations = io_log.read_text().splitlines()
+    expected = outcome(reference)
+    points = [int(x) for x in args.points.split(",")] if args.points else range(1, len(operations) + 1)
+    covered, failures = [], []
+    for k in points:
+        out, log = work / f"crash-{k}", work / f"crash-{k}.log"
+        code = run_child(args.data, out, args.settings, {"HVD_BA_CRASH_AT": str(k)}, log)
+        op = operations[k - 1].split(" ", 1)[1]
+        if code != -signal.SIGKILL:
+            failures.append({"point": k, "op": op, "why": f"the crash run exited {code}, not killed"})
+            continue
+        code = run_child(args.data, out, [*args.settings, "run.resume=auto"], {}, log)
+        why = f"the resumed run exited {code}" if code != 0 else compare(expected, outcome(out))
+        if why:
+            failures.append({"point": k, "op": op, "why": why, "log": log.read_text()[-1500:]})
+        else:
+            covered.append({"point": k, "op": op})
+            shutil.rmtree(out)
+    print(json.dumps({"operations": len(operations), "covered": covered, "failures": failures}))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Crash consistency of everything a run writes: a kill at every file operation, a torn record,
+a full disk, two jobs on one folder, data-layout errors as one line."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from hvd_ba.checkpoint import checkpoint_dir, save_checkpoint
+from hvd_ba.fsio import DiskFull, read_records, trim_records
+from test_horovod import ENV, launch, read_jsonl, train_command
+from test_resume import kill_tree
+from test_runs import ONE_EPOCH, no_process_left, train_alone
+
+SHORT = ["data.workers=0", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=2",
+         "optim.warmup_epochs=0.5", "run.max_steps_per_epoch=2", "run.log_every=1", "run.checkpoint_every=1",
+         "run.threads=1", "data.manifest_dir=null"]
+
+
+def test_a_kill_at_every_file_operation_resumes_to_the_same_end(small_data, tmp_path):
+    """Every write, fsync, rename and unlink of a 4-step run (config, records, checkpoints,
+    latest, model, rank and result files), each in turn: SIGKILL there (a write after half its
+    bytes), resume with run.resume=auto, and end with the same per-step losses, epochs, result
+    and parameters as the uninterrupted run."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(tmp_path),
+                        "--set", *SHORT], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report.get("failures") == [], json.dumps(report.get("failures") or report)[:4000]
+    ops = [c["op"].split()[0] for c in report["covered"]]
+    print(f"crash points covered: {len(ops)} of {report['operations']} operations "
+          f"({', '.join(f'{ops.count(k)} {k}' for k in ('write', 'fsync', 'rename', 'unlink'))})")
+    assert len(ops) == report["operations"] >= 50
+    assert {"write", "fsync", "rename", "unlink"} <= set(ops)
+    files = {os.path.basename(c["op"].split()[1]) for c in report["covered"]}
+    for name in ("steps.jsonl", "metrics.jsonl", "metrics.csv", "latest", "model.pt", "rank0.json", "result.json",
+                 "config.yaml"):
+        assert any(name in f for f in files), name
+
+
+def test_kills_at_the_checkpoint_writes_of_a_two_rank_run(small_data, tmp_path):
+    settings = [*SHORT, "run.max_steps_per_epoch=3", "run.checkpoint_every=2", "run.threads=0"]
+    reference = tmp_path / "reference"
+    io_log = tmp_path / "io.log"
+    r = subprocess.run(train_command("gloo", small_data, reference, settings=settings), capture_output=True,
+                       text=True, timeout=300, cwd=ROOT,
+                       env={**ENV, "HVD_BA_IO_LOG": str(io_log), "HVD_BA_CRASH_RANK": "0"})
+    assert r.returncode == 0, r.stdout[-3000:]
+    ops = io_log.read_text().splitlines()
+    # the operations of the first checkpoint (mid-epoch, step 2) and of its `latest` pointer
+    first = next(i for i, op in enumerate(ops) if "ckpt-000000002" in op)
+    points = [i + 1 for i in range(first, first + 8)]
+    assert [ops[p - 1].split()[1] for p in points] == ["write", "fsync", "rename", "fsync"] * 2
+    expected_steps = read_jsonl(reference / "steps.jsonl")
+    expected = torch.load(reference / "model.pt", weights_only=True)
+    for k in points:
+        out = tmp_path / f"crash-{k}"
+        r = subprocess.run(train_command("gloo", small_data, out, settings=settings), capture_output=True, text=True,
+                           timeout=300, cwd=ROOT, env={**ENV, "HVD_BA_CRASH_AT": str(k), "HVD_BA_CRASH_RANK": "0"})
+        assert r.returncode != 0 and "Process 0 exit with status code" in r.stdout + r.stderr, (k, r.stdout[-2000:])
+        r = launch("gloo", small_data, out, settings=[*settings, "run.resume=auto"])
+        assert r.returncode == 0, (k, r.stdout[-3000:] + r.stderr[-2000:])
+        got = read_jsonl(out / "steps.jsonl")
+        assert [s["step"] for s in got] == [s["step"] for s in expected_steps], k
+        for a, b in zip(expected_steps, got):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["lr"] == b["lr"], (k, a, b)
+        final = torch.load(out / "model.pt", weights_only=True)
+        assert all(torch.allclose(expected[n].float(), final[n].float(), atol=1e-6) for n in expected), k
+        shutil.rmtree(out)
+    print(f"two-rank crash points covered: {len(points)} (rank 0 killed at each write/fsync/rename of a checkpoint)")
+
+
+def test_a_torn_last_record_is_cut_off_on_resume(small_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    r = train_alone(small_data, out, [*SHORT, "run.checkpoint_every=null"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    # what SIGKILL or a node crash leaves after an append: a partial last line in each log
+    for name in ("steps.jsonl", "metrics.jsonl"):
+        with open(out / name, "ab") as f:
+            f.write(b'{"step": 5, "epoch": 2, "loss": 0.7, "l')
+    assert len(read_records(out / "steps.jsonl")) == 4  # readers skip the torn line
+    r = train_alone(small_data, out, [*SHORT, "run.checkpoint_every=null", "optim.epochs=3", "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert re.search(r"steps.jsonl: dropped a torn record of \d+ bytes", r.stdout + r.stderr)
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 7))
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    for name in ("steps.jsonl", "metrics.jsonl"):
+        for line in (out / name).read_text().splitlines():
+            json.loads(line)  # every line whole again
+
+
+def test_trim_keeps_whole_records_and_rewrites_only_on_change(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    before = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    trim_records(path, lambda r: r["step"] <= 2)
+    assert path.stat().st_mtime_ns == before  # nothing to change: not rewritten
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
+    trim_records(path, lambda r: r["step"] <= 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_resume_point(small_data, tmp_path):
+    out = tmp_path / "run"
+    io_log = tmp_path / "io.log"
+    r = train_alone(small_data, out, SHORT, env_extra={"HVD_BA_IO_LOG": str(io_log)})
+    assert r.returncode == 0
+    ops = io_log.read_text().splitlines()
+    # ENOSPC at the write of the third checkpoint (step 3)
+    k = next(int(op.split()[0]) for op in ops if "ckpt-000000003" in op and op.split()[1] == "write")
+    shutil.rmtree(out)
+    r = train_alone(small_data, out, SHORT, env_extra={"HVD_BA_FAIL_AT": f"{k}:ENOSPC"})
+    assert r.returncode == 74, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    assert re.search(rf"run folder '{re.escape(str(out))}': no space left on device writing checkpoint "
+                     r"'ckpt-000000003.pt' \(about \d+ bytes needed, \d+ free\)", lines[0]), lines[0]
+    assert "ckpt-000000002.pt' stays the resume point" in lines[0] and "run.resume=auto" in lines[0]
+    folder = checkpoint_dir(out)
+    assert not list(folder.glob(".*.tmp"))  # the temporary file is gone
+    assert (folder / "latest").read_text() == "ckpt-000000002.pt" and (folder / "ckpt-000000002.pt").is_file()
+    # with space freed, the next start resumes and finishes
+    r = train_alone(small_data, out, [*SHORT, "run.resume=auto"])
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert json.loads((out / "result.json").read_text())["steps"] == 4
+
+
+def test_a_checkpoint_that_will_not_fit_is_not_started(tmp_path, monkeypatch):
+    import hvd_ba.checkpoint as ckpt
+
+    save_checkpoint(tmp_path, {"step": 1, "run_id": "r", "model": {"w": torch.zeros(1000)}}, keep=3)
+    real = os.statvfs(tmp_path)
+
+    class Tiny:
+        f_bavail, f_frsize = 10, real.f_frsize  # 10 blocks free
+
+    monkeypatch.setattr(ckpt.os, "statvfs", lambda path: Tiny)
+    with pytest.raises(DiskFull, match=r"is full: a checkpoint needs about \d+ bytes, \d+ are free; .*ckpt-000000001"):
+        save_checkpoint(tmp_path, {"step": 2, "run_id": "r", "model": {"w": torch.zeros(1000)}}, keep=3)
+    assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["ckpt-000000001.pt", "latest"]
+
+
+def test_two_jobs_on_one_folder(small_data, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(train_command("gloo", small_data, out, settings=[*ONE_EPOCH, "optim.epochs=50"]),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while not (out / "steps.jsonl").exists():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.2)
+        lock = json.loads((out / ".lock").read_text())
+        assert lock["host"] == socket.gethostname() and lock["pid"] > 0
+        for extra in ([], ["run.resume=auto"]):  # a second job, fresh or resuming: stopped at once
+            r = train_alone(small_data, out, [*ONE_EPOCH, *extra])
+            assert r.returncode == 2
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"run.out_dir '{out}' is in use by another job: host {lock['host']}, " \
+                                       f"pid {lock['pid']}" in lines[0], r.stderr
+        assert first.poll() is None  # the holder trains on
+    finally:
+        kill_tree(first)  # SIGKILL: the lock stays, its process gone
+    assert (out / ".lock").exists() and no_process_left(out)
+    r = launch("gloo", small_data, out, settings=[*ONE_EPOCH, "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert f"breaking the lock of {out}: its process {lock['pid']} is gone" in r.stdout + r.stderr
+    assert not (out / ".lock").exists()  # given up at the end
+
+
+def test_a_lock_from_another_host_is_honoured_until_stale(small_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1234, "job": "777", "started": 0}))
+    r = train_alone(small_data, out, ONE_EPOCH)
+    assert r.returncode == 2 and "in use by another job: host node-elsewhere, pid 1234, Slurm job 777" in r.stderr
+    old = time.time() - 1000
+    os.utime(out / ".lock", (old, old))
+    r = train_alone(small_data, out, [*ONE_EPOCH, "run.lock_stale_after=600"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"breaking the lock of .*: its heartbeat is 10\d\d s old", r.stdout + r.stderr)
+
+
+@pytest.mark.parametrize("damage", ["empty class folder", "class mismatch"])
+def test_data_layout_errors_are_one_line(damage, small_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    if damage == "empty class folder":
+        (data / "train" / "n90000009").mkdir()
+        expected = f"class folder '{data / 'train' / 'n90000009'}' has no images"
+    else:
+        shutil.copytree(data / "val" / "n90000003", data / "val" / "n90000007")
+        expected = "train/ has 4 class folders, val/ has 5; only in val/: n90000007"
+    r = launch("gloo", data, tmp_path / "run", settings=[*ONE_EPOCH, "data.manifest_dir=null"])
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "hvd_ba: error" in line]
+    assert len(errors) == 1 and expected in errors[0], r.stdout[-2000:] + r.stderr[-2000:]
+    assert not re.search(r"\[\d\]<std(out|err)>:Traceback", r.stdout + r.stderr)
