@@ -105,7 +105,7 @@ def cmd_plan(args) -> int:
     for line in derived_figures(cfg, args.ranks, steps):
         print("  " + line)
     if args.show_config:
-        import yaml
+        from hvd_ba import yaml_lite as yaml
 
         print("resolved config:")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
@@ -298,6 +298,25 @@ def cmd_status(args) -> int:
     return 0
 
 
+def parser_doctor() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hvd_ba doctor",
+        description="What this node has for a run, one screen: Python, torch and its CUDA, GPUs, Horovod's build "
+                    "(controllers, NCCL), pillow-simd and libjpeg-turbo, MPI, Slurm variables, the cores this process "
+                    "may use, and with --config the threads, loader workers and /dev/shm a run would use. Under a "
+                    "launcher every rank checks and rank 0 prints the table. Exit 1 when a problem would make a run "
+                    "fail or crawl.")
+    p.add_argument("--config", default=None, help="a preset or YAML path to check the run's budget against")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="dotted overrides")
+    return p
+
+
+def cmd_doctor(args) -> int:
+    from hvd_ba.doctor import run_doctor
+
+    return run_doctor(args)
+
+
 COMMANDS = {
     "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun/srun/mpirun)"),
     "demo": (parser_demo, cmd_demo, "make demo data and train on it with horovodrun -np 2"),
@@ -308,6 +327,7 @@ COMMANDS = {
     "analyze": (parser_analyze, cmd_analyze, "lambda_max of batch Hessians, gradient variance against M"),
     "plot": (parser_plot, cmd_plot, "PNG plots of runs (curves, lambda tracks) and of analyses"),
     "status": (parser_status, cmd_status, "a run folder: run id, complete or not, resume point, lock"),
+    "doctor": (parser_doctor, cmd_doctor, "what this node has for a run (GPUs, Horovod's build, MPI, cores, shm)"),
     "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader | gpu | breakdown | scaling)"),
 }
 

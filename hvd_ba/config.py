@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from hvd_ba import yaml_lite as yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -33,9 +33,9 @@ class DataConfig:
     shard: str = "global"  # global: a fresh (seed, epoch) split each epoch; static: each rank owns a part for the run
     manifest_dir: str | None = "~/.cache/hvd_ba/manifests"  # cached file index of each split; None: list every start
     workers: int = 4  # loader worker processes per rank
-    # Loader worker start method. fork is fastest; use forkserver with MPI over interconnects
-    # that are not fork-safe (openib; horovod #489).
-    worker_start: str = "fork"
+    # Loader worker start method. auto: forkserver on a GPU node launched through MPI (forking after
+    # MPI/UCX and CUDA initialised is unsafe: horovod #489), else fork (the fastest); or name one.
+    worker_start: str = "auto"
     prefetch: int = 2  # batches prefetched per worker
     eval_batch: int = 100  # images per evaluation batch, per rank
     # Node-local copy made by `python -m hvd_ba stage` (static shards): images are read from here,
@@ -292,7 +292,7 @@ def save_config(cfg: Config, path: Path, run_id: str | None = None) -> None:
 LAYOUTS = ("copy-major", "sample-major")
 SHARDS = ("global", "static")
 AUGMENT_KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
-WORKER_STARTS = ("fork", "forkserver", "spawn")
+WORKER_STARTS = ("auto", "fork", "forkserver", "spawn")
 GHOST_IMPLS = ("split", "accumulate")
 SCHEDULES = ("step", "cosine")
 AMPS = ("off", "bf16", "fp16")

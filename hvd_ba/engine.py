@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+try:
+    from tqdm import tqdm
+except ImportError:  # a GPU machine with only torch (cluster/gpu_check.sh): plain log lines
+    tqdm = None
 
 from hvd_ba import dist
 from hvd_ba.data.device_augment import unit_pixels
@@ -32,7 +35,9 @@ class TrainState:
     amp_dtype: torch.dtype | None = None  # autocast dtype; None: fp32
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     channels_last: bool = False
-    last_loss: float = 0.0  # this rank's loss of the last step
+    # The first step whose loss was not finite on this rank (-1: none), kept on the device and
+    # read only when the ranks agree (StepHooks): no host synchronisation per step.
+    bad_step: torch.Tensor | None = None
     reads: dict = field(default_factory=dict)  # epoch -> file indices read by this rank (run.record_reads)
     bad_files: set = field(default_factory=set)  # paths this rank could not decode (logged once each)
     progress: "EpochProgress | None" = None  # the running epoch's sums (carried by mid-epoch checkpoints)
@@ -56,19 +61,42 @@ def normalize(batch: dict, state: TrainState) -> torch.Tensor:
 
 
 class Meter:
-    """Sums of per-batch figures on this rank; `reduce` sums them over all ranks."""
+    """Sums of per-batch figures on this rank; `reduce` sums them over all ranks.
+
+    Counts the host knows (samples, files, bytes) are added on the host; losses and correct
+    counts stay on the training device (`add_device`) and are read at the epoch's end or a
+    checkpoint only, so that a step never waits for the GPU to report them."""
 
     KEYS = ("loss_sum", "correct", "samples", "images", "files", "bytes", "bad", "correct5")
+    DEVICE_KEYS = ("loss_sum", "correct", "correct5")
 
-    def __init__(self):
-        self.totals = torch.zeros(len(self.KEYS), dtype=torch.float64)
+    def __init__(self, device: torch.device | None = None):
+        self.host = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        self.on_device = torch.zeros(len(self.DEVICE_KEYS), dtype=torch.float64, device=device or "cpu")
 
     def add(self, **values) -> None:
         for k, v in values.items():
-            self.totals[self.KEYS.index(k)] += float(v)
+            self.host[self.KEYS.index(k)] += float(v)
+
+    def add_device(self, *values: torch.Tensor) -> None:
+        """loss_sum, correct (and correct5) of a batch, as device tensors."""
+        self.on_device[:len(values)] += torch.stack([v.to(torch.float64) for v in values])
+
+    @property
+    def totals(self) -> torch.Tensor:
+        """Every sum on the host (reads the device sums: a synchronisation)."""
+        totals = self.host.clone()
+        for i, k in enumerate(self.DEVICE_KEYS):
+            totals[self.KEYS.index(k)] += self.on_device[i].item() if self.on_device.is_cuda else self.on_device[i]
+        return totals
+
+    @totals.setter
+    def totals(self, values: torch.Tensor) -> None:
+        self.host = values.clone().to(torch.float64)
+        self.on_device.zero_()
 
     def reduce(self, name: str) -> dict:
-        totals = dist.allreduce_sum(self.totals.clone(), name=name)
+        totals = dist.allreduce_sum(self.totals, name=name)
         return dict(zip(self.KEYS, totals.tolist()))
 
 
@@ -77,8 +105,8 @@ class EpochProgress:
     checkpoint in the middle of an epoch carries them, so a resumed epoch's metrics cover the
     whole epoch, not only the steps after the resume."""
 
-    def __init__(self, record: dict | None = None):
-        self.meter, self.data_time, self.before_s = Meter(), 0.0, 0.0
+    def __init__(self, record: dict | None = None, device: torch.device | None = None):
+        self.meter, self.data_time, self.before_s = Meter(device), 0.0, 0.0
         if record:
             self.meter.totals = torch.tensor(record["totals"], dtype=torch.float64)
             self.data_time, self.before_s = record["data_time"], record["elapsed"]
@@ -101,8 +129,9 @@ def lr_at(step: int, state: TrainState, o) -> float:
     return config_lr(step, state.steps_per_epoch, state.peak_lr, o)
 
 
-def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[float, int]:
-    """One optimizer step on one batch; returns (mean loss over the rank's samples, correct).
+def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch; returns (mean loss over the rank's samples, correct) as
+    0-d tensors on the training device (reading them is the caller's choice: a synchronisation).
 
     The loss is the plain mean cross-entropy over all M*B samples of this rank (the paper's BA
     loss); DistributedOptimizer averages the gradients over ranks. With
@@ -117,15 +146,16 @@ def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[float, i
     labels = batch["labels"].to(state.device, non_blocking=True)
     chunks = state.forward_chunks
     opt.zero_grad()
-    loss_sum, correct = 0.0, 0
+    loss_sum = torch.zeros((), device=state.device)
+    correct = torch.zeros((), dtype=torch.long, device=state.device)
     for xc, yc in zip(x.chunk(chunks), labels.chunk(chunks)):
         with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
             logits = state.model(xc)
         loss = F.cross_entropy(logits.float(), yc, label_smoothing=cfg.optim.label_smoothing)
         loss_to_backward = loss / chunks
         (state.scaler.scale(loss_to_backward) if state.scaler else loss_to_backward).backward()
-        loss_sum += loss.item()
-        correct += (logits.argmax(1) == yc).sum().item()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == yc).sum()
     dist.optimizer_step(opt, state.scaler)
     state.step += 1
     return loss_sum / chunks, correct
@@ -158,12 +188,14 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
     loader.batch_sampler.start = start_step
     stopped = False
     bad_this_epoch = set()
-    state.progress = progress = EpochProgress(partial)
+    state.progress = progress = EpochProgress(partial, state.device)
+    if state.bad_step is None:
+        state.bad_step = torch.full((), -1, dtype=torch.long, device=state.device)
     meter = progress.meter
     reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
     steps = loader.batch_sampler.steps
     bar = None
-    if dist.is_primary() and sys.stdout.isatty():  # a live bar on a terminal; log lines in files (Slurm logs)
+    if dist.is_primary() and sys.stdout.isatty() and tqdm is not None:  # a live bar on a terminal; log lines in files (Slurm logs)
         bar = tqdm(total=steps, initial=start_step, desc=f"epoch {state.epoch + 1}", unit="step", dynamic_ncols=True,
                    leave=False)
     watchdog = state.watchdog
@@ -178,11 +210,11 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
             watchdog.tick(f"step {state.step + 1} to finish (forward, backward, allreduce with the other ranks)",
                           peers=True)
         lr = lr_at(state.step, state, o)
-        loss_value, correct = train_step(state, batch, lr, cfg)
-        state.last_loss = loss_value
+        loss, correct = train_step(state, batch, lr, cfg)
+        state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss), state.step, state.bad_step)
         n = batch["labels"].numel()
-        meter.add(loss_sum=loss_value * n, correct=correct, samples=n,
-                  images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"])
+        meter.add_device(loss * n, correct)
+        meter.add(samples=n, images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"])
         for entry in batch["bad"]:  # a broken file can be tried more than once (as a replacement too)
             if entry not in bad_this_epoch:
                 bad_this_epoch.add(entry)
@@ -199,8 +231,9 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
         if bar is not None:
             bar.update(1)
         if dist.is_primary() and (step_in_epoch % cfg.run.log_every == 0 or step_in_epoch == steps):
+            loss_value = float(loss)  # the one read of the device per log line
             elapsed = progress.elapsed()
-            images_per_s, samples_per_s = float(meter.totals[3]) / elapsed, float(meter.totals[2]) / elapsed
+            images_per_s, samples_per_s = float(meter.host[3]) / elapsed, float(meter.host[2]) / elapsed
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_s:.0f}",
                                 samples_s=f"{samples_per_s:.0f}")
@@ -224,7 +257,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
     elapsed = progress.elapsed()
     sums = meter.reduce("train_meter")
     # Per-rank I/O of this epoch: what proves that BA adds no reads (files and bytes per rank).
-    io_per_rank = dist.allgather_object((int(meter.totals[4]), int(meter.totals[5])), name="io")
+    io_per_rank = dist.allgather_object((int(meter.host[4]), int(meter.host[5])), name="io")
     return {
         "train_loss": sums["loss_sum"] / sums["samples"],
         "train_top1": 100.0 * sums["correct"] / sums["samples"],
@@ -251,10 +284,15 @@ def average_bn_statistics(model: torch.nn.Module) -> None:
     Ghost BN *training* statistics stay rank-local; only the running averages used at inference,
     which each rank accumulated from its own shard, are made equal here.
     """
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            module.running_mean.copy_(dist.allreduce_mean(module.running_mean, name=f"bn.{name}.mean"))
-            module.running_var.copy_(dist.allreduce_mean(module.running_var, name=f"bn.{name}.var"))
+    buffers = [b for module in model.modules()
+               if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+               for b in (module.running_mean, module.running_var)]
+    if not buffers:
+        return
+    # One grouped (fused) allreduce of all of them, not two blocking ones per BN layer (106 for
+    # ResNet-50 at every evaluation and checkpoint).
+    for buffer, mean in zip(buffers, dist.grouped_allreduce_average(buffers, name="bn_stats")):
+        buffer.copy_(mean)
 
 
 @torch.no_grad()
@@ -263,7 +301,7 @@ def evaluate(state: TrainState, loader) -> dict:
     all ranks with the same model (BN running statistics averaged first)."""
     average_bn_statistics(state.model)
     state.model.eval()
-    meter = Meter()
+    meter = Meter(state.device)
     if state.watchdog is not None:
         state.watchdog.tick(f"evaluation batch 1 of {len(loader)} (its data loader)")
     for i, batch in enumerate(loader):
@@ -275,9 +313,8 @@ def evaluate(state: TrainState, loader) -> dict:
             logits = state.model(x)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        meter.add(loss_sum=loss.item(), correct=(top5[:, 0] == labels).sum().item(), samples=labels.numel(),
-                  images=labels.numel(), files=batch["files"], bytes=batch["bytes"],
-                  correct5=(top5 == labels[:, None]).any(1).sum().item())
+        meter.add_device(loss, (top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum())
+        meter.add(samples=labels.numel(), images=labels.numel(), files=batch["files"], bytes=batch["bytes"])
     sums = meter.reduce("eval_meter")
     return {"val_loss": sums["loss_sum"] / sums["samples"], "val_top1": 100.0 * sums["correct"] / sums["samples"],
             "val_top5": 100.0 * sums["correct5"] / sums["samples"], "val_correct": int(sums["correct"]),

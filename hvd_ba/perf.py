@@ -231,12 +231,13 @@ def run_gpu_bench(args) -> int:
 
 def run_breakdown(args) -> int:
     from hvd_ba import dist
+    from hvd_ba.devices import select_device
     from hvd_ba.engine import normalize
 
     torch.set_num_threads(args.threads)
     dist.init()
     rank, world = dist.rank(), dist.size()
-    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    device = select_device()  # the training's choice (set_device, one GPU per rank, NCCL checked)
     root = corpus(args.corpus, args.unique_batch * world * (args.warmup + args.steps)) if rank == 0 else None
     dist.barrier("corpus")
     root = corpus(args.corpus, 0)
@@ -279,7 +280,7 @@ def run_breakdown(args) -> int:
     # the mean over ranks of each phase (a slow rank shows up in the others' allreduce wait)
     mean = dist.allreduce_mean(torch.tensor([per_step[k] for k in phases], dtype=torch.float64), name="phases")
     per_step = dict(zip(phases, mean.tolist()))
-    link = allreduce_fit(world) if world > 1 else None
+    link = allreduce_fit(world, device=device) if world > 1 else None
     result = {"world": world, "copies": args.copies, "unique_batch": args.unique_batch,
               "samples_per_rank": args.copies * args.unique_batch, "model": args.model, "size": args.size,
               "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
@@ -293,20 +294,25 @@ def run_breakdown(args) -> int:
     return 0
 
 
-def allreduce_fit(world: int, repeats: int = 5) -> dict:
-    """Time allreduces of 16 KB ... 16 MB and fit t = a + b * bytes (least squares on the medians):
-    latency a and, by the ring model's 2(W-1)/W factor, the link bandwidth."""
+def allreduce_fit(world: int, repeats: int = 5, device: torch.device | None = None) -> dict:
+    """Time allreduces of 16 KB ... 16 MB on the training device (GPU tensors go through NCCL)
+    and fit t = a + b * bytes (least squares on the medians): latency a and, by the ring model's
+    2(W-1)/W factor, the link bandwidth."""
     from hvd_ba import dist
 
+    device = device or torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sizes, times = [], []
     for exp in range(14, 25, 2):
         nbytes = 2 ** exp
-        tensor = torch.zeros(nbytes // 4)
+        tensor = torch.zeros(nbytes // 4, device=device)
         dist.allreduce_mean(tensor, name=f"warm{exp}")
         runs = []
         for r in range(repeats):
+            sync()
             t = time.perf_counter()
             dist.allreduce_mean(tensor, name=f"fit{exp}.{r}")
+            sync()
             runs.append(time.perf_counter() - t)
         sizes.append(nbytes)
         times.append(sorted(runs)[repeats // 2])

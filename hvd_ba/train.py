@@ -25,6 +25,7 @@ from hvd_ba import dist, fsio
 from hvd_ba.checkpoint import NAME, checkpoint_dir, find_checkpoint, run_id_of, save_checkpoint
 from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
+from hvd_ba.devices import select_device
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
 from hvd_ba.engine import EpochProgress, TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
 from hvd_ba.lifecycle import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog, install_stop_handlers,
@@ -101,18 +102,6 @@ def state_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def select_device() -> torch.device:
-    """CUDA GPU local_rank, or GPU 0 when the launcher gave each task one GPU (Slurm sets
-    CUDA_VISIBLE_DEVICES to one entry); the CPU when there is no GPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = dist.local_rank() if torch.cuda.device_count() > 1 else 0
-    if index >= torch.cuda.device_count():
-        raise RuntimeError(f"rank {dist.rank()}: local rank {index} but only {torch.cuda.device_count()} GPUs visible")
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
 def load_indexes(cfg: Config):
     """Rank 0 lists the splits (or finds their cached manifests fresh) and writes the manifests;
     the other ranks then read them instead of listing the folders themselves. Then the ranks
@@ -175,9 +164,13 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
     parameters are broadcast; without Horovod initialised, as in tests, no collective runs)."""
     m, o, r = cfg.model, cfg.optim, cfg.run
     torch.manual_seed(r.seed)
+    # Parameters stay in the default (contiguous) layout even with run.channels_last: Horovod
+    # refuses non-contiguous tensors (its broadcasts, gradient hooks and optimizer-state
+    # broadcast). The inputs are made channels_last (engine.normalize), and the convolutions then
+    # run in NHWC (PyTorch takes the layout of the input as well as of the weight).
     model = build_model(m.arch, num_classes, m.ghost_size, m.zero_init_residual, m.width, m.dropout).to(device)
-    if r.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: let cuDNN pick its kernels once
     optimizer = torch.optim.SGD(parameter_groups(model, o.weight_decay, o.decay_biases), lr=o.base_lr,
                                 momentum=o.momentum, nesterov=o.nesterov)
     # A fresh run has no optimizer state to share; parameters come from rank 0.
@@ -378,6 +371,10 @@ def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, fr
     placement.epoch, placement.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
     placement.complete = meta["epoch"] >= cfg.optim.epochs
     dist.broadcast_state(model, state.optimizer, optimizer_state=True)
+    if state.scaler is not None:  # fp16: every rank must scale its gradients alike (rank 0 loaded it)
+        scaler_state = dist.broadcast_object(state.scaler.state_dict() if dist.is_primary() else None, name="scaler")
+        if scaler_state:
+            state.scaler.load_state_dict(scaler_state)
     state.step = meta["step"]
     if placement.complete:
         return placement  # no step left: its records stay as they are
@@ -451,8 +448,6 @@ class StepHooks:
 
     def __call__(self, step_in_epoch: int) -> bool:
         cfg, state, r = self.cfg, self.state, self.cfg.run
-        if self.first_bad_step is None and not math.isfinite(state.last_loss):
-            self.first_bad_step = state.step
         if r.track_lambda_every and state.step % r.track_lambda_every == 0:
             state.watchdog.pause()  # tens of Hessian-vector products: not a stall
             track_lambda(cfg, state, self.model, self.train_index, self.out)
@@ -462,6 +457,9 @@ class StepHooks:
             return False
         if dist.is_primary() and r.stop_file and not self.stop.requested and os.path.exists(r.stop_file):
             self.stop.requested, self.stop.signal_name = True, f"stop file {r.stop_file}"
+        bad = int(state.bad_step) if state.bad_step is not None else -1  # the device is read here only
+        if self.first_bad_step is None and bad >= 0:
+            self.first_bad_step = bad
         flags = dist.allreduce_sum(torch.tensor([float(self.stop.requested), float(self.first_bad_step is not None)]),
                                    name="flags")
         if flags[1] > 0:
@@ -605,7 +603,8 @@ def finish(cfg: Config, run: Run, out: Path, metrics: dict, t_start: float) -> d
     # last evaluation averaged the rank-local BN running statistics.
     rank_record = {"rank": rank, "world": world, "steps": state.step, "run_id": state.run_id,
                    "param_sha256": state_digest(dict(model.named_parameters())),
-                   "state_sha256": state_digest(model.state_dict())}
+                   "state_sha256": state_digest(model.state_dict()),
+                   "grad_scale": float(state.scaler.get_scale()) if state.scaler is not None else None}
     if cfg.run.record_reads:
         rank_record["reads"] = {str(e): v for e, v in state.reads.items()}
     fsio.atomic_json(out / f"rank{rank}.json", rank_record)

@@ -74,3 +74,21 @@ def test_missing_data_path_and_unwritable_out_dir(tmp_path, small_data):
         check_paths(load_config("demo", [f"data.path={small_data}", f"run.out_dir={blocker}/run"]))
     check_paths(load_config("demo", [f"data.path={small_data}", f"run.out_dir={tmp_path}/ok"]))
     assert list((tmp_path / "ok").iterdir()) == []  # the write probe is cleaned up
+
+
+def test_the_yaml_fallback_reads_every_preset_as_pyyaml_does():
+    """hvd_ba/yaml_lite.py stands in for PyYAML where only torch is installed (the GPU check)."""
+    import yaml
+
+    from hvd_ba import yaml_lite
+    from hvd_ba.config import CONFIG_DIR
+
+    presets = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert len(presets) >= 4
+    for path in presets:
+        text = path.read_text()
+        assert yaml_lite._lite_load(text) == (yaml.safe_load(text) or {}), path.name
+    for value in ("0.1", "[0.25, 1.0]", "1e-4", "1.5e-3", "null", "true", "False", "8", "-3", "runs/x", "[]", "'a b'"):
+        assert yaml_lite.scalar(value) == yaml.safe_load(value), value
+    with pytest.raises(ValueError, match="line 2"):
+        yaml_lite._lite_load("data:\n  - a list item\n")

@@ -90,7 +90,7 @@ def test_split_and_accumulate_ghost_bn_give_the_same_step(small_data):
         state.forward_chunks = chunks
         state.model.train()
         loss, correct = train_step(state, batch, 0.1, cfg)
-        results.append((loss, correct, state.model.state_dict()))
+        results.append((float(loss), int(correct), state.model.state_dict()))
     (l1, c1, s1), (l2, c2, s2) = results
     assert l1 == pytest.approx(l2, abs=1e-6) and c1 == c2
     for name in s1:

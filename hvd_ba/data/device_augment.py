@@ -64,9 +64,12 @@ def device_crops(canvas: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor,
 
     device = canvas.device
     x = canvas.permute(0, 3, 1, 2).float()
-    rois = torch.cat([owner.to(device, torch.float32).view(-1, 1), boxes.to(device, torch.float32)], 1)
+    # Boxes, owners and flips come pinned from the loader (pin_memory): copied without blocking.
+    owner = owner.to(device, non_blocking=True).to(torch.float32)
+    boxes = boxes.to(device, non_blocking=True).to(torch.float32)
+    rois = torch.cat([owner.view(-1, 1), boxes], 1)
     crops = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    crops = torch.where(flips.to(device).view(-1, 1, 1, 1), crops.flip(-1), crops)
+    crops = torch.where(flips.to(device, non_blocking=True).view(-1, 1, 1, 1), crops.flip(-1), crops)
     return crops.div_(255)
 
 

@@ -309,6 +309,19 @@ def _kill_workers_at_exit() -> None:
 
 _exit_hook_registered = False
 
+MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def worker_start_method(setting: str, cuda: bool | None = None, env=None) -> str:
+    """data.worker_start; `auto`: forkserver on a GPU node launched through MPI (forking after
+    MPI/UCX and CUDA initialised is unsafe over some interconnects: horovod #489, pytorch #13787),
+    fork elsewhere (the fastest start)."""
+    if setting != "auto":
+        return setting
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    env = os.environ if env is None else env
+    return "forkserver" if cuda and any(k in env for k in MPI_LAUNCH_VARIABLES) else "fork"
+
 
 def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:
     global _exit_hook_registered
@@ -322,7 +335,7 @@ def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:
         collate_fn=collate,
         num_workers=workers,
         worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
-        multiprocessing_context=d.worker_start if workers else None,
+        multiprocessing_context=worker_start_method(d.worker_start) if workers else None,
         persistent_workers=workers > 0,
         prefetch_factor=d.prefetch if workers else None,
         pin_memory=torch.cuda.is_available(),

@@ -1,0 +1,173 @@
+"""`python -m hvd_ba doctor`: what this node has for a run, in one screen.
+
+Each check reports its own failure and never raises: a broken environment (Horovod that does not
+import, no MPI, a CPU-only torch on a GPU node) is described, not crashed on. Under a launcher
+every rank checks and rank 0 prints one table. The exit status is 1 when a problem would make a
+run fail or crawl (a FAIL line), 0 otherwise (WARN lines are advice).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+OK, WARN, FAIL = "ok", "WARN", "FAIL"
+
+
+def _check(name, fn) -> tuple[str, str, str]:
+    try:
+        level, text = fn()
+    except Exception as err:  # a check that breaks reports itself
+        level, text = FAIL, f"the check itself failed: {type(err).__name__}: {err}"
+    return name, level, text
+
+
+def check_python():
+    return OK, f"{sys.version.split()[0]} at {sys.executable}"
+
+
+def check_torch():
+    import torch
+
+    cuda = torch.version.cuda
+    text = f"torch {torch.__version__} ({'CUDA ' + cuda if cuda else 'CPU-only build'})"
+    if torch.cuda.is_available():
+        names = [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+                 for i in range(torch.cuda.device_count())]
+        return OK, f"{text}; GPUs: {', '.join(names)}"
+    if cuda and shutil.which("nvidia-smi"):
+        return FAIL, f"{text}, but CUDA is not available although nvidia-smi exists: check the driver and CUDA_VISIBLE_DEVICES"
+    return OK, f"{text}; no GPU visible"
+
+
+def check_horovod():
+    try:
+        import horovod
+        import horovod.torch as hvd
+    except Exception as err:
+        return FAIL, (f"horovod does not import ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                      "run bash cluster/setup.sh")
+    parts = [f"horovod {horovod.__version__}", "controllers: " + ", ".join(
+        c for c, built in (("gloo", hvd.gloo_built()), ("mpi", hvd.mpi_built())) if built) or "none",
+        f"NCCL: {'yes' if hvd.nccl_built() else 'no'}"]
+    import torch
+
+    if torch.cuda.is_available() and not hvd.nccl_built():
+        return FAIL, "; ".join(parts) + ": GPU tensors would be copied to the host every step; rebuild on this node " \
+                                        "(bash cluster/setup.sh) or with HVD_BA_GPU=1"
+    if not (hvd.gloo_built() or hvd.mpi_built()):
+        return FAIL, "; ".join(parts) + ": no controller built"
+    return OK, "; ".join(parts)
+
+
+def check_pillow():
+    import PIL
+    from PIL import features
+
+    simd = ".post" in PIL.__version__
+    turbo = features.check_feature("libjpeg_turbo")
+    text = f"{'pillow-simd' if simd else 'pillow'} {PIL.__version__}, libjpeg-turbo: {'yes' if turbo else 'no'}"
+    if not features.check("jpg"):
+        return FAIL, text + ": no JPEG support"
+    if not simd:
+        return WARN, text + ": plain pillow decodes and resizes slower; bash cluster/setup.sh installs pillow-simd"
+    return OK, text
+
+
+def check_mpi():
+    path = shutil.which("mpirun")
+    if path is None:
+        return WARN, "no mpirun on PATH (needed for LAUNCHER=mpirun and Horovod's MPI controller; load the MPI module)"
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+    return OK, f"{(out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else path}"
+
+
+def check_slurm():
+    keys = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_PER_TASK", "SLURM_LOCALID",
+            "SLURM_STEP_ID", "CUDA_VISIBLE_DEVICES")
+    found = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
+    return OK, ", ".join(found) if found else "not inside a Slurm job"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_cores():
+    n, total = cores(), os.cpu_count() or 1
+    text = f"{n} of the node's {total} cores (affinity)"
+    if n == 1 and total > 1:
+        return WARN, text + ": one core for this rank and its loader workers; with srun give -c / SRUN_CPUS_PER_TASK"
+    return OK, text
+
+
+def check_budget(cfg, local_ranks: int):
+    """Threads and loader workers a config would use against this rank's cores."""
+    n = cores()
+    threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, n // local_ranks)
+    workers = cfg.data.workers
+    text = f"run.threads {threads} + data.workers {workers} on {n} cores"
+    if threads + workers > n:
+        return WARN, text + ": more busy processes than cores, they will contend; lower data.workers or run.threads"
+    return OK, text
+
+
+def check_shm(cfg):
+    """/dev/shm against the batches the loader workers keep in flight (uint8 copies)."""
+    if not os.path.isdir("/dev/shm"):
+        return WARN, "no /dev/shm: loader workers cannot share batches"
+    st = os.statvfs("/dev/shm")
+    free = st.f_bavail * st.f_frsize
+    d, a = cfg.data, cfg.augment
+    batch = d.copies * d.unique_batch * a.size * a.size * 3
+    in_flight = batch * max(1, d.workers) * d.prefetch
+    text = f"/dev/shm {free / 2**30:.1f} GiB free; batches in flight {in_flight / 2**20:.0f} MiB per rank"
+    if in_flight > free:
+        return FAIL, text + ": loader workers will die with a bus error; lower data.workers or data.prefetch"
+    if in_flight > free / 2:
+        return WARN, text + ": over half of it (several ranks per node share it)"
+    return OK, text
+
+
+def node_report(cfg, local_ranks: int) -> list[tuple[str, str, str]]:
+    checks = [("python", check_python), ("torch", check_torch), ("horovod", check_horovod),
+              ("pillow", check_pillow), ("mpi", check_mpi), ("slurm", check_slurm), ("cores", check_cores)]
+    if cfg is not None:
+        checks += [("threads", lambda: check_budget(cfg, local_ranks)), ("shm", lambda: check_shm(cfg))]
+    return [_check(name, fn) for name, fn in checks]
+
+
+def run_doctor(args) -> int:
+    from hvd_ba.cluster import launch_rank
+    from hvd_ba.config import load_config
+
+    cfg = None
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    rank, world = launch_rank()
+    gathered = None
+    if world > 1:  # under a launcher: every rank checks, rank 0 prints them all
+        try:
+            from hvd_ba import dist
+
+            dist.init()
+            report = node_report(cfg, dist.local_size())
+            gathered = dist.allgather_object((socket.gethostname(), dist.rank(), report), name="doctor")
+            rank = dist.rank()
+        except Exception as err:
+            print(f"hvd_ba doctor: rank {rank}: the ranks could not gather ({type(err).__name__}: {err}); "
+                  "this rank's own report follows", file=sys.stderr)
+    if gathered is None:
+        gathered = [(socket.gethostname(), rank, node_report(cfg, 1))]
+    worst = FAIL if any(level == FAIL for _, _, r in gathered for _, level, _ in r) else OK
+    if rank == 0 or len(gathered) == 1:
+        for host, r, report in gathered:
+            print(f"== rank {r} on {host}")
+            for name, level, text in report:
+                print(f"  {level:4} {name:8} {text}")
+        problems = sum(level == FAIL for _, _, r in gathered for _, level, _ in r)
+        print(f"doctor: {problems} problem(s) that would make a run fail or crawl" if problems
+              else "doctor: nothing that would stop a run")
+    return 1 if worst == FAIL else 0

@@ -1,0 +1,155 @@
+"""The GPU path, checked on the CPU: channels_last and fp16 resume under horovodrun, the device
+choice and the refusals (pure functions of what the launcher and driver say), the loader start
+method, doctor. Tests that need a GPU are marked `gpu` and run where one is."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint
+from hvd_ba.data.pipeline import worker_start_method
+from hvd_ba.devices import DeviceError, gpu_index, nccl_problem, shared_gpus
+from test_horovod import ENV, launch, read_jsonl, train_command
+from test_resume import RUN, kill_tree, wait_for_step
+
+
+@pytest.mark.parametrize("switch", ["run.channels_last=true", "run.compile=true"])
+def test_channels_last_and_compile_train_resume_and_keep_ranks_identical(switch, small_data, tmp_path):
+    """Measured before: channels_last stopped every run at start-up (Horovod refuses the
+    non-contiguous weights of a channels_last model)."""
+    settings = [*RUN, switch, "optim.epochs=1"]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_command("gloo", small_data, out, settings=settings), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    wait_for_step(out, 3, proc, timeout=400)
+    kill_tree(proc)
+    assert find_checkpoint("auto", out)[1]["step"] == 2
+    r = launch("gloo", small_data, out, settings=[*settings, "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 7))
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] and ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
+    assert json.loads((out / "result.json").read_text())["val_top1"] is not None
+
+
+def test_fp16_resume_gives_every_rank_the_checkpoints_grad_scale(small_data, tmp_path):
+    """Before: only rank 0 loaded the GradScaler state, the others restarted at 65536, so their
+    gradients were scaled differently and the weights drifted apart."""
+    settings = [*RUN, "run.amp=fp16", "optim.epochs=2"]
+    out = tmp_path / "run"
+    r = launch("gloo", small_data, out, settings=[*settings, "optim.epochs=1"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    # a stand-in scaler state, as a run that backed off a few times would have
+    path = checkpoint_dir(out) / "ckpt-000000006.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["scaler"]["scale"] == 65536.0
+    payload["scaler"].update(scale=1024.0, _growth_tracker=5)
+    torch.save(payload, path)
+    r = launch("gloo", small_data, out, settings=[*settings, "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["grad_scale"] == ranks[1]["grad_scale"] == 1024.0
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+
+
+def test_gpu_index_follows_the_launcher():
+    assert gpu_index(local_rank=3, device_count=8, visible=None) == 3
+    assert gpu_index(local_rank=3, device_count=1, visible="5") == 0  # Slurm gave the task its own GPU
+    assert gpu_index(local_rank=1, device_count=4, visible="0,1,2,3") == 1
+    with pytest.raises(DeviceError, match=r"local rank 4 but only 4 GPUs visible .*at most 4 ranks per node"):
+        gpu_index(local_rank=4, device_count=4, visible="0,1,2,3")
+
+
+def test_two_ranks_on_one_gpu_and_a_horovod_without_nccl_are_refused():
+    assert shared_gpus([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")]) is None  # same UUID, other host
+    message = shared_gpus([("n1", "GPU-a"), ("n1", "GPU-a"), ("n2", "GPU-c")])
+    assert message.startswith("ranks 0, 1 on host n1 all use GPU GPU-a: give each rank its own GPU")
+    assert nccl_problem(uses_cuda=True, nccl_built=False).startswith("this Horovod was built without NCCL")
+    assert nccl_problem(uses_cuda=True, nccl_built=True) is None and nccl_problem(False, False) is None
+
+
+def test_loader_workers_start_with_forkserver_on_mpi_launched_gpu_nodes():
+    assert worker_start_method("auto", cuda=True, env={"OMPI_COMM_WORLD_RANK": "0"}) == "forkserver"
+    assert worker_start_method("auto", cuda=True, env={"PMIX_RANK": "3"}) == "forkserver"
+    assert worker_start_method("auto", cuda=False, env={"OMPI_COMM_WORLD_RANK": "0"}) == "fork"
+    assert worker_start_method("auto", cuda=True, env={"HOROVOD_RANK": "0"}) == "fork"  # gloo: no MPI fabric
+    assert worker_start_method("spawn", cuda=False, env={}) == "spawn"
+
+
+def test_model_pt_is_saved_on_the_cpu(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--config", "demo", "--set", f"data.path={small_data}", f"run.out_dir={out}", *RUN,
+                "optim.epochs=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = torch.load(out / "model.pt", weights_only=True)  # plain torch.load, no map_location
+    assert all(t.device.type == "cpu" for t in state.values())
+
+
+def test_doctor_reports_and_survives_a_broken_horovod(tmp_path):
+    r = run_cli("doctor", "--config", "demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("python", "torch", "horovod", "pillow", "mpi", "slurm", "cores", "threads", "shm"):
+        assert f" {name} " in r.stdout, name
+    broken = tmp_path / "site" / "horovod"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('libhorovod_torch.so: undefined symbol')\n")
+    r = run_cli("doctor", env_extra={"PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}"})
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert "FAIL horovod  horovod does not import (ImportError: libhorovod_torch.so: undefined symbol)" in r.stdout
+
+
+def test_doctor_warns_when_threads_and_workers_exceed_the_cores():
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset not installed")
+    r = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "hvd_ba", "doctor", "--config", "demo", "--set",
+                        "data.workers=2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "1 of the node's" in r.stdout and "WARN threads  run.threads 1 + data.workers 2 on 1 cores" in r.stdout
+
+
+def test_doctor_under_horovodrun_prints_every_rank_once(tmp_path):
+    from hvd_ba.demo import horovodrun_path
+
+    r = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvd_ba",
+                        "doctor"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert r.stdout.count("== rank 0 on") == 1 and r.stdout.count("== rank 1 on") == 1, r.stdout[-3000:]
+
+
+def test_gpu_check_reduced_form_runs_with_only_torch(tmp_path):
+    """cluster/gpu_check.sh where only torch and torchvision are installed: Horovod, PyYAML, tqdm
+    and scikit-image made unimportable. The reduced (CPU) form; every part runs."""
+    blocked = tmp_path / "blocked"
+    for name in ("horovod", "yaml", "tqdm", "skimage", "mpi4py"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run(["bash", str(ROOT / "cluster" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=600, env={**ENV, "PYTHONPATH": str(blocked)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["reduced"] is True
+    for part in ("train_steps", "device_crops", "checkpoint_resume", "bench_gpu"):
+        assert result[part]["ok"], (part, result[part])
+    assert result["train_steps"]["fp16"]["grad_scale"] > 0 and result["train_steps"]["bf16"]["finite"]
+    assert result["checkpoint_resume"]["abs_diff"] == 0.0
+    assert result["device_crops"]["mean_abs_diff_0_255"] < 3.0
+    assert {(row["copies"], row["where"]) for row in result["bench_gpu"]["rows"]} == {
+        (1, "loader"), (1, "device"), (2, "loader"), (2, "device")}
+
+
+@pytest.mark.gpu
+def test_gpu_check_full_form_on_a_gpu(tmp_path):
+    from conftest import GPU_ENV, has_gpu
+
+    if not has_gpu():
+        pytest.skip("no GPU on this machine")
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run(["bash", str(ROOT / "cluster" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=600, env={**GPU_ENV, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["reduced"] is False and result["checkpoint_resume"]["cuda_rng_saved"]
+    assert result["checkpoint_resume"]["abs_diff"] < 1e-4
