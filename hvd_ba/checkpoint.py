@@ -108,6 +108,12 @@ def _candidates(folder: Path) -> list[Path]:
     return found
 
 
+def newest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names (else the newest step), without loading it."""
+    found = _candidates(checkpoint_dir(out_dir))
+    return found[0] if found else None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") not in (1, FORMAT):

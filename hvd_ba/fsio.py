@@ -111,7 +111,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
         os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
         fsync_dir(path.parent)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses this too; the write's error is the news
+            pass
         _check_space(err, path)
         raise
     return path
@@ -139,11 +142,26 @@ def remove(path: Path) -> None:
         log.warning("could not remove %s (%s); it stays", path, err.strerror)
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Temporaries left by writers killed mid-write (`.<name>.<pid>.tmp`); only rank 0 writes."""
+def _pid_gone(name: str) -> bool:
+    try:
+        pid = int(name.rsplit(".", 2)[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError):
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder: Path, dead_only: bool = False) -> list[Path]:
+    """Temporaries left by writers killed mid-write (`.<name>.<pid>.tmp`); only rank 0 writes.
+    dead_only: only those whose writer's pid is gone on this host (safe before the lock is held,
+    e.g. to free the space of a half-written checkpoint on a full disk)."""
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file() and (not dead_only or _pid_gone(p.name))]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -170,13 +188,17 @@ def read_records(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_bytes().split(b"\n"):
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except ValueError:
-            continue  # torn: cut off at the next resume (trim_records)
+            if number == len(lines) and not raw.endswith(b"\n"):
+                continue  # torn by a crash mid-append: cut off at the next resume (trim_records)
+            log.warning("%s: line %d is not a whole record; skipped", path, number)
     return records
 
 
@@ -189,13 +211,17 @@ def trim_records(path: str | Path, keep) -> None:
         return
     raw = path.read_bytes()
     kept, dropped_bytes, changed = [], 0, False
-    for line in raw.split(b"\n"):
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
-            dropped_bytes += len(line)
+            if number == len(lines) and not raw.endswith(b"\n"):
+                dropped_bytes += len(line)
+            else:
+                log.warning("%s: line %d is not a whole record (%d bytes); dropped", path, number, len(line))
             changed = True
             continue
         if keep(record):
@@ -208,6 +234,21 @@ def trim_records(path: str | Path, keep) -> None:
         log.warning("%s: dropped a torn record of %d bytes (a write cut short by a crash)", path, dropped_bytes)
     if changed:
         atomic_write(path, b"".join(line + b"\n" for line in kept))
+
+
+def sync_files(paths) -> None:
+    """fsync the record files that exist (before a checkpoint that covers them: a node crash
+    must not keep the checkpoint and lose the records it follows)."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            _op("fsync", path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_csv(path: str | Path, rows: list[dict], columns) -> None:

@@ -135,4 +135,10 @@ class Watchdog:
             except Exception:
                 pass
         sys.stdout.flush()
+        try:
+            from hvd_ba.runs import release_held_lock
+
+            release_held_lock()
+        except Exception:
+            pass
         os._exit(STALLED_EXIT_CODE)

@@ -255,7 +255,7 @@ class RunLocked(RunRefused):
 
 def _lock_record() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
-            "started": time.time()}
+            "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0), "started": time.time()}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -268,35 +268,70 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale_reason(holder: dict, age: float, stale_after: float) -> str | None:
+    """Why a lock may be broken, or None while its holder may be alive."""
+    job = os.environ.get("SLURM_JOB_ID")
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+    if job and holder.get("job") == job and int(holder.get("restart", -1)) < restart:
+        return f"an earlier attempt (restart {holder.get('restart')}) of Slurm job {job} left it"
+    if holder.get("host") == socket.gethostname():
+        pid = int(holder.get("pid", -1))
+        if pid == os.getpid():
+            return f"it names this very process {pid} (left by an earlier run in another pid namespace)"
+        if not _pid_alive(pid):
+            return f"its process {pid} is gone"
+    if age > stale_after:
+        return f"its heartbeat is {age:.0f} s old (run.lock_stale_after {stale_after:g} s)"
+    return None
+
+
+def _break_lock(path: Path, holder: dict | None) -> bool:
+    """Move the judged lock out of the way atomically and check it was the one judged (another
+    starter may have broken it and taken a fresh one meanwhile: that one is put back)."""
+    aside = path.with_name(f"{LOCK}.broken-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        taken = json.loads(aside.read_text())
+    except (OSError, ValueError):
+        taken = None
+    if holder is not None and taken != holder:
+        try:
+            os.link(aside, path)  # restore the other starter's lock (fails if yet another exists)
+        except OSError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
+    aside.unlink(missing_ok=True)
+    return True
+
+
 def take_lock(out: Path, stale_after: float) -> Path:
-    """Hold `out` for this run: `.lock` created atomically (O_EXCL) with host, pid, Slurm job id
-    and start time; its mtime is the holder's heartbeat (refresh_lock). A lock whose process is
-    gone on this host, or that an earlier attempt of the same Slurm job left, is broken with a
-    warning; one from another host is honoured until its heartbeat is `stale_after` s old.
-    Raises RunLocked naming the holder. Rank 0 only."""
+    """Hold `out` for this run: `.lock` created atomically (O_EXCL) with host, pid, Slurm job id,
+    restart count and start time; its mtime is the holder's heartbeat (refresh_lock). A lock is
+    broken, with a warning, when its process is gone (same host), when it names this very process
+    (a new pid namespace), when an earlier attempt of the same Slurm job left it, or when its
+    heartbeat is `stale_after` s old; else RunLocked names the holder. Rank 0 only."""
     import logging
+
+    from hvd_ba.fsio import SPACE_ERRORS, DiskFull
 
     log = logging.getLogger("hvd_ba")
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    for _ in range(3):
+    for _ in range(20):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
             holder, age = read_lock(path)
-            if holder is None:  # vanished meanwhile, or torn: retry / break
+            if holder is None:  # being written this instant, or torn by a crash
                 if age is not None and age > 5:
-                    path.unlink(missing_ok=True)
+                    _break_lock(path, None)
+                time.sleep(0.1)
                 continue
-            same_host = holder.get("host") == socket.gethostname()
-            job = os.environ.get("SLURM_JOB_ID")
-            reason = None
-            if same_host and not _pid_alive(int(holder.get("pid", -1))):
-                reason = f"its process {holder.get('pid')} is gone"
-            elif job and holder.get("job") == job and holder.get("pid") != os.getpid():
-                reason = f"an earlier attempt of Slurm job {job} left it"
-            elif not same_host and age > stale_after:
-                reason = f"its heartbeat is {age:.0f} s old (run.lock_stale_after {stale_after:g} s)"
+            reason = _stale_reason(holder, age, stale_after)
             if reason is None:
                 started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
                 raise RunLocked(
@@ -304,11 +339,24 @@ def take_lock(out: Path, stale_after: float) -> Path:
                     + (f", Slurm job {holder['job']}" if holder.get("job") else "")
                     + f", since {started} (heartbeat {age:.0f} s ago); wait for it to end, or choose another "
                     "run.out_dir; nothing was started")
-            log.warning("breaking the lock of %s: %s", out, reason)
-            path.unlink(missing_ok=True)
+            if _break_lock(path, holder):
+                log.warning("breaking the lock of %s: %s", out, reason)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(_lock_record()))
+        except OSError as err:
+            if err.errno in SPACE_ERRORS:
+                raise DiskFull(err.errno, f"run folder '{out}': {SPACE_ERRORS[err.errno]}: cannot create its lock; "
+                                          "free space, then start again") from None
+            raise RunRefused(f"run.out_dir '{out}': cannot create its lock {path} ({err.strerror})") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(_lock_record()))
+                f.flush()
+        except OSError as err:
+            path.unlink(missing_ok=True)
+            if err.errno in SPACE_ERRORS:
+                raise DiskFull(err.errno, f"run folder '{out}': {SPACE_ERRORS[err.errno]} writing its lock; free "
+                                          "space, then start again") from None
+            raise
         return path
     raise RunLocked(f"run.out_dir '{out}': could not take {path} (several jobs starting at once?); nothing was started")
 
@@ -370,5 +418,7 @@ def release_held_lock() -> None:
 def is_complete(out: str | Path) -> bool:
     """A result.json that parses and names the run of config.yaml."""
     result = read_result(out)
+    if result and "run_id" not in result:  # written before run ids: complete if it has its figure
+        return result.get("val_top1") is not None
     run_id = read_run_id(out)
     return bool(result and run_id and result.get("run_id") == run_id)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist, fsio
-from hvd_ba.checkpoint import NAME, checkpoint_dir, find_checkpoint, run_id_of, save_checkpoint
+from hvd_ba.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
+                               save_checkpoint)
 from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.devices import select_device
@@ -74,6 +75,9 @@ def setup_logging() -> None:
 EPOCH_CSV_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
                      "unique_images", "samples", "unique_images_per_s", "samples_per_s", "files_read",
                      "bytes_read", "bad_files", "data_wait_fraction", "epoch_time_s")
+
+
+RECORD_FILES = ("steps.jsonl", "metrics.jsonl", "metrics.csv", "lambda.jsonl", "reads.jsonl")
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -202,6 +206,7 @@ def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path
     partial = dist.allgather_object(state.progress.to_record(), name="partial") if step_in_epoch else None
     failure = None
     if dist.is_primary():
+        fsio.sync_files(out / name for name in RECORD_FILES)
         payload = {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
                    "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
                    "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
@@ -248,16 +253,24 @@ class Placement:
     complete: bool = False
 
 
-def claim_run_dir(cfg: Config, out: Path) -> str | None:
+def claim_run_dir(cfg: Config, out: Path, started: float) -> str | None:
     """Rank 0 decides whether this start may use `out` (runs.claim_fresh), every rank learns it.
     Returns the run id of a fresh start (None when resuming: the checkpoint decides)."""
     decision = None
     if dist.is_primary():
         try:
+            for folder in (out, checkpoint_dir(out)):  # a dead writer's half file may be what fills the disk
+                remove_stale_temporaries(folder, dead_only=True)
             hold_lock(out, cfg.run.lock_stale_after)  # before anything else: one job per folder
             for folder in (out, checkpoint_dir(out)):  # left by a writer killed mid-write (only rank 0 writes)
                 for stale in remove_stale_temporaries(folder):
                     log.warning("removed %s, left by a write that a crash cut short", stale)
+            stop_file = Path(cfg.run.stop_file) if cfg.run.stop_file else None
+            if stop_file is not None and stop_file.exists() and stop_file.stat().st_mtime < started:
+                stop_file.unlink(missing_ok=True)  # a stop asked of an earlier attempt is done
+            previous = newest_checkpoint(out) if cfg.run.resume else None
+            if previous is not None:  # a checkpoint that will not fit: say so now, not mid-run
+                check_space(checkpoint_dir(out), previous)
             if cfg.run.resume:
                 decision = {"run_id": None}
             else:
@@ -269,9 +282,15 @@ def claim_run_dir(cfg: Config, out: Path) -> str | None:
                     hold_lock(out, cfg.run.lock_stale_after)
         except RunRefused as err:
             decision = {"error": str(err)}
+        except DiskFull as err:
+            decision = {"disk": err.strerror, "errno": err.errno}
     decision = dist.broadcast_object(decision, name="claim")
     if "error" in decision:
         raise RunRefused(decision["error"])
+    if "disk" in decision:
+        err = DiskFull(decision["errno"], decision["disk"])
+        err.quiet = not dist.is_primary()
+        raise err
     if decision.get("moved"):
         log.warning("run.overwrite: the earlier run in %s was moved to %s", out, decision["moved"])
     return decision["run_id"]
@@ -323,6 +342,7 @@ def _set_aside_later_checkpoints(out: Path, step: int, run_id: str) -> None:
     aside.mkdir(exist_ok=True)
     for p in later:
         os.replace(p, aside / p.name)
+    fsio.atomic_write(folder / "latest", f"ckpt-{step:09d}.pt")  # never a moved file
     log.warning("resuming from step %d: %d later checkpoints of this run moved to %s", step, len(later), aside)
 
 
@@ -506,7 +526,16 @@ def build_run(cfg: Config) -> Run:
     if cfg.data.local_path:
         from hvd_ba.stage import check_staged, rank_files
 
-        check_staged(cfg.data.local_path, rank_files(cfg, train_index, val_index, rank, world), rank, world)
+        try:
+            check_staged(cfg.data.local_path, rank_files(cfg, train_index, val_index, rank, world), rank, world)
+            problem = None
+        except (OSError, ValueError, RuntimeError) as err:
+            problem = f"rank {rank} on host {socket.gethostname()}: {str(err).splitlines()[0]}"
+        problems = [p for p in dist.allgather_object(problem, name="staged") if p]
+        if problems:
+            raise DataMismatch(f"data.local_path '{cfg.data.local_path}': {problems[0]}"
+                               + (f" (and {len(problems) - 1} more ranks)" if len(problems) > 1 else "")
+                               + "; run `python -m hvd_ba stage` again; no rank trained")
         local = Path(cfg.data.local_path)
         train_index = dataclasses.replace(train_index, root=str(local / "train"))
         val_index = dataclasses.replace(val_index, root=str(local / "val"))
@@ -648,7 +677,7 @@ def run_training(cfg: Config) -> dict:
     setup_logging()
     pause_point("init")
     out = Path(cfg.run.out_dir)
-    fresh_id = claim_run_dir(cfg, out)
+    fresh_id = claim_run_dir(cfg, out, t_start)
     run = build_run(cfg)
     placement = resume(cfg, run.state, run.model, out, fresh_id)
     run.state.run_id = placement.run_id
@@ -681,7 +710,7 @@ def main_rank(cfg: Config) -> int:
     except RunRefused as err:  # every rank raises it after the same broadcast
         _leave(f"hvd_ba: error: {err}" if dist.is_primary() else None, 2)
     except DiskFull as err:
-        _leave(None if getattr(err, "quiet", False) else f"hvd_ba: rank {dist.rank()}: {err.strerror}",
+        _leave(None if getattr(err, "quiet", False) else f"hvd_ba: rank {dist.rank()}: {disk_full_line(cfg, err)}",
                DISK_FULL_EXIT_CODE)
     except BaseException as err:
         if type(err).__name__ == "HorovodInternalError" and "shut down" in str(err):
@@ -698,6 +727,25 @@ def main_rank(cfg: Config) -> int:
     release_held_lock()
     dist.shutdown()
     return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
+
+
+def disk_full_line(cfg: Config, err: DiskFull) -> str:
+    """One line for a full (or read-only) run folder: what failed, the bytes free, the resume point."""
+    text = err.strerror
+    if "stays the resume point" in text or "start again" in text:
+        return text  # a checkpoint's or the lock's own line says it all
+    out = Path(cfg.run.out_dir)
+    try:
+        st = os.statvfs(out)
+        free = f"{st.f_bavail * st.f_frsize} bytes free"
+    except OSError:
+        free = "free space unknown"
+    try:
+        found = newest_checkpoint(out)
+    except OSError:
+        found = None
+    point = f"'{found}' stays the resume point" if found else "no checkpoint yet"
+    return f"run folder '{out}': {text} ({free}); {point}: free space, then resume with --set run.resume=auto"
 
 
 def _leave(message: str | None, status: int):

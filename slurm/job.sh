@@ -57,7 +57,8 @@ run_job() {
     mkdir -p "$log_dir" || { job_log "error: cannot create $log_dir (OUT='$OUT')"; return 2; }
     local attempt_log="$log_dir/attempt-$restart.log"
     local stop_file="$OUT/STOP"
-    rm -f "$stop_file"  # a stop asked of the previous attempt is done
+    # A stop asked of a previous attempt is removed by rank 0 once it holds the run's lock (a second
+    # job on the same OUT must not delete the first one's pending STOP).
 
     local sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
     if [ "$STAGE" = 1 ]; then sets+=(data.shard=static data.local_path="$LOCAL_DATA"); fi
@@ -116,7 +117,8 @@ run_job() {
         job_log "run complete: $OUT/result.json" | tee -a "$attempt_log"
         return 0
     fi
-    if [ "$status" = "$DISK_FULL" ]; then
+    # horovodrun reports 1 for any rank's status: the ranks' one line tells a full disk too.
+    if [ "$status" = "$DISK_FULL" ] || grep -qE "hvd_ba: rank [0-9]+: run folder .*(no space left on device|disk quota exceeded|read-only file system|is full)" "$attempt_log"; then
         job_log "the run folder is full (exit $status): not requeued; free space in $OUT's file system, then" \
                 "resubmit (it resumes from the last checkpoint)" | tee -a "$attempt_log"
         return "$status"

@@ -3,8 +3,11 @@ that the resumed run ends exactly as an uninterrupted one.
 
 The run's own I/O functions (hvd_ba/fsio.py) count every write, fsync, rename and unlink; with
 HVD_BA_CRASH_AT=N the process SIGKILLs itself at its N-th (a write after half its bytes). Each
-run is a fork of this process (torch imported once, no torch work done here before forking), so
-one crash point costs two short runs. Usage (the tests call it):
+run is a fork of this process (torch imported once; the parent only loads and compares results
+between forks, and the runs use run.threads=1), so one crash point costs two short runs. With
+--resume-crashes K, the run crashed at K is resumed and that resume is itself crashed at each of
+its operations before its first step (trimming records, rebuilding metrics.csv, rewriting
+config.yaml), then resumed again. Usage (the tests call it):
 
     python tests/crash_harness.py DATA WORKDIR [--points 1,5,9] --set SETTINGS...
 
@@ -88,6 +91,9 @@ def main() -> int:
     p.add_argument("data")
     p.add_argument("workdir")
     p.add_argument("--points", default=None, help="comma-separated crash points (default: every operation)")
+    p.add_argument("--resume-crashes", default=None, metavar="K",
+                   help="crash at operation K (or at the first write of the file named K), then crash the resume "
+                        "at each of its operations before its first step")
     p.add_argument("--set", dest="settings", nargs="*", default=[])
     args = p.parse_args()
     work = Path(args.workdir)
@@ -102,6 +108,8 @@ def main() -> int:
         return 1
     operations = io_log.read_text().splitlines()
     expected = outcome(reference)
+    if args.resume_crashes is not None:
+        return resume_crashes(args, work, operations, expected)
     points = [int(x) for x in args.points.split(",")] if args.points else range(1, len(operations) + 1)
     covered, failures = [], []
     for k in points:
@@ -119,6 +127,44 @@ def main() -> int:
             covered.append({"point": k, "op": op})
             shutil.rmtree(out)
     print(json.dumps({"operations": len(operations), "covered": covered, "failures": failures}))
+    return 0 if not failures else 1
+
+
+def resume_crashes(args, work: Path, operations: list[str], expected: dict) -> int:
+    """Crash at K; then the resume of that state is itself crashed at each of its operations
+    before its first step's record, and resumed again: it must still end as the reference."""
+    k = args.resume_crashes
+    k = int(k) if k.isdigit() else next(i + 1 for i, op in enumerate(operations)
+                                        if op.split()[1] == "write" and op.split()[2].endswith("/" + k))
+    crashed = work / f"crash-{k}"
+    code = run_child(args.data, crashed, args.settings, {"HVD_BA_CRASH_AT": str(k)}, work / f"crash-{k}.log")
+    if code != -signal.SIGKILL:
+        print(json.dumps({"error": f"the crash run at {k} exited {code}"}))
+        return 1
+    resume = [*args.settings, "run.resume=auto"]
+    probe, probe_log = work / "probe", work / "probe-io.log"
+    shutil.copytree(crashed, probe)
+    run_child(args.data, probe, resume, {"HVD_BA_IO_LOG": str(probe_log)}, work / "probe.log")
+    ops = probe_log.read_text().splitlines()
+    first_step = next(i for i, op in enumerate(ops) if op.split()[2].endswith("steps.jsonl") and op.split()[1] == "write")
+    covered, failures = [], []
+    for j in range(1, first_step + 1):
+        out, log = work / f"double-{k}-{j}", work / f"double-{k}-{j}.log"
+        shutil.copytree(crashed, out)
+        code = run_child(args.data, out, resume, {"HVD_BA_CRASH_AT": str(j)}, log)
+        op = ops[j - 1].split(" ", 1)[1]
+        if code != -signal.SIGKILL:
+            failures.append({"point": j, "op": op, "why": f"the crashed resume exited {code}"})
+            continue
+        code = run_child(args.data, out, resume, {}, log)
+        why = f"the second resume exited {code}" if code != 0 else compare(expected, outcome(out))
+        if why:
+            failures.append({"point": j, "op": op, "why": why, "log": log.read_text()[-1500:]})
+        else:
+            covered.append({"point": j, "op": op})
+            shutil.rmtree(out)
+    print(json.dumps({"first_crash": {"point": k, "op": operations[k - 1]}, "resume_operations": len(ops),
+                      "covered": covered, "failures": failures}))
     return 0 if not failures else 1
 
 

@@ -44,6 +44,21 @@ def test_a_kill_at_every_file_operation_resumes_to_the_same_end(small_data, tmp_
         assert any(name in f for f in files), name
 
 
+def test_a_kill_during_the_resume_of_a_crashed_run(small_data, tmp_path):
+    """Killed mid-append of epoch 1's metrics (torn metrics.jsonl, steps after the checkpoint);
+    the resume, which trims the records, rebuilds metrics.csv and rewrites config.yaml, is itself
+    killed at each of those operations, and resumed again: the same end."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(tmp_path),
+                        "--resume-crashes", "metrics.jsonl", "--set", *SHORT], capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report.get("failures") == [], json.dumps(report.get("failures") or report)[:4000]
+    files = [os.path.basename(c["op"].split()[1]) for c in report["covered"]]
+    print(f"resume crash points covered: {len(files)} (after a crash at {report['first_crash']['op']})")
+    for name in ("steps.jsonl", "metrics.jsonl", "metrics.csv", "config.yaml"):
+        assert any(name in f for f in files), (name, files)
+
+
 def test_kills_at_the_checkpoint_writes_of_a_two_rank_run(small_data, tmp_path):
     settings = [*SHORT, "run.max_steps_per_epoch=3", "run.checkpoint_every=2", "run.threads=0"]
     reference = tmp_path / "reference"
@@ -203,3 +218,64 @@ def test_data_layout_errors_are_one_line(damage, small_data, tmp_path):
     errors = [line for line in r.stderr.splitlines() if "hvd_ba: error" in line]
     assert len(errors) == 1 and expected in errors[0], r.stdout[-2000:] + r.stderr[-2000:]
     assert not re.search(r"\[\d\]<std(out|err)>:Traceback", r.stdout + r.stderr)
+
+
+def test_two_concurrent_starts_on_one_folder(small_data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set", f"data.path={small_data}",
+           f"run.out_dir={out}", *ONE_EPOCH, "optim.epochs=3"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**ENV}) for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    codes = sorted(code for _, _, code in results)
+    assert codes == [0, 2], [(code, err[-500:]) for _, err, code in results]
+    loser = next(err for _, err, code in results if code == 2)
+    assert len(loser.strip().splitlines()) == 1 and "is in use by another job: host" in loser, loser
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]  # one run, not two mixed
+
+
+def test_a_lock_left_by_an_earlier_attempt_of_the_same_slurm_job(small_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = {"host": "node-elsewhere", "pid": 4321, "job": "777", "restart": 0, "started": time.time()}
+    (out / ".lock").write_text(json.dumps(lock))
+    r = train_alone(small_data, out, ONE_EPOCH, env_extra={"SLURM_JOB_ID": "777", "SLURM_RESTART_COUNT": "0"})
+    assert r.returncode == 2 and "in use by another job" in r.stderr  # the same attempt: a live holder
+    r = train_alone(small_data, out, ONE_EPOCH, env_extra={"SLURM_JOB_ID": "777", "SLURM_RESTART_COUNT": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "an earlier attempt (restart 0) of Slurm job 777 left it" in r.stdout + r.stderr
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 12 MB file system (tmpfs), as root; skipped where mounting is not allowed."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_file_system_start_to_finish(small_data, small_fs):
+    """On a real full tmpfs: the second checkpoint does not fit (one line, 74, the first stays);
+    a restart on the still-full disk says so in one line (a dead writer's half file removed
+    first); with space freed it resumes and finishes."""
+    out = small_fs / "run"
+    settings = [*SHORT, "run.keep_checkpoints=1"]
+    r = train_alone(small_data, out, settings)
+    assert r.returncode == 74, r.stdout[-2000:] + r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()
+    assert len(line) == 1 and "is full: a checkpoint needs about" in line[0] and "ckpt-000000001.pt' stays the " \
+        "resume point" in line[0], r.stderr
+    assert not list(checkpoint_dir(out).glob(".*.tmp"))
+    planted = checkpoint_dir(out) / ".ckpt-000000002.pt.99999999.tmp"  # a dead writer's half checkpoint
+    planted.write_bytes(b"\0" * (2 << 20))
+    r = train_alone(small_data, out, [*settings, "run.resume=auto"])
+    assert r.returncode == 74 and len(r.stderr.strip().splitlines()) == 1 and "is full" in r.stderr, r.stderr
+    assert not planted.exists() and "Traceback" not in r.stdout + r.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    r = train_alone(small_data, out, [*settings, "run.resume=auto"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "result.json").read_text())["steps"] == 4

@@ -124,5 +124,10 @@ def load_index(root: str | Path, split: str, cache_dir: str | Path | None, write
             log.warning("%s; listing the folder again", err)
     index, state = scan_folder(folder)
     if write:
-        write_manifest(path, index, state)
+        try:
+            write_manifest(path, index, state)
+        except OSError as err:  # only a cache: the next start lists the folder again
+            path.with_name(f"{path.name}.{os.getpid()}.tmp").unlink(missing_ok=True)
+            log.warning("could not cache the file index in %s (%s); listing again at the next start", path,
+                        err.strerror)
     return index
