@@ -172,24 +172,29 @@ def test_resume_on_another_number_of_ranks_reads_the_same_files_at_the_same_lr(w
 def test_a_complete_run_stays_complete(small_data, tmp_path):
     out = tmp_path / "run"
     stop_file = tmp_path / "STOP"
+    # a stop asked during the only epoch, agreed only at its end = the final epoch's last step
+    proc = subprocess.Popen([sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set",
+                             f"data.path={small_data}", f"run.out_dir={out}", *ONE_EPOCH, "run.sync_every=1000",
+                             "run.checkpoint_every=null", f"run.stop_file={stop_file}", "data.workers=0",
+                             "run.max_steps_per_epoch=20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    wait_for_step(out, 1, proc)
     stop_file.write_text("")
-    # a stop asked from the start, agreed only at the epoch's end = the final epoch's last step
-    r = train_alone(small_data, out, [*ONE_EPOCH, "run.sync_every=1000", "run.checkpoint_every=null",
-                                      f"run.stop_file={stop_file}"])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "stop requested (stop file" in r.stdout
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stop requested (stop file" in output
     result = json.loads((out / "result.json").read_text())
-    assert result["val_top1"] is not None and result["steps"] == 6
+    assert result["val_top1"] is not None and result["steps"] == 20
     stop_file.unlink()
     before = snapshot(out)
-    r = train_alone(small_data, out, [*ONE_EPOCH, "run.resume=auto"])
+    r = train_alone(small_data, out, [*ONE_EPOCH, "run.resume=auto", "run.max_steps_per_epoch=20"])
     assert r.returncode == 0 and "is complete" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stdout + r.stderr
     assert snapshot(out) == before  # result.json, metrics, checkpoints: not a byte rewritten
     # killed after its last checkpoint, before result.json: the resume writes the outputs
     (out / "result.json").unlink()
     (out / "model.pt").unlink()
-    r = train_alone(small_data, out, [*ONE_EPOCH, "run.resume=auto"])
+    r = train_alone(small_data, out, [*ONE_EPOCH, "run.resume=auto", "run.max_steps_per_epoch=20"])
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads((out / "result.json").read_text())
     assert again["val_top1"] == result["val_top1"] and again["run_id"] == result["run_id"]
