@@ -23,8 +23,8 @@ _gd_cuda_version() {  # the CUDA release of a toolkit folder: from bin/nvcc, els
     if [ -x "$home/bin/nvcc" ]; then
         v=$("$home/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -1)
     fi
-    if [ -z "$v" ] && [ -f "$home/version.json" ]; then
-        v=$(sed -n 's/.*"cuda"[^}]*"version" *: *"\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' "$home/version.json" | head -1)
+    if [ -z "$v" ] && [ -f "$home/version.json" ]; then  # multi-line JSON: joined first
+        v=$(tr -d '\n' <"$home/version.json" | sed -n 's/.*"cuda"[^}]*"version" *: *"\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -1)
     fi
     echo "$v"
 }
@@ -39,24 +39,46 @@ _gd_nccl_ok() {  # a folder with include/nccl.h and a libnccl.so* in lib/ or lib
     return 1
 }
 
+_gd_linkable() {  # an NCCL home Horovod's build can link (-lnccl): as is, or a private one with libnccl.so
+    local home=$1 private=$2 f lib=""
+    for f in "$home"/lib/libnccl.so "$home"/lib64/libnccl.so; do
+        [ -e "$f" ] && { echo "$home"; return 0; }
+    done
+    for f in "$home"/lib/libnccl.so.* "$home"/lib64/libnccl.so.*; do
+        [ -e "$f" ] && { lib=$f; break; }
+    done
+    [ -n "$lib" ] && [ -f "$home/include/nccl.h" ] || return 1
+    mkdir -p "$private/include" "$private/lib"
+    ln -sfn "$home/include/nccl.h" "$private/include/nccl.h"
+    ln -sfn "$lib" "$private/lib/libnccl.so"
+    ln -sfn "$lib" "$private/lib/libnccl.so.2"
+    echo "$private"
+}
+
 gpu_detect() {
     local torch_cuda=$1 torch_nccl=$2 has_gpu=$3 private=$4
     local sys=${HVD_BA_SYSROOT:-} want=${HVD_BA_GPU:-auto}
     GPU_OPS="" GPU_CUDA_HOME="" GPU_NCCL_HOME="" GPU_NCCL_LINK="" GPU_NCCL_INCLUDE="" GPU_NCCL_LIB="" GPU_WHY=""
+    case "$want" in auto|0|1) ;; *) GPU_WHY="HVD_BA_GPU='$want': choose auto, 1 or 0"; return 1 ;; esac
     if [ "$want" = 0 ]; then
         GPU_WHY="HVD_BA_GPU=0: CPU build"; return 0
     fi
     if [ "$want" = auto ] && [ "$has_gpu" != 1 ]; then
         GPU_WHY="no GPU on this node: CPU build (HVD_BA_GPU=1 builds the GPU flavour here)"; return 0
     fi
-    local fail=0; [ "$want" = 1 ] && fail=1
+    # HVD_BA_GPU=1, or a node with a GPU: a GPU build that cannot be made stops the set-up (a
+    # CPU-only Horovod on a GPU node would copy every gradient to the host).
+    local fail=1
     if [ -z "$torch_cuda" ]; then
-        GPU_WHY="torch is a CPU build: no GPU build possible"; return $fail
+        GPU_WHY="torch is a CPU build: no GPU build possible"
+        [ "$want" = 1 ] && return 1
+        return 0
     fi
 
     # CUDA: nvcc on PATH, CUDA_HOME, CUDA_PATH, /usr/local/cuda; its major must be torch's.
     local looked=() cand home="" nvcc
     nvcc=$(command -v nvcc 2>/dev/null || true)
+    [ -n "$nvcc" ] && nvcc=$(readlink -f "$nvcc")  # a symlinked nvcc: the toolkit it belongs to
     for cand in ${nvcc:+"$(dirname "$(dirname "$nvcc")")"} ${CUDA_HOME:+"$CUDA_HOME"} ${CUDA_PATH:+"$CUDA_PATH"} \
                 "$sys/usr/local/cuda"; do
         looked+=("$cand")
@@ -76,7 +98,7 @@ gpu_detect() {
     local nccl="" nlooked=()
     for cand in ${HOROVOD_NCCL_HOME:+"$HOROVOD_NCCL_HOME"} ${NCCL_HOME:+"$NCCL_HOME"}; do
         nlooked+=("$cand")
-        if _gd_nccl_ok "$cand"; then nccl=$cand; break; fi
+        if _gd_nccl_ok "$cand"; then nccl=$(_gd_linkable "$cand" "$private"); break; fi
     done
     if [ -z "$nccl" ] && [ -n "$torch_nccl" ]; then
         nlooked+=("$torch_nccl (torch's wheel)")
@@ -94,7 +116,7 @@ gpu_detect() {
     if [ -z "$nccl" ]; then  # the toolkit's own folder, then Debian's libnccl-dev layout
         nlooked+=("$home")
         if _gd_nccl_ok "$home"; then
-            nccl=$home
+            nccl=$(_gd_linkable "$home" "$private")
         else
             nlooked+=("$sys/usr/include + $sys/usr/lib/x86_64-linux-gnu")
             if [ -f "$sys/usr/include/nccl.h" ] && ls "$sys/usr/lib/x86_64-linux-gnu"/libnccl.so* >/dev/null 2>&1; then

@@ -107,17 +107,22 @@ step "pip install build deps" "$PY" -m pip install wheel setuptools packaging ps
 # present, because the torch wheel is a CUDA build (horovod-build.md).
 # shellcheck source=cluster/gpu_detect.sh
 source "$ROOT/cluster/gpu_detect.sh"
-if [ -d /usr/local/cuda ]; then
-  export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} CUDAToolkit_ROOT=${CUDAToolkit_ROOT:-/usr/local/cuda}
-fi
 TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda or "")')
 TORCH_NCCL=$("$PY" -c 'import importlib.util, os
 spec = importlib.util.find_spec("nvidia.nccl") if importlib.util.find_spec("nvidia") else None
 print(os.path.dirname(spec.origin) if spec and spec.origin else (list(spec.submodule_search_locations)[0] if spec else ""))' 2>/dev/null || true)
 HAS_GPU=0
-command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && HAS_GPU=1
-gpu_detect "$TORCH_CUDA" "$TORCH_NCCL" "$HAS_GPU" "$CACHE/nccl-home" || die "HVD_BA_GPU=1: $GPU_WHY"
+if command -v nvidia-smi >/dev/null; then
+  gpus=$(nvidia-smi -L 2>/dev/null || true)   # not a pipe into grep -q: pipefail and SIGPIPE
+  case "$gpus" in *GPU*) HAS_GPU=1 ;; esac
+fi
+# Detection first: a toolkit that `module load cuda` put on PATH must not be hidden by /usr/local/cuda.
+gpu_detect "$TORCH_CUDA" "$TORCH_NCCL" "$HAS_GPU" "$CACHE/nccl-home" \
+  || die "Horovod's GPU flavour cannot be built: $GPU_WHY (HVD_BA_GPU=0 builds the CPU flavour)"
 say "horovod flavour: $GPU_WHY"
+if [ -z "$GPU_OPS" ] && [ -d /usr/local/cuda ]; then
+  export PATH=/usr/local/cuda/bin:$PATH CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} CUDAToolkit_ROOT=${CUDAToolkit_ROOT:-/usr/local/cuda}
+fi
 if [ -n "$GPU_OPS" ]; then
   export CUDA_HOME=$GPU_CUDA_HOME CUDAToolkit_ROOT=$GPU_CUDA_HOME PATH=$GPU_CUDA_HOME/bin:$PATH
   export HOROVOD_NCCL_LINK=$GPU_NCCL_LINK

@@ -61,15 +61,26 @@ def select_device() -> torch.device:
     """The rank's CUDA GPU (gpu_index), or the CPU when there is none. Collective under Horovod:
     the ranks' (host, GPU) pairs are gathered, and a rank sharing its GPU with another, or a GPU
     run on a Horovod without NCCL, stops every rank at start with one line."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = gpu_index(dist.local_rank(), torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
-    torch.cuda.set_device(index)
-    device = torch.device("cuda", index)
-    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", index))
-    problems = [shared_gpus(dist.allgather_object((socket.gethostname(), uuid), name="gpus")),
-                nccl_problem(dist.size() > 1, dist.nccl_built())]
-    problems = [p for p in problems if p]
+    host, device, mine = socket.gethostname(), torch.device("cpu"), None
+    if torch.cuda.is_available():
+        try:
+            index = gpu_index(dist.local_rank(), torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            torch.cuda.set_device(index)
+            device = torch.device("cuda", index)
+            mine = str(getattr(torch.cuda.get_device_properties(index), "uuid", index))
+        except (DeviceError, RuntimeError) as err:
+            mine = DeviceError(f"rank {dist.rank()} on host {host}: {err}")
+    # Every rank takes part in this one gather, whatever it found, so that a problem on some
+    # ranks stops all of them with the same line (rank 0 prints it) instead of a hang.
+    every = dist.allgather_object((host, str(mine) if isinstance(mine, Exception) else mine, device.type), name="gpus")
+    problems = [text for _, text, kind in every if kind == "cpu" and text]
+    kinds = {kind for _, _, kind in every}
+    if not problems and kinds == {"cuda", "cpu"}:
+        problems.append("some ranks see a GPU and others do not: " + ", ".join(
+            f"rank {r} on {h}: {k}" for r, (h, _, k) in enumerate(every)))
+    if not problems and device.type == "cuda":
+        problems = [p for p in (shared_gpus([(h, u) for h, u, _ in every]),
+                                nccl_problem(dist.size() > 1, dist.nccl_built())) if p]
     if problems:
         raise DeviceError("; ".join(problems))
     return device

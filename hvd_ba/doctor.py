@@ -37,8 +37,14 @@ def check_torch():
         names = [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
                  for i in range(torch.cuda.device_count())]
         return OK, f"{text}; GPUs: {', '.join(names)}"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return OK, f"{text}; GPUs hidden on purpose (CUDA_VISIBLE_DEVICES is empty)"
+    listed = ""
     if cuda and shutil.which("nvidia-smi"):
-        return FAIL, f"{text}, but CUDA is not available although nvidia-smi exists: check the driver and CUDA_VISIBLE_DEVICES"
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        listed = r.stdout if r.returncode == 0 else ""
+    if "GPU" in listed:
+        return FAIL, f"{text}, but CUDA is not available although nvidia-smi lists GPUs: check the driver"
     return OK, f"{text}; no GPU visible"
 
 
@@ -49,9 +55,9 @@ def check_horovod():
     except Exception as err:
         return FAIL, (f"horovod does not import ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                       "run bash cluster/setup.sh")
-    parts = [f"horovod {horovod.__version__}", "controllers: " + ", ".join(
-        c for c, built in (("gloo", hvd.gloo_built()), ("mpi", hvd.mpi_built())) if built) or "none",
-        f"NCCL: {'yes' if hvd.nccl_built() else 'no'}"]
+    controllers = ", ".join(c for c, built in (("gloo", hvd.gloo_built()), ("mpi", hvd.mpi_built())) if built)
+    parts = [f"horovod {horovod.__version__}", "frameworks: PyTorch", f"controllers: {controllers or 'none'}",
+             f"NCCL: {'yes' if hvd.nccl_built() else 'no'}"]
     import torch
 
     if torch.cuda.is_available() and not hvd.nccl_built():

@@ -28,20 +28,31 @@ import numpy as np
 import torch
 
 
-def _timed(results: dict, name: str, fn) -> None:
+CHECKS = {  # part -> (what must hold of its figures, the message when it does not)
+    "train_steps": (lambda r: all(v["finite"] for v in r.values() if isinstance(v, dict)), "a loss was not finite"),
+    "device_crops": (lambda r: r["mean_abs_diff_0_255"] < 3.0, "device crops differ from the loader's"),
+    "checkpoint_resume": (lambda r: r["abs_diff"] <= 1e-4, "the resumed step's loss differs"),
+}
+
+
+def _timed(results: dict, name: str, fn, out_path: Path) -> None:
     t = time.perf_counter()
     try:
         results[name] = fn()
         results[name]["ok"] = True
+        check = CHECKS.get(name)
+        if check and not check[0](results[name]):
+            results[name].update(ok=False, error=check[1])
     except Exception as err:
         results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
     results[name]["seconds"] = round(time.perf_counter() - t, 2)
     print(f"gpu_check: {name}: {'ok' if results[name]['ok'] else 'FAILED ' + results[name]['error']} "
           f"({results[name]['seconds']} s)", flush=True)
+    out_path.write_text(json.dumps(results, indent=1, default=str))  # a timeout keeps what was measured
 
 
 def make_data(root: Path, images: int) -> Path:
-    """JPEGs for the loader parts: scikit-image's photos when installed, else the synthetic set."""
+    """JPEGs for the loader parts: the synthetic ImageNet-layout set (PIL and numpy only)."""
     if (root / "train").is_dir():
         return root
     from hvd_ba.data.synthetic import make_dataset
@@ -192,10 +203,10 @@ def main(argv=None) -> int:
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else make_data(Path(tmp) / "data", 400 if reduced else 2000)
-        _timed(results, "train_steps", lambda: part_train(device, reduced))
-        _timed(results, "device_crops", lambda: part_crops(data, device))
-        _timed(results, "checkpoint_resume", lambda: part_resume(device, reduced))
-        _timed(results, "bench_gpu", lambda: part_bench(data, reduced, out_path.parent))
+        _timed(results, "train_steps", lambda: part_train(device, reduced), out_path)
+        _timed(results, "device_crops", lambda: part_crops(data, device), out_path)
+        _timed(results, "checkpoint_resume", lambda: part_resume(device, reduced), out_path)
+        _timed(results, "bench_gpu", lambda: part_bench(data, reduced, out_path.parent), out_path)
     out_path.write_text(json.dumps(results, indent=1, default=str))
     failed = [k for k, v in results.items() if isinstance(v, dict) and not v.get("ok")]
     print(f"gpu_check: {out_path}: " + ("every part ran" if not failed else "FAILED: " + ", ".join(failed)), flush=True)

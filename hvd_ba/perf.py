@@ -395,7 +395,10 @@ def run_scaling(args) -> int:
                        "--corpus", args.corpus, "--json", str(target)]
                 if args.fp16_allreduce:
                     cmd.append("--fp16-allreduce")
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                env = dict(os.environ)
+                if 0 < torch.cuda.device_count() < args.np:  # ranks may not share a GPU (devices.py)
+                    env["CUDA_VISIBLE_DEVICES"] = ""
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
                 if done.returncode or not target.exists():
                     print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"bench scaling: the {backend} run at M={m} failed ({done.returncode})")

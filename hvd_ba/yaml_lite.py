@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - exercised by the GPU check's environme
 
 YAMLError = _yaml.YAMLError if _yaml else ValueError
 
-_FLOAT = re.compile(r"^[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?$")
+_FLOAT = re.compile(r"^[-+]?(\d+\.\d*|\.\d+)([eE][-+]\d+)?$")  # YAML 1.1: a dot, a signed exponent
 
 
 def scalar(text: str):
@@ -37,7 +37,7 @@ def scalar(text: str):
         return text[1:-1]
     if re.fullmatch(r"[-+]?\d+", text):
         return int(text)
-    if _FLOAT.match(text) and ("." in text):  # YAML 1.1: '1e-4' (no dot) stays a string
+    if _FLOAT.match(text):  # '1e-4' (no dot) and '1.5e3' (unsigned exponent) stay strings
         return float(text)
     return text
 
@@ -53,6 +53,8 @@ def _strip_comment(line: str) -> str:
 
 
 def _lite_load(text: str):
+    if text.lstrip().startswith("{"):  # what safe_dump writes without PyYAML (JSON is YAML)
+        return json.loads(text)
     root: dict = {}
     section = None
     for number, raw in enumerate(text.splitlines(), 1):
@@ -79,7 +81,7 @@ def _lite_load(text: str):
 def safe_load(text: str):
     if _yaml is not None:
         return _yaml.safe_load(text)
-    return _lite_load(text) if "\n" in text or ":" in text else scalar(text)
+    return _lite_load(text) if "\n" in text.strip() or text.lstrip().startswith("{") else scalar(text)
 
 
 def safe_dump(data, sort_keys: bool = False) -> str:

@@ -208,3 +208,39 @@ def test_a_training_step_does_not_read_the_device(monkeypatch):
     assert reads == [] and isinstance(loss, torch.Tensor) and loss.dim() == 0
     monkeypatch.setattr(torch.Tensor, "item", real_item)
     assert 0 < float(meter.totals[0]) / (3 * 64) < 5 and 0 <= float(meter.totals[1]) <= 3 * 64
+
+
+def test_select_device_stops_every_rank_with_the_same_line(monkeypatch):
+    """8 ranks on a 4-GPU node: ranks 4-7 cannot have a GPU; every rank (the fine ones too) raises
+    the same message after one gather, instead of the failing ranks leaving the others hung."""
+    from types import SimpleNamespace
+
+    from hvd_ba import devices
+
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(devices.torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(devices.torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid=f"GPU-{index}"))
+    monkeypatch.setattr(devices.os, "environ", {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    monkeypatch.setattr(devices.socket, "gethostname", lambda: "n1")
+    gathered = {}
+
+    def run_rank(rank):
+        monkeypatch.setattr(devices.dist, "local_rank", lambda: rank)
+        monkeypatch.setattr(devices.dist, "rank", lambda: rank)
+        monkeypatch.setattr(devices.dist, "allgather_object",
+                            lambda obj, name: gathered.setdefault(rank, obj) and [gathered.get(r, ("n1", f"GPU-{r}", "cuda"))
+                                                                                  for r in range(8)])
+        with pytest.raises(DeviceError) as err:
+            devices.select_device()
+        return str(err.value)
+
+    messages = {run_rank(r) for r in (5, 0)}  # a failing rank, then a fine one that sees rank 5's error
+    assert len(messages) == 1
+    assert messages.pop().startswith("rank 5 on host n1: local rank 5 but only 4 GPUs visible")
+    # every rank has its GPU, but two share one: refused too
+    monkeypatch.setattr(devices.dist, "local_rank", lambda: 0)
+    monkeypatch.setattr(devices.dist, "allgather_object",
+                        lambda obj, name: [("n1", "GPU-0", "cuda"), ("n1", "GPU-0", "cuda")])
+    with pytest.raises(DeviceError, match="ranks 0, 1 on host n1 all use GPU GPU-0"):
+        devices.select_device()

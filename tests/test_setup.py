@@ -10,7 +10,8 @@ SETUP = ROOT / "cluster" / "setup.sh"
 
 
 def run_setup(tmp_path, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHON": sys.executable, "HVD_BA_CACHE": str(tmp_path / "cache"), **env}
+    full_env = {**os.environ, "PYTHON": sys.executable, "HVD_BA_CACHE": str(tmp_path / "cache"), "HVD_BA_GPU": "0",
+                **env}
     return subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=600, env=full_env, cwd=tmp_path)
 
 
@@ -74,7 +75,7 @@ def detect(tmp_path, torch_cuda="13.0", torch_nccl="", has_gpu="1", **env):
     tools = tmp_path / "tools"  # the few commands the function uses, and no nvcc of this machine's
     if not tools.exists():
         tools.mkdir()
-        for name in ("sed", "ls", "dirname", "head", "mkdir", "ln"):
+        for name in ("sed", "ls", "dirname", "head", "mkdir", "ln", "readlink", "tr"):
             (tools / name).symlink_to(shutil.which(name))
     base["PATH"] = str(tools)
     if "PATH" in env:
@@ -118,7 +119,8 @@ def test_gpu_detect_refuses_a_cuda_of_another_major(tmp_path):
     got = detect(tmp_path, HVD_BA_GPU="1")
     assert got["rc"] == "1" and got["ops"] == ""
     assert "no CUDA 13.x toolkit found" in got["why"] and "(CUDA 12.4, torch needs 13.x)" in got["why"]
-    assert detect(tmp_path)["rc"] == "0"  # auto: a CPU build, the reason said
+    assert detect(tmp_path)["rc"] == "1"  # auto on a node with a GPU: stops with the reason too
+    assert detect(tmp_path, has_gpu="0")["rc"] == "0"  # auto without a GPU: the CPU build
 
 
 def test_gpu_detect_debian_nccl_and_login_node(tmp_path):
@@ -138,3 +140,23 @@ def test_gpu_detect_names_where_it_looked_for_nccl(tmp_path):
     assert got["rc"] == "1" and got["ops"] == ""
     assert "no NCCL found" in got["why"] and str(tmp_path / "nowhere") in got["why"]
     assert str(tmp_path / "sys/usr/include") in got["why"]
+
+
+def test_gpu_detect_real_layouts(tmp_path):
+    """A multi-line version.json under CUDA_PATH, a symlinked nvcc, an NCCL home with only
+    libnccl.so.2 (linked privately: Horovod's build links -lnccl), a bad HVD_BA_GPU value."""
+    home = tmp_path / "opt/cuda-13.0"
+    home.mkdir(parents=True)
+    (home / "version.json").write_text('{\n   "cuda" : {\n      "name" : "CUDA SDK",\n      "version" : "13.0.88"\n   }\n}\n')
+    nccl = fake_nccl(tmp_path / "opt/nccl")  # lib/libnccl.so.2 only
+    got = detect(tmp_path, CUDA_PATH=str(home), HOROVOD_NCCL_HOME=str(nccl))
+    assert (got["ops"], got["cuda"], got["nccl"]) == ("NCCL", str(home), str(tmp_path / "private"))
+    assert os.path.realpath(tmp_path / "private/lib/libnccl.so") == str(nccl / "lib/libnccl.so.2")
+    real = fake_cuda(tmp_path / "apps/cuda/13.0.1", "13.0")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/nvcc").symlink_to(real / "bin/nvcc")  # a module's shim folder
+    fake_nccl(real, lib="lib64", name="libnccl.so")
+    got = detect(tmp_path, PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    assert (got["ops"], got["cuda"], got["nccl"]) == ("NCCL", str(real), str(real))
+    got = detect(tmp_path, HVD_BA_GPU="yes")
+    assert got["rc"] == "1" and "choose auto, 1 or 0" in got["why"]
