@@ -169,17 +169,21 @@ def remove_stale_temporaries(folder: Path, dead_only: bool = False) -> list[Path
 
 # -------------------------------------------------------------------------------------- records
 
-def append_record(path: str | Path, record: dict) -> None:
-    """One JSON record as one whole line, flushed."""
-    line = (json.dumps(record) + "\n").encode()
+def _append(path: str | Path, data: bytes) -> None:
+    """One write of whole lines at the end of `path`, flushed (the crash hook may cut it in half)."""
     try:
         with open(path, "ab") as f:
-            _op("write", path, partial=lambda: (f.write(line[:len(line) // 2]), f.flush()))
-            f.write(line)
+            _op("write", path, partial=lambda: (f.write(data[:len(data) // 2]), f.flush()))
+            f.write(data)
             f.flush()
     except OSError as err:
         _check_space(err, path)
         raise
+
+
+def append_record(path: str | Path, record: dict) -> None:
+    """One JSON record as one whole line, flushed."""
+    _append(path, (json.dumps(record) + "\n").encode())
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -268,12 +272,4 @@ def append_csv(path: str | Path, record: dict, columns) -> None:
     if not path.exists():
         writer.writeheader()
     writer.writerow(record)
-    data = buffer.getvalue().encode()
-    try:
-        with open(path, "ab") as f:
-            _op("write", path, partial=lambda: (f.write(data[:len(data) // 2]), f.flush()))
-            f.write(data)
-            f.flush()
-    except OSError as err:
-        _check_space(err, path)
-        raise
+    _append(path, buffer.getvalue().encode())
