@@ -86,8 +86,9 @@ class Meter:
     def totals(self) -> torch.Tensor:
         """Every sum on the host (reads the device sums: a synchronisation)."""
         totals = self.host.clone()
+        on_host = self.on_device.cpu()  # one transfer for all device sums
         for i, k in enumerate(self.DEVICE_KEYS):
-            totals[self.KEYS.index(k)] += self.on_device[i].item() if self.on_device.is_cuda else self.on_device[i]
+            totals[self.KEYS.index(k)] += on_host[i]
         return totals
 
     @totals.setter

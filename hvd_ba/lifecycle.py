@@ -66,10 +66,6 @@ def install_stop_handlers() -> StopRequest:
     return _stop
 
 
-def stop_request() -> StopRequest:
-    return install_stop_handlers()
-
-
 def pause_point(phase: str) -> None:
     """Test hook: with HVD_BA_PAUSE_AT=<phase> (and HVD_BA_PAUSE_RANK, default any), print a line
     and wait there up to 60 s, so a test can signal a rank at a known moment of its start-up."""
