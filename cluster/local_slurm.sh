@@ -1,26 +1,39 @@
 #!/bin/bash
-# A real Slurm on this one machine, for the tests of slurm/ and for trying the sbatch scripts:
+# A private Slurm on this one machine, for the tests of slurm/ and for trying the sbatch scripts:
 # Debian's slurm-wlm + munge, one slurmctld and two slurmd daemons that emulate the nodes n1 and
-# n2 (each with its own port, spool, log and TmpFS; both are this host, 127.0.0.1).
+# n2, configured the way production sites are: tasks bound to cores (TaskPlugin=task/affinity,
+# SelectTypeParameters=CR_Core).
 #
 #   bash cluster/local_slurm.sh start    install what is missing, configure, start (idempotent)
-#   bash cluster/local_slurm.sh stop     stop the daemons
-#   bash cluster/local_slurm.sh status   sinfo
+#   bash cluster/local_slurm.sh stop     stop the daemons this script started (by their pid files)
+#   bash cluster/local_slurm.sh status   sinfo of the private Slurm
+#   eval "$(bash cluster/local_slurm.sh env)"   point sbatch/srun/squeue of this shell at it
 #
-# Needs root (apt, /etc/slurm, daemons). What one machine cannot emulate: separate disks, network
-# links and failures per node; the two "nodes" share CPUs, memory, /tmp and the file system.
+# Everything lives in one private folder, HVD_BA_SLURM_DIR (default /var/lib/hvd_ba-slurm):
+# slurm.conf (commands find it through SLURM_CONF, daemons through -f), state, spool, logs, pid
+# files, the emulated nodes' TmpFS, and a private munged with its own key and socket. Its ports
+# (HVD_BA_SLURM_PORT, default 16817, and the two after it) are not Slurm's default 6817. Nothing is
+# written to /etc/slurm, /etc/munge or /etc/hosts, and no daemon is stopped by name: the names
+# n1 and n2 resolve to 127.0.0.1 inside a private mount namespace in which the daemons (and so
+# every job step) see a private copy of /etc/hosts. It refuses to start (exit 3, naming the
+# process) where a slurmctld or slurmd that it did not start runs: a host with a real Slurm is
+# left alone.
+#
+# Needs root (apt, slurmd runs jobs as their users). What one machine cannot emulate: separate
+# disks, network links and failures per node; the two "nodes" share CPUs, memory and file systems.
 set -euo pipefail
 
 action=${1:-start}
-CPUS_PER_NODE=${HVD_BA_SLURM_CPUS:-2}   # declared per emulated node (the machine's cores are shared)
+CPUS_PER_NODE=${HVD_BA_SLURM_CPUS:-2}   # per emulated node: both bind to the machine's first cores
 MEM_PER_NODE=${HVD_BA_SLURM_MEM_MB:-4000}
-CONF=/etc/slurm/slurm.conf
+DIR=${HVD_BA_SLURM_DIR:-/var/lib/hvd_ba-slurm}
+PORT=${HVD_BA_SLURM_PORT:-16817}
+CONF=$DIR/slurm.conf
 NODES="n1 n2"
+FOREIGN=3   # exit status: another Slurm runs on this host; nothing started
 
 say() { echo "local_slurm: $*"; }
-die() { echo "local_slurm: error: $*" >&2; exit 1; }
-
-[ "$(id -u)" = 0 ] || die "needs root (installs slurm-wlm and munge, writes /etc/slurm, starts daemons)"
+die() { echo "local_slurm: error: $*" >&2; exit "${2:-1}"; }
 
 install() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
@@ -29,46 +42,111 @@ install() {
     say "installing slurm-wlm and munge (apt)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
+    # The packages' own services are not started (policy-rc.d): only our private daemons run.
+    local policy=/usr/sbin/policy-rc.d created=0
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; created=1; fi
     apt-get install -y -qq slurm-wlm munge >/dev/null
+    [ "$created" = 1 ] && rm -f "$policy"
+    return 0
 }
 
-start_munge() {
-    if [ ! -s /etc/munge/munge.key ]; then
-        mkdir -p /etc/munge
-        dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
-    fi
-    chown munge:munge /etc/munge/munge.key 2>/dev/null || true
-    chmod 400 /etc/munge/munge.key
-    mkdir -p /run/munge /var/log/munge /var/lib/munge
-    chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
-    if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-        runuser -u munge -- /usr/sbin/munged --force
-        for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
-        munge -n | unmunge >/dev/null || die "munged did not start (see /var/log/munge/munged.log)"
-    fi
+# --- processes ---------------------------------------------------------------------------------
+
+pid_files() { echo "$DIR/run/munged.pid $DIR/run/slurmctld.pid $DIR/run/slurmd-n1.pid $DIR/run/slurmd-n2.pid"; }
+
+# our_pid FILE NAME: the pid in FILE when that process runs and is NAME (a recycled pid is not ours).
+our_pid() {
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(tr -dc 0-9 < "$1")
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && echo "$pid"
 }
+
+ours() {
+    local f name
+    for f in $(pid_files); do
+        name=$(basename "$f" .pid); name=${name%%-*}
+        our_pid "$f" "$name" || true
+    done
+}
+
+# Slurm daemons on this host that this script did not start.
+foreign() {
+    local mine pid
+    mine=" $(ours | tr '\n' ' ') "
+    for pid in $(pgrep -x slurmctld; pgrep -x slurmd; pgrep -x slurmdbd); do
+        case "$mine" in *" $pid "*) continue ;; esac
+        [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ] && continue  # exited, not reaped
+        echo "$pid $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)"
+    done
+}
+
+running() { [ -n "$(our_pid "$DIR/run/$1.pid" "${1%%-*}")" ]; }
+
+stop() {
+    local f name pid pids=()
+    for f in $(pid_files); do
+        name=$(basename "$f" .pid); name=${name%%-*}
+        if pid=$(our_pid "$f" "$name"); then kill "$pid" 2>/dev/null || true; pids+=("$pid"); fi
+    done
+    for _ in $(seq 100); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    rm -f $(pid_files)
+}
+
+# --- configuration -----------------------------------------------------------------------------
+
+start_munge() {
+    local m=$DIR/munge
+    mkdir -p "$m"
+    chown munge:munge "$m"; chmod 755 "$m"
+    if [ ! -s "$m/munge.key" ]; then
+        dd if=/dev/urandom bs=1 count=1024 of="$m/munge.key" status=none
+    fi
+    chown munge:munge "$m/munge.key"; chmod 400 "$m/munge.key"
+    running munged && return 0
+    touch "$DIR/run/munged.pid"; chown munge:munge "$DIR/run/munged.pid"
+    runuser -u munge -- /usr/sbin/munged --force --socket="$m/munge.socket" --key-file="$m/munge.key" \
+        --pid-file="$DIR/run/munged.pid" --log-file="$m/munged.log" --seed-file="$m/munged.seed"
+    for _ in $(seq 50); do munge -S "$m/munge.socket" -n 2>/dev/null | unmunge -S "$m/munge.socket" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    die "the private munged did not start (see $DIR/munge/munged.log)"
+}
+
+# Tasks are bound as sites bind them: task/affinity sets each task's CPU mask, task/cgroup puts
+# each step in a cpuset of its allocated cores (a task cannot widen its mask beyond them). Both
+# work in this container (cgroup v1 cpuset, measured); HVD_BA_SLURM_TASK_PLUGIN=task/affinity
+# leaves cgroups out where they do not.
+TASK_PLUGIN=${HVD_BA_SLURM_TASK_PLUGIN:-task/affinity,task/cgroup}
 
 write_conf() {
     local host; host=$(hostname -s)
-    mkdir -p /etc/slurm /var/spool/slurmctld /var/log/slurm
-    for n in $NODES; do mkdir -p "/var/spool/slurmd/$n" "/tmp/slurm-$n"; done
-    local new; new=$(mktemp)
+    mkdir -p "$DIR/state" "$DIR/log" "$DIR/run"
+    for n in $NODES; do mkdir -p "$DIR/spool/$n" "$DIR/tmp/$n"; done
+    chmod 1777 "$DIR/tmp"/*
+    local new; new=$(mktemp "$DIR/slurm.conf.XXXXXX")
     cat > "$new" <<EOF
-# Written by hvd_ba cluster/local_slurm.sh: two emulated nodes on one host.
+# Written by hvd_ba cluster/local_slurm.sh: a private Slurm, two emulated nodes on one host.
 ClusterName=hvdba
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 AuthType=auth/munge
+AuthInfo=socket=$DIR/munge/munge.socket
+CredType=cred/munge
 SlurmUser=root
-SlurmctldPort=6817
-StateSaveLocation=/var/spool/slurmctld
-SlurmctldPidFile=/var/run/slurmctld.pid
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdSpoolDir=/var/spool/slurmd/%n
-SlurmdPidFile=/var/run/slurmd-%n.pid
-SlurmdLogFile=/var/log/slurm/slurmd-%n.log
-TmpFS=/tmp/slurm-%n
+SlurmctldPort=$PORT
+StateSaveLocation=$DIR/state
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdSpoolDir=$DIR/spool/%n
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+TmpFS=$DIR/tmp/%n
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=$TASK_PLUGIN
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
@@ -79,45 +157,45 @@ JobRequeue=1
 SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=$CPUS_PER_NODE RealMemory=$MEM_PER_NODE State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=$CPUS_PER_NODE RealMemory=$MEM_PER_NODE State=UNKNOWN
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 1)) CPUs=$CPUS_PER_NODE CoresPerSocket=$CPUS_PER_NODE ThreadsPerCore=1 RealMemory=$MEM_PER_NODE State=UNKNOWN
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=$CPUS_PER_NODE CoresPerSocket=$CPUS_PER_NODE ThreadsPerCore=1 RealMemory=$MEM_PER_NODE State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 EOF
+    printf 'CgroupPlugin=cgroup/v1\nCgroupAutomount=yes\nConstrainCores=yes\n' > "$DIR/cgroup.conf"
     if [ -f "$CONF" ] && cmp -s "$new" "$CONF"; then rm -f "$new"; return 1; fi
     mv "$new" "$CONF"; chmod 644 "$CONF"
     return 0
 }
 
-hosts_entries() {
-    # horovodrun and mpirun resolve the node names they are given.
-    for n in $NODES; do
-        grep -qE "^[0-9.]+[[:space:]].*\b$n\b" /etc/hosts || echo "127.0.0.1 $n" >> /etc/hosts
-    done
-}
-
-running() { pgrep -x "$1" >/dev/null 2>&1; }
-
-stop() {
-    pkill -x slurmd 2>/dev/null || true
-    pkill -x slurmctld 2>/dev/null || true
-    for _ in $(seq 50); do running slurmd || running slurmctld || break; sleep 0.1; done
+# The daemons run in a mount namespace of their own where /etc/hosts is a private copy that also
+# names n1 and n2 (horovodrun and mpirun resolve the node names they are given).
+start_daemons() {
+    { cat /etc/hosts; for n in $NODES; do echo "127.0.0.1 $n"; done; } > "$DIR/hosts"
+    local cmd="mount --make-rprivate / 2>/dev/null; mount --bind '$DIR/hosts' /etc/hosts || exit 1"
+    running slurmctld || cmd+="; slurmctld -f '$CONF'"
+    for n in $NODES; do running "slurmd-$n" || cmd+="; slurmd -f '$CONF' -N $n"; done
+    unshare --mount --propagation private bash -c "$cmd" || die "could not start the daemons (logs: $DIR/log/)"
 }
 
 start() {
+    [ "$(id -u)" = 0 ] || die "needs root (installs slurm-wlm and munge, starts daemons that run jobs)"
     install
+    local others; others=$(foreign)
+    if [ -n "$others" ]; then
+        die "a Slurm not started by this script runs on this host; not starting a second one:
+$others" "$FOREIGN"
+    fi
+    mkdir -p "$DIR/run" "$DIR/log"; chmod 755 "$DIR"
     start_munge
-    hosts_entries
     if write_conf; then
         say "wrote $CONF"
-        stop
+        running slurmctld && { say "configuration changed: restarting the daemons"; stop; start_munge; }
     fi
-    running slurmctld || slurmctld
-    for n in $NODES; do
-        pgrep -f "slurmd -N $n\$" >/dev/null || slurmd -N "$n"
-    done
+    export SLURM_CONF=$CONF
+    start_daemons
     for _ in $(seq 100); do
         if [ "$(sinfo -h -o '%t' -p debug 2>/dev/null | sort -u | tr -d '\n')" = idle ]; then
-            say "up: $(sinfo -h -o '%P %D nodes %N %t' -p debug)"
+            say "up: $(sinfo -h -o '%P %D nodes %N %t' -p debug) (SLURM_CONF=$CONF)"
             return 0
         fi
         # Nodes left down by an earlier run come back with an explicit resume.
@@ -125,12 +203,15 @@ start() {
         sleep 0.3
     done
     sinfo >&2 || true
-    die "nodes did not become idle (logs: /var/log/slurm/)"
+    die "nodes did not become idle (logs: $DIR/log/)"
 }
 
 case "$action" in
     start) start ;;
     stop) stop; say "stopped" ;;
-    status) sinfo ;;
-    *) die "unknown action '$action' (start, stop or status)" ;;
+    status) SLURM_CONF=$CONF sinfo ;;
+    env) echo "export SLURM_CONF='$CONF'" ;;
+    owned) ours ;;                 # pids of the daemons this script started
+    foreign) foreign ;;            # Slurm daemons on this host that it did not start
+    *) die "unknown action '$action' (start, stop, status, env, owned or foreign)" ;;
 esac

@@ -184,6 +184,28 @@ def cmd_hosts(args) -> int:
     return 0
 
 
+def parser_settings() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hvd_ba settings",
+        description="Split a SETTINGS string (slurm/job.sh) into its key=value overrides, one per NUL-terminated "
+                    "word: quotes honoured, nothing globbed, a bracketed value such as 'augment.scale=[0.25, 1.0]' "
+                    "kept whole.")
+    p.add_argument("text", help="the SETTINGS string")
+    return p
+
+
+def cmd_settings(args) -> int:
+    from hvd_ba import cluster
+
+    try:
+        words = cluster.settings_words(args.text)
+    except ValueError as err:
+        print(f"hvd_ba settings: error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write("".join(f"{w}\0" for w in words))
+    return 0
+
+
 def parser_stage() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hvd_ba stage",
@@ -194,8 +216,12 @@ def parser_stage() -> argparse.ArgumentParser:
     p.add_argument("--dest", default=None, help="node-local folder, e.g. $SLURM_TMPDIR/imagenet "
                                                 "(default: config key data.local_path)")
     p.add_argument("--threads", type=int, default=8, help="copy threads per rank (default: 8)")
-    p.add_argument("--verify", action="store_true",
-                   help="re-hash files already present against the last stage record instead of trusting their size")
+    p.add_argument("--trust-size", action="store_true",
+                   help="trust a file already present when its size is the manifest's (fast; only for a folder nobody "
+                        "else can write). Default: trust it only when it hashes as this rank's last stage record says")
+    p.add_argument("--remove", action="store_true",
+                   help="remove the node-local folder (once per node, at the job's end) instead of staging; refused "
+                        "unless it is this user's private folder")
     return p
 
 
@@ -323,6 +349,7 @@ COMMANDS = {
     "make-data": (parser_make_data, cmd_make_data, "write the synthetic ImageNet-layout JPEG dataset"),
     "plan": (parser_plan, cmd_plan, "print the derived figures of a config on N ranks, without training"),
     "hosts": (parser_hosts, cmd_hosts, "expand a Slurm host list into horovodrun's -H or an MPI hostfile"),
+    "settings": (parser_settings, cmd_settings, "split a SETTINGS string into --set overrides (slurm/job.sh)"),
     "stage": (parser_stage, cmd_stage, "copy each rank's static shard to node-local disk (once per job)"),
     "analyze": (parser_analyze, cmd_analyze, "lambda_max of batch Hessians, gradient variance against M"),
     "plot": (parser_plot, cmd_plot, "PNG plots of runs (curves, lambda tracks) and of analyses"),

@@ -10,9 +10,11 @@ against many forms.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
+import shlex
 
 
 class HostListError(ValueError):
@@ -131,13 +133,167 @@ def mpi_hostfile(host_slots: list[tuple[str, int]]) -> str:
     return "".join(f"{h} slots={n}\n" for h, n in host_slots)
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process was started: by which launcher, as which rank of how many, and as which
+    of how many ranks on its node (local_rank / local_size are None where the launcher does not say)."""
+    launcher: str  # horovodrun | mpirun | mpi (another MPI's PMI) | srun | alone
+    rank: int
+    world: int
+    local_rank: int | None
+    local_size: int | None
+
+    @property
+    def mpi(self) -> bool:
+        """Started by an MPI launcher (mpirun, or srun with a PMI plugin): MPI may be initialised."""
+        return self.pmi or self.launcher in ("mpirun", "mpi")
+
+    pmi: bool = False
+
+
+def _int(env, key) -> int | None:
+    value = env.get(key)
+    return int(value) if value not in (None, "") else None
+
+
+def _slurm_local_size(env) -> int | None:
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE ('2(x2)') at SLURM_NODEID."""
+    text, node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"), _int(env, "SLURM_NODEID")
+    if not text:
+        return None
+    counts = expand_tasks_per_node(text)
+    return counts[node] if node is not None and node < len(counts) else counts[0]
+
+
+def launch_info(env=None) -> Launch:
+    """The one place that reads the launchers' variables. The order matters: ranks that mpirun
+    forks inherit its daemon's srun task variables (SLURM_PROCID, SLURM_LOCALID of the node's one
+    daemon), and horovodrun's ranks those of the batch step, so the launcher that started the
+    process directly is asked first: horovodrun (HOROVOD_*), Open MPI's mpirun (OMPI_COMM_WORLD_*),
+    another MPI (PMI_RANK / PMI_SIZE, MPI_LOCALRANKID), srun (SLURM_PROCID of a job step)."""
+    env = os.environ if env is None else env
+    pmi = any(k in env for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"))  # an MPI launch
+    if "HOROVOD_RANK" in env and "HOROVOD_SIZE" in env:
+        return Launch("horovodrun", int(env["HOROVOD_RANK"]), int(env["HOROVOD_SIZE"]),
+                      _int(env, "HOROVOD_LOCAL_RANK"), _int(env, "HOROVOD_LOCAL_SIZE"), pmi)
+    if "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        return Launch("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                      _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"), True)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+        world = _int(env, "SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS")
+        return Launch("srun", int(env["SLURM_PROCID"]), world, _int(env, "SLURM_LOCALID"), _slurm_local_size(env), pmi)
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return Launch("mpi", int(env["PMI_RANK"]), int(env["PMI_SIZE"]), _int(env, "MPI_LOCALRANKID"),
+                      _int(env, "MPI_LOCALNRANKS"), True)
+    return Launch("alone", 0, 1, 0, 1, pmi)
+
+
 def launch_rank() -> tuple[int, int]:
-    """(rank, world) of this process as its launcher set them, without initialising Horovod:
-    horovodrun (HOROVOD_RANK), Open MPI's mpirun (OMPI_COMM_WORLD_RANK), PMIx (PMIX_RANK with
-    the size from mpi4py), srun (SLURM_PROCID / SLURM_NTASKS); (0, 1) when started alone."""
-    env = os.environ
-    for rank_key, size_key in (("HOROVOD_RANK", "HOROVOD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                               ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_key in env and size_key in env:
-            return int(env[rank_key]), int(env[size_key])
-    return 0, 1
+    """(rank, world) of this process as its launcher set them, without initialising Horovod."""
+    info = launch_info()
+    return info.rank, info.world
+
+
+# ------------------------------------------------------------------------------------ cores
+
+
+def cores_per_task(env=None) -> int | None:
+    """The cores Slurm allocated to each task (--cpus-per-task), inside a Slurm job; else None."""
+    env = os.environ if env is None else env
+    return _int(env, "SLURM_CPUS_PER_TASK") if "SLURM_JOB_ID" in env else None
+
+
+def rank_share(mask: list[int], local_rank: int, local_size: int, per_task: int | None) -> list[int] | None:
+    """The cores this rank should keep when its affinity mask holds the cores of every rank of its
+    node (a launcher that does not bind: horovodrun, mpirun with --bind-to none, ranks started over
+    ssh): its local rank's slice of `per_task` cores (Slurm's --cpus-per-task), or of an equal part
+    of the mask. None: keep the mask (it is this rank's share already, or smaller than one)."""
+    mask = sorted(mask)
+    share = per_task or len(mask) // max(1, local_size)
+    if share < 1 or len(mask) <= share or local_rank >= local_size or len(mask) < local_size * share:
+        return None
+    return mask[local_rank * share:(local_rank + 1) * share]
+
+
+def bind_rank(setting: str, launch: Launch | None = None) -> tuple[list[int], list[int]]:
+    """run.bind: with `auto`, narrow this process's CPU mask to its share (rank_share); call before
+    any thread starts (Horovod's, torch's, the loader workers inherit the mask). Returns the mask
+    (before, after)."""
+    before = sorted(os.sched_getaffinity(0))
+    if setting != "auto":
+        return before, before
+    launch = launch or launch_info()
+    share = rank_share(before, launch.local_rank or 0, launch.local_size or 1, cores_per_task())
+    if share is not None:
+        try:
+            os.sched_setaffinity(0, share)
+        except OSError:
+            pass  # a cpuset that does not allow it: keep what the launcher gave
+    return before, sorted(os.sched_getaffinity(0))
+
+
+def loader_split(cores: int, threads: int, workers: int | None, gpu: bool) -> tuple[int, int]:
+    """(torch threads, loader workers) of a rank with `cores` cores. threads 0 / workers None:
+    derived from the cores: on a GPU the workers decode and augment while the rank's one thread
+    feeds the device (workers = cores - 1); on CPUs the model's threads need most cores (workers =
+    a quarter, at least one where there are two cores), threads take the rest."""
+    if workers is None:
+        workers = 0 if cores < 2 else (cores - 1 if gpu else max(1, cores // 4))
+        if threads:
+            workers = min(workers, max(0, cores - threads))
+    threads = threads or max(1, cores - workers)
+    return threads, workers
+
+
+def oversubscribed(rank: int, host: str, mask: list[int], threads: int, workers: int,
+                   per_task: int | None = None) -> str | None:
+    """One warning line for a rank whose threads + loader workers exceed its cores, or that has
+    fewer cores than Slurm allocated per task; None when it fits."""
+    cores = len(mask)
+    problems = []
+    if per_task and cores < per_task:
+        problems.append(f"its CPU mask holds {cores} of the {per_task} cores Slurm allocated per task "
+                        "(SLURM_CPUS_PER_TASK; srun needs --cpus-per-task or SRUN_CPUS_PER_TASK since Slurm 22.05)")
+    if threads + workers > cores:
+        problems.append(f"run.threads {threads} + data.workers {workers} exceed its {cores} cores, so they contend "
+                        "(lower them, or ask for more cores per task)")
+    if not problems:
+        return None
+    return f"hvd_ba: warning: rank {rank} on host {host} (cores {compact(mask)}): " + "; ".join(problems)
+
+
+def compact(cores: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (the form of /proc's Cpus_allowed_list)."""
+    parts, cores = [], sorted(cores)
+    i = 0
+    while i < len(cores):
+        j = i
+        while j + 1 < len(cores) and cores[j + 1] == cores[j] + 1:
+            j += 1
+        parts.append(str(cores[i]) if i == j else f"{cores[i]}-{cores[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def settings_words(text: str) -> list[str]:
+    """The `key=value` overrides of a SETTINGS string (slurm/job.sh): words split as a shell would
+    split them, quotes honoured, but never globbed, and a value's brackets kept whole, so
+    `augment.scale=[0.25, 1.0]` is one override. Raises ValueError naming a word that is no
+    override or a bracket that is never closed."""
+    try:
+        tokens = shlex.split(text or "", comments=False, posix=True)
+    except ValueError as err:
+        raise ValueError(f"SETTINGS {text!r}: {err}") from None
+    words, current = [], None
+    for token in tokens:
+        current = token if current is None else f"{current} {token}"
+        if current.count("[") + current.count("{") > current.count("]") + current.count("}"):
+            continue  # a list or mapping value that a space split: join the next word
+        words.append(current)
+        current = None
+    if current is not None:
+        raise ValueError(f"SETTINGS: {current!r} opens a '[' or '{{' that is never closed")
+    for word in words:
+        if "=" not in word or word.startswith("="):
+            raise ValueError(f"SETTINGS: {word!r} is not a section.key=value override")
+    return words

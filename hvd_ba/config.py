@@ -32,7 +32,9 @@ class DataConfig:
     layout: str = "copy-major"  # copy-major: each group of B holds one copy of B distinct images
     shard: str = "global"  # global: a fresh (seed, epoch) split each epoch; static: each rank owns a part for the run
     manifest_dir: str | None = "~/.cache/hvd_ba/manifests"  # cached file index of each split; None: list every start
-    workers: int = 4  # loader worker processes per rank
+    # loader worker processes per rank; None: derived from the cores the rank has (its CPU mask):
+    # on a GPU all but one, on CPUs a quarter (at least one from two cores); see cluster.loader_split
+    workers: int | None = None
     # Loader worker start method. auto: forkserver on a GPU node launched through MPI (forking after
     # MPI/UCX and CUDA initialised is unsafe: horovod #489), else fork (the fastest); or name one.
     worker_start: str = "auto"
@@ -108,7 +110,10 @@ class RunConfig:
     seed: int = 0
     log_every: int = 20  # steps between progress lines / steps.jsonl records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    threads: int = 0  # torch intra-op threads per rank; 0: $SLURM_CPUS_PER_TASK, else cores / local ranks
+    threads: int = 0  # torch intra-op threads per rank; 0: the rank's cores (its CPU mask) less its loader workers
+    # auto: a rank whose CPU mask holds the cores of all its node's ranks (horovodrun, mpirun, ranks
+    # started over ssh) keeps its local rank's share (--cpus-per-task under Slurm); none: as launched
+    bind: str = "auto"
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
     resume: str | None = None  # auto: the newest valid checkpoint of out_dir (fresh start if none); or a file
     # A fresh start in an out_dir that holds a run is refused; true: move that run aside to
@@ -293,6 +298,7 @@ LAYOUTS = ("copy-major", "sample-major")
 SHARDS = ("global", "static")
 AUGMENT_KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
 WORKER_STARTS = ("auto", "fork", "forkserver", "spawn")
+BINDS = ("auto", "none")
 GHOST_IMPLS = ("split", "accumulate")
 SCHEDULES = ("step", "cosine")
 AMPS = ("off", "bf16", "fp16")
@@ -310,7 +316,7 @@ def validate(cfg: Config) -> None:
     _require(d.unique_batch >= 1, "data.unique_batch", f"must be >= 1, got {d.unique_batch}")
     _require(d.layout in LAYOUTS, "data.layout", f"must be one of {LAYOUTS}, got {d.layout!r}")
     _require(d.shard in SHARDS, "data.shard", f"must be one of {SHARDS}, got {d.shard!r}")
-    _require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    _require(d.workers is None or d.workers >= 0, "data.workers", f"must be >= 0 or null (derived from the cores), got {d.workers}")
     _require(d.worker_start in WORKER_STARTS, "data.worker_start", f"must be one of {WORKER_STARTS}")
     _require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
     _require(d.eval_batch >= 1, "data.eval_batch", f"must be >= 1, got {d.eval_batch}")
@@ -360,6 +366,7 @@ def validate(cfg: Config) -> None:
     _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
     _require(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
     _require(r.threads >= 0, "run.threads", f"must be >= 0, got {r.threads}")
+    _require(r.bind in BINDS, "run.bind", f"must be one of {BINDS}, got {r.bind!r}")
     _require(r.track_lambda_every is None or r.track_lambda_every >= 1, "run.track_lambda_every",
              f"must be >= 1 or null, got {r.track_lambda_every}")
     _require(r.track_lambda_batches >= 1, "run.track_lambda_batches", f"must be >= 1, got {r.track_lambda_batches}")

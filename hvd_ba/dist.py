@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from hvd_ba.cluster import Launch, launch_info
+
 _hvd = None
 
 
@@ -20,6 +22,7 @@ def init(stall_timeout: float | None = None) -> None:
     (rank 0 listing a large folder while the others wait is legitimately long); during training
     the ranks' own watchdogs (hvd_ba/lifecycle.py) end a stall first and name its cause."""
     global _hvd
+    launch = launch_info()  # read before MPI starts: it may add variables of its own
     if stall_timeout is not None:
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60.0, stall_timeout)))))
         os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(max(3600.0, 4 * stall_timeout))))
@@ -27,19 +30,24 @@ def init(stall_timeout: float | None = None) -> None:
 
     hvd.init()
     _hvd = hvd
-    _check_local_rank()
+    problem = local_rank_problem(launch, hvd.rank(), hvd.local_rank())
+    if problem:
+        raise RuntimeError(problem)
 
 
-def _check_local_rank() -> None:
-    # hvd.local_rank() can be wrong with mixed MPI installs (horovod #515, #3949): cross-check
-    # against Slurm's own view when srun launched us.
-    slurm_local = os.environ.get("SLURM_LOCALID")
-    if slurm_local is not None and os.environ.get("SLURM_STEP_ID") is not None:
-        if int(slurm_local) != _hvd.local_rank():
-            raise RuntimeError(
-                f"rank {_hvd.rank()}: Horovod local rank {_hvd.local_rank()} != SLURM_LOCALID "
-                f"{slurm_local}; Horovod and srun disagree (mixed MPI installs?)"
-            )
+LOCAL_RANK_VARIABLE = {"srun": "SLURM_LOCALID", "mpirun": "OMPI_COMM_WORLD_LOCAL_RANK", "mpi": "MPI_LOCALRANKID",
+                       "horovodrun": "HOROVOD_LOCAL_RANK"}
+
+
+def local_rank_problem(launch: Launch, rank: int, local_rank: int) -> str | None:
+    """hvd.local_rank() can be wrong with mixed MPI installs (horovod #515, #3949): it is checked
+    against the local rank of the launcher that started this process (not against SLURM_LOCALID
+    alone: the ranks that mpirun forks inherit its daemon's srun task variables)."""
+    if launch.local_rank is None or launch.launcher == "alone" or launch.local_rank == local_rank:
+        return None
+    return (f"rank {rank}: Horovod local rank {local_rank} != {LOCAL_RANK_VARIABLE[launch.launcher]} "
+            f"{launch.local_rank} of {launch.launcher}, the launcher that started it; Horovod and "
+            f"{launch.launcher} disagree (mixed MPI installs?)")
 
 
 def rank() -> int:

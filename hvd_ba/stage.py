@@ -6,8 +6,13 @@ will read: its static training shard (ShardSampler.owned) and its evaluation fil
 one node copy disjoint sets, each with a pool of threads. A file already present with the size
 the manifest records is skipped (a requeued job stages nothing again); a copied file is hashed
 while it is read from the shared file system and again as written, and the two must agree.
-Each rank leaves a record (file names, sizes, SHA-256) in DEST/.hvd_ba-stage/; `--verify`
-re-hashes present files against it instead of trusting their size.
+Each rank leaves a record (file names, sizes, SHA-256) in DEST/.hvd_ba-stage/; a file already
+present is trusted only when it hashes as that record says (`--trust-size`: when its size is right).
+
+Node-local disks are shared with other users (/tmp), so DEST must be this user's private folder:
+created with mode 0700, refused when it exists with another owner, with wider permissions, or as
+a symlink (never followed); temporary files are opened with O_EXCL | O_NOFOLLOW. `--remove`
+deletes it at the job's end under the same checks.
 
 Under an MPI launcher (srun --mpi=pmix, mpirun) mpi4py coordinates: rank 0 lists the dataset
 first and prints the job's totals. Training with data.local_path=DEST then opens images there
@@ -15,15 +20,19 @@ only, and each rank checks before its first step that its files are all present.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
+import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hvd_ba.cluster import launch_rank
+from hvd_ba.cluster import launch_info, launch_rank
 from hvd_ba.config import ConfigError, load_config
 from hvd_ba.data.manifest import FileIndex, load_index
 from hvd_ba.data.pipeline import eval_files, train_sampler
@@ -51,13 +60,64 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class UnsafeFolder(OSError):
+    """A node-local folder that another user could have written: the message names it."""
+
+
+def private_dir(path: Path, create: bool = True) -> Path:
+    """`path` as this user's private folder: made with mode 0700 when missing (its parents as
+    usual); refused (UnsafeFolder) when it is a symlink, not a folder, owned by another user or
+    open to group or others. Nothing is read from a refused folder."""
+    path = Path(path)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass  # another rank of this node made it, or an earlier attempt: checked below
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise UnsafeFolder(errno.ENOENT, f"node-local folder '{path}' does not exist") from None
+    host = socket.gethostname()
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeFolder(errno.EPERM, f"node-local folder '{path}' on host {host} is a symlink (to "
+                           f"'{os.readlink(path)}'): not followed; remove it or choose another LOCAL_DATA")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeFolder(errno.ENOTDIR, f"node-local folder '{path}' on host {host} is not a folder")
+    if st.st_uid != os.geteuid():
+        raise UnsafeFolder(errno.EPERM, f"node-local folder '{path}' on host {host} is owned by {_user(st.st_uid)}, "
+                           f"not by you ({_user(os.geteuid())}): nothing is read from it; choose another LOCAL_DATA")
+    if st.st_mode & 0o077:
+        raise UnsafeFolder(errno.EPERM, f"node-local folder '{path}' on host {host} has mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}: other users could plant files in it; it must be 0700 "
+                           f"(chmod 700 it if it is yours, or choose another LOCAL_DATA)")
+    return path
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def _create_excl(path: Path):
+    """A new file opened for writing: O_EXCL (never an existing file) and O_NOFOLLOW (never
+    through a symlink), mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    return os.fdopen(fd, "wb")
+
+
 def copy_verified(src: Path, dst: Path, size: int) -> str:
     """Copy src to dst through a temporary name; returns the SHA-256. Raises OSError when the
     source's size is not the manifest's or the written file does not hash as what was read."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     h = hashlib.sha256()
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+    with open(src, "rb") as fin, _create_excl(tmp) as fout:
         while chunk := fin.read(CHUNK_BYTES):
             h.update(chunk)
             fout.write(chunk)
@@ -74,14 +134,20 @@ def copy_verified(src: Path, dst: Path, size: int) -> str:
     return digest
 
 
-def stage_rank(source: Path, dest: Path, files: list[tuple[str, int]], threads: int, verify: bool,
+def stage_rank(source: Path, dest: Path, files: list[tuple[str, int]], threads: int, trust_size: bool,
                previous: dict) -> dict:
-    """Copy the files missing from dest; returns the rank's counts and its SHA-256 record."""
+    """Copy the files missing from dest, and those present that do not hash as this rank's last
+    record says (or, with trust_size, that have another size); returns the rank's counts and its
+    SHA-256 record."""
     def one(item):
         rel, size = item
         src, dst = source / rel, dest / rel
-        if dst.is_file() and dst.stat().st_size == size:
-            if not verify:
+        try:
+            st = os.lstat(dst)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size:
+            if trust_size:
                 return rel, previous.get(rel), False
             if previous.get(rel) and file_sha256(dst) == previous[rel]:
                 return rel, previous[rel], False
@@ -100,7 +166,7 @@ def stage_rank(source: Path, dest: Path, files: list[tuple[str, int]], threads: 
 def check_staged(local: str | Path, files: list[tuple[str, int]], rank: int, world: int) -> None:
     """Training's check before its first step: every file of this rank is in the local copy
     with the size the manifest records."""
-    local = Path(local)
+    local = private_dir(Path(local), create=False)
     missing = [rel for rel, size in files if not ((local / rel).is_file() and (local / rel).stat().st_size == size)]
     if missing:
         raise FileNotFoundError(
@@ -111,11 +177,21 @@ def check_staged(local: str | Path, files: list[tuple[str, int]], rank: int, wor
 
 def _mpi_comm():
     """COMM_WORLD when an MPI launcher started this process, else None (no MPI initialised)."""
-    if not any(key in os.environ for key in ("PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+    if not launch_info().mpi:
         return None
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
+
+
+def remove_private(dest: Path) -> bool:
+    """Remove this user's private node-local folder (the checks of private_dir first); False when
+    there is none."""
+    if not os.path.lexists(dest):
+        return False
+    private_dir(dest, create=False)
+    shutil.rmtree(dest)
+    return True
 
 
 def run_stage(args) -> int:
@@ -123,6 +199,13 @@ def run_stage(args) -> int:
     dest = args.dest or cfg.data.local_path
     if not dest:
         raise ConfigError("stage: give --dest DIR (or config key 'data.local_path'): the node-local folder")
+    if args.remove:
+        try:
+            removed = remove_private(Path(dest))
+        except OSError as err:
+            raise FileNotFoundError(f"stage --remove: {err.strerror or err}") from None
+        print(f"stage: {'removed' if removed else 'nothing to remove at'} {dest} on {socket.gethostname()}", flush=True)
+        return 0
     if cfg.data.path is None:
         raise ConfigError("config key 'data.path': not set (the shared ImageNet-layout root)")
     comm = _mpi_comm()
@@ -140,16 +223,21 @@ def run_stage(args) -> int:
     if comm is not None and rank == 0:
         comm.Barrier()
     files = rank_files(cfg, *indexes, rank, world)
+    try:
+        private_dir(dest)
+    except OSError as err:
+        raise FileNotFoundError(f"stage: rank {rank}: {err.strerror}") from None
     record_path = dest / RECORD_DIR / f"rank{rank}-of{world}.json"
     previous = json.loads(record_path.read_text())["sha256"] if record_path.is_file() else {}
     try:
-        done = stage_rank(source, dest, files, args.threads, args.verify, previous)
+        done = stage_rank(source, dest, files, args.threads, args.trust_size, previous)
     except OSError as err:
         raise FileNotFoundError(f"stage: rank {rank} on host {host}: {err}") from None
     record_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"source": str(source.resolve()), "rank": rank, "world": world, "seed": cfg.run.seed,
-                               "host": host, **done}))
+    with _create_excl(tmp) as f:
+        f.write(json.dumps({"source": str(source.resolve()), "rank": rank, "world": world, "seed": cfg.run.seed,
+                            "host": host, **done}).encode())
     os.replace(tmp, record_path)
     mb_s = done["copied_bytes"] / 1e6 / max(done["seconds"], 1e-9)
     print(f"stage: rank {rank} of {world} on {host}: {done['files']} files ({done['bytes'] / 1e6:.1f} MB), "

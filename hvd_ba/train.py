@@ -24,6 +24,7 @@ import torch
 from hvd_ba import dist, fsio
 from hvd_ba.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
                                save_checkpoint)
+from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, oversubscribed
 from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.devices import select_device
@@ -513,14 +514,32 @@ class Run:
     val_loader: object
     threads: int
     num_classes: int
+    workers: int
+    cores: list[int]
+
+
+def cpu_budget(cfg: Config, device: torch.device) -> tuple[int, int, list[int]]:
+    """(threads, loader workers, cores) of this rank, from the cores its CPU mask holds (after
+    run.bind); each rank whose threads + workers exceed them, or that has fewer cores than Slurm
+    allocated per task, says so once; rank 0 lists every rank's cores."""
+    mask = sorted(os.sched_getaffinity(0))
+    threads, workers = loader_split(len(mask), cfg.run.threads, cfg.data.workers, device.type == "cuda")
+    host = socket.gethostname()
+    warning = oversubscribed(dist.rank(), host, mask, threads, workers, cores_per_task())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    everyone = dist.allgather_object((host, compact(mask), threads, workers), name="cores")
+    log.info("hvd_ba: cores per rank: %s", "; ".join(
+        f"rank {r} {h} cores {c} ({t} threads, {w} workers)" for r, (h, c, t, w) in enumerate(everyone)))
+    return threads, workers, mask
 
 
 def build_run(cfg: Config) -> Run:
     rank, world = dist.rank(), dist.size()
-    threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(
-        1, (os.cpu_count() or 1) // dist.local_size())
-    torch.set_num_threads(threads)
     device = select_device()
+    threads, workers, cores = cpu_budget(cfg, device)
+    torch.set_num_threads(threads)
+    loaders_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=workers))
     train_index, val_index = load_indexes(cfg)
     digest = index_digest(train_index)
     if cfg.data.local_path:
@@ -540,12 +559,12 @@ def build_run(cfg: Config) -> Run:
         train_index = dataclasses.replace(train_index, root=str(local / "train"))
         val_index = dataclasses.replace(val_index, root=str(local / "val"))
     num_classes = cfg.model.num_classes or len(train_index.classes)
-    train_loader = make_train_loader(train_index, cfg, rank, world)
-    val_loader = make_eval_loader(val_index, cfg, rank, world)
+    train_loader = make_train_loader(train_index, loaders_cfg, rank, world)
+    val_loader = make_eval_loader(val_index, loaders_cfg, rank, world)
     state = build_state(cfg, num_classes, device, world, len(train_loader))
     state.plan = run_plan(cfg, world, state.steps_per_epoch, len(train_index), digest, state.peak_lr)
     model = state.model._orig_mod if cfg.run.compile else state.model
-    return Run(state, model, train_index, val_index, train_loader, val_loader, threads, num_classes)
+    return Run(state, model, train_index, val_index, train_loader, val_loader, threads, num_classes, workers, cores)
 
 
 def announce(cfg: Config, run: Run, out: Path) -> None:
@@ -623,6 +642,19 @@ def train_epochs(cfg: Config, run: Run, out: Path, placement: Placement, stop: S
     return metrics, stopped
 
 
+def loader_worker_cores() -> list[list[int]]:
+    """The CPU mask of each live loader worker of this rank (they inherit the rank's)."""
+    import multiprocessing
+
+    masks = []
+    for child in multiprocessing.active_children():
+        try:
+            masks.append(sorted(os.sched_getaffinity(child.pid)))
+        except OSError:
+            pass
+    return masks
+
+
 def finish(cfg: Config, run: Run, out: Path, metrics: dict, t_start: float) -> dict:
     """model.pt (rank 0), rank<r>.json (every rank) and result.json (rank 0, last)."""
     state, model, rank, world = run.state, run.model, dist.rank(), dist.size()
@@ -633,7 +665,9 @@ def finish(cfg: Config, run: Run, out: Path, metrics: dict, t_start: float) -> d
     rank_record = {"rank": rank, "world": world, "steps": state.step, "run_id": state.run_id,
                    "param_sha256": state_digest(dict(model.named_parameters())),
                    "state_sha256": state_digest(model.state_dict()),
-                   "grad_scale": float(state.scaler.get_scale()) if state.scaler is not None else None}
+                   "grad_scale": float(state.scaler.get_scale()) if state.scaler is not None else None,
+                   "host": socket.gethostname(), "cores": run.cores, "threads": run.threads, "workers": run.workers,
+                   "worker_cores": loader_worker_cores()}
     if cfg.run.record_reads:
         rank_record["reads"] = {str(e): v for e, v in state.reads.items()}
     fsio.atomic_json(out / f"rank{rank}.json", rank_record)
@@ -673,6 +707,7 @@ def run_training(cfg: Config) -> dict:
     """build -> resume -> train -> finish, on every rank."""
     stop = install_stop_handlers()
     t_start = time.time()
+    bind_rank(cfg.run.bind)  # before any thread starts: Horovod's, torch's and the loaders' inherit it
     dist.init(stall_timeout=cfg.run.stall_timeout)
     setup_logging()
     pause_point("init")

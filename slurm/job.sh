@@ -6,8 +6,15 @@
 #   OUT         run directory on the shared file system (checkpoints, metrics, logs/)
 #   LAUNCHER    srun | horovodrun | mpirun
 #   STAGE       1: copy each rank's static shard to LOCAL_DATA first (python -m hvd_ba stage)
-#   LOCAL_DATA  node-local folder for STAGE=1; expanded on each task, so '$SLURMD_NODENAME' works
-#   SETTINGS    extra `--set` overrides, e.g. "data.workers=6 run.amp=bf16"
+#   LOCAL_DATA  node-local folder for STAGE=1; expanded on each task, so '$SLURMD_NODENAME' works.
+#               Default: a private folder of this job under the node's $TMPDIR (or /tmp), created
+#               mode 0700 by the staging step (refused if another user owns it or it is wider or
+#               a symlink) and removed at the end of each attempt unless KEEP_LOCAL_DATA=1
+#   STAGE_VERIFY hash (default): a file already staged is trusted only after its SHA-256 matches
+#               the dataset's; size: trust the size (faster, for a folder only you can write)
+#   SETTINGS    extra `--set` overrides, e.g. "data.workers=6 run.amp=bf16"; split as the shell
+#               splits words (quote a value with spaces) but never globbed, and a bracketed value
+#               stays whole: SETTINGS="augment.scale=[0.25, 1.0] run.amp=bf16"
 #   PYTHON      the interpreter of the environment (default: python on PATH)
 # and calls `run_job "$@"`: the sbatch command line's extra arguments are more overrides.
 #
@@ -26,11 +33,15 @@ DISK_FULL=74  # the run folder is full or read-only: requeueing would only fail 
 job_log() { echo "[hvd_ba job $(date +%H:%M:%S)] $*"; }
 
 launch_command() {
-    # launch_command <python args...>: sets CMD to start one process per Slurm task with LAUNCHER.
+    # launch_command <python args...>: sets CMD to start one process per Slurm task with LAUNCHER,
+    # each with the cores Slurm allocated to a task (--cpus-per-task).
     local np=${SLURM_NTASKS:?not inside a Slurm allocation (SLURM_NTASKS is unset)}
+    local per_task=${SLURM_CPUS_PER_TASK:-1}
     case "$LAUNCHER" in
         srun)
-            CMD=(srun --mpi=pmix --kill-on-bad-exit=1 "$PYTHON" "$@") ;;
+            # Since Slurm 22.05 srun does not take --cpus-per-task from the allocation: without it
+            # (and with SLURM_EXACT=1 or --exact, as many sites set) each rank gets one core.
+            CMD=(srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task="$per_task" "$PYTHON" "$@") ;;
         horovodrun)
             local hosts
             hosts=$("$PYTHON" -m hvd_ba hosts --np "$np") || return 2
@@ -39,9 +50,13 @@ launch_command() {
         mpirun)
             local root_flag=()
             [ "$(id -u)" = 0 ] && root_flag=(--allow-run-as-root)
-            # Inside an allocation Open MPI reads the nodes from Slurm and starts its daemons with srun.
-            CMD=(mpirun -np "$np" "${root_flag[@]}" --bind-to none --map-by slot -x PATH -x LD_LIBRARY_PATH
-                 "$PYTHON" "$@") ;;
+            # Inside an allocation Open MPI reads the nodes from Slurm and starts one daemon per node
+            # with srun; that step gets the cores of all the node's tasks (else one core, under
+            # SLURM_EXACT), and each rank keeps its local rank's share (run.bind=auto, hvd_ba/cluster.py).
+            local per_node
+            per_node=$(echo "${SLURM_TASKS_PER_NODE:-1}" | tr ',' '\n' | sed 's/(.*//' | sort -n | tail -1)
+            CMD=(mpirun -np "$np" "${root_flag[@]}" --mca plm_slurm_args "--cpus-per-task=$((per_node * per_task))"
+                 --bind-to none --map-by slot -x PATH -x LD_LIBRARY_PATH "$PYTHON" "$@") ;;
         *)
             job_log "error: LAUNCHER='$LAUNCHER' (choose srun, horovodrun or mpirun)"; return 2 ;;
     esac

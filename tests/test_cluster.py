@@ -1,11 +1,13 @@
 """Slurm host lists and tasks per node, as horovodrun and mpirun need them."""
+import os
 import re
 
 import pytest
 
 from conftest import run_cli
 from hvd_ba.cluster import (HostListError, check_tasks, expand_hostlist, expand_tasks_per_node, horovod_hosts,
-                            launch_rank, mpi_hostfile, slots)
+                            launch_rank, mpi_hostfile, slots, Launch, launch_info, rank_share,
+                            loader_split, oversubscribed, compact, settings_words)
 
 
 @pytest.mark.parametrize("text, hosts", [
@@ -87,16 +89,105 @@ def test_hosts_command_reads_the_slurm_environment(monkeypatch):
     assert r.returncode == 2 and "hvd_ba hosts: error: host list 'n[1-': '[' is never closed" in r.stderr
 
 
+# The variables each launcher left in a rank's environment, as measured on the local Slurm with
+# 2 nodes x 2 tasks (cluster-realities.md): ranks that mpirun forks inherit its node daemon's srun
+# task (SLURM_PROCID = node index, SLURM_LOCALID 0), horovodrun's ranks the batch step's.
+SRUN_RANK_3 = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+               "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_NODEID": "1", "PMIX_RANK": "3",
+               "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+MPIRUN_RANK_3 = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "1",
+                 "SLURM_STEP_NUM_TASKS": "2", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+                 "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "PMIX_RANK": "3"}
+HOROVODRUN_RANK_3 = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "HOROVOD_RANK": "3",
+                     "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2"}
+
+
 @pytest.mark.parametrize("env, expected", [
-    ({"HOROVOD_RANK": "3", "HOROVOD_SIZE": "4"}, (3, 4)),
-    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, (1, 2)),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}, (5, 8)),
-    ({}, (0, 1)),
+    (HOROVODRUN_RANK_3, Launch("horovodrun", 3, 4, 1, 2)),
+    (MPIRUN_RANK_3, Launch("mpirun", 3, 4, 1, 2, pmi=True)),
+    (SRUN_RANK_3, Launch("srun", 3, 4, 1, 2, pmi=True)),
+    ({**SRUN_RANK_3, "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "3,1"}, Launch("srun", 3, 4, 1, 3, pmi=True)),
+    ({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4"}, Launch("mpi", 5, 8, 1, 4, True)),
+    # A process the batch script starts itself (no job step, no launcher): alone.
+    ({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, Launch("alone", 0, 1, 0, 1)),
+    ({}, Launch("alone", 0, 1, 0, 1)),
 ])
-def test_launch_rank_reads_the_launchers_variables(monkeypatch, env, expected):
-    for key in ("HOROVOD_RANK", "HOROVOD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK",
-                "PMI_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
+def test_launch_info_asks_the_launcher_that_started_the_process(env, expected):
+    assert launch_info(env) == expected
+    assert launch_info(env).mpi == (expected.launcher in ("mpirun", "mpi") or "PMIX_RANK" in env)
+
+
+def test_launch_rank_is_launch_infos_rank_and_world(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("HOROVOD_", "OMPI_", "PMI", "SLURM_", "MPI_")):
+            monkeypatch.delenv(key)
+    for key, value in MPIRUN_RANK_3.items():
         monkeypatch.setenv(key, value)
-    assert launch_rank() == expected
+    assert launch_rank() == (3, 4)
+
+
+@pytest.mark.parametrize("env, horovod_local_rank, problem", [
+    # The measured failure: mpirun's second rank on a node, whose inherited SLURM_LOCALID is 0.
+    (MPIRUN_RANK_3, 1, None),
+    (MPIRUN_RANK_3, 0, "rank 3: Horovod local rank 0 != OMPI_COMM_WORLD_LOCAL_RANK 1 of mpirun"),
+    (SRUN_RANK_3, 1, None),
+    (SRUN_RANK_3, 0, "rank 3: Horovod local rank 0 != SLURM_LOCALID 1 of srun"),
+    (HOROVODRUN_RANK_3, 1, None),
+    ({}, 0, None),
+])
+def test_horovods_local_rank_is_checked_against_the_launcher_that_started_the_rank(env, horovod_local_rank, problem):
+    from hvd_ba.dist import local_rank_problem
+
+    found = local_rank_problem(launch_info(env), 3, horovod_local_rank)
+    assert (found is None) if problem is None else (found is not None and found.startswith(problem))
+
+
+@pytest.mark.parametrize("mask, local_rank, local_size, per_task, share", [
+    ([0, 1], 0, 2, 1, [0]),            # horovodrun / mpirun --bind-to none, 2 ranks x 1 core
+    ([0, 1], 1, 2, 1, [1]),
+    ([0, 1, 2, 3, 4, 5, 6, 7], 2, 4, 2, [4, 5]),
+    ([0, 1, 2, 3], 1, 2, None, [2, 3]),  # no Slurm: an equal part of the mask
+    ([4, 5], 0, 1, 2, None),           # srun with -c: the mask is the share already
+    ([0], 0, 1, 2, None),              # srun --exact without -c: one core of two; cannot widen
+    ([0, 1], 1, 2, 2, None),           # the mask cannot hold every local rank's share: left alone
+    ([0, 1, 2], 0, 1, None, None),     # alone: keeps all
+])
+def test_rank_share(mask, local_rank, local_size, per_task, share):
+    assert rank_share(mask, local_rank, local_size, per_task) == share
+
+
+@pytest.mark.parametrize("cores, threads, workers, gpu, split", [
+    (1, 0, None, False, (1, 0)),
+    (2, 0, None, False, (1, 1)),
+    (8, 0, None, False, (6, 2)),
+    (8, 0, None, True, (1, 7)),
+    (2, 2, None, False, (2, 0)),   # threads given: workers get what is left
+    (4, 0, 3, False, (1, 3)),      # workers given: threads get what is left
+    (1, 1, 1, False, (1, 1)),      # both given: kept (and warned about)
+])
+def test_threads_and_workers_derive_from_the_cores(cores, threads, workers, gpu, split):
+    assert loader_split(cores, threads, workers, gpu) == split
+
+
+def test_a_rank_short_of_cores_gets_one_warning_line():
+    assert oversubscribed(0, "n1", [0, 1], 1, 1, 2) is None
+    line = oversubscribed(3, "n2", [0], 1, 1, 2)
+    assert line.startswith("hvd_ba: warning: rank 3 on host n2 (cores 0): ")
+    assert "its CPU mask holds 1 of the 2 cores Slurm allocated per task" in line
+    assert "run.threads 1 + data.workers 1 exceed its 1 cores" in line and "\n" not in line
+    assert compact([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_settings_words_keep_brackets_and_never_glob(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.x=1").write_text("")  # a file a glob of 'data.*' would find
+    text = "data.workers=1 augment.scale=[0.25, 1.0] 'run.out_dir=/a b/c' data.*=1 model.x={a: 1, b: [2, 3]}"
+    assert settings_words(text) == ["data.workers=1", "augment.scale=[0.25, 1.0]", "run.out_dir=/a b/c", "data.*=1",
+                                    "model.x={a: 1, b: [2, 3]}"]
+    for bad, says in (("augment.scale=[0.25, 1.0", "never closed"), ("data.workers", "not a section.key=value"),
+                      ("'a=1", "No closing quotation")):
+        with pytest.raises(ValueError, match=says):
+            settings_words(bad)
+    r = run_cli("settings", text)
+    assert r.returncode == 0 and r.stdout.split("\0")[:-1] == settings_words(text)

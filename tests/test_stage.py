@@ -2,6 +2,7 @@
 data.local_path reads only the copy and refuses to start when a rank's files are missing."""
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 
@@ -60,17 +61,106 @@ def test_each_rank_stages_its_own_files_once_and_verified(shared, tmp_path):
     again = stage(shared, dest, 0)  # a requeued job: nothing to copy
     assert again.returncode == 0 and " 0 copied" in again.stdout, again.stdout
 
-    # A same-size corruption passes the size check but not --verify; a truncated file is recopied.
+    # A same-size corruption passes --trust-size but not the default hash check; a truncated file
+    # is recopied either way.
     rel0, rel1 = files[0][0][0], files[0][1][0]
     data = bytearray((dest / rel0).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (dest / rel0).write_bytes(bytes(data))
     (dest / rel1).write_bytes((dest / rel1).read_bytes()[:100])
-    plain = stage(shared, dest, 0)
-    assert " 1 copied" in plain.stdout and sha256(dest / rel1) == sha256(shared / rel1)
+    trusted = stage(shared, dest, 0, 2, "--trust-size")
+    assert " 1 copied" in trusted.stdout and sha256(dest / rel1) == sha256(shared / rel1)
     assert sha256(dest / rel0) != sha256(shared / rel0)
-    verified = stage(shared, dest, 0, 2, "--verify")
-    assert " 1 copied" in verified.stdout and sha256(dest / rel0) == sha256(shared / rel0)
+    hashed = stage(shared, dest, 0)
+    assert " 1 copied" in hashed.stdout and sha256(dest / rel0) == sha256(shared / rel0)
+
+
+def test_the_node_local_folder_is_private(shared, tmp_path):
+    dest = tmp_path / "local"
+    assert stage(shared, dest, 0).returncode == 0
+    assert (dest.stat().st_mode & 0o777) == 0o700 and dest.stat().st_uid == os.geteuid()
+    temporaries = [p for p in dest.rglob("*.tmp")]
+    assert not temporaries  # every temporary became its file
+
+
+def test_a_planted_file_of_the_right_size_is_replaced(shared, tmp_path):
+    """Files already in the folder, with no record of this rank that vouches for them (another
+    job's leftovers, or planted), are hashed against nothing and so recopied."""
+    dest = tmp_path / "local"
+    dest.mkdir(mode=0o700)
+    files = expected_files(shared, 0)
+    for rel, size in files[:5]:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(b"\xff" * size)
+    r = stage(shared, dest, 0)
+    assert r.returncode == 0 and f"{len(files)} copied" in r.stdout, r.stdout + r.stderr
+    for rel, _ in files[:5]:
+        assert sha256(dest / rel) == sha256(shared / rel)
+
+
+def _other_user():
+    import pwd
+
+    for name in ("nobody", "daemon", "munge"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    pytest.skip("no second user account on this machine")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting a folder owned by another user needs root")
+def test_a_folder_another_user_owns_is_refused_and_not_read(shared, tmp_path):
+    other = _other_user()
+    dest = tmp_path / "local"
+    dest.mkdir(mode=0o700)
+    files = expected_files(shared, 0)
+    rel, size = files[0]
+    (dest / rel).parent.mkdir(parents=True)
+    (dest / rel).write_bytes(b"\0" * size)  # a poisoned image, the right size
+    for path in [dest, *dest.rglob("*")]:
+        os.chown(path, other.pw_uid, other.pw_gid)
+    r = stage(shared, dest, 0)
+    assert r.returncode == 2, r.stdout
+    assert f"node-local folder '{dest}'" in r.stderr and f"owned by user {other.pw_name} (uid {other.pw_uid})" in r.stderr
+    assert (dest / rel).read_bytes() == b"\0" * size and not (dest / RECORD_DIR).exists()  # nothing written
+    # Training pointed at it directly is refused as well, before any step.
+    out = tmp_path / "run"
+    cmd = train_command("gloo", shared, out, settings=[*RUN, f"data.local_path={dest}"])
+    t = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert t.returncode != 0 and f"owned by user {other.pw_name}" in t.stdout + t.stderr
+    assert not (out / "steps.jsonl").exists()
+
+
+def test_a_folder_open_to_others_and_a_symlink_are_refused(shared, tmp_path):
+    dest = tmp_path / "local"
+    dest.mkdir(mode=0o755)
+    dest.chmod(0o755)
+    r = stage(shared, dest, 0)
+    assert r.returncode == 2 and "has mode 0755: other users could plant files in it" in r.stderr
+    assert not any(dest.iterdir())
+
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    r = stage(shared, link, 0)
+    assert r.returncode == 2 and f"node-local folder '{link}'" in r.stderr and "is a symlink" in r.stderr
+    assert not any(target.iterdir())  # not followed
+
+    removed = run_cli("stage", "--config", "demo", "--dest", str(link), "--remove", "--set", f"data.path={shared}",
+                      *STATIC)
+    assert removed.returncode == 2 and "is a symlink" in removed.stderr and target.is_dir() and link.is_symlink()
+
+
+def test_remove_deletes_only_a_private_folder(shared, tmp_path):
+    dest = tmp_path / "local"
+    assert stage(shared, dest, 0).returncode == 0
+    r = run_cli("stage", "--config", "demo", "--dest", str(dest), "--remove", "--set", f"data.path={shared}", *STATIC)
+    assert r.returncode == 0 and "removed" in r.stdout and not dest.exists()
+    again = run_cli("stage", "--config", "demo", "--dest", str(dest), "--remove", "--set", f"data.path={shared}",
+                    *STATIC)
+    assert again.returncode == 0 and "nothing to remove" in again.stdout
 
 
 def test_staging_needs_static_shards_and_a_destination(shared, tmp_path):

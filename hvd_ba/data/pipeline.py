@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hvd_ba.cluster import launch_info, loader_split
 from hvd_ba.data.device_augment import canvas_copies, collate_canvases
 from hvd_ba.data.manifest import FileIndex
 from hvd_ba.data.transforms import TrainPreset, eval_image, image_rng, make_copies
@@ -309,9 +310,6 @@ def _kill_workers_at_exit() -> None:
 
 _exit_hook_registered = False
 
-MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-
-
 def worker_start_method(setting: str, cuda: bool | None = None, env=None) -> str:
     """data.worker_start; `auto`: forkserver on a GPU node launched through MPI (forking after
     MPI/UCX and CUDA initialised is unsafe over some interconnects: horovod #489, pytorch #13787),
@@ -320,12 +318,14 @@ def worker_start_method(setting: str, cuda: bool | None = None, env=None) -> str
         return setting
     cuda = torch.cuda.is_available() if cuda is None else cuda
     env = os.environ if env is None else env
-    return "forkserver" if cuda and any(k in env for k in MPI_LAUNCH_VARIABLES) else "fork"
+    return "forkserver" if cuda and launch_info(env).mpi else "fork"
 
 
 def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:
     global _exit_hook_registered
     workers = d.workers
+    if workers is None:  # not resolved by the caller: from this process's cores
+        workers = loader_split(len(os.sched_getaffinity(0)), 0, None, torch.cuda.is_available())[1]
     if workers and not _exit_hook_registered:
         atexit.register(_kill_workers_at_exit)
         _exit_hook_registered = True
