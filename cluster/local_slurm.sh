@@ -33,7 +33,7 @@ NODES="n1 n2"
 FOREIGN=3   # exit status: another Slurm runs on this host; nothing started
 
 say() { echo "local_slurm: $*"; }
-die() { echo "local_slurm: error: $*" >&2; exit "${2:-1}"; }
+die() { echo "local_slurm: error: $1" >&2; exit "${2:-1}"; }
 
 install() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
@@ -167,21 +167,33 @@ EOF
     return 0
 }
 
-# The daemons run in a mount namespace of their own where /etc/hosts is a private copy that also
-# names n1 and n2 (horovodrun and mpirun resolve the node names they are given).
+# Each daemon runs in namespaces of its own: a mount namespace where /etc/hosts is a private copy
+# that also names n1 and n2 (horovodrun and mpirun resolve the node names they are given), and
+# for each slurmd a UTS namespace whose host name is its node's, so that every task sees the
+# host name of its node, as on separate machines (Open MPI names its shared-memory segments and
+# session folders by host name: with one name for both nodes, 2 ranks per node collided and
+# crashed in btl/vader).
 start_daemons() {
     { cat /etc/hosts; for n in $NODES; do echo "127.0.0.1 $n"; done; } > "$DIR/hosts"
-    local cmd="mount --make-rprivate / 2>/dev/null; mount --bind '$DIR/hosts' /etc/hosts || exit 1"
-    running slurmctld || cmd+="; slurmctld -f '$CONF'"
-    for n in $NODES; do running "slurmd-$n" || cmd+="; slurmd -f '$CONF' -N $n"; done
-    unshare --mount --propagation private bash -c "$cmd" || die "could not start the daemons (logs: $DIR/log/)"
+    local private="mount --make-rprivate / 2>/dev/null; mount --bind '$DIR/hosts' /etc/hosts || exit 1"
+    if ! running slurmctld; then
+        unshare --mount --propagation private bash -c "$private; slurmctld -f '$CONF'" \
+            || die "slurmctld did not start (log: $DIR/log/slurmctld.log)"
+    fi
+    for n in $NODES; do
+        running "slurmd-$n" && continue
+        unshare --mount --uts --propagation private bash -c "$private; hostname $n; slurmd -f '$CONF' -N $n" \
+            || die "slurmd -N $n did not start (log: $DIR/log/slurmd-$n.log)"
+    done
 }
 
 start() {
     [ "$(id -u)" = 0 ] || die "needs root (installs slurm-wlm and munge, starts daemons that run jobs)"
     install
     local others; others=$(foreign)
-    if [ -n "$others" ]; then
+    # Ours, all running already: a no-op whatever else runs. Otherwise nothing starts beside a
+    # Slurm that this script did not start.
+    if [ -n "$others" ] && ! { running munged && running slurmctld && running slurmd-n1 && running slurmd-n2; }; then
         die "a Slurm not started by this script runs on this host; not starting a second one:
 $others" "$FOREIGN"
     fi

@@ -204,19 +204,27 @@ def cores_per_task(env=None) -> int | None:
 
 
 def rank_share(mask: list[int], local_rank: int, local_size: int, per_task: int | None) -> list[int] | None:
-    """The cores this rank should keep when its affinity mask holds the cores of every rank of its
-    node (a launcher that does not bind: horovodrun, mpirun with --bind-to none, ranks started over
-    ssh): its local rank's slice of `per_task` cores (Slurm's --cpus-per-task), or of an equal part
-    of the mask. None: keep the mask (it is this rank's share already, or smaller than one)."""
+    """The cores a rank should keep when Slurm allocated `per_task` cores to each task
+    (--cpus-per-task) but the rank's CPU mask holds those of every rank of its node (a launcher
+    that does not bind: horovodrun, mpirun with --bind-to none): its local rank's slice of the
+    mask. None: keep the mask (it is the rank's share already, or smaller than every rank's
+    share, or no allocation is known: outside Slurm the mask is left as the launcher set it)."""
     mask = sorted(mask)
-    share = per_task or len(mask) // max(1, local_size)
-    if share < 1 or len(mask) <= share or local_rank >= local_size or len(mask) < local_size * share:
+    if not per_task or local_rank >= local_size or len(mask) <= per_task or len(mask) < local_size * per_task:
         return None
-    return mask[local_rank * share:(local_rank + 1) * share]
+    return mask[local_rank * per_task:(local_rank + 1) * per_task]
+
+
+def rank_cores(mask: list[int], local_size: int, per_task: int | None) -> int:
+    """The cores a rank may count on: its mask's, or outside Slurm, where ranks of a node share
+    one mask unbound, an equal part of it."""
+    if per_task or local_size <= 1:
+        return len(mask)
+    return max(1, len(mask) // local_size)
 
 
 def bind_rank(setting: str, launch: Launch | None = None) -> tuple[list[int], list[int]]:
-    """run.bind: with `auto`, narrow this process's CPU mask to its share (rank_share); call before
+    """run.bind: with `auto`, narrow this process's CPU mask to its Slurm share (rank_share); call before
     any thread starts (Horovod's, torch's, the loader workers inherit the mask). Returns the mask
     (before, after)."""
     before = sorted(os.sched_getaffinity(0))

@@ -110,9 +110,9 @@ class RunConfig:
     seed: int = 0
     log_every: int = 20  # steps between progress lines / steps.jsonl records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    threads: int = 0  # torch intra-op threads per rank; 0: the rank's cores (its CPU mask) less its loader workers
-    # auto: a rank whose CPU mask holds the cores of all its node's ranks (horovodrun, mpirun, ranks
-    # started over ssh) keeps its local rank's share (--cpus-per-task under Slurm); none: as launched
+    threads: int = 0  # torch intra-op threads per rank; 0: the rank's cores (CPU mask) less its loader workers
+    # auto: inside a Slurm job, a rank whose CPU mask holds the cores of all its node's ranks
+    # (horovodrun, mpirun --bind-to none) keeps its local rank's --cpus-per-task share; none: as launched
     bind: str = "auto"
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
     resume: str | None = None  # auto: the newest valid checkpoint of out_dir (fresh start if none); or a file
@@ -132,8 +132,9 @@ class RunConfig:
     # steps between the ranks' agreement on stop requests (preemption signals) and finite losses:
     # one small allreduce, a full synchronisation of the ranks, so not every step
     sync_every: int = 10
-    # A file whose appearance asks for a stop exactly as SIGUSR1 does (checked by rank 0 at each
-    # agreement): how a batch script reaches ranks that horovodrun or mpirun started on other nodes.
+    # A file whose appearance asks for a stop exactly as SIGUSR1 does (checked by local rank 0 of
+    # each node at each agreement; '$SLURMD_NODENAME' in it names a node's own file): how a batch
+    # script reaches ranks that horovodrun or mpirun started on other nodes.
     stop_file: str | None = None
     # Every N steps, lambda_max (top eigenvalue of the batch-averaged loss Hessian; hvd_ba/analyze.py)
     # of `track_lambda_batches` batches of each kind (plain B, BA B x M, plain M*B) at the current

@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 
+from hvd_ba.cluster import compact, cores_per_task, loader_split, rank_cores
+
 OK, WARN, FAIL = "ok", "WARN", "FAIL"
 
 
@@ -103,19 +105,20 @@ def cores() -> int:
 
 def check_cores():
     n, total = cores(), os.cpu_count() or 1
-    text = f"{n} of the node's {total} cores (affinity)"
-    if n == 1 and total > 1:
-        return WARN, text + ": one core for this rank and its loader workers; with srun give -c / SRUN_CPUS_PER_TASK"
+    per_task = cores_per_task()
+    text = f"{n} of the node's {total} cores (CPU mask {compact(sorted(os.sched_getaffinity(0)))})"
+    if per_task and n < per_task:
+        return WARN, (text + f": Slurm allocated {per_task} per task (SLURM_CPUS_PER_TASK); since Slurm 22.05 srun "
+                      "needs --cpus-per-task or SRUN_CPUS_PER_TASK to give them")
     return OK, text
 
 
-def check_budget(cfg, local_ranks: int):
-    """Threads and loader workers a config would use against this rank's cores."""
-    n = cores()
-    threads = cfg.run.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, n // local_ranks)
-    workers = cfg.data.workers
+def check_budget(cfg, local_ranks: int, gpu: bool = False):
+    """Threads and loader workers a config would use against this rank's cores (as training derives them)."""
+    n = rank_cores(sorted(os.sched_getaffinity(0)), local_ranks, cores_per_task())
+    threads, workers = loader_split(n, cfg.run.threads, cfg.data.workers, gpu)
     text = f"run.threads {threads} + data.workers {workers} on {n} cores"
-    if threads + workers > n:
+    if threads + workers > cores():
         return WARN, text + ": more busy processes than cores, they will contend; lower data.workers or run.threads"
     return OK, text
 
@@ -128,7 +131,7 @@ def check_shm(cfg):
     free = st.f_bavail * st.f_frsize
     d, a = cfg.data, cfg.augment
     batch = d.copies * d.unique_batch * a.size * a.size * 3
-    in_flight = batch * max(1, d.workers) * d.prefetch
+    in_flight = batch * max(1, d.workers or 1) * d.prefetch
     text = f"/dev/shm {free / 2**30:.1f} GiB free; batches in flight {in_flight / 2**20:.0f} MiB per rank"
     if in_flight > free:
         return FAIL, text + ": loader workers will die with a bus error; lower data.workers or data.prefetch"

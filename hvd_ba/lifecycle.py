@@ -67,9 +67,13 @@ def install_stop_handlers() -> StopRequest:
 
 
 def pause_point(phase: str) -> None:
-    """Test hook: with HVD_BA_PAUSE_AT=<phase> (and HVD_BA_PAUSE_RANK, default any), print a line
+    """Test hook: with HVD_BA_PAUSE_AT=<phase> (and HVD_BA_PAUSE_RANK, default any;
+    HVD_BA_PAUSE_RESTART, a Slurm job's attempt, default every), print a line
     and wait there up to 60 s, so a test can signal a rank at a known moment of its start-up."""
     if os.environ.get("HVD_BA_PAUSE_AT") != phase:
+        return
+    attempt = os.environ.get("HVD_BA_PAUSE_RESTART")  # only in this attempt of a Slurm job
+    if attempt is not None and attempt != os.environ.get("SLURM_RESTART_COUNT", "0"):
         return
     wanted = os.environ.get("HVD_BA_PAUSE_RANK")
     from hvd_ba import dist

@@ -36,6 +36,7 @@ from hvd_ba.cluster import launch_info, launch_rank
 from hvd_ba.config import ConfigError, load_config
 from hvd_ba.data.manifest import FileIndex, load_index
 from hvd_ba.data.pipeline import eval_files, train_sampler
+from hvd_ba.lifecycle import pause_point
 
 RECORD_DIR = ".hvd_ba-stage"
 CHUNK_BYTES = 1 << 20
@@ -227,6 +228,7 @@ def run_stage(args) -> int:
         private_dir(dest)
     except OSError as err:
         raise FileNotFoundError(f"stage: rank {rank}: {err.strerror}") from None
+    pause_point("stage")
     record_path = dest / RECORD_DIR / f"rank{rank}-of{world}.json"
     previous = json.loads(record_path.read_text())["sha256"] if record_path.is_file() else {}
     try:

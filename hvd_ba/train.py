@@ -24,7 +24,7 @@ import torch
 from hvd_ba import dist, fsio
 from hvd_ba.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
                                save_checkpoint)
-from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, oversubscribed
+from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, oversubscribed, rank_cores
 from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.devices import select_device
@@ -476,8 +476,11 @@ class StepHooks:
         periodic = bool(r.checkpoint_every) and state.step % r.checkpoint_every == 0 and not epoch_end
         if not (state.step % r.sync_every == 0 or epoch_end or periodic):
             return False
-        if dist.is_primary() and r.stop_file and not self.stop.requested and os.path.exists(r.stop_file):
-            self.stop.requested, self.stop.signal_name = True, f"stop file {r.stop_file}"
+        # One rank per node looks (the path is expanded on each node: '$SLURMD_NODENAME' names a
+        # node's own file); the allreduce below makes any node's stop everyone's.
+        if dist.local_rank() == 0 and r.stop_file and not self.stop.requested and os.path.exists(r.stop_file):
+            self.stop.requested = True
+            self.stop.signal_name = f"stop file {r.stop_file} on host {socket.gethostname()}"
         bad = int(state.bad_step) if state.bad_step is not None else -1  # the device is read here only
         if self.first_bad_step is None and bad >= 0:
             self.first_bad_step = bad
@@ -523,7 +526,8 @@ def cpu_budget(cfg: Config, device: torch.device) -> tuple[int, int, list[int]]:
     run.bind); each rank whose threads + workers exceed them, or that has fewer cores than Slurm
     allocated per task, says so once; rank 0 lists every rank's cores."""
     mask = sorted(os.sched_getaffinity(0))
-    threads, workers = loader_split(len(mask), cfg.run.threads, cfg.data.workers, device.type == "cuda")
+    cores = rank_cores(mask, dist.local_size(), cores_per_task())
+    threads, workers = loader_split(cores, cfg.run.threads, cfg.data.workers, device.type == "cuda")
     host = socket.gethostname()
     warning = oversubscribed(dist.rank(), host, mask, threads, workers, cores_per_task())
     if warning:

@@ -62,69 +62,112 @@ launch_command() {
     esac
 }
 
+# run_step: runs CMD in the background, its output appended to the attempt's log, and waits for it;
+# sets `status` to the launcher's own exit status. A trapped signal ends `wait` early with 128+N
+# while the launcher goes on stopping the ranks: wait again for the real status (the ranks' 75).
+run_step() {
+    "${CMD[@]}" > >(tee -a "$attempt_log") 2>&1 &
+    pid=$!
+    while true; do
+        interrupted=0
+        wait "$pid"
+        status=$?
+        if [ "$interrupted" = 1 ] && [ "$status" -gt 128 ]; then continue; fi
+        break
+    done
+    pid=""
+}
+
+# remove_local_data: the node-local copies of this attempt, one task per node (each node's own
+# folder; refused unless it is this user's private folder), unless KEEP_LOCAL_DATA=1.
+remove_local_data() {
+    [ "$STAGE" = 1 ] && [ "${KEEP_LOCAL_DATA:-0}" != 1 ] || return 0
+    srun --ntasks-per-node=1 --nodes="$SLURM_JOB_NUM_NODES" --cpus-per-task=1 --kill-on-bad-exit=0 \
+        "$PYTHON" -m hvd_ba stage --remove --config "$CONFIG" --set "${sets[@]}" 2>&1 | tee -a "$attempt_log"
+}
+
 run_job() {
     set -u
     PYTHON=${PYTHON:-python}
     STAGE=${STAGE:-0}
     SETTINGS=${SETTINGS:-}
+    # A private folder of this job on each node's local disk (hvd_ba stage makes it 0700).
+    LOCAL_DATA=${LOCAL_DATA:-${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/hvd_ba-$(id -un)-$SLURM_JOB_ID}
     local restart=${SLURM_RESTART_COUNT:-0}
     local log_dir="$OUT/logs/job-${SLURM_JOB_ID}"
     mkdir -p "$log_dir" || { job_log "error: cannot create $log_dir (OUT='$OUT')"; return 2; }
-    local attempt_log="$log_dir/attempt-$restart.log"
+    attempt_log="$log_dir/attempt-$restart.log"
     local stop_file="$OUT/STOP"
     # A stop asked of a previous attempt is removed by rank 0 once it holds the run's lock (a second
     # job on the same OUT must not delete the first one's pending STOP).
 
-    local sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
-    if [ "$STAGE" = 1 ]; then sets+=(data.shard=static data.local_path="$LOCAL_DATA"); fi
-    # shellcheck disable=SC2206  # SETTINGS is a space-separated list of key=value words
-    sets+=($SETTINGS "$@")
+    # The signal traps come first: a preemption during the config check or the staging requeues too.
+    requeue_asked=0 stop_asked=0 pid="" interrupted=0 status=0
+    on_signal() {
+        # USR1 (Slurm's --signal, or scancel --signal=USR1 --batch): preemption, requeue after the
+        # checkpoint. TERM (scancel, or Slurm preempting with its own requeue): checkpoint only.
+        interrupted=1 stop_asked=1
+        [ "$1" = USR1 ] && requeue_asked=1
+        job_log "signal $1: asking the ranks to checkpoint and stop" | tee -a "$attempt_log"
+        touch "$stop_file"
+        if [ -n "$pid" ] && [ "$LAUNCHER" = srun ]; then kill -USR1 "$pid" 2>/dev/null; fi
+        return 0
+    }
+    trap 'on_signal USR1' USR1
+    trap 'on_signal TERM' TERM
+
+    sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
+    if [ "$STAGE" = 1 ]; then
+        sets+=(data.shard=static data.local_path="$LOCAL_DATA")
+        [ "${STAGE_VERIFY:-hash}" = size ] && stage_flags=(--trust-size) || stage_flags=()
+    fi
+    if [ -n "$SETTINGS" ]; then
+        # Split by Python (quotes honoured, nothing globbed, a bracketed value kept whole).
+        local words="$log_dir/attempt-$restart.settings"
+        "$PYTHON" -m hvd_ba settings "$SETTINGS" > "$words" \
+            || { job_log "error: SETTINGS='$SETTINGS' does not split into overrides; nothing launched" | tee -a "$attempt_log"; return 2; }
+        local settings=()
+        mapfile -d '' -t settings < "$words"
+        sets+=("${settings[@]}")
+    fi
+    sets+=("$@")
 
     {
         job_log "job $SLURM_JOB_ID attempt $restart ($SLURM_JOB_NAME): $SLURM_JOB_NUM_NODES nodes" \
-                "[$SLURM_JOB_NODELIST], tasks per node $SLURM_TASKS_PER_NODE, launcher $LAUNCHER"
-        job_log "config $CONFIG; overrides: ${sets[*]}"
+                "[$SLURM_JOB_NODELIST], tasks per node $SLURM_TASKS_PER_NODE, cpus per task ${SLURM_CPUS_PER_TASK:-1}," \
+                "launcher $LAUNCHER"
+        job_log "config $CONFIG; overrides:$(printf " '%s'" "${sets[@]}")"
         job_log "logs: $log_dir"
     } | tee -a "$attempt_log"
-    env | grep -E '^(SLURM|CUDA_VISIBLE|OMPI_|HOROVOD_|NCCL_)' | sort > "$log_dir/attempt-$restart.env"
+    env | grep -E '^(SLURM|SRUN|CUDA_VISIBLE|OMPI_|HOROVOD_|NCCL_)' | sort > "$log_dir/attempt-$restart.env"
 
     # The resolved config, printed before anything runs (and checked: a bad key fails here).
     "$PYTHON" -m hvd_ba plan --show-config --config "$CONFIG" --ranks "$SLURM_NTASKS" --set "${sets[@]}" 2>&1 \
         | tee -a "$attempt_log"
     [ "${PIPESTATUS[0]}" = 0 ] || { job_log "error: the config does not load; nothing launched"; return 2; }
 
-    if [ "$STAGE" = 1 ]; then
+    if [ "$STAGE" = 1 ] && [ "$stop_asked" = 0 ]; then
         job_log "staging static shards to $LOCAL_DATA" | tee -a "$attempt_log"
-        launch_command -m hvd_ba stage --config "$CONFIG" --set "${sets[@]}" || return 2
-        "${CMD[@]}" 2>&1 | tee -a "$attempt_log"
-        [ "${PIPESTATUS[0]}" = 0 ] || { job_log "error: staging failed; nothing trained" | tee -a "$attempt_log"; return 3; }
+        launch_command -m hvd_ba stage "${stage_flags[@]}" --config "$CONFIG" --set "${sets[@]}" || return 2
+        run_step
+        if [ "$status" != 0 ] && [ "$stop_asked" = 0 ]; then
+            job_log "error: staging failed (exit $status); nothing trained" | tee -a "$attempt_log"
+            remove_local_data
+            return 3
+        fi
     fi
 
-    local requeue_asked=0 pid
-    on_signal() {
-        # USR1 (Slurm's --signal, or scancel --signal=USR1 --batch): preemption, requeue after the
-        # checkpoint. TERM (scancel, or Slurm preempting with its own requeue): checkpoint only.
-        [ "$1" = USR1 ] && requeue_asked=1
-        job_log "signal $1: asking the ranks to checkpoint and stop" | tee -a "$attempt_log"
-        touch "$stop_file"
-        [ "$LAUNCHER" = srun ] && kill -USR1 "$pid" 2>/dev/null
-    }
-    trap 'on_signal USR1' USR1
-    trap 'on_signal TERM' TERM
-
-    launch_command -m hvd_ba train --config "$CONFIG" --set "${sets[@]}" || return 2
-    job_log "launch: ${CMD[*]}" | tee -a "$attempt_log"
-    "${CMD[@]}" > >(tee -a "$attempt_log") 2>&1 &
-    pid=$!
-    local status
-    while true; do
-        wait "$pid"
-        status=$?
-        # wait returns early (status > 128) when a trapped signal arrives; the launcher goes on.
-        kill -0 "$pid" 2>/dev/null || break
-    done
+    if [ "$stop_asked" = 0 ]; then
+        launch_command -m hvd_ba train --config "$CONFIG" --set "${sets[@]}" || return 2
+        job_log "launch: ${CMD[*]}" | tee -a "$attempt_log"
+        run_step
+    else
+        job_log "stopped before training started" | tee -a "$attempt_log"
+        status=$PREEMPTED
+    fi
     trap - USR1 TERM
     echo "$status" > "$log_dir/attempt-$restart.exit"
+    remove_local_data
 
     # Complete means a result.json that parses and names the run of config.yaml (not a file that
     # merely exists: a crash can leave an empty or torn one).
@@ -139,11 +182,13 @@ run_job() {
         return "$status"
     fi
     # srun and mpirun pass the ranks' 75 on; horovodrun reports 1 for it, so the signal counts too.
+    # A stop before any training (config check, staging) requeues as well: nothing was lost.
     if [ "$requeue_asked" = 1 ] && { [ "$status" = "$PREEMPTED" ] || [ -e "$OUT/checkpoints/latest" ]; }; then
         job_log "stopped with a checkpoint (exit $status): requeueing job $SLURM_JOB_ID" | tee -a "$attempt_log"
         scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
+    [ "$stop_asked" = 1 ] && [ "$status" = "$PREEMPTED" ] && return "$PREEMPTED"
     job_log "training failed with exit status $status; not requeued (see $attempt_log)" | tee -a "$attempt_log"
     return "$status"
 }

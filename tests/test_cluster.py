@@ -7,7 +7,7 @@ import pytest
 from conftest import run_cli
 from hvd_ba.cluster import (HostListError, check_tasks, expand_hostlist, expand_tasks_per_node, horovod_hosts,
                             launch_rank, mpi_hostfile, slots, Launch, launch_info, rank_share,
-                            loader_split, oversubscribed, compact, settings_words)
+                            loader_split, oversubscribed, compact, settings_words, rank_cores)
 
 
 @pytest.mark.parametrize("text, hosts", [
@@ -147,7 +147,7 @@ def test_horovods_local_rank_is_checked_against_the_launcher_that_started_the_ra
     ([0, 1], 0, 2, 1, [0]),            # horovodrun / mpirun --bind-to none, 2 ranks x 1 core
     ([0, 1], 1, 2, 1, [1]),
     ([0, 1, 2, 3, 4, 5, 6, 7], 2, 4, 2, [4, 5]),
-    ([0, 1, 2, 3], 1, 2, None, [2, 3]),  # no Slurm: an equal part of the mask
+    ([0, 1, 2, 3], 1, 2, None, None),  # no Slurm allocation: left as launched
     ([4, 5], 0, 1, 2, None),           # srun with -c: the mask is the share already
     ([0], 0, 1, 2, None),              # srun --exact without -c: one core of two; cannot widen
     ([0, 1], 1, 2, 2, None),           # the mask cannot hold every local rank's share: left alone
@@ -155,6 +155,13 @@ def test_horovods_local_rank_is_checked_against_the_launcher_that_started_the_ra
 ])
 def test_rank_share(mask, local_rank, local_size, per_task, share):
     assert rank_share(mask, local_rank, local_size, per_task) == share
+
+
+def test_rank_cores_counts_an_unbound_shared_mask_once_per_rank():
+    assert rank_cores([0, 1], 2, None) == 1       # horovodrun -np 2 on a 2-core laptop
+    assert rank_cores([0, 1, 2, 3], 1, None) == 4
+    assert rank_cores([0], 2, 2) == 1             # Slurm: the mask is what the rank has
+    assert rank_cores([4, 5], 4, 2) == 2
 
 
 @pytest.mark.parametrize("cores, threads, workers, gpu, split", [
@@ -191,3 +198,21 @@ def test_settings_words_keep_brackets_and_never_glob(tmp_path, monkeypatch):
             settings_words(bad)
     r = run_cli("settings", text)
     assert r.returncode == 0 and r.stdout.split("\0")[:-1] == settings_words(text)
+
+
+@pytest.mark.parametrize("env", [SRUN_RANK_3, MPIRUN_RANK_3, HOROVODRUN_RANK_3], ids=["srun", "mpirun", "horovodrun"])
+def test_the_second_rank_of_a_node_picks_the_second_gpu(env):
+    """Rank 3 is local rank 1 on its node under every launcher (mpirun's ranks carry an inherited
+    SLURM_LOCALID of 0, which would put both ranks of a node on GPU 0)."""
+    from hvd_ba.devices import DeviceError, gpu_index
+
+    local = launch_info(env).local_rank
+    assert gpu_index(local, 2, "0,1") == 1
+    assert gpu_index(local, 2, None) == 1
+    assert gpu_index(local, 4, "4,5,6,7") == 1
+    assert gpu_index(local, 1, "5") == 0  # Slurm gave each task its own GPU (--gpus-per-task)
+    # A third rank on a node with two GPUs: an error naming the count, not a silent share.
+    third = launch_info({**env, **{k: "2" for k in ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK",
+                                                     "HOROVOD_LOCAL_RANK") if k in env}}).local_rank
+    with pytest.raises(DeviceError, match="local rank 2 but only 2 GPUs visible"):
+        gpu_index(third, 2, "0,1")

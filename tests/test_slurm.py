@@ -1,45 +1,100 @@
-"""The sbatch scripts of slurm/ on a real Slurm: slurmctld + two slurmd emulating nodes n1 and n2
-on this machine (cluster/local_slurm.sh). Skipped only when not root (it installs and starts
-daemons); CI runs as root."""
+"""The sbatch scripts of slurm/ on a real Slurm that behaves like a production site's: slurmctld +
+two slurmd emulating nodes n1 and n2 on this machine (cluster/local_slurm.sh), tasks bound to
+cores (task/affinity + task/cgroup, CR_Core), 1 or 2 ranks per node, SLURM_EXACT=1 as many sites
+set it, for srun, mpirun and horovodrun. The Slurm is private (its own folder, config, munge and
+ports); skipped, with the reason, when not root or where a Slurm this suite did not start runs."""
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 from hvd_ba.train import read_jsonl
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm needs root (apt, daemons)")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm needs root (apt, daemons that run jobs)")
 
-# 192 training images over 2 ranks at unique batch 8: 12 steps per epoch.
+LOCAL_SLURM = ROOT / "cluster/local_slurm.sh"
+SLURM_DIR = os.environ.get("HVD_BA_SLURM_DIR", "/var/lib/hvd_ba-slurm")
+SLURM_CONF = f"{SLURM_DIR}/slurm.conf"
+FOREIGN = 3  # local_slurm.sh's exit status where another Slurm runs
+
+# 192 training images, unique batch 8: 12 steps per epoch on 2 ranks, 6 on 4.
 SETTINGS = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16",
-            "optim.warmup_epochs=0", "optim.milestones=[]", "run.log_every=2", "run.sync_every=2",
-            "run.threads=1"]  # the two emulated nodes share this machine's 2 cores
+            "optim.warmup_epochs=0", "optim.milestones=[]", "run.log_every=2", "run.sync_every=2"]
+# Binding to cores that do not exist fails: on this 2-core machine a node holds 1 task x 2 cores
+# or 2 tasks x 1 core.
+LAYOUTS = {"2x1": ["--ntasks-per-node=1", "--cpus-per-task=2"], "2x2": ["--ntasks-per-node=2", "--cpus-per-task=1"]}
+
+
+def host_state() -> dict:
+    """What the suite must leave alone: /etc/hosts, /etc/slurm/*, /etc/munge/*, and every Slurm
+    daemon that runs now (pid and command line)."""
+    files = {}
+    for path in [Path("/etc/hosts"), *Path("/etc/slurm").rglob("*"), *Path("/etc/munge").rglob("*")]:
+        if path.is_file():
+            files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    daemons = {}
+    for name in ("slurmctld", "slurmd", "munged"):
+        for pid in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split():
+            try:
+                if open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+                    daemons[pid] = open(f"/proc/{pid}/cmdline").read()
+            except OSError:
+                pass
+    return {"files": files, "daemons": daemons}
+
+
+def slurm_cmd(action, **env):
+    return subprocess.run(["bash", str(LOCAL_SLURM), action], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
 def slurm():
-    r = subprocess.run(["bash", str(ROOT / "cluster/local_slurm.sh"), "start"], capture_output=True, text=True,
-                       timeout=600)
+    """The private Slurm: started here unless it runs already (then left running at the end)."""
+    before = host_state()
+    ours = set(slurm_cmd("owned").stdout.split())
+    r = slurm_cmd("start")
+    if r.returncode == FOREIGN:
+        pytest.skip(f"a Slurm this suite did not start runs on this host; not touching it: {r.stderr.strip()}")
     assert r.returncode == 0, r.stdout + r.stderr
-    return True
+    started = set(slurm_cmd("owned").stdout.split())
+    yield {"before": before, "daemons": started}
+    if not ours:
+        slurm_cmd("stop")
 
 
-def submit(script, data, out, *overrides, **env) -> str:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), "DATA": str(data), "OUT": str(out),
-               "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "120", **env}
-    r = subprocess.run(["sbatch", "--parsable", f"--output={out}.slurm.out", str(ROOT / "slurm" / script),
-                        *SETTINGS, *overrides], capture_output=True, text=True, cwd=ROOT, env=environ, timeout=60)
+def submit(script, data, out, *overrides, layout="2x1", exact=False, **env) -> str:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
+    environ.update({"SLURM_CONF": SLURM_CONF, "PYTHONPATH": str(ROOT), "DATA": str(data), "OUT": str(out),
+                    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "120", **env})
+    if exact:
+        environ["SLURM_EXACT"] = "1"  # as sites set it: srun steps get exactly what they ask for
+    r = subprocess.run(["sbatch", "--parsable", f"--output={out}.slurm.out", *LAYOUTS[layout],
+                        str(ROOT / "slurm" / script), *SETTINGS, *overrides],
+                       capture_output=True, text=True, cwd=ROOT, env=environ, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
 
 def job_fields(job_id) -> dict:
-    text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                          env={**os.environ, "SLURM_CONF": SLURM_CONF}).stdout
     return dict(re.findall(r"(\w+)=(\S+)", text))
+
+
+def scontrol(*args):
+    subprocess.run(["scontrol", *args], check=True, env={**os.environ, "SLURM_CONF": SLURM_CONF})
+
+
+def scancel(*args):
+    subprocess.run(["scancel", *args], check=True, env={**os.environ, "SLURM_CONF": SLURM_CONF})
 
 
 def wait_done(job_id, timeout=420, hurry_requeue=False) -> dict:
@@ -54,18 +109,42 @@ def wait_done(job_id, timeout=420, hurry_requeue=False) -> dict:
         fields = job_fields(job_id)
         if (hurry_requeue and not hurried and fields.get("JobState") == "PENDING"
                 and fields.get("Reason") == "BeginTime"):
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+10"], check=True)
+            scontrol("update", f"JobId={job_id}", "StartTime=now+10")
             hurried = True
         if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return fields
         time.sleep(1)
-    subprocess.run(["scancel", job_id])
+    scancel(job_id)
     raise TimeoutError(f"job {job_id} still {job_fields(job_id).get('JobState')} after {timeout} s")
 
 
 def slurm_log(out) -> str:
     path = f"{out}.slurm.out"
     return open(path).read() if os.path.exists(path) else ""
+
+
+def wait_for_steps(out, job, steps=2, timeout=300):
+    deadline = time.time() + timeout
+    while not (out / "steps.jsonl").exists() or len(read_jsonl(out / "steps.jsonl")) < steps:
+        assert time.time() < deadline, slurm_log(out)[-3000:]
+        assert job_fields(job).get("JobState") in ("PENDING", "RUNNING"), slurm_log(out)[-3000:]
+        time.sleep(0.2)
+
+
+def rank_records(out, world) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_cores(out, world, per_task, log):
+    """Each rank, and each of its loader workers, had exactly its --cpus-per-task cores, the
+    ranks of a node (local ranks 0, 1) different ones."""
+    records = rank_records(out, world)
+    for r, rec in enumerate(records):
+        assert len(rec["cores"]) == per_task, (r, rec["cores"], log[-3000:])
+        assert rec["worker_cores"] and all(mask == rec["cores"] for mask in rec["worker_cores"]), rec
+    if per_task == 1:
+        assert [rec["cores"] for rec in records] == [[0], [1], [0], [1]], records  # by local rank
+    assert "hvd_ba: cores per rank: rank 0" in log
 
 
 def test_cpu_script_trains_on_two_nodes_with_srun(slurm, small_data, tmp_path):
@@ -80,8 +159,11 @@ def test_cpu_script_trains_on_two_nodes_with_srun(slurm, small_data, tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[-1]["val_top1"] is not None
     assert json.loads((out / "result.json").read_text())["world"] == 2
     assert (out / "checkpoints" / "latest").exists() and (out / "model.pt").exists()
-    digests = {json.loads((out / f"rank{r}.json").read_text())["param_sha256"] for r in (0, 1)}
-    assert len(digests) == 1  # the two nodes' ranks ended with the same parameters
+    records = rank_records(out, 2)
+    assert len({rec["param_sha256"] for rec in records}) == 1  # the two nodes' ranks ended alike
+    assert_cores(out, 2, 2, log)
+    assert [(rec["threads"], rec["workers"]) for rec in records] == [(1, 1), (1, 1)]  # 2 cores: 1 + 1
+    assert "warning: rank" not in log
 
     job_dir = out / "logs" / f"job-{job}"
     attempt = (job_dir / "attempt-0.log").read_text()
@@ -92,17 +174,30 @@ def test_cpu_script_trains_on_two_nodes_with_srun(slurm, small_data, tmp_path):
     assert "epoch 2 done" in log and "\r" not in log  # plain lines in the Slurm log, no progress bar
 
 
-@pytest.mark.parametrize("launcher", ["srun", "horovodrun"])
-def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path, launcher):
-    """srun passes the signal to the ranks; ranks under horovodrun see it through run.stop_file."""
+@pytest.mark.parametrize("launcher", ["srun", "mpirun", "horovodrun"])
+def test_each_rank_gets_its_cores_where_the_site_sets_slurm_exact(slurm, small_data, tmp_path, launcher):
+    """Measured before the fix: srun steps under SLURM_EXACT=1 gave every rank and its loader
+    worker 1 core of its 2 (srun no longer reads --cpus-per-task from the allocation); mpirun's
+    ranks shared the one core of their node's daemon step."""
     out = tmp_path / "run"
-    job = submit("cpu.sbatch", small_data, out, "optim.epochs=3", LAUNCHER=launcher)
-    deadline = time.time() + 300
-    while not (out / "steps.jsonl").exists() or len(read_jsonl(out / "steps.jsonl")) < 2:
-        assert time.time() < deadline, slurm_log(out)[-3000:]
-        assert job_fields(job).get("JobState") in ("PENDING", "RUNNING"), slurm_log(out)[-3000:]
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    job = submit("cpu.sbatch", small_data, out, "optim.epochs=1", "run.max_steps_per_epoch=3", LAUNCHER=launcher,
+                 exact=True)
+    fields = wait_done(job)
+    log = slurm_log(out)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
+    assert_cores(out, 2, 2, log)
+    assert "warning: rank" not in log
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun", "horovodrun"])
+def test_preemption_with_two_ranks_per_node_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path, launcher):
+    """4 ranks, 2 per node, 1 core each, SLURM_EXACT=1. srun passes the signal to the ranks; the
+    ranks of horovodrun and mpirun see it through run.stop_file. Measured before the fix: mpirun
+    aborted at start with 'rank 1: Horovod local rank 1 != SLURM_LOCALID 0'."""
+    out = tmp_path / "run"
+    job = submit("cpu.sbatch", small_data, out, "optim.epochs=3", layout="2x2", exact=True, LAUNCHER=launcher)
+    wait_for_steps(out, job)
+    scancel("--signal=USR1", "--batch", job)
     fields = wait_done(job, timeout=600, hurry_requeue=True)
     log = slurm_log(out)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
@@ -110,49 +205,98 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, small_data, t
 
     job_dir = out / "logs" / f"job-{job}"
     first, second = (job_dir / "attempt-0.log").read_text(), (job_dir / "attempt-1.log").read_text()
-    if launcher == "srun":
-        # The ranks exit 75 together; srun reports 75, or 143 when --kill-on-bad-exit ended the
-        # second rank's exit after the first rank's 75.
-        assert (job_dir / "attempt-0.exit").read_text().strip() in ("75", "143")
-        assert "task 0: Exited with exit code 75" in first or "task 1: Exited with exit code 75" in first
-    else:
-        assert "stop requested (stop file" in first  # horovodrun's ranks learnt it from OUT/STOP
+    # The launcher's status, not the shell's 138 of the trapped USR1: srun and mpirun pass the
+    # ranks' 75 on, horovodrun reports 1 for any rank's non-zero status.
+    assert (job_dir / "attempt-0.exit").read_text().strip() == ("1" if launcher == "horovodrun" else "75")
+    if launcher != "srun":
+        assert "stop requested (stop file" in first  # the ranks learnt it from OUT/STOP
     assert "signal USR1" in first and "requeueing" in first
-    stopped = int(re.search(r"checkpoint \S+ckpt-0*(\d+)\.pt \(step (\d+)\)", first).group(2))
-    assert 0 < stopped < 36
+    stopped = int(re.findall(r"checkpoint \S+ckpt-0*\d+\.pt \(step (\d+)\)", first)[-1])  # the stop's
+    assert 0 < stopped < 18
     assert "resumed from" in second and f"step {stopped}," in second
     steps = [s["step"] for s in read_jsonl(out / "steps.jsonl")]
-    assert steps == sorted(set(steps)) and steps[-1] == 36  # no step lost or repeated
+    assert steps == sorted(set(steps)) and steps[-1] == 18  # no step lost or repeated
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-    assert json.loads((out / "result.json").read_text())["steps"] == 36
+    assert json.loads((out / "result.json").read_text())["world"] == 4
+    assert_cores(out, 4, 1, second)
+    # 1 core for 1 thread + 1 loader worker: each rank says so once per attempt.
+    for attempt in (first, second):
+        warnings = re.findall(r"hvd_ba: warning: rank (\d) on host \S+ \(cores \d\): run.threads 1 \+ data.workers 1 "
+                              r"exceed its 1 cores", attempt)
+        assert sorted(warnings) == ["0", "1", "2", "3"], attempt[-3000:]
 
 
-@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
-def test_other_launchers_with_node_local_staging(slurm, small_data, tmp_path, launcher):
+def test_per_node_staging_with_two_ranks_per_node_under_mpirun(slurm, small_data, tmp_path):
     out = tmp_path / "run"
     local = tmp_path / "local"
-    job = submit("cpu.sbatch", small_data, out, "optim.epochs=1", "data.manifest_dir=null",
-                 LAUNCHER=launcher, STAGE="1", LOCAL_DATA=f"{local}/$SLURMD_NODENAME")
+    job = submit("cpu.sbatch", small_data, out, "optim.epochs=1", "data.manifest_dir=null", layout="2x2", exact=True,
+                 LAUNCHER="mpirun", STAGE="1", LOCAL_DATA=f"{local}/$SLURMD_NODENAME", KEEP_LOCAL_DATA="1")
     fields = wait_done(job)
     log = slurm_log(out)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
-    records = sorted(p.relative_to(local).parts[0] + "/" + p.name for p in local.rglob("rank*-of2.json"))
-    if launcher == "mpirun":
-        # Open MPI started one daemon per node through srun: each node staged into its own folder,
-        # and mpi4py gathered the totals.
-        assert records == ["n1/rank0-of2.json", "n2/rank1-of2.json"], log[-3000:]
-        assert "stage: all 2 ranks: 240 files" in log
-    else:
-        # horovodrun runs hosts that resolve to this machine (n1, n2 -> 127.0.0.1) as local
-        # processes of the batch step, on n1: both ranks stage into n1's folder.
-        assert records == ["n1/rank0-of2.json", "n1/rank1-of2.json"], log[-3000:]
-    assert "stage: rank 0 of 2" in log and "stage: rank 1 of 2" in log
+    # Open MPI started one daemon per node through srun: each node's two ranks staged into the
+    # node's own private folder, and mpi4py gathered the totals.
+    records = sorted(p.relative_to(local).parts[0] + "/" + p.name for p in local.rglob("rank*-of4.json"))
+    assert records == ["n1/rank0-of4.json", "n1/rank1-of4.json", "n2/rank2-of4.json", "n2/rank3-of4.json"], log[-3000:]
+    for node in ("n1", "n2"):
+        assert (local / node).stat().st_mode & 0o777 == 0o700
+    assert "stage: all 4 ranks: 240 files" in log
     metrics = read_jsonl(out / "metrics.jsonl")
     assert metrics[-1]["bad_files"] == 0 and metrics[-1]["files_read"] > 0
+    assert_cores(out, 4, 1, log)
+
+
+def test_default_staging_folder_is_private_and_removed_at_the_end(slurm, small_data, tmp_path):
+    out = tmp_path / "run"
+    job = submit("cpu.sbatch", small_data, out, "optim.epochs=1", "data.manifest_dir=null", LAUNCHER="horovodrun",
+                 STAGE="1")
+    fields = wait_done(job)
+    log = slurm_log(out)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
+    folder = re.search(r"local_path: (\S+)", log).group(1)
+    assert folder.endswith(f"/hvd_ba-root-{job}") and "stage: rank 1 of 2" in log, log[-3000:]
+    # One removal per node (horovodrun's ranks all ran on n1 here: n2 had nothing to remove).
+    assert f"stage: removed {folder} on" in log and not os.path.lexists(folder)
     assert json.loads((out / "result.json").read_text())["world"] == 2
 
 
-def test_a_bad_override_fails_before_anything_launches(slurm, small_data, tmp_path):
+def test_preemption_during_staging_requeues(slurm, small_data, tmp_path):
+    out = tmp_path / "run"
+    job = submit("cpu.sbatch", small_data, out, "optim.epochs=1", "data.manifest_dir=null", STAGE="1",
+                 HVD_BA_PAUSE_AT="stage", HVD_BA_PAUSE_RESTART="0")
+    deadline = time.time() + 120
+    while "paused at stage" not in slurm_log(out):
+        assert time.time() < deadline and job_fields(job).get("JobState") in ("PENDING", "RUNNING"), slurm_log(out)
+        time.sleep(0.2)
+    scancel("--signal=USR1", "--batch", job)
+    fields = wait_done(job, timeout=400, hurry_requeue=True)
+    log = slurm_log(out)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-4000:]
+    first = (out / "logs" / f"job-{job}" / "attempt-0.log").read_text()
+    assert "signal USR1" in first and "stopped before training started" in first and "requeueing" in first
+    assert (out / "logs" / f"job-{job}" / "attempt-0.exit").read_text().strip() == "75"
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_settings_with_brackets_and_a_per_node_stop_file(slurm, small_data, tmp_path):
+    """SETTINGS reach the config unmangled (a bracketed value with a space, which word splitting
+    used to cut in two); a stop file named per node ('$SLURMD_NODENAME') stops the job when only the
+    second node's appears (looked at by that node's local rank 0)."""
+    out = tmp_path / "run"
+    job = submit("cpu.sbatch", small_data, out, "optim.epochs=3", layout="2x2", LAUNCHER="mpirun",
+                 SETTINGS=f"augment.scale=[0.25, 1.0] run.stop_file={out}/STOP-$SLURMD_NODENAME run.log_every=1")
+    wait_for_steps(out, job)
+    (out / "STOP-n2").touch()
+    fields = wait_done(job)
+    log = slurm_log(out)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "75:0" and fields["Restarts"] == "0", log[-4000:]
+    config = (out / "config.yaml").read_text()
+    assert re.search(r"scale: \[0\.25, 1\.0\]", config), config
+    assert f"stop requested (stop file {out}/STOP-n2 on host" in log
+    assert (out / "checkpoints" / "latest").exists()
+
+
+def test_bad_settings_fail_before_anything_launches(slurm, small_data, tmp_path):
     out = tmp_path / "run"
     job = submit("cpu.sbatch", small_data, out, "data.copies=0")
     fields = wait_done(job)
@@ -160,3 +304,49 @@ def test_a_bad_override_fails_before_anything_launches(slurm, small_data, tmp_pa
     log = slurm_log(out)
     assert "config key 'data.copies': must be >= 1" in log and "nothing launched" in log
     assert not (out / "steps.jsonl").exists()
+
+    out2 = tmp_path / "run2"
+    job = submit("cpu.sbatch", small_data, out2, SETTINGS="augment.scale=[0.25, 1.0")
+    fields = wait_done(job)
+    log = slurm_log(out2)
+    assert fields["JobState"] == "FAILED" and "opens a '[' or '{' that is never closed" in log, log
+    assert "nothing launched" in log and not (out2 / "steps.jsonl").exists()
+
+
+def test_another_slurm_on_the_host_is_left_alone(slurm, tmp_path):
+    """A slurmd and a slurmctld that this script did not start (stand-ins: copies of `sleep` by
+    those names): start refuses, naming them; stop leaves them running."""
+    fakes = []
+    for name in ("slurmd", "slurmctld"):
+        binary = tmp_path / name
+        shutil.copy(shutil.which("sleep"), binary)
+        fakes.append(subprocess.Popen([str(binary), "300"]))
+    try:
+        private = {"HVD_BA_SLURM_DIR": str(tmp_path / "second"), "HVD_BA_SLURM_PORT": "16917"}
+        r = slurm_cmd("start", **private)
+        assert r.returncode == FOREIGN, r.stdout + r.stderr
+        assert "a Slurm not started by this script runs on this host" in r.stderr
+        assert all(f"{p.pid} " in r.stderr for p in fakes)
+        assert slurm_cmd("stop", **private).returncode == 0
+        assert all(p.poll() is None for p in fakes)  # still running
+        assert not (tmp_path / "second" / "slurm.conf").exists()
+        # Our own Slurm is not "another": starting it again is a no-op.
+        again = slurm_cmd("start")
+        assert again.returncode == 0 and set(slurm_cmd("owned").stdout.split()) == slurm["daemons"], again.stderr
+    finally:
+        for p in fakes:
+            p.kill()
+            p.wait()
+
+
+def test_zz_the_hosts_own_files_and_daemons_are_untouched(slurm):
+    """Last in this file: after every job above, /etc/hosts, /etc/slurm and /etc/munge are as
+    they were, and every Slurm or munge daemon that ran before still runs; ours live in the
+    private folder."""
+    after = host_state()
+    before = slurm["before"]
+    assert after["files"] == before["files"]
+    for pid, cmdline in before["daemons"].items():
+        assert after["daemons"].get(pid) == cmdline, f"daemon {pid} ({cmdline}) was stopped or replaced"
+    for pid in slurm["daemons"]:
+        assert SLURM_DIR in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
