@@ -43,10 +43,12 @@ install() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
     # The packages' own services are not started (policy-rc.d): only our private daemons run.
-    local policy=/usr/sbin/policy-rc.d created=0
-    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; created=1; fi
+    local policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also when apt fails
+    fi
     apt-get install -y -qq slurm-wlm munge >/dev/null
-    [ "$created" = 1 ] && rm -f "$policy"
     return 0
 }
 
@@ -54,12 +56,16 @@ install() {
 
 pid_files() { echo "$DIR/run/munged.pid $DIR/run/slurmctld.pid $DIR/run/slurmd-n1.pid $DIR/run/slurmd-n2.pid"; }
 
-# our_pid FILE NAME: the pid in FILE when that process runs and is NAME (a recycled pid is not ours).
+# our_pid FILE NAME: the pid in FILE when that process runs (not an unreaped zombie), is NAME and
+# was started with this folder's files (a recycled pid, another Slurm's daemon, is not ours).
 our_pid() {
     local pid
     [ -s "$1" ] || return 1
     pid=$(tr -dc 0-9 < "$1")
-    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && echo "$pid"
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
+    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] || return 1
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$DIR/" || return 1
+    echo "$pid"
 }
 
 ours() {
@@ -121,7 +127,11 @@ start_munge() {
 # each step in a cpuset of its allocated cores (a task cannot widen its mask beyond them). Both
 # work in this container (cgroup v1 cpuset, measured); HVD_BA_SLURM_TASK_PLUGIN=task/affinity
 # leaves cgroups out where they do not.
-TASK_PLUGIN=${HVD_BA_SLURM_TASK_PLUGIN:-task/affinity,task/cgroup}
+if [ -d /sys/fs/cgroup/cpuset ]; then
+    TASK_PLUGIN=${HVD_BA_SLURM_TASK_PLUGIN:-task/affinity,task/cgroup}
+else  # no cgroup v1 cpuset controller (a cgroup-v2-only host): binding by affinity alone
+    TASK_PLUGIN=${HVD_BA_SLURM_TASK_PLUGIN:-task/affinity}
+fi
 
 write_conf() {
     local host; host=$(hostname -s)
@@ -189,7 +199,6 @@ start_daemons() {
 
 start() {
     [ "$(id -u)" = 0 ] || die "needs root (installs slurm-wlm and munge, starts daemons that run jobs)"
-    install
     local others; others=$(foreign)
     # Ours, all running already: a no-op whatever else runs. Otherwise nothing starts beside a
     # Slurm that this script did not start.
@@ -197,6 +206,7 @@ start() {
         die "a Slurm not started by this script runs on this host; not starting a second one:
 $others" "$FOREIGN"
     fi
+    install
     mkdir -p "$DIR/run" "$DIR/log"; chmod 755 "$DIR"
     start_munge
     if write_conf; then

@@ -198,29 +198,53 @@ def launch_rank() -> tuple[int, int]:
 
 
 def cores_per_task(env=None) -> int | None:
-    """The cores Slurm allocated to each task (--cpus-per-task), inside a Slurm job; else None."""
+    """The cores Slurm allocated to each task (--cpus-per-task), inside a Slurm job; else None.
+    HVD_BA_CPUS_PER_TASK (set by slurm/job.sh for mpirun's ranks) comes first: the ranks that
+    mpirun's node daemon forks inherit the SLURM_CPUS_PER_TASK of the daemon's own srun step."""
     env = os.environ if env is None else env
+    if env.get("HVD_BA_CPUS_PER_TASK"):
+        return int(env["HVD_BA_CPUS_PER_TASK"])
     return _int(env, "SLURM_CPUS_PER_TASK") if "SLURM_JOB_ID" in env else None
+
+
+def core_order(cpus: list[int], topology: str = "/sys/devices/system/cpu") -> list[int]:
+    """CPUs ordered so that the hardware threads of one core are neighbours (package, core id,
+    CPU): a slice of them is then whole cores, not the first threads of many cores."""
+    def key(cpu):
+        base = f"{topology}/cpu{cpu}/topology"
+        try:
+            with open(f"{base}/physical_package_id") as f:
+                package = int(f.read())
+            with open(f"{base}/core_id") as f:
+                core = int(f.read())
+        except (OSError, ValueError):
+            package, core = 0, cpu
+        return package, core, cpu
+
+    return sorted(cpus, key=key)
 
 
 def rank_share(mask: list[int], local_rank: int, local_size: int, per_task: int | None) -> list[int] | None:
     """The cores a rank should keep when Slurm allocated `per_task` cores to each task
-    (--cpus-per-task) but the rank's CPU mask holds those of every rank of its node (a launcher
-    that does not bind: horovodrun, mpirun with --bind-to none): its local rank's slice of the
-    mask. None: keep the mask (it is the rank's share already, or smaller than every rank's
-    share, or no allocation is known: outside Slurm the mask is left as the launcher set it)."""
-    mask = sorted(mask)
-    if not per_task or local_rank >= local_size or len(mask) <= per_task or len(mask) < local_size * per_task:
+    (--cpus-per-task) and the rank's CPU mask holds exactly those of its node's ranks
+    (local_size x per_task: a launcher that does not bind, as horovodrun, or mpirun with
+    --bind-to none, inside the job's allocation): its local rank's slice, whole cores first.
+    None: keep the mask: it is the rank's share already, smaller than one, or larger than the
+    node's allocation (ranks started over ssh outside the job's cgroup: slicing could take
+    another job's cores), or no allocation is known (outside Slurm)."""
+    if not per_task or local_rank >= local_size or len(mask) != local_size * per_task or len(mask) <= per_task:
         return None
-    return mask[local_rank * per_task:(local_rank + 1) * per_task]
+    return sorted(core_order(list(mask))[local_rank * per_task:(local_rank + 1) * per_task])
 
 
 def rank_cores(mask: list[int], local_size: int, per_task: int | None) -> int:
-    """The cores a rank may count on: its mask's, or outside Slurm, where ranks of a node share
-    one mask unbound, an equal part of it."""
-    if per_task or local_size <= 1:
+    """The cores a rank may count on: its mask's when that is its own; where the ranks of a
+    node share one mask (outside Slurm, or a mask rank_share left wide) an equal part of it, at
+    most the cores Slurm allocated per task."""
+    if local_size <= 1 or (per_task and len(mask) <= per_task):
         return len(mask)
-    return max(1, len(mask) // local_size)
+    share = max(1, len(mask) // local_size)
+    return min(share, per_task) if per_task else share
 
 
 def bind_rank(setting: str, launch: Launch | None = None) -> tuple[list[int], list[int]]:
@@ -240,13 +264,16 @@ def bind_rank(setting: str, launch: Launch | None = None) -> tuple[list[int], li
     return before, sorted(os.sched_getaffinity(0))
 
 
+MAX_GPU_WORKERS = 12  # beyond this, more workers only add memory (each holds batches in /dev/shm)
+
+
 def loader_split(cores: int, threads: int, workers: int | None, gpu: bool) -> tuple[int, int]:
     """(torch threads, loader workers) of a rank with `cores` cores. threads 0 / workers None:
     derived from the cores: on a GPU the workers decode and augment while the rank's one thread
-    feeds the device (workers = cores - 1); on CPUs the model's threads need most cores (workers =
+    feeds the device (workers = cores - 1, at most MAX_GPU_WORKERS); on CPUs the model's threads need most cores (workers =
     a quarter, at least one where there are two cores), threads take the rest."""
     if workers is None:
-        workers = 0 if cores < 2 else (cores - 1 if gpu else max(1, cores // 4))
+        workers = 0 if cores < 2 else (min(cores - 1, MAX_GPU_WORKERS) if gpu else max(1, cores // 4))
         if threads:
             workers = min(workers, max(0, cores - threads))
     threads = threads or max(1, cores - workers)

@@ -113,17 +113,28 @@ def check_cores():
     return OK, text
 
 
-def check_budget(cfg, local_ranks: int, gpu: bool = False):
-    """Threads and loader workers a config would use against this rank's cores (as training derives them)."""
+def budget(cfg, local_ranks: int) -> tuple[int, int, int]:
+    """(cores, threads, loader workers) of this rank, derived as training derives them."""
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
     n = rank_cores(sorted(os.sched_getaffinity(0)), local_ranks, cores_per_task())
-    threads, workers = loader_split(n, cfg.run.threads, cfg.data.workers, gpu)
+    return (n, *loader_split(n, cfg.run.threads, cfg.data.workers, gpu))
+
+
+def check_budget(cfg, local_ranks: int):
+    """Threads and loader workers a config would use against this rank's cores."""
+    n, threads, workers = budget(cfg, local_ranks)
     text = f"run.threads {threads} + data.workers {workers} on {n} cores"
     if threads + workers > cores():
         return WARN, text + ": more busy processes than cores, they will contend; lower data.workers or run.threads"
     return OK, text
 
 
-def check_shm(cfg):
+def check_shm(cfg, local_ranks: int):
     """/dev/shm against the batches the loader workers keep in flight (uint8 copies)."""
     if not os.path.isdir("/dev/shm"):
         return WARN, "no /dev/shm: loader workers cannot share batches"
@@ -131,7 +142,7 @@ def check_shm(cfg):
     free = st.f_bavail * st.f_frsize
     d, a = cfg.data, cfg.augment
     batch = d.copies * d.unique_batch * a.size * a.size * 3
-    in_flight = batch * max(1, d.workers or 1) * d.prefetch
+    in_flight = batch * max(1, budget(cfg, local_ranks)[2]) * d.prefetch
     text = f"/dev/shm {free / 2**30:.1f} GiB free; batches in flight {in_flight / 2**20:.0f} MiB per rank"
     if in_flight > free:
         return FAIL, text + ": loader workers will die with a bus error; lower data.workers or data.prefetch"
@@ -144,18 +155,20 @@ def node_report(cfg, local_ranks: int) -> list[tuple[str, str, str]]:
     checks = [("python", check_python), ("torch", check_torch), ("horovod", check_horovod),
               ("pillow", check_pillow), ("mpi", check_mpi), ("slurm", check_slurm), ("cores", check_cores)]
     if cfg is not None:
-        checks += [("threads", lambda: check_budget(cfg, local_ranks)), ("shm", lambda: check_shm(cfg))]
+        checks += [("threads", lambda: check_budget(cfg, local_ranks)), ("shm", lambda: check_shm(cfg, local_ranks))]
     return [_check(name, fn) for name, fn in checks]
 
 
 def run_doctor(args) -> int:
-    from hvd_ba.cluster import launch_rank
+    from hvd_ba.cluster import bind_rank, launch_rank
     from hvd_ba.config import load_config
 
     cfg = None
     if args.config:
         cfg = load_config(args.config, args.set)
     rank, world = launch_rank()
+    if cfg is not None:
+        bind_rank(cfg.run.bind)  # as a training rank would, before any thread starts
     gathered = None
     if world > 1:  # under a launcher: every rank checks, rank 0 prints them all
         try:

@@ -65,10 +65,12 @@ class UnsafeFolder(OSError):
     """A node-local folder that another user could have written: the message names it."""
 
 
-def private_dir(path: Path, create: bool = True) -> Path:
+def private_dir(path: Path, create: bool = True, readonly: bool = False) -> Path:
     """`path` as this user's private folder: made with mode 0700 when missing (its parents as
     usual); refused (UnsafeFolder) when it is a symlink, not a folder, owned by another user or
-    open to group or others. Nothing is read from a refused folder."""
+    open to group or others. Nothing is read from a refused folder. readonly (training reads
+    data.local_path): owned by this user or root and writable by no one else is enough (an
+    admin's read-only node-local copy, a 0755 folder of your own)."""
     path = Path(path)
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,10 +88,10 @@ def private_dir(path: Path, create: bool = True) -> Path:
                            f"'{os.readlink(path)}'): not followed; remove it or choose another LOCAL_DATA")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeFolder(errno.ENOTDIR, f"node-local folder '{path}' on host {host} is not a folder")
-    if st.st_uid != os.geteuid():
+    if st.st_uid != os.geteuid() and not (readonly and st.st_uid == 0):
         raise UnsafeFolder(errno.EPERM, f"node-local folder '{path}' on host {host} is owned by {_user(st.st_uid)}, "
                            f"not by you ({_user(os.geteuid())}): nothing is read from it; choose another LOCAL_DATA")
-    if st.st_mode & 0o077:
+    if st.st_mode & (0o022 if readonly else 0o077):
         raise UnsafeFolder(errno.EPERM, f"node-local folder '{path}' on host {host} has mode "
                            f"{stat.S_IMODE(st.st_mode):04o}: other users could plant files in it; it must be 0700 "
                            f"(chmod 700 it if it is yours, or choose another LOCAL_DATA)")
@@ -167,7 +169,7 @@ def stage_rank(source: Path, dest: Path, files: list[tuple[str, int]], threads: 
 def check_staged(local: str | Path, files: list[tuple[str, int]], rank: int, world: int) -> None:
     """Training's check before its first step: every file of this rank is in the local copy
     with the size the manifest records."""
-    local = private_dir(Path(local), create=False)
+    local = private_dir(Path(local), create=False, readonly=True)
     missing = [rel for rel, size in files if not ((local / rel).is_file() and (local / rel).stat().st_size == size)]
     if missing:
         raise FileNotFoundError(
@@ -186,12 +188,21 @@ def _mpi_comm():
 
 
 def remove_private(dest: Path) -> bool:
-    """Remove this user's private node-local folder (the checks of private_dir first); False when
-    there is none."""
+    """Remove this user's private staging folder (the checks of private_dir first, and it must
+    hold a stage record: a folder hvd_ba staged into, not any folder named by mistake); False
+    when there is none (another task on this host removed it first)."""
     if not os.path.lexists(dest):
         return False
     private_dir(dest, create=False)
-    shutil.rmtree(dest)
+    if not os.path.isdir(os.path.join(dest, RECORD_DIR)):
+        raise UnsafeFolder(errno.EPERM, f"'{dest}' holds no {RECORD_DIR}/ record: not a folder `hvd_ba stage` "
+                           "filled; not removed")
+
+    def gone(function, path, exc_info):
+        if not isinstance(exc_info[1], FileNotFoundError):  # removed concurrently: fine
+            raise exc_info[1]
+
+    shutil.rmtree(dest, onerror=gone)
     return True
 
 

@@ -254,6 +254,18 @@ class Placement:
     complete: bool = False
 
 
+def remove_stale_stop_file(cfg: Config, started: float) -> None:
+    """A stop file older than this start asked an earlier attempt to stop: that is done. Only
+    after rank 0 holds the run's lock (a second job on the same folder must not delete the
+    first one's pending stop)."""
+    stop_file = Path(cfg.run.stop_file) if cfg.run.stop_file else None
+    try:
+        if stop_file is not None and stop_file.stat().st_mtime < started:
+            stop_file.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+
+
 def claim_run_dir(cfg: Config, out: Path, started: float) -> str | None:
     """Rank 0 decides whether this start may use `out` (runs.claim_fresh), every rank learns it.
     Returns the run id of a fresh start (None when resuming: the checkpoint decides)."""
@@ -266,9 +278,7 @@ def claim_run_dir(cfg: Config, out: Path, started: float) -> str | None:
             for folder in (out, checkpoint_dir(out)):  # left by a writer killed mid-write (only rank 0 writes)
                 for stale in remove_stale_temporaries(folder):
                     log.warning("removed %s, left by a write that a crash cut short", stale)
-            stop_file = Path(cfg.run.stop_file) if cfg.run.stop_file else None
-            if stop_file is not None and stop_file.exists() and stop_file.stat().st_mtime < started:
-                stop_file.unlink(missing_ok=True)  # a stop asked of an earlier attempt is done
+            remove_stale_stop_file(cfg, started)
             previous = newest_checkpoint(out) if cfg.run.resume else None
             if previous is not None:  # a checkpoint that will not fit: say so now, not mid-run
                 check_space(checkpoint_dir(out), previous)
@@ -286,6 +296,8 @@ def claim_run_dir(cfg: Config, out: Path, started: float) -> str | None:
         except DiskFull as err:
             decision = {"disk": err.strerror, "errno": err.errno}
     decision = dist.broadcast_object(decision, name="claim")
+    if "error" not in decision and not dist.is_primary() and dist.local_rank() == 0:
+        remove_stale_stop_file(cfg, started)  # each node's own, where the path names the node
     if "error" in decision:
         raise RunRefused(decision["error"])
     if "disk" in decision:

@@ -36,27 +36,31 @@ launch_command() {
     # launch_command <python args...>: sets CMD to start one process per Slurm task with LAUNCHER,
     # each with the cores Slurm allocated to a task (--cpus-per-task).
     local np=${SLURM_NTASKS:?not inside a Slurm allocation (SLURM_NTASKS is unset)}
-    local per_task=${SLURM_CPUS_PER_TASK:-1}
+    # The ranks' share of a node (run.bind, hvd_ba/cluster.py), under a name of our own: the ranks
+    # that mpirun's node daemons fork inherit the SLURM_CPUS_PER_TASK of the daemons' srun step.
+    export HVD_BA_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-}
+    local cpus=()
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     case "$LAUNCHER" in
         srun)
             # Since Slurm 22.05 srun does not take --cpus-per-task from the allocation: without it
             # (and with SLURM_EXACT=1 or --exact, as many sites set) each rank gets one core.
-            CMD=(srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task="$per_task" "$PYTHON" "$@") ;;
+            CMD=(srun --mpi=pmix --kill-on-bad-exit=1 ${cpus[@]+"${cpus[@]}"} "$PYTHON" "$@") ;;
         horovodrun)
             local hosts
             hosts=$("$PYTHON" -m hvd_ba hosts --np "$np") || return 2
+            # horovodrun does not bind: each rank keeps its local rank's share of the node's cores.
             # shellcheck disable=SC2206  # HOROVODRUN_ARGS is a list of flags
             CMD=(horovodrun -np "$np" -H "$hosts" ${HOROVODRUN_ARGS:---gloo} "$PYTHON" "$@") ;;
         mpirun)
             local root_flag=()
-            [ "$(id -u)" = 0 ] && root_flag=(--allow-run-as-root)
+            if [ "$(id -u)" = 0 ]; then root_flag=(--allow-run-as-root); fi
             # Inside an allocation Open MPI reads the nodes from Slurm and starts one daemon per node
-            # with srun; that step gets the cores of all the node's tasks (else one core, under
-            # SLURM_EXACT), and each rank keeps its local rank's share (run.bind=auto, hvd_ba/cluster.py).
-            local per_node
-            per_node=$(echo "${SLURM_TASKS_PER_NODE:-1}" | tr ',' '\n' | sed 's/(.*//' | sort -n | tail -1)
-            CMD=(mpirun -np "$np" "${root_flag[@]}" --mca plm_slurm_args "--cpus-per-task=$((per_node * per_task))"
-                 --bind-to none --map-by slot -x PATH -x LD_LIBRARY_PATH "$PYTHON" "$@") ;;
+            # with srun. Without SLURM_EXACT that step has all the job's cores of each node (under
+            # SLURM_EXACT=1 the daemon, and so every rank of its node, had one core); each rank
+            # then keeps its local rank's share (run.bind=auto, hvd_ba/cluster.py).
+            CMD=(env -u SLURM_EXACT -u SRUN_CPUS_PER_TASK mpirun -np "$np" ${root_flag[@]+"${root_flag[@]}"}
+                 --bind-to none --map-by slot -x PATH -x LD_LIBRARY_PATH -x HVD_BA_CPUS_PER_TASK "$PYTHON" "$@") ;;
         *)
             job_log "error: LAUNCHER='$LAUNCHER' (choose srun, horovodrun or mpirun)"; return 2 ;;
     esac
@@ -66,6 +70,7 @@ launch_command() {
 # sets `status` to the launcher's own exit status. A trapped signal ends `wait` early with 128+N
 # while the launcher goes on stopping the ranks: wait again for the real status (the ranks' 75).
 run_step() {
+    local logged; logged=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
     "${CMD[@]}" > >(tee -a "$attempt_log") 2>&1 &
     pid=$!
     while true; do
@@ -76,14 +81,35 @@ run_step() {
         break
     done
     pid=""
+    # horovodrun reports 1 for any rank's failure; its message names the first rank's status.
+    if [ "$LAUNCHER" = horovodrun ] && [ "$status" = 1 ] \
+            && tail -c +$((logged + 1)) "$attempt_log" | grep -q "^Exit code: $PREEMPTED\$"; then
+        status=$PREEMPTED
+    fi
 }
 
-# remove_local_data: the node-local copies of this attempt, one task per node (each node's own
-# folder; refused unless it is this user's private folder), unless KEEP_LOCAL_DATA=1.
+# remove_local_data: at the job's end (not before a requeue: the next attempt on the same node
+# finds its copy, hash-checked), the default per-job folder on every node, one task per node
+# (refused unless it is this user's private staging folder), unless KEEP_LOCAL_DATA=1. A
+# LOCAL_DATA you set yourself is yours to remove.
 remove_local_data() {
-    [ "$STAGE" = 1 ] && [ "${KEEP_LOCAL_DATA:-0}" != 1 ] || return 0
+    [ "$STAGE" = 1 ] && [ "$local_data_default" = 1 ] && [ "${KEEP_LOCAL_DATA:-0}" != 1 ] || return 0
+    trap '' USR1 TERM  # the job is ending: a late signal must not cut the removal short
     srun --ntasks-per-node=1 --nodes="$SLURM_JOB_NUM_NODES" --cpus-per-task=1 --kill-on-bad-exit=0 \
         "$PYTHON" -m hvd_ba stage --remove --config "$CONFIG" --set "${sets[@]}" 2>&1 | tee -a "$attempt_log"
+}
+
+# touch_stop_files: the stop file the ranks look at, on every node: run.stop_file as the overrides
+# leave it, with $SLURMD_NODENAME / ${SLURMD_NODENAME} replaced by each node's name.
+touch_stop_files() {
+    local pattern=$stop_file word node
+    for word in "${sets[@]}"; do
+        case "$word" in run.stop_file=*) pattern=${word#run.stop_file=} ;; esac
+    done
+    for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || echo "${SLURMD_NODENAME:-}"); do
+        local f=${pattern//\$\{SLURMD_NODENAME\}/$node}
+        touch "${f//\$SLURMD_NODENAME/$node}"
+    done
 }
 
 run_job() {
@@ -92,7 +118,11 @@ run_job() {
     STAGE=${STAGE:-0}
     SETTINGS=${SETTINGS:-}
     # A private folder of this job on each node's local disk (hvd_ba stage makes it 0700).
-    LOCAL_DATA=${LOCAL_DATA:-${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/hvd_ba-$(id -un)-$SLURM_JOB_ID}
+    local_data_default=0
+    if [ -z "${LOCAL_DATA:-}" ]; then
+        LOCAL_DATA=${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/hvd_ba-$(id -un)-$SLURM_JOB_ID
+        local_data_default=1
+    fi
     local restart=${SLURM_RESTART_COUNT:-0}
     local log_dir="$OUT/logs/job-${SLURM_JOB_ID}"
     mkdir -p "$log_dir" || { job_log "error: cannot create $log_dir (OUT='$OUT')"; return 2; }
@@ -102,14 +132,14 @@ run_job() {
     # job on the same OUT must not delete the first one's pending STOP).
 
     # The signal traps come first: a preemption during the config check or the staging requeues too.
-    requeue_asked=0 stop_asked=0 pid="" interrupted=0 status=0
+    requeue_asked=0 stop_asked=0 pid="" interrupted=0 status=0 sets=()
     on_signal() {
         # USR1 (Slurm's --signal, or scancel --signal=USR1 --batch): preemption, requeue after the
         # checkpoint. TERM (scancel, or Slurm preempting with its own requeue): checkpoint only.
         interrupted=1 stop_asked=1
         [ "$1" = USR1 ] && requeue_asked=1
         job_log "signal $1: asking the ranks to checkpoint and stop" | tee -a "$attempt_log"
-        touch "$stop_file"
+        touch_stop_files
         if [ -n "$pid" ] && [ "$LAUNCHER" = srun ]; then kill -USR1 "$pid" 2>/dev/null; fi
         return 0
     }
@@ -119,7 +149,8 @@ run_job() {
     sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
     if [ "$STAGE" = 1 ]; then
         sets+=(data.shard=static data.local_path="$LOCAL_DATA")
-        [ "${STAGE_VERIFY:-hash}" = size ] && stage_flags=(--trust-size) || stage_flags=()
+        stage_flags=()
+        [ "${STAGE_VERIFY:-hash}" = size ] && stage_flags=(--trust-size)
     fi
     if [ -n "$SETTINGS" ]; then
         # Split by Python (quotes honoured, nothing globbed, a bracketed value kept whole).
@@ -148,7 +179,7 @@ run_job() {
 
     if [ "$STAGE" = 1 ] && [ "$stop_asked" = 0 ]; then
         job_log "staging static shards to $LOCAL_DATA" | tee -a "$attempt_log"
-        launch_command -m hvd_ba stage "${stage_flags[@]}" --config "$CONFIG" --set "${sets[@]}" || return 2
+        launch_command -m hvd_ba stage ${stage_flags[@]+"${stage_flags[@]}"} --config "$CONFIG" --set "${sets[@]}" || return 2
         run_step
         if [ "$status" != 0 ] && [ "$stop_asked" = 0 ]; then
             job_log "error: staging failed (exit $status); nothing trained" | tee -a "$attempt_log"
@@ -167,18 +198,19 @@ run_job() {
     fi
     trap - USR1 TERM
     echo "$status" > "$log_dir/attempt-$restart.exit"
-    remove_local_data
 
     # Complete means a result.json that parses and names the run of config.yaml (not a file that
     # merely exists: a crash can leave an empty or torn one).
     if [ "$status" = 0 ] && "$PYTHON" -m hvd_ba status --complete "$OUT" >/dev/null 2>&1; then
         job_log "run complete: $OUT/result.json" | tee -a "$attempt_log"
+        remove_local_data
         return 0
     fi
     # horovodrun reports 1 for any rank's status: the ranks' one line tells a full disk too.
     if [ "$status" = "$DISK_FULL" ] || grep -qE "hvd_ba: rank [0-9]+: run folder .*(no space left on device|disk quota exceeded|read-only file system|is full)" "$attempt_log"; then
         job_log "the run folder is full (exit $status): not requeued; free space in $OUT's file system, then" \
                 "resubmit (it resumes from the last checkpoint)" | tee -a "$attempt_log"
+        remove_local_data
         return "$status"
     fi
     # srun and mpirun pass the ranks' 75 on; horovodrun reports 1 for it, so the signal counts too.
@@ -188,6 +220,7 @@ run_job() {
         scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
+    remove_local_data
     [ "$stop_asked" = 1 ] && [ "$status" = "$PREEMPTED" ] && return "$PREEMPTED"
     job_log "training failed with exit status $status; not requeued (see $attempt_log)" | tee -a "$attempt_log"
     return "$status"

@@ -7,7 +7,8 @@ import pytest
 from conftest import run_cli
 from hvd_ba.cluster import (HostListError, check_tasks, expand_hostlist, expand_tasks_per_node, horovod_hosts,
                             launch_rank, mpi_hostfile, slots, Launch, launch_info, rank_share,
-                            loader_split, oversubscribed, compact, settings_words, rank_cores)
+                            loader_split, oversubscribed, compact, settings_words, rank_cores,
+                            core_order, cores_per_task)
 
 
 @pytest.mark.parametrize("text, hosts", [
@@ -151,6 +152,7 @@ def test_horovods_local_rank_is_checked_against_the_launcher_that_started_the_ra
     ([4, 5], 0, 1, 2, None),           # srun with -c: the mask is the share already
     ([0], 0, 1, 2, None),              # srun --exact without -c: one core of two; cannot widen
     ([0, 1], 1, 2, 2, None),           # the mask cannot hold every local rank's share: left alone
+    ([0, 1, 2, 3, 4, 5, 6, 7], 0, 2, 2, None),  # wider than the node's allocation (ssh, no cgroup): left
     ([0, 1, 2], 0, 1, None, None),     # alone: keeps all
 ])
 def test_rank_share(mask, local_rank, local_size, per_task, share):
@@ -162,6 +164,27 @@ def test_rank_cores_counts_an_unbound_shared_mask_once_per_rank():
     assert rank_cores([0, 1, 2, 3], 1, None) == 4
     assert rank_cores([0], 2, 2) == 1             # Slurm: the mask is what the rank has
     assert rank_cores([4, 5], 4, 2) == 2
+    assert rank_cores(list(range(8)), 2, 2) == 2  # a shared mask left wide: its share, at most per task
+
+
+def test_a_slice_of_the_mask_is_whole_cores(tmp_path):
+    """Hyperthreads: CPUs 0-3 are the first threads of cores 0-3, CPUs 4-7 their siblings; two
+    ranks of 4 CPUs each get two whole cores, not one the first threads and one the siblings."""
+    for cpu in range(8):
+        topo = tmp_path / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "core_id").write_text(str(cpu % 4))
+        (topo / "physical_package_id").write_text("0")
+    assert core_order(list(range(8)), str(tmp_path)) == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert core_order([3, 1, 2], str(tmp_path / "missing")) == [1, 2, 3]
+
+
+def test_mpiruns_ranks_take_the_per_task_count_job_sh_passes():
+    """The ranks mpirun's node daemon forks carry the daemon step's SLURM_CPUS_PER_TASK (all the
+    node's cores); job.sh passes the job's own as HVD_BA_CPUS_PER_TASK."""
+    assert cores_per_task({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "2", "HVD_BA_CPUS_PER_TASK": "1"}) == 1
+    assert cores_per_task({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "2", "HVD_BA_CPUS_PER_TASK": ""}) == 2
+    assert cores_per_task({"SLURM_CPUS_PER_TASK": "2"}) is None  # not inside a job
 
 
 @pytest.mark.parametrize("cores, threads, workers, gpu, split", [
@@ -169,6 +192,7 @@ def test_rank_cores_counts_an_unbound_shared_mask_once_per_rank():
     (2, 0, None, False, (1, 1)),
     (8, 0, None, False, (6, 2)),
     (8, 0, None, True, (1, 7)),
+    (64, 0, None, True, (52, 12)),  # at most 12 loader workers per GPU
     (2, 2, None, False, (2, 0)),   # threads given: workers get what is left
     (4, 0, 3, False, (1, 3)),      # workers given: threads get what is left
     (1, 1, 1, False, (1, 1)),      # both given: kept (and warned about)
@@ -203,7 +227,8 @@ def test_settings_words_keep_brackets_and_never_glob(tmp_path, monkeypatch):
 @pytest.mark.parametrize("env", [SRUN_RANK_3, MPIRUN_RANK_3, HOROVODRUN_RANK_3], ids=["srun", "mpirun", "horovodrun"])
 def test_the_second_rank_of_a_node_picks_the_second_gpu(env):
     """Rank 3 is local rank 1 on its node under every launcher (mpirun's ranks carry an inherited
-    SLURM_LOCALID of 0, which would put both ranks of a node on GPU 0)."""
+    SLURM_LOCALID of 0, which would put both ranks of a node on GPU 0). select_device takes
+    Horovod's local rank, which dist.init checks against this one (local_rank_problem)."""
     from hvd_ba.devices import DeviceError, gpu_index
 
     local = launch_info(env).local_rank

@@ -153,6 +153,32 @@ def test_a_folder_open_to_others_and_a_symlink_are_refused(shared, tmp_path):
     assert removed.returncode == 2 and "is a symlink" in removed.stderr and target.is_dir() and link.is_symlink()
 
 
+def test_remove_deletes_only_a_staging_folder(shared, tmp_path):
+    """A private folder that hvd_ba did not stage into (LOCAL_DATA=$HOME by mistake) is kept."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    (home / "thesis.tex").write_text("years of work")
+    r = run_cli("stage", "--config", "demo", "--dest", str(home), "--remove", "--set", f"data.path={shared}", *STATIC)
+    assert r.returncode == 2 and "holds no .hvd_ba-stage/ record" in r.stderr and (home / "thesis.tex").exists()
+
+
+def test_training_reads_a_folder_nobody_else_can_write(shared, tmp_path):
+    """Training only reads data.local_path: a 0755 folder of one's own is fine, a group-writable
+    one is refused before any step."""
+    dest = tmp_path / "local"
+    for r in (0, 1):
+        assert stage(shared, dest, r).returncode == 0
+    dest.chmod(0o775)
+    out = tmp_path / "run"
+    cmd = train_command("gloo", shared, out, settings=[*RUN, f"data.local_path={dest}"])
+    t = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert t.returncode != 0 and "has mode 0775: other users could plant files" in t.stdout + t.stderr
+    assert not (out / "steps.jsonl").exists()
+    dest.chmod(0o755)
+    t = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert t.returncode == 0, t.stdout[-2000:] + t.stderr[-2000:]
+
+
 def test_remove_deletes_only_a_private_folder(shared, tmp_path):
     dest = tmp_path / "local"
     assert stage(shared, dest, 0).returncode == 0

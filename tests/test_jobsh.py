@@ -1,0 +1,68 @@
+"""slurm/job.sh's shell logic, run by bash on its own (no Slurm): the launcher's status after a
+trapped signal, horovodrun's status of a preempted run, and the stop files touched per node."""
+import os
+import stat
+import subprocess
+
+from conftest import ROOT
+
+JOB_SH = ROOT / "slurm" / "job.sh"
+
+
+def bash(script: str, tmp_path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"source '{JOB_SH}'\n{script}"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**os.environ, **env})
+
+
+def test_a_signal_during_the_wait_records_the_launchers_status_not_the_shells(tmp_path):
+    """The launcher ends (75) while the script's trap runs: `wait` said 138 (128 + USR1), the
+    status the old loop recorded; run_step waits again and records the launcher's 75."""
+    script = f"""
+attempt_log='{tmp_path}/attempt.log'; LAUNCHER=srun
+CMD=(bash -c 'trap "exit 75" USR1; while :; do sleep 0.05; done')
+trap 'interrupted=1; kill -USR1 $pid; sleep 0.5' USR1
+( sleep 1; kill -USR1 $$ ) &
+run_step
+echo "status=$status"
+"""
+    r = bash(script, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "status=75", r.stdout + r.stderr
+    # TERM, as scancel sends it: the same.
+    r = bash(script.replace("USR1", "TERM").replace('"exit 75" TERM', '"exit 75" TERM'), tmp_path)
+    assert r.stdout.strip().splitlines()[-1] == "status=75", r.stdout + r.stderr
+
+
+def test_horovodruns_status_of_a_preempted_run_is_the_ranks_75(tmp_path):
+    """horovodrun exits 1 whatever its ranks' status; its message names the first rank's."""
+    horovodrun_says = "Process name: 3\\nExit code: 75\\n"
+    script = f"""
+attempt_log='{tmp_path}/attempt.log'; echo 'an earlier step: Exit code: 75' > "$attempt_log"
+LAUNCHER=horovodrun
+CMD=(bash -c 'printf "{horovodrun_says}"; exit 1'); run_step; echo "preempted=$status"
+CMD=(bash -c 'printf "Process name: 3\\nExit code: 1\\n"; exit 1'); run_step; echo "failed=$status"
+LAUNCHER=srun; CMD=(bash -c 'printf "{horovodrun_says}"; exit 1'); run_step; echo "srun=$status"
+"""
+    r = bash(script, tmp_path)
+    found = [line for line in r.stdout.splitlines() if line.split("=")[0] in ("preempted", "failed", "srun")]
+    assert found == ["preempted=75", "failed=1", "srun=1"], r.stdout + r.stderr
+
+
+def test_stop_files_are_touched_on_every_node(tmp_path):
+    """A run.stop_file override naming $SLURMD_NODENAME: the script touches each node's file,
+    since the ranks of each node look at their own."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "scontrol"
+    fake.write_text("#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames n[1-2]' ] && printf 'n1\\nn2\\n'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    script = f"""
+stop_file='{tmp_path}/STOP'; SLURM_JOB_NODELIST='n[1-2]'
+sets=(data.path=/d 'run.stop_file={tmp_path}/STOP-$SLURMD_NODENAME' 'augment.scale=[0.25, 1.0]')
+touch_stop_files
+sets=('run.stop_file={tmp_path}/x/${{SLURMD_NODENAME}}.stop'); mkdir -p '{tmp_path}/x'; touch_stop_files
+sets=(); touch_stop_files
+"""
+    r = bash(script, tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert r.returncode == 0, r.stderr
+    made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and "bin" not in p.parts)
+    assert made == ["STOP", "STOP-n1", "STOP-n2", "x/n1.stop", "x/n2.stop"]
