@@ -193,16 +193,26 @@ def remove_private(dest: Path) -> bool:
     when there is none (another task on this host removed it first)."""
     if not os.path.lexists(dest):
         return False
-    private_dir(dest, create=False)
+    try:
+        private_dir(dest, create=False)
+    except UnsafeFolder as err:
+        if err.errno == errno.ENOENT:
+            return False  # another task of this host removed it meanwhile
+        raise
     if not os.path.isdir(os.path.join(dest, RECORD_DIR)):
+        if not os.path.lexists(dest):
+            return False
         raise UnsafeFolder(errno.EPERM, f"'{dest}' holds no {RECORD_DIR}/ record: not a folder `hvd_ba stage` "
                            "filled; not removed")
 
-    def gone(function, path, exc_info):
-        if not isinstance(exc_info[1], FileNotFoundError):  # removed concurrently: fine
-            raise exc_info[1]
-
-    shutil.rmtree(dest, onerror=gone)
+    # Renamed first, then removed: of two tasks of one host removing one folder (nodes sharing
+    # /tmp), one renames it and the other finds nothing.
+    doomed = Path(f"{dest}.removing-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.rename(dest, doomed)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(doomed)
     return True
 
 
