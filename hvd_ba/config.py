@@ -33,7 +33,7 @@ class DataConfig:
     shard: str = "global"  # global: a fresh (seed, epoch) split each epoch; static: each rank owns a part for the run
     manifest_dir: str | None = "~/.cache/hvd_ba/manifests"  # cached file index of each split; None: list every start
     # loader worker processes per rank; None: derived from the cores the rank has (its CPU mask):
-    # on a GPU all but one, on CPUs a quarter (at least one from two cores); see cluster.loader_split
+    # on a GPU all but one (at most 12), on CPUs a quarter (at least one from two cores); cluster.loader_split
     workers: int | None = None
     # Loader worker start method. auto: forkserver on a GPU node launched through MPI (forking after
     # MPI/UCX and CUDA initialised is unsafe: horovod #489), else fork (the fastest); or name one.
