@@ -90,11 +90,9 @@ foreign() {
 running() { [ -n "$(our_pid "$DIR/run/$1.pid" "${1%%-*}")" ]; }
 
 stop() {
-    local f name pid pids=()
-    for f in $(pid_files); do
-        name=$(basename "$f" .pid); name=${name%%-*}
-        if pid=$(our_pid "$f" "$name"); then kill "$pid" 2>/dev/null || true; pids+=("$pid"); fi
-    done
+    local pid pids
+    mapfile -t pids < <(ours)
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for _ in $(seq 100); do
         local alive=0
         for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done

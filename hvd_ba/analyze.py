@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from hvd_ba import dist
+from hvd_ba.cluster import launch_info
 from hvd_ba.config import Config, ConfigError, load_config
 from hvd_ba.data.device_augment import unit_pixels
 from hvd_ba.data.manifest import load_index
@@ -360,8 +361,9 @@ def _out_path(args, facts: dict, what: str) -> Path:
 
 
 def run_analysis(args) -> int:
-    if any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
-        dist.init()  # started by a launcher: parts are spread over the ranks
+    launch = launch_info()
+    if launch.launcher == "horovodrun" or launch.mpi:
+        dist.init()  # started by a launcher Horovod can join: parts are spread over the ranks
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // dist.local_size()))
     cfg, model, facts = load_analysis_target(args)
     index = facts.pop("index")

@@ -3,11 +3,11 @@
 Start it with the same launcher and task layout as the training (`srun ... python -m hvd_ba
 stage`, or horovodrun/mpirun with the same -np), so that every rank copies exactly the files it
 will read: its static training shard (ShardSampler.owned) and its evaluation files. Ranks on
-one node copy disjoint sets, each with a pool of threads. A file already present with the size
-the manifest records is skipped (a requeued job stages nothing again); a copied file is hashed
-while it is read from the shared file system and again as written, and the two must agree.
-Each rank leaves a record (file names, sizes, SHA-256) in DEST/.hvd_ba-stage/; a file already
-present is trusted only when it hashes as that record says (`--trust-size`: when its size is right).
+one node copy disjoint sets, each with a pool of threads. A copied file is hashed while it is
+read from the shared file system and again as written, and the two must agree. Each rank leaves
+a record (file names, sizes, SHA-256) in DEST/.hvd_ba-stage/; a file already present is trusted,
+not copied again, only when it hashes as that record says (`--trust-size`: when its size is the
+manifest's), so a requeued job on the same node re-reads its copy but copies nothing.
 
 Node-local disks are shared with other users (/tmp), so DEST must be this user's private folder:
 created with mode 0700, refused when it exists with another owner, with wider permissions, or as
