@@ -115,7 +115,7 @@ def cmd_plan(args) -> int:
 def cmd_train(args) -> int:
     # Preemption signals are caught from here on (before torch and Horovod are imported): one
     # during start-up ends the rank with 75, the last checkpoint staying the resume point.
-    from hvd_ba.lifecycle import PREEMPTED_EXIT_CODE, Preempted, install_stop_handlers
+    from hvd_ba.lifecycle import PREEMPTED_EXIT_CODE, Preempted, ignore_stop_signals, install_stop_handlers
 
     install_stop_handlers()
     try:
@@ -128,6 +128,7 @@ def cmd_train(args) -> int:
     except Preempted as err:
         print(f"hvd_ba: stopped ({err}) before the rank started; the last checkpoint stays the resume point",
               file=sys.stderr)
+        ignore_stop_signals()
         return PREEMPTED_EXIT_CODE
     return main_rank(cfg)
 

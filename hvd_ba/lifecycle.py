@@ -66,6 +66,16 @@ def install_stop_handlers() -> StopRequest:
     return _stop
 
 
+def ignore_stop_signals() -> None:
+    """The rank's outcome is decided and saved (its checkpoint or result written): a stop signal
+    has nothing left to ask. srun --kill-on-bad-exit and mpirun send SIGTERM to the other tasks as
+    soon as one rank has exited 75; with a Python handler, which CPython's shutdown resets to the
+    default, such a late SIGTERM turned a leaving rank's 75 into 143. SIG_IGN survives the
+    shutdown (measured: tests/test_runs.py, ...keeps_its_75)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def pause_point(phase: str) -> None:
     """Test hook: with HVD_BA_PAUSE_AT=<phase> (and HVD_BA_PAUSE_RANK, default any;
     HVD_BA_PAUSE_RESTART, a Slurm job's attempt, default every), print a line

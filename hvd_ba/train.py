@@ -31,7 +31,7 @@ from hvd_ba.devices import select_device
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
 from hvd_ba.engine import EpochProgress, TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
 from hvd_ba.lifecycle import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
-                              install_stop_handlers, pause_point)
+                              ignore_stop_signals, install_stop_handlers, pause_point)
 from hvd_ba.models import build_model, parameter_groups
 from hvd_ba.fsio import DiskFull, read_records, remove_stale_temporaries
 from hvd_ba.runs import (LOCK, RunRefused, claim_fresh, config_differences, hold_lock, index_digest, legacy_plan,
@@ -753,6 +753,7 @@ def main_rank(cfg: Config) -> int:
     try:
         try:
             result = run_training(cfg)
+            ignore_stop_signals()
         finally:
             stop.in_startup = False  # from here a signal only sets the flag, whatever happened
     except Preempted as err:

@@ -384,3 +384,34 @@ def test_overwrite_of_a_symlinked_folder_and_of_the_working_directory(small_data
     assert r.stderr.strip().splitlines() == [
         "hvd_ba: error: run.overwrite: run.out_dir '.' is the working directory or holds it; it cannot be moved "
         "aside from here: choose another run.out_dir; nothing was started"]
+
+
+def test_a_stop_signal_while_a_stopped_rank_exits_keeps_its_75(small_data, tmp_path):
+    """srun --kill-on-bad-exit and mpirun end the other tasks with SIGTERM as soon as one rank has
+    exited 75; a rank still leaving (its checkpoint written, the interpreter shutting down) must
+    keep its 75. Measured before the fix: CPython's shutdown resets Python signal handlers to the
+    default, so such a SIGTERM turned the 75 into 143 (a Slurm CI run of srun 2x1)."""
+    out, stop_file = tmp_path / "run", tmp_path / "STOP"
+    proc = subprocess.Popen([sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set",
+                             f"data.path={small_data}", f"run.out_dir={out}", *RUN, "optim.epochs=20",
+                             "run.checkpoint_every=null", "run.sync_every=1", f"run.stop_file={stop_file}",
+                             "data.workers=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    wait_for_step(out, 1, proc)
+    stop_file.write_text("")
+    output = []
+    for line in proc.stdout:  # wait for the stop, then signal the leaving rank until it is gone
+        output.append(line)
+        if "stopped at step" in line:
+            break
+    sent = 0
+    while proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
+    output.append(proc.stdout.read())
+    assert proc.wait() == 75, "".join(output)[-3000:]
+    assert sent > 0
