@@ -17,4 +17,4 @@ DEST=${DEST:-gpu_check.json}
 case "$DEST" in /*) ;; *) DEST="$PWD/$DEST" ;; esac   # where the user ran it, not the checkout
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 cd "$ROOT"
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout "${HVD_BA_GPU_CHECK_TIMEOUT:-470}" "$PY" -m hvd_ba.gpu_check --out "$DEST"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout "${HVD_BA_GPU_CHECK_TIMEOUT:-470}" "$PY" -m hvd_ba.bench.gpu_check --out "$DEST"

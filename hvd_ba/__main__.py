@@ -60,17 +60,15 @@ def parser_make_data() -> argparse.ArgumentParser:
 
 
 def parser_bench() -> argparse.ArgumentParser:
-    from hvd_ba.bench import parser_bench as build
+    from hvd_ba.bench.cli import parser_bench as build
 
     return build()
 
 
 def cmd_bench(args) -> int:
-    from hvd_ba.bench import run_loader_bench
-    from hvd_ba.perf import run_breakdown, run_gpu_bench, run_scaling
+    from hvd_ba.bench.cli import run_bench
 
-    return {"loader": run_loader_bench, "gpu": run_gpu_bench, "breakdown": run_breakdown,
-            "scaling": run_scaling}[args.what](args)
+    return run_bench(args)
 
 
 def parser_plan() -> argparse.ArgumentParser:
@@ -88,7 +86,7 @@ def parser_plan() -> argparse.ArgumentParser:
 
 def cmd_plan(args) -> int:
     from hvd_ba.config import load_config
-    from hvd_ba.train import derived_figures
+    from hvd_ba.train.run import derived_figures
 
     cfg = load_config(args.config, args.set)
     if args.ranks < 1:
@@ -115,12 +113,12 @@ def cmd_plan(args) -> int:
 def cmd_train(args) -> int:
     # Preemption signals are caught from here on (before torch and Horovod are imported): one
     # during start-up ends the rank with 75, the last checkpoint staying the resume point.
-    from hvd_ba.lifecycle import PREEMPTED_EXIT_CODE, Preempted, ignore_stop_signals, install_stop_handlers
+    from hvd_ba.train.stop import PREEMPTED_EXIT_CODE, Preempted, ignore_stop_signals, install_stop_handlers
 
     install_stop_handlers()
     try:
         from hvd_ba.config import check_paths, load_config
-        from hvd_ba.train import main_rank
+        from hvd_ba.train.run import main_rank
 
         extra = [f"run.track_lambda_every={args.track_lambda_every}"] if args.track_lambda_every else []
         cfg = load_config(args.config, [*args.set, *extra])
@@ -134,7 +132,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from hvd_ba.demo import run_demo
+    from hvd_ba.launch.demo import run_demo
 
     return run_demo(args)
 
@@ -227,7 +225,7 @@ def parser_stage() -> argparse.ArgumentParser:
 
 
 def cmd_stage(args) -> int:
-    from hvd_ba.stage import run_stage
+    from hvd_ba.launch.stage import run_stage
 
     return run_stage(args)
 
@@ -264,7 +262,7 @@ def parser_analyze() -> argparse.ArgumentParser:
 
 
 def cmd_analyze(args) -> int:
-    from hvd_ba.analyze import run_analysis
+    from hvd_ba.theory.analyze import run_analysis
 
     return run_analysis(args)
 
@@ -284,7 +282,7 @@ def parser_plot() -> argparse.ArgumentParser:
 
 
 def cmd_plot(args) -> int:
-    from hvd_ba.plot import run_plot
+    from hvd_ba.theory.plot import run_plot
 
     if not args.runs and not args.theory:
         raise ConfigError("plot: give at least one run directory (or --theory DIR)")
@@ -303,13 +301,13 @@ def parser_status() -> argparse.ArgumentParser:
 def cmd_status(args) -> int:
     from pathlib import Path
 
-    from hvd_ba.runs import LOCK, is_complete, read_lock, read_result, read_run_id
+    from hvd_ba.train.run_dir import LOCK, is_complete, read_lock, read_result, read_run_id
 
     out = Path(args.run)
     complete = is_complete(out)
     if args.complete:
         return 0 if complete else 1
-    from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint
+    from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
     from hvd_ba.fsio import read_records
 
     print(f"run folder: {out}")
@@ -339,7 +337,7 @@ def parser_doctor() -> argparse.ArgumentParser:
 
 
 def cmd_doctor(args) -> int:
-    from hvd_ba.doctor import run_doctor
+    from hvd_ba.launch.doctor import run_doctor
 
     return run_doctor(args)
 

@@ -42,7 +42,7 @@ def run_child(data: str, out: Path, settings: list[str], env: dict, log: Path) -
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.environ.update(env)
-            from hvd_ba.train import main_rank
+            from hvd_ba.train.run import main_rank
 
             cfg = load_config("demo", [f"data.path={data}", f"run.out_dir={out}", *settings])
             code = main_rank(cfg)

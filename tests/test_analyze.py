@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run_cli
-from hvd_ba.analyze import AnalysisMode, BatchKind, batch_hvp, top_eigenvalue
-from hvd_ba.demo import horovodrun_command
+from hvd_ba.theory.analyze import AnalysisMode, BatchKind, batch_hvp, top_eigenvalue
+from hvd_ba.launch.demo import horovodrun_command
 from hvd_ba.models import GhostBatchNorm2d
-from hvd_ba.train import read_jsonl
+from hvd_ba.train.run import read_jsonl
 from test_horovod import ENV
 
 
@@ -172,7 +172,7 @@ def test_lambda_tracking_records_and_leaves_training_untouched(small_data, tmp_p
 
 
 def test_reference_gradient_is_the_full_split_or_a_disjoint_sample():
-    from hvd_ba.analyze import reference_batches
+    from hvd_ba.theory.analyze import reference_batches
     from hvd_ba.config import ConfigError
 
     assert reference_batches(2600, 32, 16, 8, 0) == (True, 0, 81)  # every full batch of the split

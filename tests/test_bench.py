@@ -21,7 +21,7 @@ def test_bench_loader_prints_stage_costs_and_ratios(tmp_path):
 
 
 def test_ring_allreduce_model_and_projection():
-    from hvd_ba.perf import project, ring_allreduce_s
+    from hvd_ba.bench.scaling import project, ring_allreduce_s
 
     # 2(W-1) latencies + 2(W-1)/W of the bytes over the link
     assert ring_allreduce_s(1e8, 1, 1e9, 1e-5) == 0.0

@@ -229,7 +229,7 @@ def test_the_second_rank_of_a_node_picks_the_second_gpu(env):
     """Rank 3 is local rank 1 on its node under every launcher (mpirun's ranks carry an inherited
     SLURM_LOCALID of 0, which would put both ranks of a node on GPU 0). select_device takes
     Horovod's local rank, which dist.init checks against this one (local_rank_problem)."""
-    from hvd_ba.devices import DeviceError, gpu_index
+    from hvd_ba.train.devices import DeviceError, gpu_index
 
     local = launch_info(env).local_rank
     assert gpu_index(local, 2, "0,1") == 1

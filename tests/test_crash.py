@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from hvd_ba.checkpoint import checkpoint_dir, save_checkpoint
+from hvd_ba.train.checkpoint import checkpoint_dir, save_checkpoint
 from hvd_ba.fsio import DiskFull, read_records, trim_records
 from test_horovod import ENV, launch, read_jsonl, train_command
 from test_resume import kill_tree
@@ -149,7 +149,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_resume_point(small_data, 
 
 
 def test_a_checkpoint_that_will_not_fit_is_not_started(tmp_path, monkeypatch):
-    import hvd_ba.checkpoint as ckpt
+    import hvd_ba.train.checkpoint as ckpt
 
     save_checkpoint(tmp_path, {"step": 1, "run_id": "r", "model": {"w": torch.zeros(1000)}}, keep=3)
     real = os.statvfs(tmp_path)

@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from hvd_ba.config import load_config
-from hvd_ba.data import pipeline, transforms
+from hvd_ba.data import augment, copies
 from hvd_ba.data.manifest import load_index
-from hvd_ba.data.pipeline import BACollate, ShardSampler, make_train_loader
+from hvd_ba.data.copies import BACollate
+from hvd_ba.data.pipeline import ShardSampler, make_train_loader
 from hvd_ba.data.synthetic import make_dataset
 
 
@@ -116,8 +117,8 @@ def first_batches(data, preset="demo", overrides=(), steps=2, epoch=1):
 
 def count_reads(monkeypatch) -> list:
     opened = []
-    real = pipeline.read_file
-    monkeypatch.setattr(pipeline, "read_file", lambda path: opened.append(path) or real(path))
+    real = copies.read_file
+    monkeypatch.setattr(copies, "read_file", lambda path: opened.append(path) or real(path))
     return opened
 
 
@@ -167,7 +168,9 @@ def test_draft_decoding_matches_a_full_decode(small_data):
     pixels, up to resampling noise, as torchvision's full decode + resized_crop + flip."""
     import torchvision.transforms.functional as TF
 
-    from hvd_ba.data.transforms import TrainPreset, draft_scale, image_rng, make_copies
+    from hvd_ba.data.augment import TrainPreset, draft_scale, image_rng
+
+    from hvd_ba.data.copies import make_copies
 
     preset = TrainPreset(size=64, scale=(0.25, 1.0))
     diffs, drafted = [], 0
@@ -189,7 +192,7 @@ def test_crop_statistics_match_torchvision():
     """Our numpy re-implementation of RandomResizedCrop.get_params draws the same distribution."""
     import torchvision.transforms as T
 
-    from hvd_ba.data.transforms import random_resized_crop_params
+    from hvd_ba.data.augment import random_resized_crop_params
 
     rng, n = np.random.default_rng(0), 4000
     torch.manual_seed(0)
@@ -298,7 +301,8 @@ def test_alexnet_crops_match_torchvisions_transforms(small_data):
     import torchvision.transforms.functional as TF
 
     from hvd_ba.data.pipeline import train_preset
-    from hvd_ba.data.transforms import image_rng, make_copies
+    from hvd_ba.data.augment import image_rng
+    from hvd_ba.data.copies import make_copies
 
     preset = train_preset(load_config("alexnet"))
     assert (preset.kind, preset.resize, preset.size, preset.lighting_std) == ("short-side-random-crop", 256, 224, 0.1)
@@ -317,7 +321,7 @@ def test_alexnet_crops_match_torchvisions_transforms(small_data):
             ref = np.asarray(TF.hflip(ref) if flip else ref).astype(float)
             assert copy.shape == (224, 224, 3)
             diffs.append(np.abs(ref - copy).mean())
-            assert np.allclose(lighting[k], np.array(transforms.IMAGENET_EIGVEC) @ (alpha * np.array(
-                transforms.IMAGENET_EIGVAL)), atol=1e-6)
+            assert np.allclose(lighting[k], np.array(augment.IMAGENET_EIGVEC) @ (alpha * np.array(
+                augment.IMAGENET_EIGVAL)), atol=1e-6)
     assert shapes == {True, False}  # landscape and portrait images both tried
     assert max(diffs) < 1.0, diffs  # the same pixels up to rounding in the resampler

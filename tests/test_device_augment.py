@@ -6,10 +6,13 @@ import torch
 from PIL import Image
 
 from hvd_ba.config import load_config
-from hvd_ba.data.device_augment import canvas_copies, unit_pixels
+from hvd_ba.data.copies_on_device import canvas_copies
+from hvd_ba.data.model_input import unit_pixels
 from hvd_ba.data.manifest import load_index
-from hvd_ba.data.pipeline import BACollate, BATrainSet, make_train_loader
-from hvd_ba.data.transforms import TrainPreset, image_rng, make_copies
+from hvd_ba.data.copies import BACollate, BATrainSet
+from hvd_ba.data.pipeline import make_train_loader
+from hvd_ba.data.augment import TrainPreset, image_rng
+from hvd_ba.data.copies import make_copies
 
 
 def test_device_crops_match_the_loader_copies(small_data):
@@ -112,7 +115,7 @@ def test_two_ranks_train_with_device_augmentation(small_data, tmp_path):
     import json
 
     from test_horovod import launch
-    from hvd_ba.train import read_jsonl
+    from hvd_ba.train.run import read_jsonl
 
     runs = {}
     for where in ("loader", "device"):

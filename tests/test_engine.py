@@ -1,7 +1,7 @@
 """The training step's input handling and the models it builds."""
 import torch
 
-from hvd_ba.engine import TrainState, normalize
+from hvd_ba.train.engine import TrainState, normalize
 from hvd_ba.models import build_model
 
 
@@ -38,7 +38,7 @@ def test_weight_decay_can_exempt_biases():
 def test_bf16_autocast_and_channels_last_step_on_cpu():
     """The AMP and channels_last switches run (on the CPU here; CUDA on a GPU machine)."""
     from hvd_ba.config import load_config
-    from hvd_ba.engine import train_step
+    from hvd_ba.train.engine import train_step
     from hvd_ba.models import parameter_groups
 
     cfg = load_config("demo")

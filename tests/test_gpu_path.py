@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint
+from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
 from hvd_ba.data.pipeline import worker_start_method
-from hvd_ba.devices import DeviceError, gpu_index, nccl_problem, shared_gpus
+from hvd_ba.train.devices import DeviceError, gpu_index, nccl_problem, shared_gpus
 from test_horovod import ENV, launch, read_jsonl, train_command
 from test_resume import RUN, kill_tree, wait_for_step
 
@@ -111,7 +111,7 @@ def test_doctor_warns_when_threads_and_workers_exceed_the_cores():
 
 
 def test_doctor_under_horovodrun_prints_every_rank_once(tmp_path):
-    from hvd_ba.demo import horovodrun_path
+    from hvd_ba.launch.demo import horovodrun_path
 
     r = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvd_ba",
                         "doctor"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
@@ -158,7 +158,7 @@ def test_gpu_check_full_form_on_a_gpu(tmp_path):
 def test_bn_statistics_are_averaged_in_one_grouped_allreduce(monkeypatch):
     """Before: two blocking allreduces per BN layer (106 for ResNet-50) at every evaluation and checkpoint."""
     from hvd_ba import dist
-    from hvd_ba.engine import average_bn_statistics
+    from hvd_ba.train.engine import average_bn_statistics
     from hvd_ba.models import build_model
 
     calls = []
@@ -188,7 +188,7 @@ def test_bn_statistics_are_averaged_in_one_grouped_allreduce(monkeypatch):
 def test_a_training_step_does_not_read_the_device(monkeypatch):
     """Losses and correct counts stay tensors; the loop reads them at log lines and agreements only."""
     from hvd_ba.config import load_config
-    from hvd_ba.engine import Meter, TrainState, train_step
+    from hvd_ba.train.engine import Meter, TrainState, train_step
     from hvd_ba.models import build_model, parameter_groups
 
     cfg = load_config("demo", ["model.ghost_impl=accumulate"])
@@ -215,7 +215,7 @@ def test_select_device_stops_every_rank_with_the_same_line(monkeypatch):
     the same message after one gather, instead of the failing ranks leaving the others hung."""
     from types import SimpleNamespace
 
-    from hvd_ba import devices
+    from hvd_ba.train.run import devices
 
     monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices.torch.cuda, "device_count", lambda: 4)

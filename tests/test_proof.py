@@ -13,8 +13,8 @@ from conftest import ROOT
 from hvd_ba.config import load_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
-from hvd_ba.engine import evaluate, lr_at, normalize, train_step
-from hvd_ba.train import build_state
+from hvd_ba.train.engine import evaluate, lr_at, normalize, train_step
+from hvd_ba.train.run import build_state
 from test_horovod import launch, read_jsonl
 
 # Peak LR 0.05 (0.8 x 16 / 256): at 0.1 the third step of this data order is ill-conditioned (the

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint
+from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
 from test_horovod import ENV, launch, read_jsonl, train_command
 
 RUN = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=2",

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from hvd_ba.checkpoint import checkpoint_dir, find_checkpoint, save_checkpoint
+from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint, save_checkpoint
 from hvd_ba.data.manifest import _folder_state, load_index, manifest_path, write_manifest
 from test_horovod import ENV, launch, read_jsonl, train_command
 from test_resume import RUN, kill_tree, rank_process, wait_for_step

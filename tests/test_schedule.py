@@ -1,7 +1,7 @@
 """LR: linear scaling by the unique global batch, per-iteration warmup, step decay."""
 import pytest
 
-from hvd_ba.schedule import learning_rate, peak_lr
+from hvd_ba.train.lr_schedule import learning_rate, peak_lr
 
 
 def test_linear_scaling_uses_unique_batch():
@@ -52,7 +52,7 @@ GOYAL_32x64 = [(0, 0.1), (1, 0.1 + 0.7 / 3125), (625, 0.24), (3124, 0.8 - 0.7 / 
 @pytest.mark.parametrize("step, expected", GOYAL_32x64)
 def test_warmup_from_the_base_lr_as_goyal(step, expected):
     from hvd_ba.config import load_config
-    from hvd_ba.schedule import config_lr
+    from hvd_ba.train.lr_schedule import config_lr
 
     cfg = load_config("resnet50", ["data.unique_batch=64"])
     assert cfg.optim.warmup_from == "base"
@@ -63,7 +63,7 @@ def test_warmup_from_the_base_lr_as_goyal(step, expected):
 
 def test_warmup_from_zero_stays_available_and_no_warmup_below_the_base():
     from hvd_ba.config import load_config
-    from hvd_ba.schedule import config_lr, describe_warmup
+    from hvd_ba.train.lr_schedule import config_lr, describe_warmup
 
     zero = load_config("resnet50", ["optim.warmup_from=zero"]).optim
     assert config_lr(0, 625, 0.8, zero) == pytest.approx(0.8 / 3125)  # 0.000256, the old rule
@@ -79,7 +79,7 @@ def test_warmup_from_zero_stays_available_and_no_warmup_below_the_base():
 def test_cosine_without_a_warmup_to_do_starts_at_the_peak():
     """peak <= base LR: no warmup, so the cosine runs from step 0 (not from the nominal warmup's end)."""
     from hvd_ba.config import load_config
-    from hvd_ba.schedule import config_lr
+    from hvd_ba.train.lr_schedule import config_lr
 
     o = load_config("resnet50", ["optim.schedule=cosine", "optim.epochs=10", "optim.warmup_epochs=2"]).optim
     lrs = [config_lr(s, 10, 0.05, o) for s in range(100)]

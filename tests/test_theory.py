@@ -4,7 +4,7 @@ the single-batch dataset; and the true threshold lies between 2/lambda_max and 2
 import numpy as np
 import pytest
 
-from hvd_ba.theory import (batch_hessians, lambda_bar, lambda_max, mean_square, random_dataset, second_moment_radius, sgd,
+from hvd_ba.theory.theorem import (batch_hessians, lambda_bar, lambda_max, mean_square, random_dataset, second_moment_radius, sgd,
                            single_batch_dataset, stability_threshold)
 
 BATCHES = (1, 2, 4, 8, 16)

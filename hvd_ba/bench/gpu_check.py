@@ -73,7 +73,7 @@ def shm_capped_workers(wanted: int, batch_bytes: int, prefetch: int = 2) -> int:
 
 
 def part_bench(data: Path, reduced: bool, out_dir: Path) -> dict:
-    from hvd_ba.perf import run_gpu_bench
+    from hvd_ba.bench.gpu import run_gpu_bench
 
     size, unique = (64, 8) if reduced else (224, 32)
     copies = "1,2" if reduced else "1,4,8"
@@ -89,7 +89,7 @@ def part_bench(data: Path, reduced: bool, out_dir: Path) -> dict:
 
 def _state(arch: str, device: torch.device, amp: str, channels_last: bool, dropout: float = 0.0, classes: int = 1000):
     from hvd_ba.config import from_dict
-    from hvd_ba.train import build_state
+    from hvd_ba.train.run import build_state
 
     cfg = from_dict({"model": {"arch": arch, "ghost_size": 32 if arch == "small_resnet" else 64, "dropout": dropout},
                      "run": {"amp": amp, "channels_last": channels_last},
@@ -104,7 +104,7 @@ def _batch(samples: int, size: int, classes: int, seed: int) -> dict:
 
 
 def part_train(device: torch.device, reduced: bool) -> dict:
-    from hvd_ba.engine import train_step
+    from hvd_ba.train.engine import train_step
 
     arch, size, samples = ("small_resnet", 64, 64) if reduced else ("resnet50", 224, 128)
     out = {}
@@ -134,8 +134,9 @@ def part_crops(data: Path, device: torch.device) -> dict:
     """The same (seed, epoch, file) draws cropped by the loader (PIL) and on the device (roi_align)."""
     from PIL import Image
 
-    from hvd_ba.data.device_augment import canvas_copies, device_crops
-    from hvd_ba.data.transforms import TrainPreset, image_rng, make_copies
+    from hvd_ba.data.copies_on_device import canvas_copies, device_crops
+    from hvd_ba.data.augment import TrainPreset, image_rng
+    from hvd_ba.data.copies import make_copies
 
     preset = TrainPreset(size=64, scale=(0.25, 1.0))
     diffs = []
@@ -154,9 +155,9 @@ def part_crops(data: Path, device: torch.device) -> dict:
 def part_resume(device: torch.device, reduced: bool) -> dict:
     """Three steps; a checkpoint after two; a fresh state resumed from it takes the third: the
     same loss (dropout draws from the CUDA RNG, which the checkpoint carries)."""
-    from hvd_ba.checkpoint import find_checkpoint, save_checkpoint
-    from hvd_ba.engine import train_step
-    from hvd_ba.train import rng_states, set_rng_states
+    from hvd_ba.train.checkpoint import find_checkpoint, save_checkpoint
+    from hvd_ba.train.engine import train_step
+    from hvd_ba.train.run import rng_states, set_rng_states
 
     size, samples = (64, 64) if reduced else (128, 128)
     batches = [_batch(samples, size, 10, s) for s in range(3)]
@@ -183,7 +184,7 @@ def part_resume(device: torch.device, reduced: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hvd_ba.gpu_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hvd_ba.bench.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_check.json", help="the JSON of every figure (default: gpu_check.json)")
     p.add_argument("--data", default=None, help="a JPEG folder for the loader parts (default: made in a temp dir)")
     p.add_argument("--reduced", action="store_true", help="the reduced form even where CUDA is available")

@@ -9,65 +9,14 @@ ImageNet-like sizes (about 500 x 375) and JPEG qualities.
 """
 from __future__ import annotations
 
-import argparse
 import io
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CORPUS_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-                 "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
-IMAGENET_SIDES = (500, 375)  # the most common ImageNet training image size
-DEFAULT_CORPUS = "~/.cache/hvd_ba/bench-photos"
-
-
-def parser_bench() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hvd_ba bench", description="Benchmarks that print a ratio against a baseline measured in the same run.")
-    sub = p.add_subparsers(dest="what", required=True)
-    loader = sub.add_parser("loader", help="BA loader against the naive torchvision way")
-    loader.add_argument("--copies", default="1,4,8", help="comma-separated M values (default: 1,4,8)")
-    loader.add_argument("--images", type=int, default=480, help="unique images per measurement (default: 480)")
-    loader.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="loader processes, one per core (default: all cores)")
-    loader.add_argument("--size", type=int, default=224, help="crop side, px (default: 224)")
-    loader.add_argument("--batch", type=int, default=64, help="samples per batch, both pipelines (default: 64)")
-    loader.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if absent (default: {DEFAULT_CORPUS})")
-    from hvd_ba.perf import add_parsers
-
-    add_parsers(sub)
-    return p
-
-
-# ------------------------------------------------------------------------------------- corpus
-
-
-def make_photo_corpus(root: Path, per_photo: int = 60, seed: int = 0) -> Path:
-    """root/train/<photo>/*.JPEG: random crops of each sample photo at ImageNet-like size/quality."""
-    import skimage
-    from PIL import Image
-
-    src = Path(skimage.__file__).parent / "data"
-    rng = np.random.default_rng(seed)
-    for name in CORPUS_PHOTOS:
-        photo = Image.open(src / name).convert("RGB")
-        folder = root / "train" / Path(name).stem
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_photo):
-            w, h = photo.size
-            frac = rng.uniform(0.5, 1.0)
-            cw, ch = int(w * frac), int(h * frac)
-            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            long_side, short_side = (int(s * rng.uniform(0.9, 1.1)) for s in IMAGENET_SIDES)
-            size = (long_side, short_side) if cw >= ch else (short_side, long_side)
-            img = photo.resize(size, Image.BICUBIC, box=(left, top, left + cw, top + ch))
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=int(rng.integers(85, 96)))
-            (folder / f"{Path(name).stem}_{i:04d}.JPEG").write_bytes(buf.getvalue())
-    return root
-
+from hvd_ba.bench.corpus import IMAGENET_SIDES, corpus
 
 # ----------------------------------------------------------------------------------- pipelines
 
@@ -86,8 +35,8 @@ def naive_loader(root: Path, copies: int, images: int, size: int, workers: int, 
 
 def ba_loader(root: Path, copies: int, images: int, size: int, workers: int, batch: int):
     from hvd_ba.data.manifest import load_index
-    from hvd_ba.data.pipeline import BACollate, BATrainSet
-    from hvd_ba.data.transforms import TrainPreset
+    from hvd_ba.data.copies import BACollate, BATrainSet
+    from hvd_ba.data.augment import TrainPreset
 
     index = load_index(root, "train", None)
     dataset = BATrainSet(index, copies, TrainPreset(size=size), seed=0)
@@ -121,7 +70,7 @@ def stage_costs(root: Path, size: int, copies: int, repeats: int = 40) -> dict:
     import torchvision.transforms as T
     from PIL import Image
 
-    from hvd_ba.data.transforms import TrainPreset, decode_rgb, draft_scale, image_rng
+    from hvd_ba.data.augment import TrainPreset, decode_rgb, draft_scale, image_rng
 
     files = sorted((root / "train").rglob("*.JPEG"))[:repeats]
     blobs = [f.read_bytes() for f in files]
@@ -162,13 +111,8 @@ def stage_costs(root: Path, size: int, copies: int, repeats: int = 40) -> dict:
 
 def run_loader_bench(args) -> int:
     copies_list = [int(c) for c in args.copies.split(",")]
-    root = Path(os.path.expanduser(args.corpus))
-    n_files = len(list((root / "train").rglob("*.JPEG")))
-    if n_files < args.images:
-        print(f"bench: making the photo corpus in {root} ...", flush=True)
-        make_photo_corpus(root, per_photo=-(-args.images // len(CORPUS_PHOTOS)))
-        n_files = len(list((root / "train").rglob("*.JPEG")))
-    images = min(args.images, n_files)
+    root = corpus(args.corpus, args.images)
+    images = min(args.images, len(list((root / "train").rglob("*.JPEG"))))
     batch = args.batch
     print(f"bench loader: {images} unique photos (~{IMAGENET_SIDES[0]}x{IMAGENET_SIDES[1]} JPEG), crop {args.size}, "
           f"{args.workers} loader processes (one per core), batches of {batch} samples")

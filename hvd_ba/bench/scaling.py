@@ -1,4 +1,4 @@
-"""Performance benchmarks of training: `bench gpu`, `bench breakdown` (one rank's step split into
+"""Benchmarks of multi-rank training: `bench breakdown` (one rank's step split into
 data wait, forward/backward, allreduce, optimizer) and `bench scaling` (breakdowns under real
 `horovodrun -np 2` over Gloo and MPI at M = 1, 2, 4, then a ring-allreduce model of ResNet-50 at
 W = 8 ... 1024 workers).
@@ -10,7 +10,6 @@ DistributedOptimizer does in training: it is the communication time the overlap 
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -18,212 +17,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from hvd_ba.config import load_config
+from hvd_ba.bench.corpus import corpus, loader_for
+from hvd_ba.bench.gpu import preset_ghost_size, resnet50_gpu_rate, sync
+from hvd_ba.data.model_input import channel_stats, normalize
 from hvd_ba.models import build_model
 
-RESNET50_ASSUMED_GPU_SAMPLES_PER_S = 2500.0  # assumed: an A100-class GPU, bf16, channels_last
 DEFAULT_BANDWIDTHS_GBIT = "10,100,400"  # assumed: Ethernet, EDR InfiniBand, NDR InfiniBand
 DEFAULT_LATENCY_US = 10.0  # assumed: per ring step (software + network)
-
-
-def add_parsers(sub) -> None:
-    gpu = sub.add_parser("gpu", help="images/s of training: synthetic tensors on the device (the no-I/O ceiling) "
-                                     "against this loader at several M, loader and device augmentation")
-    gpu.add_argument("--model", default=None, help="arch (default: resnet50 on CUDA, small_resnet on CPU)")
-    gpu.add_argument("--size", type=int, default=None, help="crop side, px (default: 224 on CUDA, 64 on CPU)")
-    gpu.add_argument("--unique-batch", type=int, default=None, help="unique images per step (default: 32 on CUDA "
-                     "as in the resnet50 preset, 8 on CPU); samples per step = M x this")
-    gpu.add_argument("--copies", default="1,4,8", help="M values (default: 1,4,8)")
-    gpu.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 4 on CPU)")
-    gpu.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 2 on CPU)")
-    gpu.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes (default: all cores)")
-    gpu.add_argument("--amp", default=None, choices=("off", "bf16"), help="autocast (default: bf16 on CUDA, off on CPU)")
-    gpu.add_argument("--where", default="loader,device", help="augmentation places to measure (default: loader,device)")
-    gpu.add_argument("--corpus", default="~/.cache/hvd_ba/bench-photos", help="photo corpus folder, made if short")
-    gpu.add_argument("--json", default=None, help="also write the figures here")
-
-    br = sub.add_parser("breakdown", help="one rank's step time split into data / forward+backward / allreduce / "
-                                          "optimizer (run under horovodrun)")
-    _breakdown_args(br)
-    br.add_argument("--json", default=None, help="rank 0 writes the figures here")
-
-    sc = sub.add_parser("scaling", help="breakdowns under horovodrun -np 2 (Gloo, MPI) at M = 1, 2, 4, and a "
-                                        "ring-allreduce projection of ResNet-50 to W = 8 ... 1024")
-    _breakdown_args(sc)
-    sc.add_argument("--copies-list", default="1,2,4", help="M values (default: 1,2,4)")
-    sc.add_argument("--backends", default="gloo,mpi", help="horovodrun controllers (default: gloo,mpi)")
-    sc.add_argument("--np", type=int, default=2, help="ranks of the measured runs (default: 2)")
-    sc.add_argument("--bandwidths-gbit", default=DEFAULT_BANDWIDTHS_GBIT,
-                    help=f"projection: link bandwidths, Gbit/s (assumed; default: {DEFAULT_BANDWIDTHS_GBIT})")
-    sc.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US,
-                    help=f"projection: latency per ring step, us (assumed; default: {DEFAULT_LATENCY_US})")
-    sc.add_argument("--gpu-samples-per-s", type=float, default=None,
-                    help="projection: ResNet-50 training samples/s of one GPU (default: measured on this machine's "
-                         "GPU, bf16, channels_last, 32 per step, when there is one; else an assumed "
-                         f"{RESNET50_ASSUMED_GPU_SAMPLES_PER_S:.0f})")
-    sc.add_argument("--out", default="runs/bench-scaling", help="folder for scaling.json and scaling.png")
-
-
-def _breakdown_args(p) -> None:
-    p.add_argument("--model", default="small_resnet", help="arch (default: small_resnet)")
-    p.add_argument("--size", type=int, default=64, help="crop side, px (default: 64)")
-    p.add_argument("--unique-batch", type=int, default=16, help="unique images per rank per step (default: 16)")
-    p.add_argument("--copies", type=int, default=4, help="M (default: 4)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
-    p.add_argument("--workers", type=int, default=1, help="loader processes per rank (default: 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
-    p.add_argument("--fp16-allreduce", action="store_true", help="Horovod fp16 compression on the wire")
-    p.add_argument("--corpus", default="~/.cache/hvd_ba/bench-photos", help="photo corpus folder, made if short")
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def corpus(path: str, images: int) -> Path:
-    """The bench photo corpus (bench loader's), grown to at least `images` files."""
-    from hvd_ba.bench import CORPUS_PHOTOS, make_photo_corpus
-
-    root = Path(os.path.expanduser(path))
-    if len(list((root / "train").rglob("*.JPEG"))) < images:
-        print(f"bench: making the photo corpus in {root} ...", flush=True)
-        make_photo_corpus(root, per_photo=-(-images // len(CORPUS_PHOTOS)))
-    return root
-
-
-def loader_for(root: Path, copies: int, unique: int, size: int, workers: int, where: str, steps: int,
-               rank: int = 0, world: int = 1):
-    from hvd_ba.data.manifest import load_index
-    from hvd_ba.data.pipeline import make_train_loader
-
-    cfg = load_config("resnet50", [f"data.path={root}", "data.manifest_dir=null", f"data.copies={copies}",
-                                   f"data.unique_batch={unique}", f"data.workers={workers}", f"augment.size={size}",
-                                   f"augment.where={where}", "model.ghost_size=null", f"run.max_steps_per_epoch={steps}"])
-    return make_train_loader(load_index(root, "train", None), cfg, rank, world), cfg
-
-
-def input_state(cfg, device: torch.device, channels_last: bool):
-    """What engine.normalize needs of a TrainState."""
-    a = cfg.augment
-    return SimpleNamespace(device=device, channels_last=channels_last,
-                           mean=torch.tensor(a.mean, device=device).view(1, 3, 1, 1),
-                           std=torch.tensor(a.std, device=device).view(1, 3, 1, 1))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def model_and_step(arch: str, device: torch.device, amp: str, channels_last: bool, ghost: int | None = 64):
-    model = build_model(arch, 1000, ghost).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    dtype = {"off": None, "bf16": torch.bfloat16}[amp]
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return model, step
-
-
-def synthetic_rate(step, samples: int, size: int, device: torch.device, warmup: int, steps: int) -> float:
-    """Samples/s of `step` on random channels_last tensors already on the device (no I/O at all)."""
-    x = torch.randn(samples, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (samples,), device=device)
-    for _ in range(warmup):
-        step(x, y)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step(x, y)
-    sync(device)
-    return samples * steps / (time.perf_counter() - t)
-
-
-# ----------------------------------------------------------------------------------- bench gpu
-
-
-def run_gpu_bench(args) -> int:
-    from hvd_ba.bench import samples_per_second
-    from hvd_ba.engine import normalize
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    arch = args.model or ("resnet50" if cuda else "small_resnet")
-    size = args.size or (224 if cuda else 64)
-    unique = args.unique_batch or (32 if cuda else 8)
-    steps, warmup = args.steps or (30 if cuda else 4), args.warmup or (5 if cuda else 2)
-    amp = args.amp or ("bf16" if cuda else "off")
-    channels_last = True
-    copies_list = [int(c) for c in args.copies.split(",")]
-    places = args.where.split(",")
-    if not cuda:
-        print("bench gpu: no CUDA device; the reduced form on the CPU (the same measurements, small sizes)")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
-    name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"bench gpu: {arch} on {name}, {size} px, amp {amp}, channels_last, {unique} unique images x M per step, "
-          f"{steps} timed steps after {warmup}, {args.workers} loader processes")
-    root = corpus(args.corpus, unique * (warmup + steps))
-    model, step = model_and_step(arch, device, amp, channels_last)
-    rows = []
-    for m in copies_list:
-        samples = unique * m
-        # (a) the ceiling: the same step on tensors already on the device
-        ceiling = synthetic_rate(step, samples, size, device, warmup, steps)
-        for where in places:
-            # (b) this project's loader feeding the same step
-            loader, cfg = loader_for(root, m, unique, size, args.workers, where, warmup + steps)
-            state = input_state(cfg, device, channels_last)
-            timed, start, io_wait = 0, None, 0.0
-            t_wait = time.perf_counter()
-            for i, batch in enumerate(loader):
-                if i == warmup:
-                    sync(device)
-                    start, io_wait = time.perf_counter(), 0.0
-                    t_wait = start
-                io_wait += time.perf_counter() - t_wait
-                step(normalize(batch, state), batch["labels"].to(device, non_blocking=True))
-                timed += samples if i >= warmup else 0
-                t_wait = time.perf_counter()
-            sync(device)
-            elapsed = time.perf_counter() - start
-            fed = timed / elapsed
-            # the loader alone: samples/s that `workers` processes make, per process
-            del loader, batch  # its persistent workers go now, not at exit
-            alone = loader_for(root, m, unique, size, args.workers, where, warmup + steps)[0]
-            rate, _ = samples_per_second(alone)
-            del alone
-            gc.collect()
-            per_worker = rate / args.workers
-            rows.append({"copies": m, "where": where, "samples_per_step": samples, "ceiling_samples_per_s": ceiling,
-                         "loader_samples_per_s": fed, "ratio": fed / ceiling, "data_wait_fraction": io_wait / elapsed,
-                         "loader_only_samples_per_s_per_process": per_worker,
-                         "processes_for_ceiling": ceiling / per_worker})
-            print(f"  M={m} {where}: {fed:.1f} samples/s against the ceiling {ceiling:.1f} ({fed / ceiling:.2f}); "
-                  f"loader alone {per_worker:.1f} samples/s per process", flush=True)
-    print(f"\n{'M':>2} {'augment on':>10} {'samples/step':>12} {'ceiling/s':>10} {'fed/s':>9} {'ratio':>6} "
-          f"{'data wait':>9} {'loader/s/proc':>13} {'procs for ceiling':>17}")
-    for r in rows:
-        print(f"{r['copies']:>2} {r['where']:>10} {r['samples_per_step']:>12} {r['ceiling_samples_per_s']:>10.1f} "
-              f"{r['loader_samples_per_s']:>9.1f} {r['ratio']:>6.2f} {100 * r['data_wait_fraction']:>8.0f}% "
-              f"{r['loader_only_samples_per_s_per_process']:>13.1f} {r['processes_for_ceiling']:>17.1f}")
-    print("ratios (loader-fed / ceiling): " + ", ".join(f"M={r['copies']} {r['where']}: {r['ratio']:.2f}" for r in rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "arch": arch, "size": size, "amp": amp,
-                                               "unique_batch": unique, "workers": args.workers, "rows": rows}, indent=1))
-    return 0
 
 
 # ----------------------------------------------------------------------------- bench breakdown
@@ -231,8 +35,7 @@ def run_gpu_bench(args) -> int:
 
 def run_breakdown(args) -> int:
     from hvd_ba import dist
-    from hvd_ba.devices import select_device
-    from hvd_ba.engine import normalize
+    from hvd_ba.train.devices import select_device
 
     torch.set_num_threads(args.threads)
     dist.init()
@@ -243,8 +46,8 @@ def run_breakdown(args) -> int:
     root = corpus(args.corpus, 0)
     loader, cfg = loader_for(root, args.copies, args.unique_batch, args.size, args.workers, "loader",
                              args.warmup + args.steps, rank, world)
-    state = input_state(cfg, device, False)
-    model = build_model(args.model, 1000, 64).to(device)
+    mean, std = channel_stats(cfg.augment, device)
+    model = build_model(args.model, 1000, preset_ghost_size()).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     dist.broadcast_state(model, opt, optimizer_state=False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -256,7 +59,7 @@ def run_breakdown(args) -> int:
         if i == args.warmup:
             phases = dict.fromkeys(phases, 0.0)
         phases["data"] += t0 - t_wait
-        x = normalize(batch, state)
+        x = normalize(batch, device, mean, std)
         opt.zero_grad()
         F.cross_entropy(model(x), batch["labels"].to(device)).backward()
         sync(device)
@@ -356,18 +159,6 @@ def project(grad_bytes: float, samples_per_s: float, unique: int, workers: list[
                              "allreduce_s": comm, "efficiency": compute / (compute + comm),
                              "unique_images_per_s": w * unique * passes / (compute + comm)})
     return rows
-
-
-def resnet50_gpu_rate(given: float | None, unique: int, steps: int = 20, warmup: int = 5) -> tuple[float, str]:
-    """ResNet-50 training samples/s of one GPU: given, else measured here (bf16, channels_last,
-    synthetic tensors on the GPU, `unique` per step), else the assumed figure."""
-    if given is not None:
-        return given, "given"
-    if not torch.cuda.is_available():
-        return RESNET50_ASSUMED_GPU_SAMPLES_PER_S, "assumed: no CUDA here"
-    device = torch.device("cuda")
-    _, step = model_and_step("resnet50", device, "bf16", True)
-    return synthetic_rate(step, unique, 224, device, warmup, steps), "measured"
 
 
 def resnet50_gradient_bytes() -> int:

@@ -18,17 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hvd_ba.data.transforms import TrainPreset, decode_rgb, draft_scale
+from hvd_ba.data.augment import TrainPreset, decode_once
 
 
 def canvas_copies(img: Image.Image, preset: TrainPreset, copies: int, rng: np.random.Generator,
                   canvas: int) -> dict:
     """Decode `img` once; return it (uint8 HWC, long side <= canvas) with the M crop boxes in its
-    pixels, the flips and the lighting offsets. Draws exactly as `transforms.make_copies`."""
-    width, height = img.size
-    draws = [preset.draw(width, height, rng) for _ in range(copies)]
-    out = (preset.size, preset.size)
-    img, fx, fy = decode_rgb(img, draft_scale((width, height), [d[0] for d in draws], out))
+    pixels, the flips and the lighting offsets. Draws and decodes as `copies.make_copies` (augment.decode_once)."""
+    img, fx, fy, draws = decode_once(img, preset, copies, rng)
     w, h = img.size
     if max(w, h) > canvas:
         s = canvas / max(w, h)
@@ -71,12 +68,3 @@ def device_crops(canvas: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor,
     crops = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     crops = torch.where(flips.to(device, non_blocking=True).view(-1, 1, 1, 1), crops.flip(-1), crops)
     return crops.div_(255)
-
-
-def unit_pixels(batch: dict, device: torch.device) -> torch.Tensor:
-    """A training batch's samples as float NCHW on [0, 1] on `device`: the loader's uint8 copies
-    converted, or (device augmentation) the crops made here from its canvases."""
-    if "canvas" in batch:
-        return device_crops(batch["canvas"].to(device, non_blocking=True), batch["boxes"], batch["owner"],
-                            batch["flips"], batch["size"])
-    return batch["images"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)

@@ -1,4 +1,5 @@
-"""BA data pipeline: per-rank shards, decode each image once, M augmented copies made locally.
+"""BA data pipeline: per-rank shards (ShardSampler) and the loaders that feed a rank; the M copies
+of each image are made by data/copies.py.
 
 Nothing here imports Horovod or mpi4py: loader workers (forkserver/spawn) import this module,
 and MPI must not be initialised in them (horovod-pitfalls.md). Rank and world size come in as
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import io
 import multiprocessing
 import os
 import signal
@@ -21,67 +21,13 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from hvd_ba.cluster import launch_info, loader_split
-from hvd_ba.data.device_augment import canvas_copies, collate_canvases
+from hvd_ba.data.augment import TrainPreset, eval_image
+from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, open_image, read_file
 from hvd_ba.data.manifest import FileIndex
-from hvd_ba.data.transforms import TrainPreset, eval_image, image_rng, make_copies
 
 WATCHDOG_PERIOD_S = 2.0
-REPLACEMENT_TRIES = 8  # files of the shard tried in turn when a file cannot be decoded
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def open_image(data: bytes) -> Image.Image:
-    """Parse the header only; decoding (and its errors) come later, at draft/convert/resize."""
-    return Image.open(io.BytesIO(data))
-
-
-class BATrainSet(torch.utils.data.Dataset):
-    """Item (file index, epoch, replacements) -> one decoded image's M copies.
-
-    A file that cannot be read or decoded is replaced by the next of `replacements` (files of the
-    same shard, fixed by the sampler, so the replacement is deterministic); the failed path is
-    returned for the main process to log once and count.
-    With `canvas` (augment.where: device) an item is the one decoded image (long side <= canvas
-    px) with its M crop boxes instead of M crops; the training step crops on the device.
-    """
-
-    def __init__(self, index: FileIndex, copies: int, preset: TrainPreset, seed: int, canvas: int | None = None):
-        self.index, self.copies, self.preset, self.seed = index, copies, preset, seed
-        self.canvas = canvas
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def path(self, i: int) -> str:
-        return os.path.join(self.index.root, self.index.paths[i])
-
-    def __getitem__(self, key):
-        i, epoch, replacements = key
-        bad, files, nbytes = [], 0, 0
-        for j in (i, *replacements):
-            files += 1
-            try:
-                data = read_file(self.path(j))
-                nbytes += len(data)
-                img = open_image(data)
-                rng = image_rng(self.seed, epoch, j)
-                if self.canvas:
-                    item = canvas_copies(img, self.preset, self.copies, rng, self.canvas)
-                else:
-                    copies, lighting = make_copies(img, self.preset, self.copies, rng)
-                    item = {"copies": copies, "lighting": lighting}
-            except Exception as err:  # PIL raises many types for broken files
-                bad.append(f"{self.path(j)} ({type(err).__name__}: {err})")
-                continue
-            return {**item, "label": self.index.labels[j], "index": j, "files": files, "bytes": nbytes, "bad": bad}
-        raise RuntimeError(f"{len(bad)} files in a row could not be decoded: " + "; ".join(bad))
 
 
 class EvalSet(torch.utils.data.Dataset):
@@ -101,61 +47,6 @@ class EvalSet(torch.utils.data.Dataset):
             raise ValueError(f"cannot decode validation image '{path}': {err}") from None
         return {"copies": [image], "lighting": np.zeros((1, 3), np.float32), "label": self.index.labels[i],
                 "index": i, "files": 1, "bytes": len(data), "bad": []}
-
-
-class BACollate:
-    """Stack B items of M copies into one batch of M*B samples in the chosen layout.
-
-    copy-major: sample k*B + b is copy k of image b (each group of B holds B distinct images, the
-    layout of the paper's ghost-BN runs); sample-major: the M copies of an image are adjacent.
-    Items made for device augmentation (a "canvas" each) give "canvas", "boxes", "owner" and
-    "flips" (hvd_ba/data/device_augment.py) in place of "images".
-    """
-
-    def __init__(self, layout: str = "copy-major"):
-        if layout not in ("copy-major", "sample-major"):
-            raise ValueError(f"config key 'data.layout': unknown layout {layout!r}")
-        self.copy_major = layout == "copy-major"
-
-    def __call__(self, items):
-        b, m = len(items), len(items[0]["lighting"])
-        lighting = torch.from_numpy(np.stack([it["lighting"] for it in items]))  # [B, M, 3]
-        labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
-        if "canvas" in items[0]:
-            side = (max(it["canvas"].shape[0] for it in items), max(it["canvas"].shape[1] for it in items))
-            pixels = collate_canvases(items, self.copy_major, _batch_tensor((b, *side, 3), torch.uint8, zero=True))
-        else:
-            # Each copy is written once, straight into the batch tensor (in shared memory when in a
-            # worker, as torch's default_collate does), instead of stacking and permuting copies.
-            images = _batch_tensor((m * b, *items[0]["copies"][0].shape), torch.uint8)
-            for i, it in enumerate(items):
-                for k, array in enumerate(it["copies"]):
-                    images[k * b + i if self.copy_major else i * m + k].numpy()[:] = array
-            pixels = {"images": images}
-        if self.copy_major:
-            lighting = lighting.transpose(0, 1).reshape(m * b, 3)
-            labels = labels.repeat(m)
-        else:
-            lighting = lighting.reshape(b * m, 3)
-            labels = labels.repeat_interleave(m)
-        return {
-            **pixels,
-            "labels": labels,
-            "lighting": lighting,
-            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
-            "files": sum(it["files"] for it in items),
-            "bytes": sum(it["bytes"] for it in items),
-            "bad": [p for it in items for p in it["bad"]],
-        }
-
-
-def _batch_tensor(shape: tuple, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
-    if torch.utils.data.get_worker_info() is None:
-        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
-    numel = int(np.prod(shape))
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    out = torch.empty(0, dtype=dtype).new(storage).view(shape)
-    return out.zero_() if zero else out
 
 
 def _generator(*words: int) -> torch.Generator:

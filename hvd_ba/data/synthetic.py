@@ -177,31 +177,47 @@ PHOTO_CLASSES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "mo
                  "retina.jpg", "hubble_deep_field.jpg")
 
 
+def photo_crops(folder: Path, photo: Image.Image, count: int, rng: np.random.Generator, frac: tuple[float, float],
+                size, quality) -> tuple[int, int]:
+    """`count` random crops of `photo` (each side the fraction `frac` drawn of the photo's, at a
+    random place), resized to `size(rng, crop_w, crop_h)` and saved as JPEGs of quality
+    `quality(rng)`: folder/<folder name>_<i>.JPEG. Returns (files, bytes). The one generator of
+    real-photo images: the photo set here and the bench corpus (bench/corpus.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = photo.size
+    nbytes = 0
+    for i in range(count):
+        f = rng.uniform(*frac)
+        cw, ch = int(w * f), int(h * f)
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = photo.resize(size(rng, cw, ch), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+        path = folder / f"{folder.name}_{i:04d}.JPEG"
+        img.save(path, "JPEG", quality=quality(rng))
+        nbytes += path.stat().st_size
+    return count, nbytes
+
+
+def sample_photo(name: str) -> Image.Image:
+    """One of scikit-image's sample photographs, RGB."""
+    import skimage
+
+    return Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB")
+
+
 def make_photo_dataset(root: str | Path, train_per_class: int = 120, val_per_class: int = 30, seed: int = 0,
                        side: int = 96) -> dict:
     """A small real-photo set: class c holds random crops (10-35 % of each side, any place) of
     scikit-image's sample photograph c, saved as side x side JPEGs; train and val crops are
     drawn independently. Telling which photo a small crop comes from needs colour and texture,
     not a drawn shape."""
-    import skimage
-
-    root, src = Path(root), Path(skimage.__file__).parent / "data"
+    root = Path(root)
     rng = np.random.default_rng(seed)
     files = nbytes = 0
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for name in PHOTO_CLASSES:
-            photo = Image.open(src / name).convert("RGB")
-            w, h = photo.size
-            folder = root / split / Path(name).stem
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                frac = rng.uniform(0.10, 0.35)
-                cw, ch = int(w * frac), int(h * frac)
-                left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                img = photo.resize((side, side), Image.BICUBIC, box=(left, top, left + cw, top + ch))
-                path = folder / f"{Path(name).stem}_{i:04d}.JPEG"
-                img.save(path, "JPEG", quality=90)
-                files, nbytes = files + 1, nbytes + path.stat().st_size
+            made, size = photo_crops(root / split / Path(name).stem, sample_photo(name), per_class, rng, (0.10, 0.35),
+                                     lambda rng, cw, ch: (side, side), lambda rng: 90)
+            files, nbytes = files + made, nbytes + size
     summary = {"files": files, "bytes": nbytes, "classes": len(PHOTO_CLASSES), "source": "scikit-image sample photos"}
     (root / "dataset.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from hvd_ba.config import ConfigError, check_paths, load_config
-from hvd_ba.runs import claim_fresh, holds_run
+from hvd_ba.train.run_dir import claim_fresh, holds_run
 
 
 def horovodrun_path() -> str:

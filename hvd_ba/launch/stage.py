@@ -36,7 +36,7 @@ from hvd_ba.cluster import launch_info, launch_rank
 from hvd_ba.config import ConfigError, load_config
 from hvd_ba.data.manifest import FileIndex, load_index
 from hvd_ba.data.pipeline import eval_files, train_sampler
-from hvd_ba.lifecycle import pause_point
+from hvd_ba.train.stop import pause_point
 
 RECORD_DIR = ".hvd_ba-stage"
 CHUNK_BYTES = 1 << 20

@@ -1,63 +1,17 @@
-"""Models: torchvision's where they exist, a compact ResNet for the demo, and ghost batch norm.
+"""The networks: torchvision's where they exist, a compact ResNet and MobileNet v1 for CPU runs.
 
-Every model keeps torchvision's module names, and GhostBatchNorm2d subclasses BatchNorm2d with
-the same parameters and buffers, so a state dict saved here loads strictly into the plain
-torchvision model (e.g. `torchvision.models.resnet50()`).
+Every model keeps torchvision's module names, and ghost batch norm (models/ghost_bn.py)
+subclasses BatchNorm2d with the same parameters and buffers, so a state dict saved here loads
+strictly into the plain torchvision model (e.g. `torchvision.models.resnet50()`).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-
-class GhostBatchNorm2d(nn.BatchNorm2d):
-    """Batch norm whose training statistics are taken over consecutive groups of `ghost_size`.
-
-    Each group is normalised as if it were its own forward pass, and the running statistics are
-    updated once per group, exactly as the authors' chunked forward (several passes with gradient
-    accumulation) does. Rank-local: nothing is synchronised across Horovod ranks. In eval mode it
-    is a plain BatchNorm2d over the running statistics.
-    """
-
-    def __init__(self, num_features: int, ghost_size: int = 64, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self.ghost_size = ghost_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.shape[0] <= self.ghost_size:
-            return super().forward(x)
-        if x.shape[0] % self.ghost_size:
-            raise ValueError(
-                f"GhostBatchNorm2d: {x.shape[0]} samples are not a multiple of ghost_size {self.ghost_size}"
-            )
-        if self.momentum is None:
-            raise ValueError("GhostBatchNorm2d needs a fixed momentum (cumulative averaging is not supported)")
-        groups = x.split(self.ghost_size)
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(len(groups))  # one forward pass per group
-        return torch.cat([
-            F.batch_norm(g, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps)
-            for g in groups
-        ])
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", ghost_size={self.ghost_size}"
-
-
-def use_ghost_batch_norm(model: nn.Module, ghost_size: int) -> nn.Module:
-    """Replace every BatchNorm2d in `model` by a GhostBatchNorm2d that shares its tensors."""
-    for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
-            ghost = GhostBatchNorm2d(child.num_features, ghost_size, eps=child.eps, momentum=child.momentum,
-                                     affine=child.affine, track_running_stats=child.track_running_stats)
-            ghost.load_state_dict(child.state_dict())
-            setattr(model, name, ghost)
-        else:
-            use_ghost_batch_norm(child, ghost_size)
-    return model
+from hvd_ba.models.ghost_bn import use_ghost_batch_norm
 
 
 class SmallResNet(torchvision.models.ResNet):

@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from hvd_ba import dist
 from hvd_ba.cluster import launch_info
 from hvd_ba.config import Config, ConfigError, load_config
-from hvd_ba.data.device_augment import unit_pixels
+from hvd_ba.data.model_input import channel_stats, normalize
 from hvd_ba.data.manifest import load_index
-from hvd_ba.data.pipeline import BACollate, BATrainSet, _generator, train_preset
+from hvd_ba.data.copies import BACollate, BATrainSet
+from hvd_ba.data.pipeline import _generator, train_preset
 from hvd_ba.models import build_model
-from hvd_ba.schedule import config_lr, peak_lr
+from hvd_ba.train.lr_schedule import config_lr, peak_lr
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,7 @@ class Batches:
     def __init__(self, cfg: Config, index, epoch: int, device: torch.device):
         self.cfg, self.index, self.epoch, self.device = cfg, index, epoch, device
         self.order = torch.randperm(len(index), generator=_generator(cfg.run.seed, epoch)).tolist()
-        self.mean = torch.tensor(cfg.augment.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.augment.std, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = channel_stats(cfg.augment, device)
 
     def part(self, kind: BatchKind, k: int, part: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (normalised NCHW) and labels of part `part` of batch k."""
@@ -87,9 +87,7 @@ class Batches:
         dataset = BATrainSet(self.index, kind.copies, train_preset(self.cfg), self.cfg.run.seed,
                              a.canvas if a.where == "device" else None)
         batch = BACollate(self.cfg.data.layout)([dataset[(i, self.epoch, ())] for i in files])
-        x = unit_pixels(batch, self.device)
-        x = x.add_(batch["lighting"].to(self.device).view(-1, 3, 1, 1)).sub_(self.mean).div_(self.std)
-        return x, batch["labels"].to(self.device)
+        return normalize(batch, self.device, self.mean, self.std), batch["labels"].to(self.device)
 
 
 def _params(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -317,7 +315,7 @@ def measure_grad_variance(model, batches: Batches, unique: int, copies_list: lis
 
 def load_analysis_target(args) -> tuple[Config, torch.nn.Module, dict]:
     """Config, model (weights from the checkpoint, or fresh) and facts of the run being analysed."""
-    from hvd_ba.checkpoint import find_checkpoint
+    from hvd_ba.train.checkpoint import find_checkpoint
 
     payload = None
     if args.run:

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hvd_ba.train import read_jsonl  # noqa: E402
+from hvd_ba.train.run import read_jsonl  # noqa: E402
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
@@ -133,7 +133,7 @@ def plot_grad_variance(result_path: Path, out: Path) -> Path:
 def plot_stability(out: Path, dim: int = 5, samples: int = 64, seed: int = 0) -> Path:
     """Theorem A on least squares: against B, 2/lambda_max (sufficient), the exact mean-square
     threshold, and 2/lambda_bar (the full-batch condition, necessary)."""
-    from hvd_ba.theory import batch_hessians, lambda_bar, lambda_max, random_dataset, stability_threshold
+    from hvd_ba.theory.theorem import batch_hessians, lambda_bar, lambda_max, random_dataset, stability_threshold
 
     x = random_dataset(samples, dim, seed)
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if samples % b == 0]

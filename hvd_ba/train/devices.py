@@ -11,7 +11,7 @@ import socket
 import torch
 
 from hvd_ba import dist
-from hvd_ba.runs import RunRefused
+from hvd_ba.train.run_dir import RunRefused
 
 
 class DeviceError(RunRefused):

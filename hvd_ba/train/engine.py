@@ -14,8 +14,9 @@ except ImportError:  # a GPU machine with only torch (cluster/gpu_check.sh): pla
     tqdm = None
 
 from hvd_ba import dist
-from hvd_ba.data.device_augment import unit_pixels
-from hvd_ba.schedule import config_lr
+from hvd_ba.data import model_input
+from hvd_ba.models import ghost_chunks
+from hvd_ba.train.lr_schedule import config_lr
 
 log = logging.getLogger("hvd_ba")
 
@@ -41,23 +42,15 @@ class TrainState:
     reads: dict = field(default_factory=dict)  # epoch -> file indices read by this rank (run.record_reads)
     bad_files: set = field(default_factory=set)  # paths this rank could not decode (logged once each)
     progress: "EpochProgress | None" = None  # the running epoch's sums (carried by mid-epoch checkpoints)
-    watchdog: object = None  # hvd_ba.lifecycle.Watchdog: told of every step's progress
+    watchdog: object = None  # hvd_ba.train.stop.Watchdog: told of every step's progress
     run_id: str | None = None
     plan: dict | None = None  # hvd_ba.runs.run_plan: what the data order and LR depend on
     legacy_checkpoints: bool = False  # resumed from a checkpoint without run id: prune those too
 
 
 def normalize(batch: dict, state: TrainState) -> torch.Tensor:
-    """uint8 HWC [N, H, W, 3] (or canvases + crop boxes) + lighting offsets -> normalised float
-    NCHW (channels_last if set).
-
-    Done here, not in the loader workers, so that a GPU does the float work (and, with
-    augment.where=device, the crops themselves).
-    """
-    x = unit_pixels(batch, state.device)
-    x = x.add_(batch["lighting"].to(state.device, non_blocking=True).view(-1, 3, 1, 1))
-    layout = torch.channels_last if state.channels_last else torch.contiguous_format
-    return x.sub_(state.mean).div_(state.std).contiguous(memory_format=layout)
+    """The batch as the model's input on the training device (data/model_input.py)."""
+    return model_input.normalize(batch, state.device, state.mean, state.std, state.channels_last)
 
 
 class Meter:
@@ -149,7 +142,7 @@ def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[torch.Te
     opt.zero_grad()
     loss_sum = torch.zeros((), device=state.device)
     correct = torch.zeros((), dtype=torch.long, device=state.device)
-    for xc, yc in zip(x.chunk(chunks), labels.chunk(chunks)):
+    for xc, yc in ghost_chunks(x, labels, chunks):
         with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
             logits = state.model(xc)
         loss = F.cross_entropy(logits.float(), yc, label_smoothing=cfg.optim.label_smoothing)

@@ -22,22 +22,23 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist, fsio
-from hvd_ba.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
+from hvd_ba.train.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
                                save_checkpoint)
 from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, oversubscribed, rank_cores
 from hvd_ba.config import Config, save_config
 from hvd_ba.data.manifest import load_index
-from hvd_ba.devices import select_device
+from hvd_ba.data.model_input import channel_stats
+from hvd_ba.train.devices import select_device
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
-from hvd_ba.engine import EpochProgress, TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
-from hvd_ba.lifecycle import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
+from hvd_ba.train.engine import EpochProgress, TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
+from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
                               ignore_stop_signals, install_stop_handlers, pause_point)
-from hvd_ba.models import build_model, parameter_groups
+from hvd_ba.models import build_model, ghost_passes, parameter_groups
 from hvd_ba.fsio import DiskFull, read_records, remove_stale_temporaries
-from hvd_ba.runs import (LOCK, RunRefused, claim_fresh, config_differences, hold_lock, index_digest, legacy_plan,
+from hvd_ba.train.run_dir import (LOCK, RunRefused, claim_fresh, config_differences, hold_lock, index_digest, legacy_plan,
                          new_run_id, plan_differences, read_result, read_run_id, refuse_resume, release_held_lock,
                          run_plan)
-from hvd_ba.schedule import describe_warmup, peak_lr
+from hvd_ba.train.lr_schedule import describe_warmup, peak_lr
 
 log = logging.getLogger("hvd_ba")
 
@@ -180,15 +181,13 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
                                 momentum=o.momentum, nesterov=o.nesterov)
     # A fresh run has no optimizer state to share; parameters come from rank 0.
     dist.broadcast_state(model, optimizer, optimizer_state=False)
-    samples_per_rank = cfg.data.copies * cfg.data.unique_batch
-    chunks = samples_per_rank // m.ghost_size if m.ghost_impl == "accumulate" else 1
+    chunks = ghost_passes(cfg.data.copies * cfg.data.unique_batch, m.ghost_size, m.ghost_impl)
     optimizer = dist.distributed_optimizer(optimizer, model, fp16_allreduce=o.fp16_allreduce, adasum=o.adasum,
                                            backward_passes_per_step=chunks,
                                            gradient_predivide_factor=o.gradient_predivide_factor)
+    mean, std = channel_stats(cfg.augment, device)
     return TrainState(
-        model=torch.compile(model) if r.compile else model, optimizer=optimizer, device=device,
-        mean=torch.tensor(cfg.augment.mean, device=device).view(1, 3, 1, 1),
-        std=torch.tensor(cfg.augment.std, device=device).view(1, 3, 1, 1),
+        model=torch.compile(model) if r.compile else model, optimizer=optimizer, device=device, mean=mean, std=std,
         peak_lr=peak_lr(o.base_lr, cfg.data.unique_batch * world, o.reference_batch), steps_per_epoch=steps_per_epoch,
         forward_chunks=chunks, amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp],
         channels_last=r.channels_last, scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
@@ -442,7 +441,7 @@ def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_i
     """Collective: lambda_max of plain B, BA B x M and plain M*B batches at the current weights
     (one part per rank, as in training), appended to lambda.jsonl. Leaves the training exactly as
     it was: BN running statistics restored, no draw from the global RNG."""
-    from hvd_ba.analyze import Batches, measure_lambda, standard_kinds
+    from hvd_ba.theory.analyze import Batches, measure_lambda, standard_kinds
 
     world = dist.size()
     kinds = standard_kinds(cfg.data.unique_batch * world, cfg.data.copies)
@@ -559,7 +558,7 @@ def build_run(cfg: Config) -> Run:
     train_index, val_index = load_indexes(cfg)
     digest = index_digest(train_index)
     if cfg.data.local_path:
-        from hvd_ba.stage import check_staged, rank_files
+        from hvd_ba.launch.stage import check_staged, rank_files
 
         try:
             check_staged(cfg.data.local_path, rank_files(cfg, train_index, val_index, rank, world), rank, world)

@@ -146,7 +146,7 @@ class Watchdog:
                 pass
         sys.stdout.flush()
         try:
-            from hvd_ba.runs import release_held_lock
+            from hvd_ba.train.run_dir import release_held_lock
 
             release_held_lock()
         except Exception:

@@ -1,0 +1,90 @@
+"""`python -m hvd_ba bench ...`: the benches' command line. Every bench prints a ratio against a
+baseline measured in the same run (README, "Benchmarks")."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from hvd_ba.bench.corpus import DEFAULT_CORPUS
+from hvd_ba.bench.gpu import RESNET50_ASSUMED_GPU_SAMPLES_PER_S
+from hvd_ba.bench.scaling import DEFAULT_BANDWIDTHS_GBIT, DEFAULT_LATENCY_US
+
+
+def run_bench(args) -> int:
+    if args.what == "loader":
+        from hvd_ba.bench.loader import run_loader_bench
+
+        return run_loader_bench(args)
+    if args.what == "gpu":
+        from hvd_ba.bench.gpu import run_gpu_bench
+
+        return run_gpu_bench(args)
+    from hvd_ba.bench import scaling
+
+    return {"breakdown": scaling.run_breakdown, "scaling": scaling.run_scaling}[args.what](args)
+
+
+def parser_bench() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvd_ba bench", description="Benchmarks that print a ratio against a baseline measured in the same run.")
+    sub = p.add_subparsers(dest="what", required=True)
+    loader = sub.add_parser("loader", help="BA loader against the naive torchvision way")
+    loader.add_argument("--copies", default="1,4,8", help="comma-separated M values (default: 1,4,8)")
+    loader.add_argument("--images", type=int, default=480, help="unique images per measurement (default: 480)")
+    loader.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="loader processes, one per core (default: all cores)")
+    loader.add_argument("--size", type=int, default=224, help="crop side, px (default: 224)")
+    loader.add_argument("--batch", type=int, default=64, help="samples per batch, both pipelines (default: 64)")
+    loader.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if absent (default: {DEFAULT_CORPUS})")
+    add_parsers(sub)
+    return p
+
+
+def add_parsers(sub) -> None:
+    gpu = sub.add_parser("gpu", help="images/s of training: synthetic tensors on the device (the no-I/O ceiling) "
+                                     "against this loader at several M, loader and device augmentation")
+    gpu.add_argument("--model", default=None, help="arch (default: resnet50 on CUDA, small_resnet on CPU)")
+    gpu.add_argument("--size", type=int, default=None, help="crop side, px (default: 224 on CUDA, 64 on CPU)")
+    gpu.add_argument("--unique-batch", type=int, default=None, help="unique images per step (default: 32 on CUDA "
+                     "as in the resnet50 preset, 8 on CPU); samples per step = M x this")
+    gpu.add_argument("--copies", default="1,4,8", help="M values (default: 1,4,8)")
+    gpu.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 4 on CPU)")
+    gpu.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 2 on CPU)")
+    gpu.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes (default: all cores)")
+    gpu.add_argument("--amp", default=None, choices=("off", "bf16"), help="autocast (default: bf16 on CUDA, off on CPU)")
+    gpu.add_argument("--where", default="loader,device", help="augmentation places to measure (default: loader,device)")
+    gpu.add_argument("--corpus", default=DEFAULT_CORPUS, help="photo corpus folder, made if short")
+    gpu.add_argument("--json", default=None, help="also write the figures here")
+
+    br = sub.add_parser("breakdown", help="one rank's step time split into data / forward+backward / allreduce / "
+                                          "optimizer (run under horovodrun)")
+    _breakdown_args(br)
+    br.add_argument("--json", default=None, help="rank 0 writes the figures here")
+
+    sc = sub.add_parser("scaling", help="breakdowns under horovodrun -np 2 (Gloo, MPI) at M = 1, 2, 4, and a "
+                                        "ring-allreduce projection of ResNet-50 to W = 8 ... 1024")
+    _breakdown_args(sc)
+    sc.add_argument("--copies-list", default="1,2,4", help="M values (default: 1,2,4)")
+    sc.add_argument("--backends", default="gloo,mpi", help="horovodrun controllers (default: gloo,mpi)")
+    sc.add_argument("--np", type=int, default=2, help="ranks of the measured runs (default: 2)")
+    sc.add_argument("--bandwidths-gbit", default=DEFAULT_BANDWIDTHS_GBIT,
+                    help=f"projection: link bandwidths, Gbit/s (assumed; default: {DEFAULT_BANDWIDTHS_GBIT})")
+    sc.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US,
+                    help=f"projection: latency per ring step, us (assumed; default: {DEFAULT_LATENCY_US})")
+    sc.add_argument("--gpu-samples-per-s", type=float, default=None,
+                    help="projection: ResNet-50 training samples/s of one GPU (default: measured on this machine's "
+                         "GPU, bf16, channels_last, 32 per step, when there is one; else an assumed "
+                         f"{RESNET50_ASSUMED_GPU_SAMPLES_PER_S:.0f})")
+    sc.add_argument("--out", default="runs/bench-scaling", help="folder for scaling.json and scaling.png")
+
+
+def _breakdown_args(p) -> None:
+    p.add_argument("--model", default="small_resnet", help="arch (default: small_resnet)")
+    p.add_argument("--size", type=int, default=64, help="crop side, px (default: 64)")
+    p.add_argument("--unique-batch", type=int, default=16, help="unique images per rank per step (default: 16)")
+    p.add_argument("--copies", type=int, default=4, help="M (default: 4)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--workers", type=int, default=1, help="loader processes per rank (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
+    p.add_argument("--fp16-allreduce", action="store_true", help="Horovod fp16 compression on the wire")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="photo corpus folder, made if short")
