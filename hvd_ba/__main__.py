@@ -9,7 +9,6 @@ import sys
 from hvd_ba.config import ConfigError
 
 DEFAULT_DEMO_DATA = "data/demo"
-DEFAULT_DEMO_RUN = "runs/demo"
 
 
 def _config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
@@ -31,6 +30,8 @@ def parser_train() -> argparse.ArgumentParser:
 
 
 def parser_demo() -> argparse.ArgumentParser:
+    from hvd_ba.launch.demo import DEFAULT_DEMO_RUN
+
     p = argparse.ArgumentParser(
         prog="hvd_ba demo",
         description="Make the embedded demo dataset if absent and train on it with "
@@ -118,6 +119,7 @@ def cmd_train(args) -> int:
     install_stop_handlers()
     try:
         from hvd_ba.config import check_paths, load_config
+        from hvd_ba.theory.tracking import track_lambda
         from hvd_ba.train.run import main_rank
 
         extra = [f"run.track_lambda_every={args.track_lambda_every}"] if args.track_lambda_every else []
@@ -128,7 +130,7 @@ def cmd_train(args) -> int:
               file=sys.stderr)
         ignore_stop_signals()
         return PREEMPTED_EXIT_CODE
-    return main_rank(cfg)
+    return main_rank(cfg, track_lambda)  # the run gets the lambda tracker from here: train/ needs no theory/
 
 
 def cmd_demo(args) -> int:

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run_cli
-from hvd_ba.theory.analyze import AnalysisMode, BatchKind, batch_hvp, top_eigenvalue
+from hvd_ba.theory.hessian import AnalysisMode, BatchKind, batch_hvp, top_eigenvalue
 from hvd_ba.launch.demo import horovodrun_command
 from hvd_ba.models import GhostBatchNorm2d
-from hvd_ba.train.run import read_jsonl
+from hvd_ba.train.records import read_jsonl
 from test_horovod import ENV
 
 

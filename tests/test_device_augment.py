@@ -115,7 +115,7 @@ def test_two_ranks_train_with_device_augmentation(small_data, tmp_path):
     import json
 
     from test_horovod import launch
-    from hvd_ba.train.run import read_jsonl
+    from hvd_ba.train.records import read_jsonl
 
     runs = {}
     for where in ("loader", "device"):

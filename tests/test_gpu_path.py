@@ -215,7 +215,7 @@ def test_select_device_stops_every_rank_with_the_same_line(monkeypatch):
     the same message after one gather, instead of the failing ranks leaving the others hung."""
     from types import SimpleNamespace
 
-    from hvd_ba.train.run import devices
+    from hvd_ba.train import devices
 
     monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices.torch.cuda, "device_count", lambda: 4)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from hvd_ba.launch.demo import horovodrun_command
-from hvd_ba.train.run import read_jsonl
+from hvd_ba.train.records import read_jsonl
 
 TRAIN_SETTINGS = [
     "data.copies=2", "data.unique_batch=8", "data.workers=1", "model.ghost_size=16",

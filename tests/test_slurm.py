@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from hvd_ba.train.run import read_jsonl
+from hvd_ba.train.records import read_jsonl
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm needs root (apt, daemons that run jobs)")
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT, run_cli
 from hvd_ba.config import load_config
 from hvd_ba.data.manifest import load_index
-from hvd_ba.launch.stage import RECORD_DIR, rank_files
+from hvd_ba.data.staged import rank_files
+from hvd_ba.launch.stage import RECORD_DIR
 from test_horovod import ENV, train_command
 
 STATIC = ["data.shard=static", "data.unique_batch=8"]

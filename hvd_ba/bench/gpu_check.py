@@ -157,7 +157,7 @@ def part_resume(device: torch.device, reduced: bool) -> dict:
     same loss (dropout draws from the CUDA RNG, which the checkpoint carries)."""
     from hvd_ba.train.checkpoint import find_checkpoint, save_checkpoint
     from hvd_ba.train.engine import train_step
-    from hvd_ba.train.run import rng_states, set_rng_states
+    from hvd_ba.train.checkpoint import rng_states, set_rng_states
 
     size, samples = (64, 64) if reduced else (128, 128)
     batches = [_batch(samples, size, 10, s) for s in range(3)]

@@ -12,6 +12,8 @@ from pathlib import Path
 from hvd_ba.config import ConfigError, check_paths, load_config
 from hvd_ba.train.run_dir import claim_fresh, holds_run
 
+DEFAULT_DEMO_RUN = "runs/demo"
+
 
 def horovodrun_path() -> str:
     """The horovodrun of this interpreter's environment (venv/conda bin), else the one on PATH."""
@@ -39,8 +41,6 @@ def horovodrun_command(np: int, controller: str, rank_args: list[str]) -> list[s
 def choose_out_dir(args) -> str:
     """--out as given; by default runs/demo, or the first runs/demo-<n> that holds no run when
     the user asked neither to resume nor to overwrite (so the demo can be run again)."""
-    from hvd_ba.__main__ import DEFAULT_DEMO_RUN
-
     if args.out is not None:
         return args.out
     cfg = load_config(args.config, [f"run.out_dir={DEFAULT_DEMO_RUN}", *args.set])

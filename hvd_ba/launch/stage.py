@@ -34,23 +34,12 @@ from pathlib import Path
 
 from hvd_ba.cluster import launch_info, launch_rank
 from hvd_ba.config import ConfigError, load_config
-from hvd_ba.data.manifest import FileIndex, load_index
-from hvd_ba.data.pipeline import eval_files, train_sampler
+from hvd_ba.data.manifest import load_index
+from hvd_ba.data.staged import UnsafeFolder, private_dir, rank_files
 from hvd_ba.train.stop import pause_point
 
 RECORD_DIR = ".hvd_ba-stage"
 CHUNK_BYTES = 1 << 20
-
-
-def rank_files(cfg, train_index: FileIndex, val_index: FileIndex, rank: int, world: int) -> list[tuple[str, int]]:
-    """(path relative to the dataset root, size in bytes) of every file rank `rank` reads."""
-    if cfg.data.shard != "static":
-        raise ConfigError("config key 'data.shard': staging needs static shards (global shards read different "
-                          f"files every epoch); set data.shard=static (it is {cfg.data.shard!r})")
-    train = train_sampler(len(train_index), cfg, rank, world).owned()
-    files = [(f"train/{train_index.paths[i]}", train_index.sizes[i]) for i in sorted(train)]
-    files += [(f"val/{val_index.paths[i]}", val_index.sizes[i]) for i in eval_files(len(val_index), rank, world)]
-    return files
 
 
 def file_sha256(path: Path) -> str:
@@ -59,52 +48,6 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(CHUNK_BYTES):
             h.update(chunk)
     return h.hexdigest()
-
-
-class UnsafeFolder(OSError):
-    """A node-local folder that another user could have written: the message names it."""
-
-
-def private_dir(path: Path, create: bool = True, readonly: bool = False) -> Path:
-    """`path` as this user's private folder: made with mode 0700 when missing (its parents as
-    usual); refused (UnsafeFolder) when it is a symlink, not a folder, owned by another user or
-    open to group or others. Nothing is read from a refused folder. readonly (training reads
-    data.local_path): owned by this user or root and writable by no one else is enough (an
-    admin's read-only node-local copy, a 0755 folder of your own)."""
-    path = Path(path)
-    if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass  # another rank of this node made it, or an earlier attempt: checked below
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise UnsafeFolder(errno.ENOENT, f"node-local folder '{path}' does not exist") from None
-    host = socket.gethostname()
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafeFolder(errno.EPERM, f"node-local folder '{path}' on host {host} is a symlink (to "
-                           f"'{os.readlink(path)}'): not followed; remove it or choose another LOCAL_DATA")
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeFolder(errno.ENOTDIR, f"node-local folder '{path}' on host {host} is not a folder")
-    if st.st_uid != os.geteuid() and not (readonly and st.st_uid == 0):
-        raise UnsafeFolder(errno.EPERM, f"node-local folder '{path}' on host {host} is owned by {_user(st.st_uid)}, "
-                           f"not by you ({_user(os.geteuid())}): nothing is read from it; choose another LOCAL_DATA")
-    if st.st_mode & (0o022 if readonly else 0o077):
-        raise UnsafeFolder(errno.EPERM, f"node-local folder '{path}' on host {host} has mode "
-                           f"{stat.S_IMODE(st.st_mode):04o}: other users could plant files in it; it must be 0700 "
-                           f"(chmod 700 it if it is yours, or choose another LOCAL_DATA)")
-    return path
-
-
-def _user(uid: int) -> str:
-    try:
-        import pwd
-
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except (KeyError, ImportError):
-        return f"uid {uid}"
 
 
 def _create_excl(path: Path):
@@ -164,18 +107,6 @@ def stage_rank(source: Path, dest: Path, files: list[tuple[str, int]], threads: 
     return {"files": len(files), "bytes": sum(sizes.values()), "copied": len(copied),
             "copied_bytes": sum(sizes[rel] for rel in copied), "seconds": time.perf_counter() - t0,
             "sha256": {rel: digest for rel, digest, _ in results if digest}}
-
-
-def check_staged(local: str | Path, files: list[tuple[str, int]], rank: int, world: int) -> None:
-    """Training's check before its first step: every file of this rank is in the local copy
-    with the size the manifest records."""
-    local = private_dir(Path(local), create=False, readonly=True)
-    missing = [rel for rel, size in files if not ((local / rel).is_file() and (local / rel).stat().st_size == size)]
-    if missing:
-        raise FileNotFoundError(
-            f"rank {rank} of {world} on host {socket.gethostname()}: {len(missing)} of its {len(files)} files are "
-            f"missing or of the wrong size under data.local_path '{local}' (first: {missing[0]}); stage them with "
-            "`python -m hvd_ba stage` started like the training (same ranks, same data.* settings)")
 
 
 def _mpi_comm():

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hvd_ba.train.run import read_jsonl  # noqa: E402
+from hvd_ba.train.records import read_jsonl  # noqa: E402
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()

@@ -8,10 +8,7 @@ run.record_reads, the file indices the rank read).
 from __future__ import annotations
 
 import dataclasses
-import errno
-import hashlib
 import logging
-import math
 import os
 import socket
 import sys
@@ -22,15 +19,18 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist, fsio
+from hvd_ba.train.agreement import StepHooks
 from hvd_ba.train.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
-                               save_checkpoint)
+                                     set_rng_states, write_checkpoint)
 from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, oversubscribed, rank_cores
-from hvd_ba.config import Config, save_config
+from hvd_ba.config import Config, ConfigError, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.model_input import channel_stats
 from hvd_ba.train.devices import select_device
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
-from hvd_ba.train.engine import EpochProgress, TrainState, average_bn_statistics, evaluate, lr_at, train_one_epoch
+from hvd_ba.data.staged import check_staged, rank_files
+from hvd_ba.train.engine import EpochProgress, TrainState, evaluate, train_one_epoch
+from hvd_ba.train.records import append_jsonl, read_jsonl, record_epoch, state_digest, tensorboard_writer, truncate_records
 from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
                               ignore_stop_signals, install_stop_handlers, pause_point)
 from hvd_ba.models import build_model, ghost_passes, parameter_groups
@@ -72,40 +72,6 @@ def setup_logging() -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if dist.is_primary() else logging.WARNING)
     root.propagate = False
-
-
-EPOCH_CSV_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
-                     "unique_images", "samples", "unique_images_per_s", "samples_per_s", "files_read",
-                     "bytes_read", "bad_files", "data_wait_fraction", "epoch_time_s")
-
-
-RECORD_FILES = ("steps.jsonl", "metrics.jsonl", "metrics.csv", "lambda.jsonl", "reads.jsonl")
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    fsio.append_record(path, record)
-
-
-def append_csv(path: Path, record: dict) -> None:
-    fsio.append_csv(path, record, EPOCH_CSV_COLUMNS)
-
-
-def tensorboard_writer(out: Path):
-    """A SummaryWriter in out/tensorboard when TensorBoard is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.info("TensorBoard is not installed; metrics go to metrics.jsonl and metrics.csv only")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def state_digest(tensors: dict) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def load_indexes(cfg: Config):
@@ -192,53 +158,6 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
         forward_chunks=chunks, amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp],
         channels_last=r.channels_last, scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
     )
-
-
-def checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, step_in_epoch: int,
-               epoch: int | None = None) -> None:
-    """Collective: every rank calls it at the same step. BN running statistics are averaged
-    first (so the saved model is the one all ranks would evaluate); each rank's RNG states and,
-    mid-epoch, its partial epoch sums are gathered; rank 0 writes."""
-    if state.watchdog is not None:
-        state.watchdog.tick(f"the checkpoint of step {state.step}", peers=True)
-    average_bn_statistics(model)
-    rng = dist.allgather_object(rng_states(), name="rng")
-    partial = dist.allgather_object(state.progress.to_record(), name="partial") if step_in_epoch else None
-    failure = None
-    if dist.is_primary():
-        fsio.sync_files(out / name for name in RECORD_FILES)
-        payload = {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                   "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
-                   "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
-                   "world": dist.size(), "rng": rng, "partial": partial, "config": cfg.to_dict(),
-                   "run_id": state.run_id, "plan": state.plan}
-        try:
-            path = save_checkpoint(out, payload, cfg.run.keep_checkpoints, prune_legacy=state.legacy_checkpoints)
-            log.info("checkpoint %s (step %d)", path, state.step)
-        except DiskFull as err:
-            failure = err.strerror
-    # Nobody leaves (or exits) before the file is on disk; a full disk stops every rank at once.
-    failure = dist.broadcast_object(failure, name="checkpoint")
-    if failure:
-        err = DiskFull(errno.ENOSPC, failure)
-        err.quiet = not dist.is_primary()  # one line, from rank 0
-        raise err
-
-
-def rng_states() -> dict:
-    """This rank's global RNG states: torch's CPU generator and, on a GPU, the CUDA one."""
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states) -> None:
-    if isinstance(states, torch.Tensor):  # a checkpoint of format 1 held the CPU state only
-        states = {"cpu": states}
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
 
 
 @dataclasses.dataclass
@@ -427,95 +346,6 @@ def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, fr
     return placement
 
 
-def truncate_records(out: Path, step: int, epoch: int) -> None:
-    """Drop progress records written after the resume point (a run killed after its last
-    checkpoint wrote some); metrics.csv is rebuilt from metrics.jsonl."""
-    for name, field, keep in (("steps.jsonl", "step", step), ("lambda.jsonl", "step", step),
-                              ("reads.jsonl", "step", step), ("metrics.jsonl", "epoch", epoch)):
-        fsio.trim_records(out / name, lambda record, f=field, k=keep: record[f] <= k)
-    if (out / "metrics.csv").exists() or (out / "metrics.jsonl").exists():
-        fsio.write_csv(out / "metrics.csv", read_jsonl(out / "metrics.jsonl"), EPOCH_CSV_COLUMNS)
-
-
-def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_index, out: Path) -> None:
-    """Collective: lambda_max of plain B, BA B x M and plain M*B batches at the current weights
-    (one part per rank, as in training), appended to lambda.jsonl. Leaves the training exactly as
-    it was: BN running statistics restored, no draw from the global RNG."""
-    from hvd_ba.theory.analyze import Batches, measure_lambda, standard_kinds
-
-    world = dist.size()
-    kinds = standard_kinds(cfg.data.unique_batch * world, cfg.data.copies)
-    t0 = time.perf_counter()
-    results = measure_lambda(model, Batches(cfg, train_index, state.epoch, state.device), kinds,
-                             cfg.run.track_lambda_batches, world, cfg.optim.label_smoothing, tol=1e-2, max_iter=100,
-                             first=state.step)
-    lr = lr_at(state.step, state, cfg.optim)
-    if dist.is_primary():
-        record = {"step": state.step, "epoch": state.epoch + 1, "epochs_done": state.step / state.steps_per_epoch,
-                  "unique": cfg.data.unique_batch * world, "copies": cfg.data.copies, "lr": lr,
-                  "two_over_lr": 2 / lr if lr else None,
-                  "kinds": {name: {k: r[k] for k in ("unique", "copies", "samples", "lambda_max", "lambda_mean")}
-                            for name, r in results.items()}, "seconds": time.perf_counter() - t0}
-        append_jsonl(out / "lambda.jsonl", record)
-        log.info("step %d lambda_max: %s | 2/lr %.4g", state.step,
-                 ", ".join(f"{name} {r['lambda_max']:.4g}" for name, r in results.items()), 2 / lr if lr else math.inf)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The whole records of a JSONL file (a torn last line, left by a crash, is skipped)."""
-    return fsio.read_records(path)
-
-
-class StepHooks:
-    """What runs after every step on every rank: lambda tracking, and every run.sync_every steps,
-    at checkpoints and at the epoch's end, the ranks' agreement (one small allreduce) on a stop
-    and on finite losses, then the checkpoint that a stop or run.checkpoint_every asks for.
-    Called with the step's index in its epoch (1-based); True ends the epoch (an agreed stop)."""
-
-    def __init__(self, cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, train_index,
-                 stop: StopRequest):
-        self.cfg, self.state, self.model, self.out, self.train_index, self.stop = cfg, state, model, out, train_index, stop
-        self.first_bad_step = None
-        self.stop_at_epoch_end = False  # a stop agreed at an epoch's last step: finish that epoch first
-
-    def __call__(self, step_in_epoch: int) -> bool:
-        cfg, state, r = self.cfg, self.state, self.cfg.run
-        if r.track_lambda_every and state.step % r.track_lambda_every == 0:
-            state.watchdog.pause()  # tens of Hessian-vector products: not a stall
-            track_lambda(cfg, state, self.model, self.train_index, self.out)
-        epoch_end = step_in_epoch == state.steps_per_epoch
-        periodic = bool(r.checkpoint_every) and state.step % r.checkpoint_every == 0 and not epoch_end
-        if not (state.step % r.sync_every == 0 or epoch_end or periodic):
-            return False
-        # One rank per node looks (the path is expanded on each node: '$SLURMD_NODENAME' names a
-        # node's own file); the allreduce below makes any node's stop everyone's.
-        if dist.local_rank() == 0 and r.stop_file and not self.stop.requested and os.path.exists(r.stop_file):
-            self.stop.requested = True
-            self.stop.signal_name = f"stop file {r.stop_file} on host {socket.gethostname()}"
-        bad = int(state.bad_step) if state.bad_step is not None else -1  # the device is read here only
-        if self.first_bad_step is None and bad >= 0:
-            self.first_bad_step = bad
-        flags = dist.allreduce_sum(torch.tensor([float(self.stop.requested), float(self.first_bad_step is not None)]),
-                                   name="flags")
-        if flags[1] > 0:
-            where = f"step {self.first_bad_step}" if self.first_bad_step is not None else f"a step before {state.step}"
-            raise FloatingPointError(f"non-finite loss at {where} (epoch {state.epoch + 1}) on {int(flags[1])} "
-                                     "rank(s); stopping, no checkpoint after it: the last good one stays")
-        if flags[0] > 0:
-            log.warning("stop requested (%s); checkpointing at step %d", self.stop.signal_name or "another rank",
-                        state.step)
-            if epoch_end:
-                # Let the epoch end as usual (evaluation, metrics, its checkpoint) and stop after
-                # it, so a resumed run never starts with an empty epoch.
-                self.stop_at_epoch_end = True
-                return False
-            checkpoint(cfg, state, self.model, self.out, step_in_epoch)
-            return True
-        if periodic:
-            checkpoint(cfg, state, self.model, self.out, step_in_epoch)
-        return False
-
-
 @dataclasses.dataclass
 class Run:
     """What a rank builds before its first step."""
@@ -558,8 +388,6 @@ def build_run(cfg: Config) -> Run:
     train_index, val_index = load_indexes(cfg)
     digest = index_digest(train_index)
     if cfg.data.local_path:
-        from hvd_ba.launch.stage import check_staged, rank_files
-
         try:
             check_staged(cfg.data.local_path, rank_files(cfg, train_index, val_index, rank, world), rank, world)
             problem = None
@@ -596,28 +424,11 @@ def announce(cfg: Config, run: Run, out: Path) -> None:
         log.info("%s", line)
 
 
-def record_epoch(out: Path, metrics: dict, board) -> None:
-    """Rank 0: the epoch's record in metrics.jsonl, metrics.csv and TensorBoard, and its log line."""
-    epoch = metrics["epoch"]
-    append_jsonl(out / "metrics.jsonl", metrics)
-    append_csv(out / "metrics.csv", metrics)
-    if board is not None:
-        for key in EPOCH_CSV_COLUMNS[1:]:
-            if key in metrics:
-                board.add_scalar(f"epoch/{key}", metrics[key], epoch)
-    log.info("epoch %d done: train loss %.4f top1 %.1f%% | val top1 %s | %.1f unique img/s, %.1f samples/s, %.1f MB read",
-             epoch, metrics["train_loss"], metrics["train_top1"],
-             f"{metrics['val_top1']:.2f}%" if "val_top1" in metrics else "-",
-             metrics["unique_images_per_s"], metrics["samples_per_s"], metrics["bytes_read"] / 1e6)
-    if metrics["bad_files"]:
-        log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)", epoch,
-                    metrics["bad_files"])
-
-
-def train_epochs(cfg: Config, run: Run, out: Path, placement: Placement, stop: StopRequest) -> tuple[dict, bool]:
+def train_epochs(cfg: Config, run: Run, out: Path, placement: Placement, stop: StopRequest,
+                 track_lambda=None) -> tuple[dict, bool]:
     """The epochs from the placement on; returns (the last epoch's metrics, stopped early)."""
     state, o = run.state, cfg.optim
-    hooks = StepHooks(cfg, state, run.model, out, run.train_index, stop)
+    hooks = StepHooks(cfg, state, run.model, out, run.train_index, stop, track_lambda)
     board = tensorboard_writer(out) if dist.is_primary() else None
 
     def step_log(record):
@@ -645,7 +456,7 @@ def train_epochs(cfg: Config, run: Run, out: Path, placement: Placement, stop: S
                 metrics.update(evaluate(state, run.val_loader))
             if dist.is_primary():
                 record_epoch(out, metrics, board)
-            checkpoint(cfg, state, run.model, out, step_in_epoch=0, epoch=epoch + 1)
+            write_checkpoint(cfg, state, run.model, out, step_in_epoch=0, epoch=epoch + 1)
             if hooks.stop_at_epoch_end and epoch + 1 < o.epochs:  # at the last epoch: finish the run
                 stopped = True
                 break
@@ -718,8 +529,12 @@ def finish_complete(cfg: Config, run: Run, out: Path, placement: Placement, t_st
     return finish(cfg, run, out, last, t_start)
 
 
-def run_training(cfg: Config) -> dict:
-    """build -> resume -> train -> finish, on every rank."""
+def run_training(cfg: Config, track_lambda=None) -> dict:
+    """build -> resume -> train -> finish, on every rank. `track_lambda`: the lambda tracker
+    (theory/tracking.py) that run.track_lambda_every needs."""
+    if cfg.run.track_lambda_every and track_lambda is None:
+        raise ConfigError("run.track_lambda_every: this entry point hands over no lambda tracker; "
+                          "train with `python -m hvd_ba train`")
     stop = install_stop_handlers()
     t_start = time.time()
     bind_rank(cfg.run.bind)  # before any thread starts: Horovod's, torch's and the loaders' inherit it
@@ -736,14 +551,14 @@ def run_training(cfg: Config) -> dict:
     announce(cfg, run, out)
     stop.training_started()
     run.state.watchdog = Watchdog(cfg.run.stall_timeout, dist.rank())
-    metrics, stopped = train_epochs(cfg, run, out, placement, stop)
+    metrics, stopped = train_epochs(cfg, run, out, placement, stop, track_lambda)
     run.state.watchdog.pause()
     if stopped:
         return {"preempted": True, "steps": run.state.step}
     return finish(cfg, run, out, metrics, t_start)
 
 
-def main_rank(cfg: Config) -> int:
+def main_rank(cfg: Config, track_lambda=None) -> int:
     """Entry for one rank. Any exception ends this process hard, so that the other ranks'
     launcher tears the job down instead of leaving them hung in a collective (horovod #642).
     A refusal (the run folder, the checkpoint, the data) is one line from rank 0, exit 2; a stop
@@ -751,7 +566,7 @@ def main_rank(cfg: Config) -> int:
     stop = install_stop_handlers()
     try:
         try:
-            result = run_training(cfg)
+            result = run_training(cfg, track_lambda)
             ignore_stop_signals()
         finally:
             stop.in_startup = False  # from here a signal only sets the flag, whatever happened

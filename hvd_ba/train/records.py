@@ -1,0 +1,79 @@
+"""A run's records: steps.jsonl (progress), metrics.jsonl and metrics.csv (one record per epoch),
+lambda.jsonl (lambda tracking), reads.jsonl (run.record_reads), TensorBoard scalars; appended by
+rank 0, synced before each checkpoint and cut back to the checkpoint's step on a resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from hvd_ba import fsio
+
+log = logging.getLogger("hvd_ba")
+
+EPOCH_CSV_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
+                     "unique_images", "samples", "unique_images_per_s", "samples_per_s", "files_read",
+                     "bytes_read", "bad_files", "data_wait_fraction", "epoch_time_s")
+
+
+RECORD_FILES = ("steps.jsonl", "metrics.jsonl", "metrics.csv", "lambda.jsonl", "reads.jsonl")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    fsio.append_record(path, record)
+
+
+def append_csv(path: Path, record: dict) -> None:
+    fsio.append_csv(path, record, EPOCH_CSV_COLUMNS)
+
+
+def tensorboard_writer(out: Path):
+    """A SummaryWriter in out/tensorboard when TensorBoard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("TensorBoard is not installed; metrics go to metrics.jsonl and metrics.csv only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def state_digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The whole records of a JSONL file (a torn last line, left by a crash, is skipped)."""
+    return fsio.read_records(path)
+
+
+def truncate_records(out: Path, step: int, epoch: int) -> None:
+    """Drop progress records written after the resume point (a run killed after its last
+    checkpoint wrote some); metrics.csv is rebuilt from metrics.jsonl."""
+    for name, field, keep in (("steps.jsonl", "step", step), ("lambda.jsonl", "step", step),
+                              ("reads.jsonl", "step", step), ("metrics.jsonl", "epoch", epoch)):
+        fsio.trim_records(out / name, lambda record, f=field, k=keep: record[f] <= k)
+    if (out / "metrics.csv").exists() or (out / "metrics.jsonl").exists():
+        fsio.write_csv(out / "metrics.csv", read_jsonl(out / "metrics.jsonl"), EPOCH_CSV_COLUMNS)
+
+
+def record_epoch(out: Path, metrics: dict, board) -> None:
+    """Rank 0: the epoch's record in metrics.jsonl, metrics.csv and TensorBoard, and its log line."""
+    epoch = metrics["epoch"]
+    append_jsonl(out / "metrics.jsonl", metrics)
+    append_csv(out / "metrics.csv", metrics)
+    if board is not None:
+        for key in EPOCH_CSV_COLUMNS[1:]:
+            if key in metrics:
+                board.add_scalar(f"epoch/{key}", metrics[key], epoch)
+    log.info("epoch %d done: train loss %.4f top1 %.1f%% | val top1 %s | %.1f unique img/s, %.1f samples/s, %.1f MB read",
+             epoch, metrics["train_loss"], metrics["train_top1"],
+             f"{metrics['val_top1']:.2f}%" if "val_top1" in metrics else "-",
+             metrics["unique_images_per_s"], metrics["samples_per_s"], metrics["bytes_read"] / 1e6)
+    if metrics["bad_files"]:
+        log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)", epoch,
+                    metrics["bad_files"])
