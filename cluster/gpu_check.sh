@@ -5,7 +5,7 @@
 #
 #   bash cluster/gpu_check.sh [OUT.json]      # default: $OUT/gpu_check.json, else ./gpu_check.json
 #
-# Parts (hvd_ba/gpu_check.py): ResNet-50 training steps through the real engine in bf16 and fp16
+# Parts (hvd_ba/bench/gpu_check.py): ResNet-50 training steps through the real engine in bf16 and fp16
 # (GradScaler) with channels_last; device crops against loader crops; a checkpoint written and
 # resumed on the device (same next-step loss, CUDA RNG included); bench gpu at M = 1, 4, 8 with
 # loader and device augmentation (workers capped by /dev/shm). Without CUDA: a reduced form.

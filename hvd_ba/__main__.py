@@ -87,6 +87,7 @@ def parser_plan() -> argparse.ArgumentParser:
 
 def cmd_plan(args) -> int:
     from hvd_ba.config import load_config
+    from hvd_ba.config import manifest_cache
     from hvd_ba.train.run import derived_figures
 
     cfg = load_config(args.config, args.set)
@@ -97,11 +98,9 @@ def cmd_plan(args) -> int:
         if cfg.data.path and os.path.isdir(os.path.join(cfg.data.path, "train")):
             from hvd_ba.data.manifest import load_index
 
-            cache = os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None
-            args.train_images = len(load_index(cfg.data.path, "train", cache))
-    steps = (args.train_images // args.ranks) // cfg.data.unique_batch
+            args.train_images = len(load_index(cfg.data.path, "train", manifest_cache(cfg)))
     print(f"{cfg.model.arch} on {args.ranks} ranks, {args.train_images} training images:")
-    for line in derived_figures(cfg, args.ranks, steps):
+    for line in derived_figures(cfg, args.ranks, args.train_images):
         print("  " + line)
     if args.show_config:
         from hvd_ba import yaml_lite as yaml

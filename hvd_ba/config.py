@@ -1,6 +1,7 @@
 """Typed, sectioned run configuration loaded from YAML.
 
-The dataclass defaults are the paper's ResNet-50 recipe (seed, section B; design.md); presets in
+The dataclass defaults are the paper's ResNet-50 recipe (seed, section B; README, "The training
+engine") but for the per-rank batch (the resnet50 preset sets 64); presets in
 `hvd_ba/configs/` are small deltas on top, optionally chained with a top-level `base:` key.
 Loading rejects unknown keys and wrong types with a one-line error naming the key, so a typo in
 a YAML file never silently does nothing (a weak spot of FFCV's configs).
@@ -48,7 +49,7 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     """Per-image augmentation preset, applied independently to each of the M copies
-    (hvd_ba/data/transforms.py). The defaults are the paper's ResNet-50 preset."""
+    (hvd_ba/data/augment.py). The defaults are the paper's ResNet-50 preset."""
 
     # random-resized-crop; short-side-random-crop (AlexNet: shorter side to `resize`, its central
     # resize x resize patch, a random size x size crop); resize-random-crop (resize x resize, crop)
@@ -136,7 +137,7 @@ class RunConfig:
     # each node at each agreement; '$SLURMD_NODENAME' in it names a node's own file): how a batch
     # script reaches ranks that horovodrun or mpirun started on other nodes.
     stop_file: str | None = None
-    # Every N steps, lambda_max (top eigenvalue of the batch-averaged loss Hessian; hvd_ba/analyze.py)
+    # Every N steps, lambda_max (top eigenvalue of the batch-averaged loss Hessian; hvd_ba/theory/tracking.py)
     # of `track_lambda_batches` batches of each kind (plain B, BA B x M, plain M*B) at the current
     # weights, into lambda.jsonl. Collective and costly (tens of Hessian-vector products); None: off.
     track_lambda_every: int | None = None
@@ -337,7 +338,7 @@ def validate(cfg: Config) -> None:
     if m.num_classes is not None:
         _require(m.num_classes >= 2, "model.num_classes", f"must be >= 2, got {m.num_classes}")
     if m.ghost_size is not None:
-        samples = d.copies * d.unique_batch
+        samples = d.copies * d.unique_batch  # Derived.samples_per_rank, checked before a config is valid
         _require(m.ghost_size >= 1, "model.ghost_size", f"must be >= 1, got {m.ghost_size}")
         _require(
             samples % m.ghost_size == 0,
@@ -417,3 +418,56 @@ def check_paths(cfg: Config) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"config key 'run.out_dir': cannot write to '{out}' ({err.strerror})") from None
+
+
+# ------------------------------------------------------------------ what a config implies
+
+
+def peak_lr(base_lr: float, unique_global_batch: int, reference_batch: int = 256) -> float:
+    """Linear scaling by the *unique* global batch (Goyal et al. 2017); M does not change it."""
+    return base_lr * unique_global_batch / reference_batch
+
+
+def steps_per_epoch(train_files: int, world: int, unique_batch: int, max_steps: int | None = None) -> int:
+    """Steps of one epoch: the files each rank gets (train_files // world) in batches of
+    unique_batch (the remainder is skipped, every rank taking the same number of steps), capped
+    by run.max_steps_per_epoch. data/pipeline.py: ShardSampler takes this."""
+    steps = (train_files // world) // unique_batch
+    return min(steps, max_steps) if max_steps is not None else steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """The figures a config implies on `world` ranks, computed here once for plan, train,
+    analyze and the benches."""
+
+    world: int
+    unique_batch: int  # B per rank
+    copies: int  # M
+    unique_global: int  # B x world: what the LR and the steps per epoch follow
+    samples_per_rank: int  # M x B per step
+    samples_global: int
+    ghost_size: int | None
+    ghost_groups: int | None  # ghost-BN groups per rank per step (None: plain BN over the rank's batch)
+    forward_passes: int  # per step: one per ghost group with model.ghost_impl=accumulate, else 1
+    peak_lr: float
+    steps_per_epoch: int | None  # None when the number of training files is not given
+
+
+def derive(cfg: Config, world: int, train_files: int | None = None) -> Derived:
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    samples = d.copies * d.unique_batch
+    groups = samples // m.ghost_size if m.ghost_size else None
+    return Derived(
+        world=world, unique_batch=d.unique_batch, copies=d.copies, unique_global=d.unique_batch * world,
+        samples_per_rank=samples, samples_global=samples * world, ghost_size=m.ghost_size, ghost_groups=groups,
+        forward_passes=groups if m.ghost_impl == "accumulate" and groups else 1,
+        peak_lr=peak_lr(o.base_lr, d.unique_batch * world, o.reference_batch),
+        steps_per_epoch=None if train_files is None else steps_per_epoch(train_files, world, d.unique_batch,
+                                                                          cfg.run.max_steps_per_epoch),
+    )
+
+
+def manifest_cache(cfg: Config) -> str | None:
+    """The folder of the cached file indexes (data.manifest_dir, ~ expanded); None: list every start."""
+    return os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None

@@ -1,7 +1,7 @@
 """The one module that imports Horovod; the rest of hvd_ba calls these functions.
 
 Keeping every collective here leaves room for a second backend (torch.distributed) later, since
-Horovod 0.28.1 is the last release (horovod-pitfalls.md).
+Horovod 0.28.1 is the last release (README, "Two commands on a fresh machine").
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def init(stall_timeout: float | None = None) -> None:
     max(3600 s, 4 x stall_timeout), unless HOROVOD_STALL_CHECK_TIME_SECONDS /
     HOROVOD_STALL_SHUTDOWN_TIME_SECONDS are set already. The shutdown is the backstop of start-up
     (rank 0 listing a large folder while the others wait is legitimately long); during training
-    the ranks' own watchdogs (hvd_ba/lifecycle.py) end a stall first and name its cause."""
+    the ranks' own watchdogs (hvd_ba/train/stop.py) end a stall first and name its cause."""
     global _hvd
     launch = launch_info()  # read before MPI starts: it may add variables of its own
     if stall_timeout is not None:

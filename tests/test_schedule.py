@@ -1,7 +1,8 @@
 """LR: linear scaling by the unique global batch, per-iteration warmup, step decay."""
 import pytest
 
-from hvd_ba.train.lr_schedule import learning_rate, peak_lr
+from hvd_ba.config import peak_lr
+from hvd_ba.train.lr_schedule import learning_rate
 
 
 def test_linear_scaling_uses_unique_batch():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from hvd_ba.bench.corpus import corpus, loader_for
 from hvd_ba.bench.gpu import preset_ghost_size, resnet50_gpu_rate, sync
+from hvd_ba.config import derive
 from hvd_ba.data.model_input import channel_stats, normalize
 from hvd_ba.models import build_model
 
@@ -85,7 +86,7 @@ def run_breakdown(args) -> int:
     per_step = dict(zip(phases, mean.tolist()))
     link = allreduce_fit(world, device=device) if world > 1 else None
     result = {"world": world, "copies": args.copies, "unique_batch": args.unique_batch,
-              "samples_per_rank": args.copies * args.unique_batch, "model": args.model, "size": args.size,
+              "samples_per_rank": derive(cfg, world).samples_per_rank, "model": args.model, "size": args.size,
               "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
               "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
               "controller": dist.controller()}

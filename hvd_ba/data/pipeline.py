@@ -2,7 +2,7 @@
 of each image are made by data/copies.py.
 
 Nothing here imports Horovod or mpi4py: loader workers (forkserver/spawn) import this module,
-and MPI must not be initialised in them (horovod-pitfalls.md). Rank and world size come in as
+and MPI must not be initialised in them (README, "Choices, and why": loader workers). Rank and world size come in as
 plain integers.
 
 A training batch is a dict: images uint8 [M*B, H, W, 3] (HWC, as decoded; the training step
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hvd_ba.cluster import launch_info, loader_split
+from hvd_ba.config import steps_per_epoch
 from hvd_ba.data.augment import TrainPreset, eval_image
 from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, open_image, read_file
 from hvd_ba.data.manifest import FileIndex
@@ -80,9 +81,7 @@ class ShardSampler(torch.utils.data.Sampler):
         self.epoch = 0
         self.start = 0  # first step of the epoch to yield (a run resumed mid-epoch)
         self.per_rank = num_files // world
-        self.steps = self.per_rank // unique_batch
-        if max_steps is not None:
-            self.steps = min(self.steps, max_steps)
+        self.steps = steps_per_epoch(num_files, world, unique_batch, max_steps)
         if self.steps == 0:
             raise ValueError(
                 f"{num_files} training files over {world} ranks give fewer than one batch of "

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from hvd_ba.cluster import compact, cores_per_task, loader_split, rank_cores
+from hvd_ba.config import derive
 
 OK, WARN, FAIL = "ok", "WARN", "FAIL"
 
@@ -141,7 +142,7 @@ def check_shm(cfg, local_ranks: int):
     st = os.statvfs("/dev/shm")
     free = st.f_bavail * st.f_frsize
     d, a = cfg.data, cfg.augment
-    batch = d.copies * d.unique_batch * a.size * a.size * 3
+    batch = derive(cfg, 1).samples_per_rank * a.size * a.size * 3
     in_flight = batch * max(1, budget(cfg, local_ranks)[2]) * d.prefetch
     text = f"/dev/shm {free / 2**30:.1f} GiB free; batches in flight {in_flight / 2**20:.0f} MiB per rank"
     if in_flight > free:

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hvd_ba.cluster import launch_info, launch_rank
-from hvd_ba.config import ConfigError, load_config
+from hvd_ba.config import ConfigError, load_config, manifest_cache
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.staged import UnsafeFolder, private_dir, rank_files
 from hvd_ba.train.stop import pause_point
@@ -169,7 +169,7 @@ def run_stage(args) -> int:
         if not (source / split).is_dir():
             raise FileNotFoundError(f"config key 'data.path': '{source / split}' does not exist on host {host} "
                                     f"(rank {rank} of {world})")
-    cache = os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None
+    cache = manifest_cache(cfg)
     if comm is not None and rank != 0:
         comm.Barrier()  # rank 0 lists the folders and writes the manifests first
     indexes = [load_index(source, split, cache, write=rank == 0) for split in ("train", "val")]

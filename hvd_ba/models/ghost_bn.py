@@ -4,7 +4,7 @@ rank-local (never synchronised across ranks). Both ways to get them live here:
 - split (model.ghost_impl=split): `GhostBatchNorm2d` replaces every BatchNorm2d and normalises
   each consecutive group of ghost_size samples of one forward pass on its own;
 - accumulate (model.ghost_impl=accumulate, the authors' way, for memory): the rank's M*B samples
-  go through `ghost_passes` forward/backward passes of ghost_size samples each (`ghost_chunks`),
+  go through one forward/backward pass per ghost group (config.derive: forward_passes; `ghost_chunks`),
   plain BN then seeing one group per pass, and the gradients are allreduced once after the last
   (Horovod's backward_passes_per_step; train/engine.py: train_step).
 
@@ -63,11 +63,6 @@ def use_ghost_batch_norm(model: nn.Module, ghost_size: int) -> nn.Module:
         else:
             use_ghost_batch_norm(child, ghost_size)
     return model
-
-
-def ghost_passes(samples_per_rank: int, ghost_size: int | None, impl: str) -> int:
-    """Forward/backward passes per step: one per ghost group with impl `accumulate`, else one."""
-    return samples_per_rank // ghost_size if impl == "accumulate" and ghost_size else 1
 
 
 def ghost_chunks(x: torch.Tensor, labels: torch.Tensor, passes: int):

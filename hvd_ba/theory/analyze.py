@@ -35,12 +35,12 @@ import torch
 
 from hvd_ba import dist
 from hvd_ba.cluster import launch_info
-from hvd_ba.config import Config, ConfigError, load_config
+from hvd_ba.config import Config, ConfigError, derive, load_config, manifest_cache
 from hvd_ba.data.manifest import load_index
 from hvd_ba.models import build_model
 from hvd_ba.theory.hessian import (AnalysisMode, Batches, BatchKind, local_parts, measure_lambda, part_loss,
                                    standard_kinds, trainable_params)
-from hvd_ba.train.lr_schedule import config_lr, peak_lr
+from hvd_ba.train.lr_schedule import config_lr
 
 
 def batch_gradient(model, batches: Batches, kind: BatchKind, k: int, parts: int, label_smoothing: float) -> torch.Tensor:
@@ -125,8 +125,7 @@ def load_analysis_target(args) -> tuple[Config, torch.nn.Module, dict]:
         source = "fresh model (seed %d)" % cfg.run.seed
     if cfg.data.path is None:
         raise ConfigError("config key 'data.path': not set (the batches are drawn from its train/ split)")
-    index = load_index(cfg.data.path, "train", os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None,
-                       write=dist.is_primary())
+    index = load_index(cfg.data.path, "train", manifest_cache(cfg), write=dist.is_primary())
     torch.manual_seed(cfg.run.seed)
     m = cfg.model
     model = build_model(m.arch, m.num_classes or len(index.classes), m.ghost_size, m.zero_init_residual, m.width, m.dropout)
@@ -135,11 +134,9 @@ def load_analysis_target(args) -> tuple[Config, torch.nn.Module, dict]:
         model.load_state_dict(payload["model"])
         step, world = payload["step"], payload["world"]
     o = cfg.optim
-    steps_per_epoch = (len(index) // world) // cfg.data.unique_batch
-    if cfg.run.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.run.max_steps_per_epoch)
-    peak = peak_lr(o.base_lr, cfg.data.unique_batch * world, o.reference_batch)
-    lr = config_lr(step, steps_per_epoch, peak, o)
+    figures = derive(cfg, world, len(index))
+    steps_per_epoch = figures.steps_per_epoch
+    lr = config_lr(step, steps_per_epoch, figures.peak_lr, o)
     facts = {"source": source, "step": step, "run_world": world, "lr": lr, "momentum": o.momentum,
              "epoch": step // max(steps_per_epoch, 1), "index": index}
     return cfg, model, facts
@@ -162,7 +159,7 @@ def run_analysis(args) -> int:
     device = torch.device("cpu")
     model = model.to(device)
     batches = Batches(cfg, index, facts["epoch"], device)
-    unique = args.unique or cfg.data.unique_batch * facts["run_world"]
+    unique = args.unique or derive(cfg, facts["run_world"]).unique_global
     parts = args.parts or dist.size()
     t0 = time.perf_counter()
     if args.what == "lambda-max":

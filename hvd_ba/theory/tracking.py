@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist
-from hvd_ba.config import Config
+from hvd_ba.config import Config, derive
 from hvd_ba.theory.hessian import Batches, measure_lambda, standard_kinds
 from hvd_ba.train.engine import TrainState, lr_at
 from hvd_ba.train.records import append_jsonl
@@ -25,7 +25,8 @@ def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_i
     (one part per rank, as in training), appended to lambda.jsonl. Leaves the training exactly as
     it was: BN running statistics restored, no draw from the global RNG."""
     world = dist.size()
-    kinds = standard_kinds(cfg.data.unique_batch * world, cfg.data.copies)
+    unique_global = derive(cfg, world).unique_global
+    kinds = standard_kinds(unique_global, cfg.data.copies)
     t0 = time.perf_counter()
     results = measure_lambda(model, Batches(cfg, train_index, state.epoch, state.device), kinds,
                              cfg.run.track_lambda_batches, world, cfg.optim.label_smoothing, tol=1e-2, max_iter=100,
@@ -33,7 +34,7 @@ def track_lambda(cfg: Config, state: TrainState, model: torch.nn.Module, train_i
     lr = lr_at(state.step, state, cfg.optim)
     if dist.is_primary():
         record = {"step": state.step, "epoch": state.epoch + 1, "epochs_done": state.step / state.steps_per_epoch,
-                  "unique": cfg.data.unique_batch * world, "copies": cfg.data.copies, "lr": lr,
+                  "unique": unique_global, "copies": cfg.data.copies, "lr": lr,
                   "two_over_lr": 2 / lr if lr else None,
                   "kinds": {name: {k: r[k] for k in ("unique", "copies", "samples", "lambda_max", "lambda_mean")}
                             for name, r in results.items()}, "seconds": time.perf_counter() - t0}

@@ -44,7 +44,7 @@ class TrainState:
     progress: "EpochProgress | None" = None  # the running epoch's sums (carried by mid-epoch checkpoints)
     watchdog: object = None  # hvd_ba.train.stop.Watchdog: told of every step's progress
     run_id: str | None = None
-    plan: dict | None = None  # hvd_ba.runs.run_plan: what the data order and LR depend on
+    plan: dict | None = None  # train/run_dir.py: run_plan: what the data order and LR depend on
     legacy_checkpoints: bool = False  # resumed from a checkpoint without run id: prune those too
 
 
@@ -176,8 +176,8 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
     after every step on every rank; when it returns True, the epoch ends there (an agreed stop)
     and the result has stopped=True. `reads_log(record)` (run.record_reads) gets each step's
     files of every rank (an allgather per step: for tests)."""
-    model, o = state.model, cfg.optim
-    model.train()
+    o = cfg.optim
+    state.model.train()
     loader.batch_sampler.set_epoch(state.epoch)
     loader.batch_sampler.start = start_step
     stopped = False
@@ -185,13 +185,9 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
     state.progress = progress = EpochProgress(partial, state.device)
     if state.bad_step is None:
         state.bad_step = torch.full((), -1, dtype=torch.long, device=state.device)
-    meter = progress.meter
     reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
     steps = loader.batch_sampler.steps
-    bar = None
-    if dist.is_primary() and sys.stdout.isatty() and tqdm is not None:  # a live bar on a terminal; log lines in files (Slurm logs)
-        bar = tqdm(total=steps, initial=start_step, desc=f"epoch {state.epoch + 1}", unit="step", dynamic_ncols=True,
-                   leave=False)
+    bar = _progress_bar(state, steps, start_step)
     watchdog = state.watchdog
     lr = lr_at(state.step, state, o)
     t_wait = time.perf_counter()
@@ -206,17 +202,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
         lr = lr_at(state.step, state, o)
         loss, correct = train_step(state, batch, lr, cfg)
         state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss), state.step, state.bad_step)
-        n = batch["labels"].numel()
-        meter.add_device(loss * n, correct)
-        meter.add(samples=n, images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"])
-        for entry in batch["bad"]:  # a broken file can be tried more than once (as a replacement too)
-            if entry not in bad_this_epoch:
-                bad_this_epoch.add(entry)
-                meter.add(bad=1)
-            if entry not in state.bad_files:
-                state.bad_files.add(entry)
-                log.warning("rank %d: skipped unreadable image %s; a file of the same shard replaces it",
-                            dist.rank(), entry)
+        _count_batch(state, batch, loss, correct, bad_this_epoch)
         if reads is not None:
             reads.extend(batch["indices"].tolist())
             every = dist.allgather_object(batch["indices"].tolist(), name="reads")
@@ -225,19 +211,7 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
         if bar is not None:
             bar.update(1)
         if dist.is_primary() and (step_in_epoch % cfg.run.log_every == 0 or step_in_epoch == steps):
-            loss_value = float(loss)  # the one read of the device per log line
-            elapsed = progress.elapsed()
-            images_per_s, samples_per_s = float(meter.host[3]) / elapsed, float(meter.host[2]) / elapsed
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_s:.0f}",
-                                samples_s=f"{samples_per_s:.0f}")
-            else:
-                log.info("epoch %d step %d/%d loss %.4f lr %.4f | %.1f unique img/s/rank, %.1f samples/s/rank, "
-                         "data wait %.0f%%", state.epoch + 1, step_in_epoch, steps, loss_value, lr, images_per_s,
-                         samples_per_s, 100 * progress.data_time / elapsed)
-            if step_log is not None:
-                step_log({"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr,
-                          "unique_images_per_s_rank0": images_per_s, "samples_per_s_rank0": samples_per_s})
+            _log_progress(state, step_in_epoch, steps, loss, lr, bar, step_log)
         if on_step is not None and on_step(step_in_epoch):
             stopped = True
             break
@@ -248,7 +222,56 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
         bar.close()
     if watchdog is not None:
         watchdog.tick(f"the end of epoch {state.epoch + 1} (sums over the ranks)", peers=True)
+    return {**_epoch_figures(progress), "lr": lr, "stopped": stopped}
+
+
+def _progress_bar(state: TrainState, steps: int, start_step: int):
+    """Rank 0's tqdm bar when its output is a terminal; None in files (Slurm logs get log lines)."""
+    if dist.is_primary() and sys.stdout.isatty() and tqdm is not None:
+        return tqdm(total=steps, initial=start_step, desc=f"epoch {state.epoch + 1}", unit="step", dynamic_ncols=True,
+                    leave=False)
+    return None
+
+
+def _count_batch(state: TrainState, batch: dict, loss, correct, bad_this_epoch: set) -> None:
+    """The step's sums (on the device: no synchronisation) and its unreadable files, each counted
+    once per epoch and logged once per run."""
+    meter = state.progress.meter
+    n = batch["labels"].numel()
+    meter.add_device(loss * n, correct)
+    meter.add(samples=n, images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"])
+    for entry in batch["bad"]:  # a broken file can be tried more than once (as a replacement too)
+        if entry not in bad_this_epoch:
+            bad_this_epoch.add(entry)
+            meter.add(bad=1)
+        if entry not in state.bad_files:
+            state.bad_files.add(entry)
+            log.warning("rank %d: skipped unreadable image %s; a file of the same shard replaces it",
+                        dist.rank(), entry)
+
+
+def _log_progress(state: TrainState, step_in_epoch: int, steps: int, loss, lr: float, bar, step_log) -> None:
+    """Rank 0: the bar's figures or a log line, and the record of steps.jsonl."""
+    progress, meter = state.progress, state.progress.meter
+    loss_value = float(loss)  # the one read of the device per log line
     elapsed = progress.elapsed()
+    images_per_s, samples_per_s = float(meter.host[3]) / elapsed, float(meter.host[2]) / elapsed
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_s:.0f}",
+                        samples_s=f"{samples_per_s:.0f}")
+    else:
+        log.info("epoch %d step %d/%d loss %.4f lr %.4f | %.1f unique img/s/rank, %.1f samples/s/rank, "
+                 "data wait %.0f%%", state.epoch + 1, step_in_epoch, steps, loss_value, lr, images_per_s,
+                 samples_per_s, 100 * progress.data_time / elapsed)
+    if step_log is not None:
+        step_log({"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr,
+                  "unique_images_per_s_rank0": images_per_s, "samples_per_s_rank0": samples_per_s})
+
+
+def _epoch_figures(progress: EpochProgress) -> dict:
+    """Collective: the epoch's sums over all ranks, and each rank's reads."""
+    elapsed = progress.elapsed()
+    meter = progress.meter
     sums = meter.reduce("train_meter")
     # Per-rank I/O of this epoch: what proves that BA adds no reads (files and bytes per rank).
     io_per_rank = dist.allgather_object((int(meter.host[4]), int(meter.host[5])), name="io")
@@ -266,8 +289,6 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
         "unique_images_per_s": sums["images"] / elapsed,
         "samples_per_s": sums["samples"] / elapsed,
         "data_wait_fraction": progress.data_time / elapsed,
-        "lr": lr,
-        "stopped": stopped,
     }
 
 

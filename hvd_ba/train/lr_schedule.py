@@ -1,13 +1,13 @@
-"""Learning rate as a pure function of the global step (so resume needs no scheduler state)."""
+"""Learning rate as a pure function of the global step (so resume needs no scheduler state).
+
+The peak is config.derive()'s: the base LR (0.1 per 256 images) scaled linearly by the *unique*
+global batch (config.peak_lr); M does not change it. From it: warmup, then the step (or cosine)
+schedule.
+"""
 from __future__ import annotations
 
 import bisect
 import math
-
-
-def peak_lr(base_lr: float, unique_global_batch: int, reference_batch: int = 256) -> float:
-    """Linear scaling by the *unique* global batch (Goyal et al. 2017); M does not change it."""
-    return base_lr * unique_global_batch / reference_batch
 
 
 def learning_rate(step: int, steps_per_epoch: int, peak: float, warmup_epochs: float,

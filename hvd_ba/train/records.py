@@ -8,7 +8,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from hvd_ba import fsio
+from hvd_ba import dist, fsio
 
 log = logging.getLogger("hvd_ba")
 
@@ -77,3 +77,21 @@ def record_epoch(out: Path, metrics: dict, board) -> None:
     if metrics["bad_files"]:
         log.warning("epoch %d: %d unreadable training images skipped and replaced (listed above)", epoch,
                     metrics["bad_files"])
+
+
+class StepRecords:
+    """The per-step records: steps.jsonl and TensorBoard's step scalars (the engine calls `step`
+    on rank 0 only), reads.jsonl (run.record_reads; `reads` is called on every rank, rank 0 writes)."""
+
+    def __init__(self, out: Path, board):
+        self.out, self.board = out, board
+
+    def step(self, record: dict) -> None:
+        append_jsonl(self.out / "steps.jsonl", record)
+        if self.board is not None:
+            for key in ("loss", "lr", "unique_images_per_s_rank0", "samples_per_s_rank0"):
+                self.board.add_scalar(f"step/{key}", record[key], record["step"])
+
+    def reads(self, record: dict) -> None:
+        if dist.is_primary():
+            append_jsonl(self.out / "reads.jsonl", record)

@@ -23,44 +23,42 @@ from hvd_ba.train.agreement import StepHooks
 from hvd_ba.train.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
                                      set_rng_states, write_checkpoint)
 from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, oversubscribed, rank_cores
-from hvd_ba.config import Config, ConfigError, save_config
+from hvd_ba.config import Config, ConfigError, derive, manifest_cache, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.model_input import channel_stats
 from hvd_ba.train.devices import select_device
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
 from hvd_ba.data.staged import check_staged, rank_files
 from hvd_ba.train.engine import EpochProgress, TrainState, evaluate, train_one_epoch
-from hvd_ba.train.records import append_jsonl, read_jsonl, record_epoch, state_digest, tensorboard_writer, truncate_records
+from hvd_ba.train.records import (StepRecords, read_jsonl, record_epoch, state_digest, tensorboard_writer,
+                                  truncate_records)
 from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
                               ignore_stop_signals, install_stop_handlers, pause_point)
-from hvd_ba.models import build_model, ghost_passes, parameter_groups
+from hvd_ba.models import build_model, parameter_groups
 from hvd_ba.fsio import DiskFull, read_records, remove_stale_temporaries
 from hvd_ba.train.run_dir import (LOCK, RunRefused, claim_fresh, config_differences, hold_lock, index_digest, legacy_plan,
                          new_run_id, plan_differences, read_result, read_run_id, refuse_resume, release_held_lock,
                          run_plan)
-from hvd_ba.train.lr_schedule import describe_warmup, peak_lr
+from hvd_ba.train.lr_schedule import describe_warmup
 
 log = logging.getLogger("hvd_ba")
 
 
-def derived_figures(cfg: Config, world: int, steps_per_epoch: int) -> list[str]:
-    """What a run derives from its config, printed at its start."""
-    d, m, o = cfg.data, cfg.model, cfg.optim
-    unique_global = d.unique_batch * world
-    samples = d.copies * d.unique_batch
-    peak = peak_lr(o.base_lr, unique_global, o.reference_batch)
-    ghost = (f"{samples // m.ghost_size} groups of {m.ghost_size} per rank ({m.ghost_impl})" if m.ghost_size
+def derived_figures(cfg: Config, world: int, train_files: int) -> list[str]:
+    """What a run derives from its config (config.derive), printed by plan and at a run's start."""
+    f, o = derive(cfg, world, train_files), cfg.optim
+    ghost = (f"{f.ghost_groups} groups of {f.ghost_size} per rank ({cfg.model.ghost_impl})" if f.ghost_size
              else "off (plain BN over the rank's batch)")
     return [
-        f"unique batch: {d.unique_batch} per rank, {unique_global} global; copies M = {d.copies}",
-        f"samples per step: {samples} per rank, {samples * world} global",
+        f"unique batch: {f.unique_batch} per rank, {f.unique_global} global; copies M = {f.copies}",
+        f"samples per step: {f.samples_per_rank} per rank, {f.samples_global} global",
         f"ghost BN: {ghost}",
-        f"peak LR: {peak:.4g} = {o.base_lr:g} x {unique_global} / {o.reference_batch} (M does not change it), "
-        f"{describe_warmup(peak, o)}, then "
+        f"peak LR: {f.peak_lr:.4g} = {o.base_lr:g} x {f.unique_global} / {o.reference_batch} (M does not change it), "
+        f"{describe_warmup(f.peak_lr, o)}, then "
         + ("cosine" if o.schedule == "cosine" else
            f"x{o.decay:g} at epochs {', '.join(f'{e:g}' for e in o.milestones)}" if o.milestones else "constant")
         + f" of {o.epochs}",
-        f"steps per epoch: {steps_per_epoch} (those of unique batch {unique_global})",
+        f"steps per epoch: {f.steps_per_epoch} (those of unique batch {f.unique_global})",
     ]
 
 
@@ -123,10 +121,6 @@ def load_indexes(cfg: Config):
     return train, val
 
 
-def manifest_cache(cfg: Config) -> str | None:
-    return os.path.expanduser(cfg.data.manifest_dir) if cfg.data.manifest_dir else None
-
-
 class DataMismatch(RunRefused):
     """The ranks, or the splits, do not see the same data."""
 
@@ -138,7 +132,7 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
     torch.manual_seed(r.seed)
     # Parameters stay in the default (contiguous) layout even with run.channels_last: Horovod
     # refuses non-contiguous tensors (its broadcasts, gradient hooks and optimizer-state
-    # broadcast). The inputs are made channels_last (engine.normalize), and the convolutions then
+    # broadcast). The inputs are made channels_last (data/model_input.py), and the convolutions then
     # run in NHWC (PyTorch takes the layout of the input as well as of the weight).
     model = build_model(m.arch, num_classes, m.ghost_size, m.zero_init_residual, m.width, m.dropout).to(device)
     if device.type == "cuda":
@@ -147,14 +141,15 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
                                 momentum=o.momentum, nesterov=o.nesterov)
     # A fresh run has no optimizer state to share; parameters come from rank 0.
     dist.broadcast_state(model, optimizer, optimizer_state=False)
-    chunks = ghost_passes(cfg.data.copies * cfg.data.unique_batch, m.ghost_size, m.ghost_impl)
+    figures = derive(cfg, world)
+    chunks = figures.forward_passes
     optimizer = dist.distributed_optimizer(optimizer, model, fp16_allreduce=o.fp16_allreduce, adasum=o.adasum,
                                            backward_passes_per_step=chunks,
                                            gradient_predivide_factor=o.gradient_predivide_factor)
     mean, std = channel_stats(cfg.augment, device)
     return TrainState(
         model=torch.compile(model) if r.compile else model, optimizer=optimizer, device=device, mean=mean, std=std,
-        peak_lr=peak_lr(o.base_lr, cfg.data.unique_batch * world, o.reference_batch), steps_per_epoch=steps_per_epoch,
+        peak_lr=figures.peak_lr, steps_per_epoch=steps_per_epoch,
         forward_chunks=chunks, amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp],
         channels_last=r.channels_last, scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
     )
@@ -185,7 +180,7 @@ def remove_stale_stop_file(cfg: Config, started: float) -> None:
 
 
 def claim_run_dir(cfg: Config, out: Path, started: float) -> str | None:
-    """Rank 0 decides whether this start may use `out` (runs.claim_fresh), every rank learns it.
+    """Rank 0 decides whether this start may use `out` (run_dir.claim_fresh), every rank learns it.
     Returns the run id of a fresh start (None when resuming: the checkpoint decides)."""
     decision = None
     if dist.is_primary():
@@ -420,7 +415,7 @@ def announce(cfg: Config, run: Run, out: Path) -> None:
              (out / "config.yaml").read_text().rstrip())
     log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images", dist.size(),
              run.state.device, run.threads, cfg.model.arch, run.num_classes, len(run.train_index), len(run.val_index))
-    for line in derived_figures(cfg, dist.size(), run.state.steps_per_epoch):
+    for line in derived_figures(cfg, dist.size(), len(run.train_index)):
         log.info("%s", line)
 
 
@@ -430,25 +425,15 @@ def train_epochs(cfg: Config, run: Run, out: Path, placement: Placement, stop: S
     state, o = run.state, cfg.optim
     hooks = StepHooks(cfg, state, run.model, out, run.train_index, stop, track_lambda)
     board = tensorboard_writer(out) if dist.is_primary() else None
-
-    def step_log(record):
-        append_jsonl(out / "steps.jsonl", record)
-        if board is not None:
-            for key in ("loss", "lr", "unique_images_per_s_rank0", "samples_per_s_rank0"):
-                board.add_scalar(f"step/{key}", record[key], record["step"])
-
-    def reads_log(record):
-        if dist.is_primary():
-            append_jsonl(out / "reads.jsonl", record)
-
+    records = StepRecords(out, board)
     metrics, stopped = {}, False
     try:
         for epoch in range(placement.epoch, o.epochs):
             state.epoch = epoch
             first = epoch == placement.epoch
             metrics = {"epoch": epoch + 1, **train_one_epoch(
-                state, run.train_loader, cfg, step_log, hooks, placement.step_in_epoch if first else 0,
-                placement.partial if first else None, reads_log)}
+                state, run.train_loader, cfg, records.step, hooks, placement.step_in_epoch if first else 0,
+                placement.partial if first else None, records.reads)}
             if metrics["stopped"]:
                 stopped = True
                 break
@@ -580,7 +565,7 @@ def main_rank(cfg: Config, track_lambda=None) -> int:
                DISK_FULL_EXIT_CODE)
     except BaseException as err:
         if type(err).__name__ == "HorovodInternalError" and "shut down" in str(err):
-            # A symptom, not a cause (horovod-pitfalls.md): another rank left first and said why.
+            # A symptom, not a cause (README, "Never losing a job"): another rank left first and said why.
             if stop.requested:  # this rank was signalled too (srun signals every task): a preemption
                 _leave(f"hvd_ba: rank {dist.rank()} stopped ({stop.signal_name}): the job was stopping; the last "
                        "checkpoint stays the resume point", PREEMPTED_EXIT_CODE)

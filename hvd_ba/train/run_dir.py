@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from hvd_ba.config import Config, ConfigError
+from hvd_ba.config import Config, ConfigError, derive
 
 # What a run leaves in its folder; a folder with any of them holds a run (logs/ alone does not:
 # the sbatch scripts create it before the first start).
@@ -126,7 +126,7 @@ def run_plan(cfg: Config, world: int, steps_per_epoch: int | None, train_files: 
     """What the data order and the LR of every step depend on; stored in every checkpoint."""
     d, o = cfg.data, cfg.optim
     return {
-        "world": world, "unique_batch": d.unique_batch, "unique_global": d.unique_batch * world,
+        "world": world, "unique_batch": d.unique_batch, "unique_global": derive(cfg, world).unique_global,
         "copies": d.copies, "ghost_size": cfg.model.ghost_size, "steps_per_epoch": steps_per_epoch,
         "train_files": train_files, "train_digest": train_digest, "seed": cfg.run.seed, "shard": d.shard,
         "shard_order": SHARD_ORDER if d.shard == "global" else None, "layout": d.layout, "peak_lr": peak,
