@@ -72,7 +72,7 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # see hvd_ba.models.ARCHS
+    arch: str = "resnet50"  # see hvd_ba/models/nets.py: ARCHS
     num_classes: int | None = None  # None: the number of class folders in the data
     ghost_size: int | None = 64  # samples per ghost-BN group (rank-local); None: plain BN over the rank's batch
     # split: one forward, each group normalised on its own; accumulate: one forward/backward per

@@ -1,7 +1,8 @@
 """The one module that imports Horovod; the rest of hvd_ba calls these functions.
 
 Keeping every collective here leaves room for a second backend (torch.distributed) later, since
-Horovod 0.28.1 is the last release (README, "Two commands on a fresh machine").
+Horovod 0.28.1 (June 2023) is its last release and builds against today's torch only patched
+(README, "Two commands on a fresh machine": cluster/setup.sh).
 """
 from __future__ import annotations
 

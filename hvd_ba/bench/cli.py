@@ -1,5 +1,5 @@
 """`python -m hvd_ba bench ...`: the benches' command line. Every bench prints a ratio against a
-baseline measured in the same run (README, "Benchmarks")."""
+baseline measured in the same run (README, "Performance")."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
     gpu.add_argument("--model", default=None, help="arch (default: resnet50 on CUDA, small_resnet on CPU)")
     gpu.add_argument("--size", type=int, default=None, help="crop side, px (default: 224 on CUDA, 64 on CPU)")
     gpu.add_argument("--unique-batch", type=int, default=None, help="unique images per step (default: 32 on CUDA "
-                     "as in the resnet50 preset, 8 on CPU); samples per step = M x this")
+                     "(half the resnet50 preset's 64, so M = 8 fits a GPU), 8 on CPU); samples per step = M x this")
     gpu.add_argument("--copies", default="1,4,8", help="M values (default: 1,4,8)")
     gpu.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 4 on CPU)")
     gpu.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 2 on CPU)")

@@ -65,6 +65,26 @@ def synthetic_rate(step, samples: int, size: int, device: torch.device, warmup: 
     return samples * steps / (time.perf_counter() - t)
 
 
+def fed_rate(loader, cfg, step, device: torch.device, channels_last: bool, warmup: int) -> tuple[float, float]:
+    """Samples/s of `step` fed by `loader` after `warmup` untimed steps, and the fraction of that
+    time spent waiting for the loader."""
+    mean, std = channel_stats(cfg.augment, device)
+    timed, start, io_wait = 0, None, 0.0
+    t_wait = time.perf_counter()
+    for i, batch in enumerate(loader):
+        if i == warmup:
+            sync(device)
+            start, io_wait = time.perf_counter(), 0.0
+            t_wait = start
+        io_wait += time.perf_counter() - t_wait
+        step(normalize(batch, device, mean, std, channels_last), batch["labels"].to(device, non_blocking=True))
+        timed += batch["labels"].numel() if i >= warmup else 0
+        t_wait = time.perf_counter()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return timed / elapsed, io_wait / elapsed
+
+
 def run_gpu_bench(args) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -92,30 +112,16 @@ def run_gpu_bench(args) -> int:
         for where in places:
             # (b) this project's loader feeding the same step
             loader, cfg = loader_for(root, m, unique, size, args.workers, where, warmup + steps)
-            mean, std = channel_stats(cfg.augment, device)
-            timed, start, io_wait = 0, None, 0.0
-            t_wait = time.perf_counter()
-            for i, batch in enumerate(loader):
-                if i == warmup:
-                    sync(device)
-                    start, io_wait = time.perf_counter(), 0.0
-                    t_wait = start
-                io_wait += time.perf_counter() - t_wait
-                step(normalize(batch, device, mean, std, channels_last), batch["labels"].to(device, non_blocking=True))
-                timed += samples if i >= warmup else 0
-                t_wait = time.perf_counter()
-            sync(device)
-            elapsed = time.perf_counter() - start
-            fed = timed / elapsed
+            fed, wait_fraction = fed_rate(loader, cfg, step, device, channels_last, warmup)
             # the loader alone: samples/s that `workers` processes make, per process
-            del loader, batch  # its persistent workers go now, not at exit
+            del loader  # its persistent workers go now, not at exit
             alone = loader_for(root, m, unique, size, args.workers, where, warmup + steps)[0]
             rate, _ = samples_per_second(alone)
             del alone
             gc.collect()
             per_worker = rate / args.workers
             rows.append({"copies": m, "where": where, "samples_per_step": samples, "ceiling_samples_per_s": ceiling,
-                         "loader_samples_per_s": fed, "ratio": fed / ceiling, "data_wait_fraction": io_wait / elapsed,
+                         "loader_samples_per_s": fed, "ratio": fed / ceiling, "data_wait_fraction": wait_fraction,
                          "loader_only_samples_per_s_per_process": per_worker,
                          "processes_for_ceiling": ceiling / per_worker})
             print(f"  M={m} {where}: {fed:.1f} samples/s against the ceiling {ceiling:.1f} ({fed / ceiling:.2f}); "

@@ -173,33 +173,57 @@ def run_scaling(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     copies_list = [int(c) for c in args.copies_list.split(",")]
     corpus(args.corpus, args.unique_batch * args.np * (args.warmup + args.steps))
-    measured = []
     print(f"bench scaling: horovodrun -np {args.np}, {args.model} at {args.size} px, {args.unique_batch} unique "
           f"images per rank per step, M = {copies_list}, {args.steps} timed steps", flush=True)
-    for backend in args.backends.split(","):
-        for m in copies_list:
-            with tempfile.TemporaryDirectory() as tmp:
-                target = Path(tmp) / "breakdown.json"
-                cmd = ["horovodrun", "-np", str(args.np), f"--{backend}", sys.executable, "-m", "hvd_ba", "bench",
-                       "breakdown", "--model", args.model, "--size", str(args.size), "--unique-batch",
-                       str(args.unique_batch), "--copies", str(m), "--steps", str(args.steps), "--warmup",
-                       str(args.warmup), "--workers", str(args.workers), "--threads", str(args.threads),
-                       "--corpus", args.corpus, "--json", str(target)]
-                if args.fp16_allreduce:
-                    cmd.append("--fp16-allreduce")
-                env = dict(os.environ)
-                if 0 < torch.cuda.device_count() < args.np:  # ranks may not share a GPU (devices.py)
-                    env["CUDA_VISIBLE_DEVICES"] = ""
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-                if done.returncode or not target.exists():
-                    print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"bench scaling: the {backend} run at M={m} failed ({done.returncode})")
-                r = json.loads(target.read_text())
-                r["backend"] = backend
-                measured.append(r)
-                s = r["seconds_per_step"]
-                print(f"  {backend} M={m}: step {1000 * r['step_s']:.0f} ms, allreduce {1000 * s['allreduce']:.0f} ms",
-                      flush=True)
+    measured = [measure_breakdown(args, backend, m) for backend in args.backends.split(",") for m in copies_list]
+    print_breakdowns(args, measured, copies_list)
+    fits = [r["allreduce_fit"] for r in measured if r.get("allreduce_fit")]
+    # measured compute per sample of this run's model (the largest M: the steadiest figure)
+    big = max((r for r in measured), key=lambda r: r["samples_per_rank"])
+    measured_rate = big["samples_per_rank"] / big["seconds_per_step"]["forward_backward"]
+    grad_bytes = resnet50_gradient_bytes()
+    gpu_rate, gpu_source, proj = print_projection(args, grad_bytes)
+    print(f"\nthis run's {big['model']} on this CPU: {measured_rate:.1f} samples/s per rank forward+backward (measured);"
+          f" ResNet-50 on a GPU: {gpu_rate:.0f} ({gpu_source}). Inputs measured here: the breakdowns, the "
+          f"allreduce fits, the gradient bytes{', the GPU rate' if gpu_source == 'measured' else ''}. Assumed: "
+          f"{'' if gpu_source == 'measured' else 'the GPU rate, '}bandwidths, latency.")
+    result = {"measured": measured, "allreduce_fits": fits, "projection": proj, "grad_bytes_resnet50": grad_bytes,
+              "gpu_samples_per_s": gpu_rate, "gpu_rate_source": gpu_source, "latency_us": args.latency_us,
+              "measured_samples_per_s_per_rank": measured_rate}
+    (out / "scaling.json").write_text(json.dumps(result, indent=1))
+    plot_scaling(proj, out / "scaling.png")
+    print(f"wrote {out / 'scaling.json'} and {out / 'scaling.png'}")
+    return 0
+
+
+def measure_breakdown(args, backend: str, m: int) -> dict:
+    """`bench breakdown` under a real `horovodrun -np N --<backend>` at M = m; its rank 0's figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "breakdown.json"
+        cmd = ["horovodrun", "-np", str(args.np), f"--{backend}", sys.executable, "-m", "hvd_ba", "bench",
+               "breakdown", "--model", args.model, "--size", str(args.size), "--unique-batch",
+               str(args.unique_batch), "--copies", str(m), "--steps", str(args.steps), "--warmup",
+               str(args.warmup), "--workers", str(args.workers), "--threads", str(args.threads),
+               "--corpus", args.corpus, "--json", str(target)]
+        if args.fp16_allreduce:
+            cmd.append("--fp16-allreduce")
+        env = dict(os.environ)
+        if 0 < torch.cuda.device_count() < args.np:  # ranks may not share a GPU (train/devices.py)
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        if done.returncode or not target.exists():
+            print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"bench scaling: the {backend} run at M={m} failed ({done.returncode})")
+        r = json.loads(target.read_text())
+    r["backend"] = backend
+    s = r["seconds_per_step"]
+    print(f"  {backend} M={m}: step {1000 * r['step_s']:.0f} ms, allreduce {1000 * s['allreduce']:.0f} ms", flush=True)
+    return r
+
+
+def print_breakdowns(args, measured: list[dict], copies_list: list[int]) -> None:
+    """The table of the measured steps (and, into each record, its shares and bytes per image and
+    per sample), and each backend's allreduce fit."""
     print(f"\nmeasured, per step (mean over {args.np} ranks; skew: the wait at a barrier for the slowest rank; "
           f"allreduce: then the gradients' grouped allreduce on its own; comm %: allreduce / step):")
     print(f"{'backend':>7} {'M':>2} {'samples':>7} {'data ms':>8} {'fwd+bwd ms':>10} {'skew ms':>8} "
@@ -220,18 +244,18 @@ def run_scaling(args) -> int:
     for r in measured:
         b = base[r["backend"]]
         r["compute_ratio_to_first"] = r["seconds_per_step"]["forward_backward"] / b["seconds_per_step"]["forward_backward"]
-    fits = [r["allreduce_fit"] for r in measured if r.get("allreduce_fit")]
     for backend in args.backends.split(","):
         fit = next(r["allreduce_fit"] for r in measured if r["backend"] == backend and r.get("allreduce_fit"))
         print(f"{backend}: allreduce fit on this machine (loopback, {args.np} ranks): latency "
               f"{1e6 * fit['latency_s']:.0f} us, bandwidth {8 * fit['bandwidth_bytes_per_s'] / 1e9:.1f} Gbit/s")
-    # measured compute per sample of this run's model (the largest M: the steadiest figure)
-    big = max((r for r in measured), key=lambda r: r["samples_per_rank"])
-    measured_rate = big["samples_per_rank"] / big["seconds_per_step"]["forward_backward"]
-    grad_bytes = resnet50_gradient_bytes()
+
+
+def print_projection(args, grad_bytes: int) -> tuple[float, str, list[dict]]:
+    """The ring-allreduce projection of ResNet-50 at W = 8 ... 1024 (printed); returns the GPU
+    rate it used, where that rate comes from, and the rows."""
     workers = [2 ** k for k in range(3, 11)]
     bandwidths = [float(b) for b in args.bandwidths_gbit.split(",")]
-    unique = 32  # per GPU: the resnet50 preset's data.unique_batch
+    unique = 32  # per GPU, as `bench gpu` measures it: half the resnet50 preset's 64 (so M = 8 fits a GPU)
     gpu_rate, gpu_source = resnet50_gpu_rate(args.gpu_samples_per_s, unique)
     proj = project(grad_bytes, gpu_rate, unique, workers, bandwidths, args.latency_us * 1e-6)
     configs = list(dict.fromkeys(r["config"] for r in proj))
@@ -246,17 +270,7 @@ def run_scaling(args) -> int:
             print(f"{gbit:>6.0f} {w:>5} " + " ".join(
                 f"{100 * c['efficiency']:>5.1f}% ({1000 * (c['compute_s'] + c['allreduce_s']):>6.1f} ms)"
                 .rjust(30) for c in cells))
-    print(f"\nthis run's {big['model']} on this CPU: {measured_rate:.1f} samples/s per rank forward+backward (measured);"
-          f" ResNet-50 on a GPU: {gpu_rate:.0f} ({gpu_source}). Inputs measured here: the breakdowns, the "
-          f"allreduce fits, the gradient bytes{', the GPU rate' if gpu_source == 'measured' else ''}. Assumed: "
-          f"{'' if gpu_source == 'measured' else 'the GPU rate, '}bandwidths, latency.")
-    result = {"measured": measured, "allreduce_fits": fits, "projection": proj, "grad_bytes_resnet50": grad_bytes,
-              "gpu_samples_per_s": gpu_rate, "gpu_rate_source": gpu_source, "latency_us": args.latency_us,
-              "measured_samples_per_s_per_rank": measured_rate}
-    (out / "scaling.json").write_text(json.dumps(result, indent=1))
-    plot_scaling(proj, out / "scaling.png")
-    print(f"wrote {out / 'scaling.json'} and {out / 'scaling.png'}")
-    return 0
+    return gpu_rate, gpu_source, proj
 
 
 def plot_scaling(proj: list[dict], path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Checkpoints: written atomically by rank 0, the last K kept, a `latest` pointer updated last;
-`write_checkpoint` is the collective every rank calls at the same step.
+"""Checkpoints: written atomically by rank 0, the last K kept, a `latest` pointer updated last
+(the collective that every rank calls at the same step is train/agreement.py: write_checkpoint).
 
 A checkpoint holds tensors and plain types only, so it loads with
 `torch.load(weights_only=True)`: model (unwrapped, uncompiled), optimizer, GradScaler, global
@@ -16,11 +16,8 @@ from pathlib import Path
 
 import torch
 
-from hvd_ba import __version__, dist, fsio
-from hvd_ba.config import Config
+from hvd_ba import __version__, fsio
 from hvd_ba.fsio import DiskFull
-from hvd_ba.train.engine import TrainState, average_bn_statistics
-from hvd_ba.train.records import RECORD_FILES
 
 log = logging.getLogger("hvd_ba")
 
@@ -136,40 +133,6 @@ def find_checkpoint(resume: str, out_dir: str | Path) -> tuple[Path, dict] | Non
         except Exception as err:  # torch raises several types for a damaged file
             log.warning("skipping checkpoint %s: it does not load (%s)", path, str(err).splitlines()[0])
     return None
-
-
-# ------------------------------------------------------------------ the ranks write one together
-
-
-def write_checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, step_in_epoch: int,
-                     epoch: int | None = None) -> None:
-    """Collective: every rank calls it at the same step. BN running statistics are averaged
-    first (so the saved model is the one all ranks would evaluate); each rank's RNG states and,
-    mid-epoch, its partial epoch sums are gathered; rank 0 writes."""
-    if state.watchdog is not None:
-        state.watchdog.tick(f"the checkpoint of step {state.step}", peers=True)
-    average_bn_statistics(model)
-    rng = dist.allgather_object(rng_states(), name="rng")
-    partial = dist.allgather_object(state.progress.to_record(), name="partial") if step_in_epoch else None
-    failure = None
-    if dist.is_primary():
-        fsio.sync_files(out / name for name in RECORD_FILES)
-        payload = {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                   "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
-                   "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
-                   "world": dist.size(), "rng": rng, "partial": partial, "config": cfg.to_dict(),
-                   "run_id": state.run_id, "plan": state.plan}
-        try:
-            path = save_checkpoint(out, payload, cfg.run.keep_checkpoints, prune_legacy=state.legacy_checkpoints)
-            log.info("checkpoint %s (step %d)", path, state.step)
-        except DiskFull as err:
-            failure = err.strerror
-    # Nobody leaves (or exits) before the file is on disk; a full disk stops every rank at once.
-    failure = dist.broadcast_object(failure, name="checkpoint")
-    if failure:
-        err = DiskFull(errno.ENOSPC, failure)
-        err.quiet = not dist.is_primary()  # one line, from rank 0
-        raise err
 
 
 def rng_states() -> dict:

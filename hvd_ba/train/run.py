@@ -19,27 +19,24 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist, fsio
-from hvd_ba.train.agreement import StepHooks
-from hvd_ba.train.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
-                                     set_rng_states, write_checkpoint)
 from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, oversubscribed, rank_cores
-from hvd_ba.config import Config, ConfigError, derive, manifest_cache, save_config
+from hvd_ba.config import Config, derive, manifest_cache, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.model_input import channel_stats
-from hvd_ba.train.devices import select_device
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
 from hvd_ba.data.staged import check_staged, rank_files
-from hvd_ba.train.engine import EpochProgress, TrainState, evaluate, train_one_epoch
-from hvd_ba.train.records import (StepRecords, read_jsonl, record_epoch, state_digest, tensorboard_writer,
-                                  truncate_records)
-from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
-                              ignore_stop_signals, install_stop_handlers, pause_point)
+from hvd_ba.fsio import DiskFull
 from hvd_ba.models import build_model, parameter_groups
-from hvd_ba.fsio import DiskFull, read_records, remove_stale_temporaries
-from hvd_ba.train.run_dir import (LOCK, RunRefused, claim_fresh, config_differences, hold_lock, index_digest, legacy_plan,
-                         new_run_id, plan_differences, read_result, read_run_id, refuse_resume, release_held_lock,
-                         run_plan)
+from hvd_ba.train.agreement import StepHooks, write_checkpoint
+from hvd_ba.train.checkpoint import newest_checkpoint
+from hvd_ba.train.devices import select_device
+from hvd_ba.train.engine import TrainState, evaluate, train_one_epoch
 from hvd_ba.train.lr_schedule import describe_warmup
+from hvd_ba.train.records import StepRecords, read_jsonl, record_epoch, state_digest, tensorboard_writer
+from hvd_ba.train.resume import Placement, claim_run_dir, resume
+from hvd_ba.train.run_dir import RunRefused, index_digest, read_result, release_held_lock, run_plan
+from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
+                               ignore_stop_signals, install_stop_handlers, pause_point)
 
 log = logging.getLogger("hvd_ba")
 
@@ -153,192 +150,6 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
         forward_chunks=chunks, amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp],
         channels_last=r.channels_last, scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
     )
-
-
-@dataclasses.dataclass
-class Placement:
-    """Where a run starts: epoch and step in it (0, 0 for a fresh run), the run's id, the
-    epoch's partial sums of this rank when resumed mid-epoch, and whether it is already done."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    run_id: str | None = None
-    partial: dict | None = None
-    complete: bool = False
-
-
-def remove_stale_stop_file(cfg: Config, started: float) -> None:
-    """A stop file older than this start asked an earlier attempt to stop: that is done. Only
-    after rank 0 holds the run's lock (a second job on the same folder must not delete the
-    first one's pending stop)."""
-    stop_file = Path(cfg.run.stop_file) if cfg.run.stop_file else None
-    try:
-        if stop_file is not None and stop_file.stat().st_mtime < started:
-            stop_file.unlink(missing_ok=True)
-    except FileNotFoundError:
-        pass
-
-
-def claim_run_dir(cfg: Config, out: Path, started: float) -> str | None:
-    """Rank 0 decides whether this start may use `out` (run_dir.claim_fresh), every rank learns it.
-    Returns the run id of a fresh start (None when resuming: the checkpoint decides)."""
-    decision = None
-    if dist.is_primary():
-        try:
-            for folder in (out, checkpoint_dir(out)):  # a dead writer's half file may be what fills the disk
-                remove_stale_temporaries(folder, dead_only=True)
-            hold_lock(out, cfg.run.lock_stale_after)  # before anything else: one job per folder
-            for folder in (out, checkpoint_dir(out)):  # left by a writer killed mid-write (only rank 0 writes)
-                for stale in remove_stale_temporaries(folder):
-                    log.warning("removed %s, left by a write that a crash cut short", stale)
-            remove_stale_stop_file(cfg, started)
-            previous = newest_checkpoint(out) if cfg.run.resume else None
-            if previous is not None:  # a checkpoint that will not fit: say so now, not mid-run
-                check_space(checkpoint_dir(out), previous)
-            if cfg.run.resume:
-                decision = {"run_id": None}
-            else:
-                run_id, moved = claim_fresh(cfg, out)
-                decision = {"run_id": run_id, "moved": str(moved) if moved else None}
-                if moved:  # the lock went with the old folder: hold the new one
-                    release_held_lock()
-                    (moved / LOCK).unlink(missing_ok=True)
-                    hold_lock(out, cfg.run.lock_stale_after)
-        except RunRefused as err:
-            decision = {"error": str(err)}
-        except DiskFull as err:
-            decision = {"disk": err.strerror, "errno": err.errno}
-    decision = dist.broadcast_object(decision, name="claim")
-    if "error" not in decision and not dist.is_primary() and dist.local_rank() == 0:
-        remove_stale_stop_file(cfg, started)  # each node's own, where the path names the node
-    if "error" in decision:
-        raise RunRefused(decision["error"])
-    if "disk" in decision:
-        err = DiskFull(decision["errno"], decision["disk"])
-        err.quiet = not dist.is_primary()
-        raise err
-    if decision.get("moved"):
-        log.warning("run.overwrite: the earlier run in %s was moved to %s", out, decision["moved"])
-    return decision["run_id"]
-
-
-def _check_checkpoint(cfg: Config, payload: dict, path, out: Path, plan: dict) -> tuple[str, bool]:
-    """Rank 0: the run id the resumed run continues and whether the world size changes, or
-    RunRefused when the checkpoint belongs to another run or another data order / LR schedule."""
-    run_id = payload.get("run_id")
-    here = read_run_id(out)
-    if run_id and here and run_id != here:
-        raise RunRefused(f"run.resume: checkpoint '{path}' belongs to run {run_id}, but run.out_dir '{out}' holds run "
-                         f"{here}; resume into that run's own folder, or into an empty run.out_dir")
-    saved_plan = payload.get("plan") or legacy_plan(payload)
-    differences, resized = plan_differences(saved_plan, plan)
-    differences += config_differences(payload["config"], cfg.to_dict())
-    if differences:
-        raise refuse_resume(path, differences, saved_plan, plan)
-    return run_id or here or new_run_id(), resized
-
-
-def _nothing_to_resume(cfg: Config, out: Path, fresh_id: str | None) -> dict:
-    """Rank 0, run.resume without a checkpoint that loads: a complete run says so; a run with
-    epochs recorded (so it had checkpoints) is refused, never trained again over its records;
-    a run that died before its first checkpoint starts again from step 0."""
-    here = read_run_id(out)
-    result = read_result(out)
-    if result and here and result.get("run_id") == here:
-        return {"run_id": here, "complete": True}
-    epochs = read_records(out / "metrics.jsonl")
-    if epochs or result:
-        raise RunRefused(
-            f"run.resume: '{out}' holds run {here or '(no id)'} with {len(epochs)} epochs recorded but no checkpoint "
-            f"that loads in {checkpoint_dir(out)}; nothing to resume from: --set run.overwrite=true (without "
-            "run.resume) moves it aside and starts afresh, or run.resume=PATH names a checkpoint; nothing was trained")
-    return {"run_id": fresh_id or here or new_run_id()}
-
-
-def _set_aside_later_checkpoints(out: Path, step: int, run_id: str) -> None:
-    """Rank 0, a resume from an earlier checkpoint than the run's newest (run.resume=PATH): the
-    later ones of this run are an abandoned branch; moved to checkpoints/abandoned-<time>/ so
-    that neither `auto` nor pruning mistakes them for the run's progress."""
-    folder = checkpoint_dir(out)
-    later = [p for p in folder.glob("ckpt-*.pt") if NAME.match(p.name) and int(NAME.match(p.name).group(1)) > step
-             and run_id_of(p) == run_id]
-    if not later:
-        return
-    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(exist_ok=True)
-    for p in later:
-        os.replace(p, aside / p.name)
-    fsio.atomic_write(folder / "latest", f"ckpt-{step:09d}.pt")  # never a moved file
-    log.warning("resuming from step %d: %d later checkpoints of this run moved to %s", step, len(later), aside)
-
-
-def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, fresh_id: str | None) -> Placement:
-    """Place a run at its checkpoint: rank 0 loads and checks it, every rank receives it.
-    Progress records after the checkpoint go. A fresh run (or run.resume with no checkpoint
-    yet) starts at (0, 0)."""
-    meta = None
-    if dist.is_primary():
-        try:
-            found = find_checkpoint(cfg.run.resume, out) if cfg.run.resume else None
-            if found is None:
-                meta = _nothing_to_resume(cfg, out, fresh_id) if cfg.run.resume else {"run_id": fresh_id}
-            else:
-                path, payload = found
-                run_id, resized = _check_checkpoint(cfg, payload, path, out, state.plan)
-                try:
-                    model.load_state_dict(payload["model"])
-                    state.optimizer.load_state_dict(payload["optimizer"])
-                except (RuntimeError, ValueError, KeyError) as err:
-                    raise RunRefused(f"run.resume: checkpoint '{path}' does not fit this model and optimizer "
-                                     f"({str(err).splitlines()[0]}); nothing was trained") from None
-                if state.scaler is not None and payload["scaler"] is not None:
-                    state.scaler.load_state_dict(payload["scaler"])
-                if cfg.run.resume != "auto":
-                    _set_aside_later_checkpoints(out, payload["step"], run_id)
-                meta = {key: payload.get(key) for key in ("step", "epoch", "step_in_epoch", "world", "rng", "partial")}
-                meta |= {"path": str(path), "run_id": run_id, "resized": resized, "legacy": not payload.get("run_id")}
-        except RunRefused as err:
-            meta = {"error": str(err)}
-        except (OSError, ValueError) as err:  # run.resume=PATH that is missing or not a checkpoint
-            meta = {"error": f"run.resume: cannot load '{cfg.run.resume}' ({err}); nothing was trained"}
-    pause_point("resume")
-    meta = dist.broadcast_object(meta, name="resume")
-    if "error" in meta:
-        raise RunRefused(meta["error"])
-    placement = Placement(run_id=meta["run_id"])
-    if meta.get("complete"):  # complete, its checkpoints removed: nothing to load
-        placement.complete = True
-        return placement
-    if "step" not in meta:
-        if dist.is_primary() and cfg.run.resume:
-            truncate_records(out, step=0, epoch=0)
-        return placement
-    state.legacy_checkpoints = bool(meta.get("legacy"))
-    placement.epoch, placement.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-    placement.complete = meta["epoch"] >= cfg.optim.epochs
-    dist.broadcast_state(model, state.optimizer, optimizer_state=True)
-    if state.scaler is not None:  # fp16: every rank must scale its gradients alike (rank 0 loaded it)
-        scaler_state = dist.broadcast_object(state.scaler.state_dict() if dist.is_primary() else None, name="scaler")
-        if scaler_state:
-            state.scaler.load_state_dict(scaler_state)
-    state.step = meta["step"]
-    if placement.complete:
-        return placement  # no step left: its records stay as they are
-    if dist.is_primary():
-        truncate_records(out, step=meta["step"], epoch=meta["epoch"])
-    partial = meta["partial"]
-    if meta["world"] == dist.size():
-        set_rng_states(meta["rng"][dist.rank()])
-        placement.partial = partial[dist.rank()] if partial else None
-    else:
-        log.warning("resuming a run of %d ranks on %d with the same unique global batch: every step reads the same "
-                    "files with the same LR; ghost-BN groups are rank-local, so losses differ from an uninterrupted "
-                    "run; RNG states not restored", meta["world"], dist.size())
-        if partial and dist.is_primary():  # the epoch's sums so far, all on rank 0
-            placement.partial = EpochProgress.merge(partial)
-    log.info("resumed from %s: step %d, epoch %d, step %d of it", meta["path"], meta["step"],
-             meta["epoch"] + 1, meta["step_in_epoch"])
-    return placement
 
 
 @dataclasses.dataclass
@@ -517,9 +328,6 @@ def finish_complete(cfg: Config, run: Run, out: Path, placement: Placement, t_st
 def run_training(cfg: Config, track_lambda=None) -> dict:
     """build -> resume -> train -> finish, on every rank. `track_lambda`: the lambda tracker
     (theory/tracking.py) that run.track_lambda_every needs."""
-    if cfg.run.track_lambda_every and track_lambda is None:
-        raise ConfigError("run.track_lambda_every: this entry point hands over no lambda tracker; "
-                          "train with `python -m hvd_ba train`")
     stop = install_stop_handlers()
     t_start = time.time()
     bind_rank(cfg.run.bind)  # before any thread starts: Horovod's, torch's and the loaders' inherit it
@@ -549,6 +357,10 @@ def main_rank(cfg: Config, track_lambda=None) -> int:
     A refusal (the run folder, the checkpoint, the data) is one line from rank 0, exit 2; a stop
     signal during start-up, one line and exit 75. Every way out gives up the run folder's lock."""
     stop = install_stop_handlers()
+    if cfg.run.track_lambda_every and track_lambda is None:
+        print("hvd_ba: error: config key 'run.track_lambda_every': this entry point hands the run no lambda tracker "
+              "(theory/tracking.py); train with `python -m hvd_ba train`", file=sys.stderr)
+        return 2
     try:
         try:
             result = run_training(cfg, track_lambda)

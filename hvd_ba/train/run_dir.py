@@ -147,6 +147,7 @@ def legacy_plan(payload: dict) -> dict:
     plan = {"world": world, "unique_batch": d["unique_batch"], "unique_global": d["unique_batch"] * world,
             "copies": d["copies"], "ghost_size": cfg["model"]["ghost_size"], "seed": cfg["run"]["seed"],
             "shard": d["shard"], "layout": d["layout"],
+            # as format-1 checkpoints computed it (not config.peak_lr: another float order)
             "peak_lr": o["base_lr"] * d["unique_batch"] * world / o["reference_batch"],
             "warmup_epochs": o["warmup_epochs"], "warmup_from": "zero", "warmup_start": 0.0,
             "schedule": o["schedule"], "milestones": list(o["milestones"]), "decay": o["decay"],
