@@ -377,7 +377,7 @@ def main_rank(cfg: Config, track_lambda=None) -> int:
                DISK_FULL_EXIT_CODE)
     except BaseException as err:
         if type(err).__name__ == "HorovodInternalError" and "shut down" in str(err):
-            # A symptom, not a cause (README, "Never losing a job"): another rank left first and said why.
+            # A symptom, not a cause: another rank left first (or Horovod stopped a stall) and said why.
             if stop.requested:  # this rank was signalled too (srun signals every task): a preemption
                 _leave(f"hvd_ba: rank {dist.rank()} stopped ({stop.signal_name}): the job was stopping; the last "
                        "checkpoint stays the resume point", PREEMPTED_EXIT_CODE)
