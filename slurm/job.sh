@@ -59,8 +59,14 @@ launch_command() {
             # with srun. Without SLURM_EXACT that step has all the job's cores of each node (under
             # SLURM_EXACT=1 the daemon, and so every rank of its node, had one core); each rank
             # then keeps its local rank's share (run.bind=auto, hvd_ba/cluster.py).
+            # mpirun passes on only the variables named with -x (srun and horovodrun pass the whole
+            # environment): the job's Horovod, NCCL, OpenMP and hvd_ba settings go too.
+            local forward=(-x PATH -x LD_LIBRARY_PATH) name
+            for name in $(compgen -e); do
+                case "$name" in HOROVOD_*|NCCL_*|OMP_*|HVD_BA_*|PYTHONPATH) forward+=(-x "$name") ;; esac
+            done
             CMD=(env -u SLURM_EXACT -u SRUN_CPUS_PER_TASK mpirun -np "$np" ${root_flag[@]+"${root_flag[@]}"}
-                 --bind-to none --map-by slot -x PATH -x LD_LIBRARY_PATH -x HVD_BA_CPUS_PER_TASK "$PYTHON" "$@") ;;
+                 --bind-to none --map-by slot "${forward[@]}" "$PYTHON" "$@") ;;
         *)
             job_log "error: LAUNCHER='$LAUNCHER' (choose srun, horovodrun or mpirun)"; return 2 ;;
     esac

@@ -66,3 +66,22 @@ sets=(); touch_stop_files
     assert r.returncode == 0, r.stderr
     made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and "bin" not in p.parts)
     assert made == ["STOP", "STOP-n1", "STOP-n2", "x/n1.stop", "x/n2.stop"]
+
+
+def test_mpirun_passes_the_jobs_horovod_nccl_and_hvd_ba_settings_on(tmp_path):
+    """mpirun forwards only the variables named with -x (srun and horovodrun forward all): a
+    HOROVOD_CYCLE_TIME or NCCL_DEBUG set for the job must reach the ranks. Before: only PATH,
+    LD_LIBRARY_PATH and HVD_BA_CPUS_PER_TASK went."""
+    script = """
+LAUNCHER=mpirun; SLURM_NTASKS=4; SLURM_CPUS_PER_TASK=1; PYTHON=python
+launch_command -m hvd_ba train
+printf '%s\\n' "${CMD[@]}"
+"""
+    r = bash(script, tmp_path, HOROVOD_CYCLE_TIME="20", NCCL_DEBUG="INFO", OMP_NUM_THREADS="1",
+             UNRELATED_SECRET="x")
+    words = r.stdout.split()
+    assert r.returncode == 0 and words[:4] == ["env", "-u", "SLURM_EXACT", "-u"], r.stdout + r.stderr
+    forwarded = {words[i + 1] for i, w in enumerate(words) if w == "-x"}
+    assert {"HOROVOD_CYCLE_TIME", "NCCL_DEBUG", "OMP_NUM_THREADS", "HVD_BA_CPUS_PER_TASK", "PATH"} <= forwarded
+    assert "UNRELATED_SECRET" not in forwarded
+    assert words[-4:] == ["python", "-m", "hvd_ba", "train"]
