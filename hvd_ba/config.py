@@ -456,13 +456,13 @@ class Derived:
 
 def derive(cfg: Config, world: int, train_files: int | None = None) -> Derived:
     d, m, o = cfg.data, cfg.model, cfg.optim
-    samples = d.copies * d.unique_batch
+    samples, unique_global = d.copies * d.unique_batch, d.unique_batch * world
     groups = samples // m.ghost_size if m.ghost_size else None
     return Derived(
-        world=world, unique_batch=d.unique_batch, copies=d.copies, unique_global=d.unique_batch * world,
+        world=world, unique_batch=d.unique_batch, copies=d.copies, unique_global=unique_global,
         samples_per_rank=samples, samples_global=samples * world, ghost_size=m.ghost_size, ghost_groups=groups,
         forward_passes=groups if m.ghost_impl == "accumulate" and groups else 1,
-        peak_lr=peak_lr(o.base_lr, d.unique_batch * world, o.reference_batch),
+        peak_lr=peak_lr(o.base_lr, unique_global, o.reference_batch),
         steps_per_epoch=None if train_files is None else steps_per_epoch(train_files, world, d.unique_batch,
                                                                           cfg.run.max_steps_per_epoch),
     )
