@@ -36,8 +36,8 @@ class DataConfig:
     # loader worker processes per rank; None: derived from the cores the rank has (its CPU mask):
     # on a GPU all but one (at most 12), on CPUs a quarter (at least one from two cores); cluster.loader_split
     workers: int | None = None
-    # Loader worker start method. auto: forkserver on a GPU node launched through MPI (forking after
-    # MPI/UCX and CUDA initialised is unsafe: horovod #489), else fork (the fastest); or name one.
+    # Loader worker start method. auto: forkserver, started before Horovod's threads (a fork of a rank
+    # whose threads hold locks can hang; data/pipeline.worker_start_method); or name one.
     worker_start: str = "auto"
     prefetch: int = 2  # batches prefetched per worker
     eval_batch: int = 100  # images per evaluation batch, per rank

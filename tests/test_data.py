@@ -10,7 +10,7 @@ from hvd_ba.config import load_config
 from hvd_ba.data import augment, copies
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.copies import BACollate
-from hvd_ba.data.pipeline import ShardSampler, make_train_loader
+from hvd_ba.data.pipeline import ShardSampler, _loader, make_train_loader, start_worker_server, worker_start_method
 from hvd_ba.data.synthetic import make_dataset
 
 
@@ -325,3 +325,35 @@ def test_alexnet_crops_match_torchvisions_transforms(small_data):
                 augment.IMAGENET_EIGVAL)), atol=1e-6)
     assert shapes == {True, False}  # landscape and portrait images both tried
     assert max(diffs) < 1.0, diffs  # the same pixels up to rounding in the resampler
+
+
+def test_loader_workers_never_fork_from_a_rank_whose_threads_hold_locks():
+    """A worker forked while another thread holds a lock inherits the lock held and waits on it
+    forever (a CI run: an evaluation worker forked mid-run never delivered). `auto` starts the
+    workers from a fork server started before those threads: the same dataset gets its lock."""
+    import threading
+    import types
+
+    import held_lock
+
+    assert worker_start_method("auto") == "forkserver" and worker_start_method("fork") == "fork"
+    start_worker_server("auto")  # as run_training does, before Horovod's threads
+    taken, done = threading.Event(), threading.Event()
+
+    def holder():
+        with held_lock.LOCK:
+            taken.set()
+            done.wait(60)
+
+    threading.Thread(target=holder, daemon=True).start()
+    taken.wait(10)
+    try:
+        got = {}
+        for method in ("fork", "auto"):
+            d = types.SimpleNamespace(workers=1, worker_start=method, prefetch=1)
+            loader = _loader(held_lock.NeedsLock(), [[0]], held_lock.first, d)
+            got[method] = next(iter(loader))
+            del loader
+    finally:
+        done.set()
+    assert got == {"fork": False, "auto": True}

@@ -1,6 +1,6 @@
 """The GPU path, checked on the CPU: channels_last and fp16 resume under horovodrun, the device
-choice and the refusals (pure functions of what the launcher and driver say), the loader start
-method, doctor. Tests that need a GPU are marked `gpu` and run where one is."""
+choice and the refusals (pure functions of what the launcher and driver say), doctor. Tests that
+need a GPU are marked `gpu` and run where one is."""
 import json
 import shutil
 import subprocess
@@ -11,7 +11,6 @@ import torch
 
 from conftest import ROOT, run_cli
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
-from hvd_ba.data.pipeline import worker_start_method
 from hvd_ba.train.devices import DeviceError, gpu_index, nccl_problem, shared_gpus
 from test_horovod import ENV, launch, read_jsonl, train_command
 from test_resume import RUN, kill_tree, wait_for_step
@@ -70,14 +69,6 @@ def test_two_ranks_on_one_gpu_and_a_horovod_without_nccl_are_refused():
     assert message.startswith("ranks 0, 1 on host n1 all use GPU GPU-a: give each rank its own GPU")
     assert nccl_problem(uses_cuda=True, nccl_built=False).startswith("this Horovod was built without NCCL")
     assert nccl_problem(uses_cuda=True, nccl_built=True) is None and nccl_problem(False, False) is None
-
-
-def test_loader_workers_start_with_forkserver_on_mpi_launched_gpu_nodes():
-    assert worker_start_method("auto", cuda=True, env={"OMPI_COMM_WORLD_RANK": "0"}) == "forkserver"
-    assert worker_start_method("auto", cuda=True, env={"PMIX_RANK": "3"}) == "forkserver"
-    assert worker_start_method("auto", cuda=False, env={"OMPI_COMM_WORLD_RANK": "0"}) == "fork"
-    assert worker_start_method("auto", cuda=True, env={"HOROVOD_RANK": "0"}) == "fork"  # gloo: no MPI fabric
-    assert worker_start_method("spawn", cuda=False, env={}) == "spawn"
 
 
 def test_model_pt_is_saved_on_the_cpu(small_data, tmp_path):

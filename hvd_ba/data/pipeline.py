@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import functools
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from hvd_ba.cluster import launch_info, loader_split
+from hvd_ba.cluster import loader_split
 from hvd_ba.config import steps_per_epoch
 from hvd_ba.data.augment import TrainPreset, eval_image
 from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, open_image, read_file
@@ -200,15 +201,29 @@ def _kill_workers_at_exit() -> None:
 
 _exit_hook_registered = False
 
-def worker_start_method(setting: str, cuda: bool | None = None, env=None) -> str:
-    """data.worker_start; `auto`: forkserver on a GPU node launched through MPI (forking after
-    MPI/UCX and CUDA initialised is unsafe over some interconnects: horovod #489, pytorch #13787),
-    fork elsewhere (the fastest start)."""
-    if setting != "auto":
-        return setting
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    env = os.environ if env is None else env
-    return "forkserver" if cuda and launch_info(env).mpi else "fork"
+def worker_start_method(setting: str) -> str:
+    """data.worker_start; `auto`: forkserver. The loader workers are created once Horovod's
+    background thread, Gloo's or MPI's threads and torch's thread pool run in the rank, and a
+    fork copies any lock another thread holds at that instant: a CI run had an evaluation worker,
+    forked after two training steps, alive but never delivering (the stall watchdog ended the
+    rank after 300 s). Fork after MPI/UCX and CUDA initialised is unsafe over some interconnects
+    too (horovod #489, pytorch #13787). The fork server is started before any of those threads
+    (start_worker_server) and has torch and the data modules imported, so its workers start in
+    about as long as forked ones. `fork` is still there to name."""
+    return "forkserver" if setting == "auto" else setting
+
+
+WORKER_SERVER_PRELOAD = ["hvd_ba.data.copies", "hvd_ba.data.pipeline"]
+
+
+def start_worker_server(setting: str) -> None:
+    """Start the fork server of the loader workers now (call it before Horovod starts its
+    threads, after the rank's CPU mask is set: the server and its workers inherit the mask). It
+    imports torch and the data modules in the background while the rank starts up."""
+    if worker_start_method(setting) != "forkserver":
+        return
+    multiprocessing.set_forkserver_preload(WORKER_SERVER_PRELOAD)
+    multiprocessing.forkserver.ensure_running()
 
 
 def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:

@@ -23,7 +23,7 @@ from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, ove
 from hvd_ba.config import Config, derive, manifest_cache, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.model_input import channel_stats
-from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
+from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, start_worker_server
 from hvd_ba.data.staged import check_staged, rank_files
 from hvd_ba.fsio import DiskFull
 from hvd_ba.models import build_model, parameter_groups
@@ -331,6 +331,7 @@ def run_training(cfg: Config, track_lambda=None) -> dict:
     stop = install_stop_handlers()
     t_start = time.time()
     bind_rank(cfg.run.bind)  # before any thread starts: Horovod's, torch's and the loaders' inherit it
+    start_worker_server(cfg.data.worker_start)  # before Horovod's threads: workers never fork from them
     dist.init(stall_timeout=cfg.run.stall_timeout)
     setup_logging()
     pause_point("init")
