@@ -125,6 +125,19 @@ def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
     raise TimeoutError(f"rank {rank} not found")
 
 
+def loader_workers(rank: psutil.Process) -> list[psutil.Process]:
+    """A rank's loader workers: the children of its fork server (data.worker_start auto), or
+    forks of the rank itself (same command line)."""
+    workers = []
+    for child in rank.children():
+        line = child.cmdline()
+        if "multiprocessing.forkserver" in " ".join(line):
+            workers += child.children()
+        elif line == rank.cmdline():
+            workers.append(child)
+    return workers
+
+
 @pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
 def test_preemption_signal_on_one_rank_stops_all_with_a_checkpoint(signame, small_data, tmp_path):
     out = tmp_path / "run"

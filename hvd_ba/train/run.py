@@ -331,7 +331,8 @@ def run_training(cfg: Config, track_lambda=None) -> dict:
     stop = install_stop_handlers()
     t_start = time.time()
     bind_rank(cfg.run.bind)  # before any thread starts: Horovod's, torch's and the loaders' inherit it
-    start_worker_server(cfg.data.worker_start)  # before Horovod's threads: workers never fork from them
+    if cfg.data.workers != 0:  # before Horovod's threads: workers never fork from them
+        start_worker_server(cfg.data.worker_start)
     dist.init(stall_timeout=cfg.run.stall_timeout)
     setup_logging()
     pause_point("init")
