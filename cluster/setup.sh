@@ -10,6 +10,12 @@
 # even when installed or cached), HVD_BA_HOROVOD_SDIST=path/to/horovod-0.28.1.tar.gz (no download),
 # HVD_BA_GPU=auto|1|0 (Horovod's GPU flavour: where a GPU is | always, failing if CUDA or NCCL is
 # missing | never); CUDA_HOME, CUDA_PATH, NCCL_HOME, HOROVOD_NCCL_HOME (where to find them).
+#
+#   HVD_BA_BACKEND=torch bash cluster/setup.sh   # for run.backend=torch (torch.distributed):
+#
+# everything but Horovod, from wheels only: no system packages, no compiler, no MPI, no build
+# (no mpi4py, whose only user is `stage` under an MPI launcher; Pillow from its wheel, not
+# pillow-simd, which compiles).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,6 +32,8 @@ MPI4PY=$(pin mpi4py); PILLOW_SIMD=$(pin pillow-simd)
 t0=$SECONDS
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+BACKEND=${HVD_BA_BACKEND:-horovod}
+case "$BACKEND" in horovod|torch) ;; *) die "HVD_BA_BACKEND=$BACKEND: must be horovod or torch" ;; esac
 
 # step NAME CMD...: run CMD with its output in a log; on failure show the log's tail and stop.
 step() {
@@ -55,6 +63,7 @@ say "python: $("$PY" -c 'import sys; print(sys.executable)') ($PYTAG)"
 # ---------------------------------------------------------------- 1. system packages
 # What each Debian package gives us, checked by a file or command rather than by dpkg so that a
 # conda env (which brings its own compilers / MPI) passes without apt.
+if [ "$BACKEND" = horovod ]; then
 need_missing() {
   local missing=()
   command -v mpirun >/dev/null || missing+=(openmpi-bin)
@@ -79,6 +88,9 @@ fi
 missing=$(need_missing)
 [ -z "$missing" ] || die "still missing after install: $missing"
 say "system packages: ok"
+else
+  say "system packages: none needed (HVD_BA_BACKEND=torch: wheels only)"
+fi
 
 # ---------------------------------------------------------------- 2. python packages
 have() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('$1') != '$2')" 2>/dev/null; }
@@ -88,11 +100,13 @@ else
   step "pip install torch" "$PY" -m pip install "torch==$TORCH" "torchvision==$TORCHVISION"
 fi
 # Everything else in requirements.txt except what is built below.
-grep -vE '^(#|$|torch==|torchvision==|horovod==|pillow-simd==)' "$ROOT/requirements.txt" >"$CACHE/req-plain.txt"
+skip='torch==|torchvision==|horovod==|pillow-simd=='
+[ "$BACKEND" = horovod ] || skip="$skip|mpi4py=="
+grep -vE "^(#|\$|$skip)" "$ROOT/requirements.txt" >"$CACHE/req-plain.txt"
 ok=1
 while read -r line; do have "${line%%==*}" "${line##*==}" || ok=0; done <"$CACHE/req-plain.txt"
 if [ $ok = 1 ]; then
-  say "mpi4py, pyyaml, numpy, tqdm, pytest, scikit-image: present"
+  say "$(cut -d= -f1 "$CACHE/req-plain.txt" | paste -sd' '): present"
 else
   step "pip install requirements" "$PY" -m pip install -r "$CACHE/req-plain.txt"
 fi
@@ -105,6 +119,7 @@ step "pip install build deps" "$PY" -m pip install wheel setuptools packaging ps
 # /usr/local/cuda (its major must be torch's), NCCL from HOROVOD_NCCL_HOME, NCCL_HOME, torch's own
 # nvidia-nccl wheel or the system. The CPU build still needs CUDA paths where /usr/local/cuda is
 # present, because the torch wheel is a CUDA build (horovod-build.md).
+if [ "$BACKEND" = horovod ]; then
 # shellcheck source=cluster/gpu_detect.sh
 source "$ROOT/cluster/gpu_detect.sh"
 TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda or "")')
@@ -179,6 +194,9 @@ else
   step "install horovod" "$PY" -m pip install --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl
   horovod_ok || die "horovod installed but 'import horovod.torch' fails or lacks Gloo/MPI; see $LOGS/install_horovod.log"
 fi
+else
+  say "horovod: not installed (HVD_BA_BACKEND=torch)"
+fi
 
 # ---------------------------------------------------------------- 4. the project
 # Checked from / so that the checkout's own folder on sys.path cannot answer for the install.
@@ -192,7 +210,9 @@ fi
 
 # ---------------------------------------------------------------- 5. pillow-simd, last
 # pillow and pillow-simd both install the PIL package; pillow-simd versions end in .postN.
-if "$PY" -c "import PIL, sys; sys.exit(PIL.__version__ != '$PILLOW_SIMD')" 2>/dev/null; then
+if [ "$BACKEND" = torch ]; then
+  say "pillow-simd: not built (HVD_BA_BACKEND=torch); Pillow from its wheel"
+elif "$PY" -c "import PIL, sys; sys.exit(PIL.__version__ != '$PILLOW_SIMD')" 2>/dev/null; then
   say "pillow-simd $PILLOW_SIMD: present"
 else
   build_pillow_simd() {
@@ -210,14 +230,24 @@ else
 fi
 "$PY" -c 'import PIL, torchvision; from PIL import Image, features; assert features.check("jpg"), "no JPEG support"' \
   || die "PIL/torchvision do not import after pillow-simd"
-say "PIL $("$PY" -c 'import PIL; print(PIL.__version__)') (pillow-simd)"
+say "PIL $("$PY" -c 'import PIL; print(PIL.__version__)')"
 
 # ---------------------------------------------------------------- 6. verify
-HVDRUN=$("$PY" -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "horovodrun"))')
-[ -x "$HVDRUN" ] || HVDRUN=horovodrun
-check=$("$HVDRUN" --check-build 2>&1) || { echo "$check" >&2; die "horovodrun --check-build failed"; }
-for fw in "PyTorch" "Gloo" "MPI"; do
-  echo "$check" | grep -qE "\[X\] $fw\b" || { echo "$check" >&2; die "horovodrun --check-build does not list $fw as built"; }
-done
-echo "$check" | sed -n '/Available Frameworks/,$p' | sed 's/^/setup:   /'
+if [ "$BACKEND" = torch ]; then
+  (cd / && "$PY" - <<'PYEOF') || die "the torch backend does not start: torch.distributed without Gloo, or hvd_ba does not import"
+import torch.distributed as td, hvd_ba.dist, hvd_ba.train.run
+assert td.is_available() and td.is_gloo_available()
+PYEOF
+  TORCHRUN=$("$PY" -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "torchrun"))')
+  [ -x "$TORCHRUN" ] || die "torchrun not found next to $PY"
+  say "torch.distributed: gloo$("$PY" -c 'import torch.distributed as td; print(", nccl" if td.is_nccl_available() else "")'); launch with $TORCHRUN, srun or mpirun and --set run.backend=torch"
+else
+  HVDRUN=$("$PY" -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "horovodrun"))')
+  [ -x "$HVDRUN" ] || HVDRUN=horovodrun
+  check=$("$HVDRUN" --check-build 2>&1) || { echo "$check" >&2; die "horovodrun --check-build failed"; }
+  for fw in "PyTorch" "Gloo" "MPI"; do
+    echo "$check" | grep -qE "\[X\] $fw\b" || { echo "$check" >&2; die "horovodrun --check-build does not list $fw as built"; }
+  done
+  echo "$check" | sed -n '/Available Frameworks/,$p' | sed 's/^/setup:   /'
+fi
 say "done in $((SECONDS - t0)) s"

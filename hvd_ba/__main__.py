@@ -161,8 +161,10 @@ def parser_hosts() -> argparse.ArgumentParser:
     p.add_argument("--tasks-per-node", default=os.environ.get("SLURM_TASKS_PER_NODE"),
                    help="slots per host, e.g. '4(x2),2' (default: $SLURM_TASKS_PER_NODE)")
     p.add_argument("--np", type=int, default=None, help="check that this many tasks fit in the slots")
-    p.add_argument("--format", choices=("horovod", "hostfile", "lines"), default="horovod",
-                   help="horovod: host:n,host:n; hostfile: 'host slots=n' lines; lines: one host per line")
+    p.add_argument("--format", choices=("horovod", "hostfile", "lines", "rendezvous"), default="horovod",
+                   help="horovod: host:n,host:n; hostfile: 'host slots=n' lines; lines: one host per line; "
+                        "rendezvous: host:port where torch.distributed ranks meet (the first host, a port from "
+                        "the job id; MASTER_ADDR / MASTER_PORT when set)")
     return p
 
 
@@ -173,10 +175,15 @@ def cmd_hosts(args) -> int:
         if args.format == "lines":
             print("\n".join(cluster.expand_hostlist(args.nodelist)))
             return 0
+        if args.format == "rendezvous":
+            env = {**os.environ, "SLURM_JOB_NODELIST": args.nodelist or ""}
+            address, port = cluster.rendezvous(cluster.Launch("srun", 0, 1, 0, 1), env)
+            print(f"{address}:{port}")
+            return 0
         host_slots = cluster.slots(args.nodelist, args.tasks_per_node)
         if args.np is not None:
             cluster.check_tasks(host_slots, args.np)
-    except cluster.HostListError as err:
+    except (cluster.HostListError, cluster.RendezvousError) as err:
         print(f"hvd_ba hosts: error: {err}", file=sys.stderr)
         return 2
     print(cluster.horovod_hosts(host_slots) if args.format == "horovod" else cluster.mpi_hostfile(host_slots), end=

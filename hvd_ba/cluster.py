@@ -11,6 +11,7 @@ against many forms.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import os
 import re
@@ -137,7 +138,7 @@ def mpi_hostfile(host_slots: list[tuple[str, int]]) -> str:
 class Launch:
     """How this process was started: by which launcher, as which rank of how many, and as which
     of how many ranks on its node (local_rank / local_size are None where the launcher does not say)."""
-    launcher: str  # horovodrun | mpirun | mpi (another MPI's PMI) | srun | alone
+    launcher: str  # horovodrun | torchrun | mpirun | mpi (another MPI's PMI) | srun | alone
     rank: int
     world: int
     local_rank: int | None
@@ -170,12 +171,16 @@ def launch_info(env=None) -> Launch:
     forks inherit its daemon's srun task variables (SLURM_PROCID, SLURM_LOCALID of the node's one
     daemon), and horovodrun's ranks those of the batch step, so the launcher that started the
     process directly is asked first: horovodrun (HOROVOD_*), Open MPI's mpirun (OMPI_COMM_WORLD_*),
-    another MPI (PMI_RANK / PMI_SIZE, MPI_LOCALRANKID), srun (SLURM_PROCID of a job step)."""
+    torchrun (TORCHELASTIC_RUN_ID with RANK / WORLD_SIZE), another MPI (PMI_RANK / PMI_SIZE,
+    MPI_LOCALRANKID), srun (SLURM_PROCID of a job step)."""
     env = os.environ if env is None else env
     pmi = any(k in env for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"))  # an MPI launch
     if "HOROVOD_RANK" in env and "HOROVOD_SIZE" in env:
         return Launch("horovodrun", int(env["HOROVOD_RANK"]), int(env["HOROVOD_SIZE"]),
                       _int(env, "HOROVOD_LOCAL_RANK"), _int(env, "HOROVOD_LOCAL_SIZE"), pmi)
+    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env and "WORLD_SIZE" in env:
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK"),
+                      _int(env, "LOCAL_WORLD_SIZE"), pmi)
     if "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:
         return Launch("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                       _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"), True)
@@ -186,6 +191,44 @@ def launch_info(env=None) -> Launch:
         return Launch("mpi", int(env["PMI_RANK"]), int(env["PMI_SIZE"]), _int(env, "MPI_LOCALRANKID"),
                       _int(env, "MPI_LOCALNRANKS"), True)
     return Launch("alone", 0, 1, 0, 1, pmi)
+
+
+class RendezvousError(RuntimeError):
+    """No address where the ranks of a torch.distributed run can meet; the message names the
+    variables that were read."""
+
+
+def rendezvous(launch: Launch, env=None) -> tuple[str, int]:
+    """(address, port) where the ranks of a torch.distributed run meet (rank 0 listens there).
+    MASTER_ADDR / MASTER_PORT when set (torchrun sets both); else, inside a Slurm job, the first
+    host of the step's (or job's) host list and a port derived from the job id (every rank
+    computes the same, and two jobs sharing a node differ); else, where all ranks are on this
+    node, 127.0.0.1 and a port derived from the launch's id (Open MPI's PMIX_NAMESPACE)."""
+    env = os.environ if env is None else env
+    address, port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
+    job = env.get("SLURM_JOB_ID")
+    if not address and job:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodes:
+            raise RendezvousError(f"rank {launch.rank}: no master address: MASTER_ADDR is unset and so are "
+                                  f"SLURM_STEP_NODELIST and SLURM_JOB_NODELIST (Slurm job {job}); set MASTER_ADDR")
+        try:
+            address = expand_hostlist(nodes)[0]
+        except HostListError as err:
+            raise RendezvousError(f"rank {launch.rank}: no master address from the Slurm host list: {err}") from None
+    if not address:
+        if launch.local_size is not None and launch.local_size != launch.world:
+            raise RendezvousError(
+                f"rank {launch.rank}: no master address for {launch.world} ranks over several nodes: MASTER_ADDR "
+                f"is unset and this is no Slurm job (SLURM_JOB_ID unset); set MASTER_ADDR and MASTER_PORT")
+        address = "127.0.0.1"
+    if port is None:
+        seed = job or env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_orte_hnp_uri", "").split(";")[0]
+        if not seed:
+            raise RendezvousError(f"rank {launch.rank}: no master port: MASTER_PORT is unset and neither "
+                                  "SLURM_JOB_ID nor Open MPI's PMIX_NAMESPACE names the launch; set MASTER_PORT")
+        port = 20000 + int(hashlib.sha256(seed.encode()).hexdigest(), 16) % 20000
+    return address, port
 
 
 def launch_rank() -> tuple[int, int]:

@@ -93,7 +93,7 @@ class OptimConfig:
     decay_biases: bool = True  # false: biases get no weight decay either (a common option)
     label_smoothing: float = 0.0
     schedule: str = "step"  # step: milestones x decay; cosine: half cosine to 0 after warmup
-    fp16_allreduce: bool = False  # Horovod fp16 compression of gradients on the wire
+    fp16_allreduce: bool = False  # gradients fp16 on the wire (Horovod's compression; DDP's fp16 hook)
     adasum: bool = False  # Horovod Adasum reduction instead of averaging
     gradient_predivide_factor: float = 1.0
     epochs: int = 90
@@ -115,6 +115,10 @@ class RunConfig:
     # auto: inside a Slurm job, a rank whose CPU mask holds the cores of all its node's ranks
     # (horovodrun, mpirun --bind-to none) keeps its local rank's --cpus-per-task share; none: as launched
     bind: str = "auto"
+    # How the ranks talk: horovod (Horovod over Gloo or MPI; launch with horovodrun, srun or mpirun)
+    # or torch (torch.distributed, DistributedDataParallel: Gloo on CPUs, NCCL on GPUs; launch
+    # with torchrun, srun or mpirun; needs no Horovod installed). hvd_ba/dist.py.
+    backend: str = "horovod"
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
     resume: str | None = None  # auto: the newest valid checkpoint of out_dir (fresh start if none); or a file
     # A fresh start in an out_dir that holds a run is refused; true: move that run aside to
@@ -300,6 +304,7 @@ LAYOUTS = ("copy-major", "sample-major")
 SHARDS = ("global", "static")
 AUGMENT_KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
 WORKER_STARTS = ("auto", "fork", "forkserver", "spawn")
+BACKENDS = ("horovod", "torch")  # run.backend (hvd_ba/dist.py)
 BINDS = ("auto", "none")
 GHOST_IMPLS = ("split", "accumulate")
 SCHEDULES = ("step", "cosine")
@@ -356,6 +361,11 @@ def validate(cfg: Config) -> None:
     _require(o.gradient_predivide_factor > 0, "optim.gradient_predivide_factor", "must be > 0")
     _require(not (o.adasum and o.gradient_predivide_factor != 1.0), "optim.gradient_predivide_factor",
              "must be 1 with optim.adasum (Horovod does not combine them)")
+    _require(r.backend in BACKENDS, "run.backend", f"must be one of {BACKENDS}, got {r.backend!r}")
+    _require(not (r.backend == "torch" and o.adasum), "optim.adasum",
+             "Horovod's Adasum has no torch.distributed counterpart: set run.backend=horovod, or optim.adasum=false")
+    _require(not (r.backend == "torch" and o.gradient_predivide_factor != 1.0), "optim.gradient_predivide_factor",
+             "has no torch.distributed counterpart (DDP divides before its sum): set it to 1, or run.backend=horovod")
     _require(r.amp in AMPS, "run.amp", f"must be one of {AMPS}, got {r.amp!r}")
     _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
     _require(o.reference_batch >= 1, "optim.reference_batch", "must be >= 1")

@@ -4,7 +4,9 @@
 #   CONFIG      preset name or YAML path (python -m hvd_ba train --config)
 #   DATA        ImageNet-layout root on the shared file system (train/, val/)
 #   OUT         run directory on the shared file system (checkpoints, metrics, logs/)
-#   LAUNCHER    srun | horovodrun | mpirun
+#   LAUNCHER    srun | horovodrun | mpirun | torchrun (torchrun: BACKEND=torch only)
+#   BACKEND     horovod (default) | torch: run.backend, how the ranks talk (hvd_ba/dist.py); torch
+#               runs under srun, mpirun or torchrun (one torchrun per node, started by srun)
 #   STAGE       1: copy each rank's static shard to LOCAL_DATA first (python -m hvd_ba stage)
 #   LOCAL_DATA  node-local folder for STAGE=1; expanded on each task, so '$SLURMD_NODENAME' works.
 #               Default: a private folder of this job under the node's $TMPDIR (or /tmp), created
@@ -67,8 +69,22 @@ launch_command() {
             done
             CMD=(env -u SLURM_EXACT -u SRUN_CPUS_PER_TASK mpirun -np "$np" ${root_flag[@]+"${root_flag[@]}"}
                  --bind-to none --map-by slot "${forward[@]}" "$PYTHON" "$@") ;;
+        torchrun)
+            # One torchrun per node (srun starts it with all the cores of the node's tasks), each
+            # starting that node's ranks; they meet at the first host, on a port from the job id.
+            local nodes=${SLURM_JOB_NUM_NODES:?} endpoint
+            if [ $((np % nodes)) != 0 ]; then
+                job_log "error: LAUNCHER=torchrun needs the same tasks on every node: $np tasks on $nodes nodes"
+                return 2
+            fi
+            endpoint=$("$PYTHON" -m hvd_ba hosts --format rendezvous) || return 2
+            local node_cpus=()
+            [ -n "${SLURM_CPUS_PER_TASK:-}" ] && node_cpus=(--cpus-per-task=$((SLURM_CPUS_PER_TASK * np / nodes)))
+            CMD=(srun --ntasks="$nodes" --ntasks-per-node=1 ${node_cpus[@]+"${node_cpus[@]}"} --kill-on-bad-exit=1
+                 "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node=$((np / nodes))
+                 --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="$SLURM_JOB_ID" "$@") ;;
         *)
-            job_log "error: LAUNCHER='$LAUNCHER' (choose srun, horovodrun or mpirun)"; return 2 ;;
+            job_log "error: LAUNCHER='$LAUNCHER' (choose srun, horovodrun, mpirun or torchrun)"; return 2 ;;
     esac
 }
 
@@ -87,10 +103,17 @@ run_step() {
         break
     done
     pid=""
-    # horovodrun reports 1 for any rank's failure; its message names the first rank's status.
+    # horovodrun and torchrun report 1 for any rank's failure; their messages name the ranks' status.
     if [ "$LAUNCHER" = horovodrun ] && [ "$status" = 1 ] \
             && tail -c +$((logged + 1)) "$attempt_log" | grep -q "^Exit code: $PREEMPTED\$"; then
         status=$PREEMPTED
+    fi
+    if [ "$LAUNCHER" = torchrun ] && [ "$status" = 1 ]; then
+        local codes; codes=$(tail -c +$((logged + 1)) "$attempt_log" | sed -n 's/^ *exitcode *: *\(-\?[0-9]*\) .*/\1/p' | sort -u)
+        # every rank stopped with a checkpoint (75), or was ended by srun after another node's did (-15)
+        if echo "$codes" | grep -qx "$PREEMPTED" && ! echo "$codes" | grep -vqxE "$PREEMPTED|-15"; then
+            status=$PREEMPTED
+        fi
     fi
 }
 
@@ -153,6 +176,14 @@ run_job() {
     trap 'on_signal TERM' TERM
 
     sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
+    BACKEND=${BACKEND:-horovod}
+    case "$BACKEND/$LAUNCHER" in
+        horovod/torchrun) job_log "error: LAUNCHER=torchrun starts torch.distributed ranks: set BACKEND=torch"; return 2 ;;
+        torch/horovodrun) job_log "error: BACKEND=torch runs under LAUNCHER=srun, mpirun or torchrun, not horovodrun"; return 2 ;;
+        horovod/*|torch/*) ;;
+        *) job_log "error: BACKEND='$BACKEND' (choose horovod or torch)"; return 2 ;;
+    esac
+    [ "$BACKEND" = torch ] && sets+=(run.backend=torch)
     if [ "$STAGE" = 1 ]; then
         sets+=(data.shard=static data.local_path="$LOCAL_DATA")
         stage_flags=()
@@ -172,7 +203,7 @@ run_job() {
     {
         job_log "job $SLURM_JOB_ID attempt $restart ($SLURM_JOB_NAME): $SLURM_JOB_NUM_NODES nodes" \
                 "[$SLURM_JOB_NODELIST], tasks per node $SLURM_TASKS_PER_NODE, cpus per task ${SLURM_CPUS_PER_TASK:-1}," \
-                "launcher $LAUNCHER"
+                "launcher $LAUNCHER, backend $BACKEND"
         job_log "config $CONFIG; overrides:$(printf " '%s'" "${sets[@]}")"
         job_log "logs: $log_dir"
     } | tee -a "$attempt_log"

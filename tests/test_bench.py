@@ -2,6 +2,8 @@
 targets are judged from the benchmark's own output, not in unit tests)."""
 import re
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -37,25 +39,41 @@ def test_ring_allreduce_model_and_projection():
             assert plain["efficiency"] < ba["efficiency"] < fp16["efficiency"] <= 1.0
             assert abs(passes["efficiency"] - ba["efficiency"]) < 1e-12  # same compute per allreduce
         assert cell[gbit, 8, "plain M=1"]["efficiency"] > cell[gbit, 1024, "plain M=1"]["efficiency"]
+    # a measured overlap hides part of the allreduce, at most the backward's share of the compute
+    hidden = {(r["bandwidth_gbit"], r["workers"], r["config"]): r for r in project(1e8, 1000.0, 32, [8], [10.0], 1e-5,
+                                                                                    overlap=0.5)}
+    plain, ba = cell[10.0, 8, "plain M=1"], hidden[10.0, 8, "plain M=1"]
+    assert ba["exposed_s"] == pytest.approx(plain["allreduce_s"] - 2 / 3 * 0.032)  # capped: 0.5 x 0.14 s > 21 ms
+    assert ba["efficiency"] > plain["efficiency"] and plain["exposed_s"] == plain["allreduce_s"]
+    few = project(1e6, 1000.0, 32, [8], [100.0], 1e-5, overlap=0.5)[0]  # 1 MB: the half fits in the backward
+    assert few["exposed_s"] == pytest.approx(0.5 * few["allreduce_s"])
     # 32 samples at 1000/s = 32 ms of compute; 1e8 bytes at 10 Gbit/s, W = 8: 0.14 s + 0.14 ms
     p = cell[10.0, 8, "plain M=1"]
     assert abs(p["allreduce_s"] - (14e-5 + 1.75 * 1e8 / 1.25e9)) < 1e-9
     assert abs(p["efficiency"] - 0.032 / (0.032 + p["allreduce_s"])) < 1e-12
 
 
-def test_bench_scaling_measures_both_controllers_and_projects(tmp_path):
-    """Real horovodrun -np 2 over Gloo and MPI at M = 1, 2: the breakdown and the projection."""
+def test_bench_scaling_measures_both_backends_and_projects(tmp_path):
+    """Real horovodrun -np 2 over Gloo and MPI and torchrun (torch.distributed over Gloo) at
+    M = 1, 2: the breakdowns side by side, the measured overlap, and the projection using it."""
     r = run_cli("bench", "scaling", "--copies-list", "1,2", "--steps", "2", "--warmup", "1", "--unique-batch", "4",
-                "--corpus", str(tmp_path / "photos"), "--out", str(tmp_path / "out"), timeout=600)
+                "--overlap", "measured", "--corpus", str(tmp_path / "photos"), "--out", str(tmp_path / "out"),
+                timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     import json
 
     result = json.loads((tmp_path / "out" / "scaling.json").read_text())
     measured = {(m["backend"], m["copies"]): m for m in result["measured"]}
-    assert set(measured) == {("gloo", 1), ("gloo", 2), ("mpi", 1), ("mpi", 2)}
-    for backend in ("gloo", "mpi"):
+    assert set(measured) == {(b, m) for b in ("gloo", "mpi", "torch") for m in (1, 2)}
+    for backend, controller in (("gloo", "gloo"), ("mpi", "mpi"), ("torch", "gloo")):
         one, two = measured[backend, 1], measured[backend, 2]
-        assert one["controller"] == backend and one["world"] == 2
+        assert one["controller"] == controller and one["world"] == 2
+        for m in (one, two):
+            o = m["overlap"]
+            assert o["local_step_s"] > 0 and o["distributed_step_s"] > 0 and 0 <= o["hidden_fraction"] <= 1
+            assert o["exposed_allreduce_s"] == pytest.approx(max(0.0, o["distributed_step_s"] - o["local_step_s"]))
+            assert m["allreduce_s_per_mb"] == pytest.approx(m["seconds_per_step"]["allreduce"]
+                                                            / (m["wire_bytes_per_step"] / 1e6))
         assert one["wire_bytes_per_step"] == two["wire_bytes_per_step"] > 1e6  # the model's gradients, fp32
         assert two["bytes_per_sample"] * 2 == one["bytes_per_sample"]  # M copies: half the bytes per sample
         assert two["bytes_per_unique_image"] == one["bytes_per_unique_image"]
@@ -72,7 +90,11 @@ def test_bench_scaling_measures_both_controllers_and_projects(tmp_path):
     assert len(result["projection"]) == 3 * 8 * 4  # bandwidths x W = 8..1024 x configurations
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 10_000
     assert re.search(r"^\s+gloo\s+2\s+16\s", r.stdout, re.M), r.stdout  # 2 ranks x 4 unique x M=2 samples
+    assert re.search(r"^\s+torch/gloo\s+2\s+\d+\.\d", r.stdout, re.M), r.stdout  # the side-by-side table
     assert "scaling efficiency" in r.stdout and "assumed" in r.stdout
+    hidden = measured["gloo", 2]["overlap"]["hidden_fraction"]
+    assert result["overlap"] == hidden and result["overlap_source"] == "measured: horovod/gloo, M=2"
+    assert f"{100 * hidden:.0f}% of the allreduce hidden behind the backward pass (measured" in r.stdout
 
 
 def test_bench_gpu_reduced_form_on_cpu(tmp_path):

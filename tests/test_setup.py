@@ -160,3 +160,35 @@ def test_gpu_detect_real_layouts(tmp_path):
     assert (got["ops"], got["cuda"], got["nccl"]) == ("NCCL", str(real), str(real))
     got = detect(tmp_path, HVD_BA_GPU="yes")
     assert got["rc"] == "1" and "choose auto, 1 or 0" in got["why"]
+
+
+def test_torch_backend_setup_needs_no_compiler_no_mpi_and_no_horovod(tmp_path):
+    """HVD_BA_BACKEND=torch: on a PATH without compilers, cmake, make or MPI, and with Horovod
+    failing to import, the set-up passes and says what it left out."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    toolchain = ("cc", "gcc", "g++", "c++", "cpp", "cmake", "make", "ld", "mpicc", "mpicxx", "mpirun", "mpiexec",
+                 "orterun", "prterun", "clang")
+    for folder in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            base = name.split("-")[-1] if name.startswith("x86_64-linux-gnu-") else name
+            if base.startswith(toolchain) or (bare / name).exists():
+                continue
+            (bare / name).symlink_to(os.path.join(folder, name))
+    fake = tmp_path / "hide" / "horovod"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    assert shutil.which("cc", path=str(bare)) is None and shutil.which("mpirun", path=str(bare)) is None
+    r = run_setup(tmp_path, HVD_BA_BACKEND="torch", PATH=str(bare), PYTHONPATH=str(fake.parent),
+                  HVD_BA_SKIP_APT="1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = r.stdout
+    for line in ("system packages: none needed (HVD_BA_BACKEND=torch: wheels only)",
+                 "horovod: not installed (HVD_BA_BACKEND=torch)", "pillow-simd: not built (HVD_BA_BACKEND=torch)",
+                 "torch.distributed: gloo"):
+        assert line in out, (line, out)
+    assert "mpi4py" not in out and "building horovod" not in out and "horovodrun" not in out
+    bad = run_setup(tmp_path, HVD_BA_BACKEND="nccl")
+    assert bad.returncode == 1 and "HVD_BA_BACKEND=nccl: must be horovod or torch" in bad.stderr

@@ -198,18 +198,21 @@ SLOW = pytest.mark.skipif(os.environ.get("HVD_BA_SLOW_SLURM") != "1",
                           reason="Horovod's MPI controller stalls minutes with 4 ranks on 2 cores; HVD_BA_SLOW_SLURM=1")
 
 
-@pytest.mark.parametrize("launcher, layout", [
-    ("horovodrun", "2x2"), ("srun", "2x1"), ("mpirun", "2x1"),
-    pytest.param("srun", "2x2", marks=SLOW), pytest.param("mpirun", "2x2", marks=SLOW)])
-def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path, launcher, layout):
-    """Bound ranks, SLURM_EXACT=1. srun passes the signal to the ranks; the ranks of horovodrun
-    and mpirun see it through run.stop_file. Measured before the fix: with 2 ranks per node
-    mpirun aborted at start with 'rank 1: Horovod local rank 1 != SLURM_LOCALID 0'."""
+@pytest.mark.parametrize("launcher, layout, backend", [
+    ("horovodrun", "2x2", "horovod"), ("srun", "2x1", "horovod"), ("mpirun", "2x1", "horovod"),
+    ("srun", "2x1", "torch"), ("torchrun", "2x2", "torch"),
+    pytest.param("srun", "2x2", "horovod", marks=SLOW), pytest.param("mpirun", "2x2", "horovod", marks=SLOW)])
+def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path, launcher, layout, backend):
+    """Bound ranks, SLURM_EXACT=1. srun passes the signal to the ranks; the ranks of horovodrun,
+    mpirun and torchrun see it through run.stop_file. Measured before the fix: with 2 ranks per
+    node mpirun aborted at start with 'rank 1: Horovod local rank 1 != SLURM_LOCALID 0'.
+    BACKEND=torch: torch.distributed ranks (srun: their rendezvous from the Slurm variables;
+    torchrun: one per node, started by srun)."""
     out = tmp_path / "run"
     world, per_task = (4, 1) if layout == "2x2" else (2, 2)
     epochs = 6 if layout == "2x2" else 3  # 36 steps: long enough for the signal to land before the end
     job = submit("cpu.sbatch", small_data, out, f"optim.epochs={epochs}", layout=layout, exact=True,
-                 LAUNCHER=launcher)
+                 LAUNCHER=launcher, BACKEND=backend)
     wait_for_steps(out, job)
     scancel("--signal=USR1", "--batch", job)
     fields = wait_done(job, timeout=600, hurry_requeue=True)
@@ -232,6 +235,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
     assert steps == sorted(set(steps)) and steps[-1] == 36  # no step lost or repeated
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, epochs + 1))
     assert json.loads((out / "result.json").read_text())["world"] == world
+    assert f"ranks on cpu ({backend}, " in second and f"backend {backend}" in second
     assert_cores(out, world, per_task, second)
     if layout == "2x1":
         return

@@ -56,15 +56,24 @@ def add_parsers(sub) -> None:
     gpu.add_argument("--json", default=None, help="also write the figures here")
 
     br = sub.add_parser("breakdown", help="one rank's step time split into data / forward+backward / allreduce / "
-                                          "optimizer (run under horovodrun)")
+                                          "optimizer, and the share of the allreduce the training path hides behind "
+                                          "the backward pass (run under horovodrun, or torchrun with --backend torch)")
     _breakdown_args(br)
+    br.add_argument("--backend", default="horovod", choices=("horovod", "torch"),
+                    help="horovod (default) or torch (torch.distributed, DDP)")
     br.add_argument("--json", default=None, help="rank 0 writes the figures here")
 
-    sc = sub.add_parser("scaling", help="breakdowns under horovodrun -np 2 (Gloo, MPI) at M = 1, 2, 4, and a "
-                                        "ring-allreduce projection of ResNet-50 to W = 8 ... 1024")
+    sc = sub.add_parser("scaling", help="breakdowns under horovodrun -np 2 (Gloo, MPI) and torchrun (torch.distributed "
+                                        "over Gloo) at M = 1, 2, 4, side by side, and a ring-allreduce projection of "
+                                        "ResNet-50 to W = 8 ... 1024")
     _breakdown_args(sc)
     sc.add_argument("--copies-list", default="1,2,4", help="M values (default: 1,2,4)")
-    sc.add_argument("--backends", default="gloo,mpi", help="horovodrun controllers (default: gloo,mpi)")
+    sc.add_argument("--backends", default="gloo,mpi,torch",
+                    help="gloo, mpi: Horovod's controllers (horovodrun); torch: torch.distributed over Gloo "
+                         "(torchrun, DDP) (default: gloo,mpi,torch)")
+    sc.add_argument("--overlap", default="none",
+                    help="projection: the fraction of the allreduce hidden behind the backward pass: none (0, "
+                         "default), a number 0..1, or measured (this run's, of the first backend at the largest M)")
     sc.add_argument("--np", type=int, default=2, help="ranks of the measured runs (default: 2)")
     sc.add_argument("--bandwidths-gbit", default=DEFAULT_BANDWIDTHS_GBIT,
                     help=f"projection: link bandwidths, Gbit/s (assumed; default: {DEFAULT_BANDWIDTHS_GBIT})")
@@ -86,5 +95,6 @@ def _breakdown_args(p) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--workers", type=int, default=1, help="loader processes per rank (default: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
-    p.add_argument("--fp16-allreduce", action="store_true", help="Horovod fp16 compression on the wire")
+    p.add_argument("--fp16-allreduce", action="store_true", help="fp16 gradients on the wire (Horovod's compression, "
+                                                                  "DDP's fp16 hook)")
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="photo corpus folder, made if short")

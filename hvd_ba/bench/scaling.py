@@ -1,12 +1,15 @@
 """Benchmarks of multi-rank training: `bench breakdown` (one rank's step split into
-data wait, forward/backward, allreduce, optimizer) and `bench scaling` (breakdowns under real
-`horovodrun -np 2` over Gloo and MPI at M = 1, 2, 4, then a ring-allreduce model of ResNet-50 at
-W = 8 ... 1024 workers).
+data wait, forward/backward, allreduce, optimizer, and how much of the allreduce training hides
+behind the backward pass) and `bench scaling` (breakdowns under real `horovodrun -np 2` over Gloo
+and MPI and `torchrun --nproc_per_node 2` with torch.distributed over Gloo, at M = 1, 2, 4, side
+by side, then a ring-allreduce model of ResNet-50 at W = 8 ... 1024 workers).
 
 Every figure comes with the baseline it is compared to, measured in the same run. In the
-breakdown, the allreduce is timed on its own (one grouped allreduce of all gradients after the
-backward pass, as Horovod's tensor fusion sends them), not overlapped with the backward pass as
-DistributedOptimizer does in training: it is the communication time the overlap has to hide.
+breakdown, the allreduce is first timed on its own (one grouped allreduce of all gradients after
+the backward pass, as Horovod's tensor fusion sends them): the communication the overlap has to
+hide. Then the step is timed as training runs it (DistributedOptimizer's hooks, or DDP's buckets,
+allreduce during the backward) against the same step without communication: the difference is
+the part of the allreduce left exposed.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def run_breakdown(args) -> int:
     from hvd_ba.train.devices import select_device
 
     torch.set_num_threads(args.threads)
-    dist.init()
+    dist.init(backend=args.backend)
     rank, world = dist.rank(), dist.size()
     device = select_device()  # the training's choice (set_device, one GPU per rank, NCCL checked)
     root = corpus(args.corpus, args.unique_batch * world * (args.warmup + args.steps)) if rank == 0 else None
@@ -84,18 +87,55 @@ def run_breakdown(args) -> int:
     # the mean over ranks of each phase (a slow rank shows up in the others' allreduce wait)
     mean = dist.allreduce_mean(torch.tensor([per_step[k] for k in phases], dtype=torch.float64), name="phases")
     per_step = dict(zip(phases, mean.tolist()))
+    overlap = measure_overlap(model, opt, x, batch["labels"].to(device), args, device, per_step["allreduce"]) \
+        if world > 1 else None
     link = allreduce_fit(world, device=device) if world > 1 else None
     result = {"world": world, "copies": args.copies, "unique_batch": args.unique_batch,
               "samples_per_rank": derive(cfg, world).samples_per_rank, "model": args.model, "size": args.size,
               "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
               "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
-              "controller": dist.controller()}
+              "overlap": overlap, "backend": dist.backend(), "controller": dist.controller()}
     if rank == 0:
         print(json.dumps(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
     dist.shutdown()
     return 0
+
+
+def measure_overlap(model, opt, x, labels, args, device, allreduce_alone_s: float) -> dict:
+    """How much of the allreduce the training path hides behind the backward pass, measured:
+    the step (forward, backward, optimizer) of the plain model with no communication, against
+    the same step as training runs it (Horovod's DistributedOptimizer, whose gradient hooks
+    allreduce during the backward; or DDP's bucketed allreduce), on the same batch; a barrier
+    before each step keeps the ranks' skew out of both. exposed = distributed - local; hidden =
+    the allreduce timed alone - exposed, as a fraction of it (0: none hidden, 1: all)."""
+    from hvd_ba import dist
+
+    def timed(step_model, step_opt) -> float:
+        """The median step (a difference of two noisy times: the median resists one slow step)."""
+        times = []
+        for i in range(args.warmup + args.steps):
+            dist.barrier("overlap")
+            t0 = time.perf_counter()
+            step_opt.zero_grad()
+            F.cross_entropy(step_model(x), labels).backward()
+            step_opt.step()
+            sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    local = timed(model, opt)
+    wrapped_opt = dist.distributed_optimizer(opt, model, fp16_allreduce=args.fp16_allreduce)
+    wrapped_model = dist.distributed_model(model, fp16_allreduce=args.fp16_allreduce)
+    distributed = timed(wrapped_model, wrapped_opt)
+    both = dist.allreduce_mean(torch.tensor([local, distributed], dtype=torch.float64), name="overlap_times")
+    local, distributed = both.tolist()
+    exposed = max(0.0, distributed - local)
+    hidden = min(1.0, max(0.0, (allreduce_alone_s - exposed) / allreduce_alone_s)) if allreduce_alone_s > 0 else 0.0
+    return {"local_step_s": local, "distributed_step_s": distributed, "exposed_allreduce_s": exposed,
+            "allreduce_alone_s": allreduce_alone_s, "hidden_fraction": hidden}
 
 
 def allreduce_fit(world: int, repeats: int = 5, device: torch.device | None = None) -> dict:
@@ -139,13 +179,18 @@ def ring_allreduce_s(nbytes: float, workers: int, bandwidth_bytes_per_s: float, 
     return 2 * (workers - 1) * latency_s + 2 * (workers - 1) / workers * nbytes / bandwidth_bytes_per_s
 
 
+BACKWARD_SHARE = 2 / 3  # of a step's compute: the backward pass, behind which an allreduce can hide
+
+
 def project(grad_bytes: float, samples_per_s: float, unique: int, workers: list[int], bandwidths_gbit: list[float],
-            latency_s: float) -> list[dict]:
+            latency_s: float, overlap: float = 0.0) -> list[dict]:
     """Step time and scaling efficiency of data-parallel training, per configuration.
 
-    compute = samples per allreduce / samples_per_s; communication is not overlapped with the
-    backward pass (a lower bound on efficiency; Horovod hides part of it behind the backward pass).
-    Efficiency = compute / (compute + allreduce): the throughput of W workers over W times one.
+    compute = samples per allreduce / samples_per_s; `overlap` (0..1) is the fraction of the
+    allreduce hidden behind the backward pass (0: none, a lower bound on efficiency; `bench
+    scaling --overlap measured` takes the fraction measured here), at most the backward's
+    BACKWARD_SHARE of the compute: exposed = allreduce - min(overlap x allreduce, backward).
+    Efficiency = compute / (compute + exposed): the throughput of W workers over W times one.
     """
     configs = [("plain M=1", 1, 1, 1.0), ("BA M=4", 4, 1, 1.0), ("BA M=4 + fp16", 4, 1, 0.5),
                ("plain M=1, 4 passes/allreduce", 1, 4, 1.0)]
@@ -156,9 +201,10 @@ def project(grad_bytes: float, samples_per_s: float, unique: int, workers: list[
             for name, copies, passes, wire in configs:
                 compute = unique * copies * passes / samples_per_s
                 comm = ring_allreduce_s(grad_bytes * wire, w, bw, latency_s)
+                exposed = comm - min(overlap * comm, BACKWARD_SHARE * compute / passes)
                 rows.append({"bandwidth_gbit": gbit, "workers": w, "config": name, "compute_s": compute,
-                             "allreduce_s": comm, "efficiency": compute / (compute + comm),
-                             "unique_images_per_s": w * unique * passes / (compute + comm)})
+                             "allreduce_s": comm, "exposed_s": exposed, "efficiency": compute / (compute + exposed),
+                             "unique_images_per_s": w * unique * passes / (compute + exposed)})
     return rows
 
 
@@ -173,22 +219,36 @@ def run_scaling(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     copies_list = [int(c) for c in args.copies_list.split(",")]
     corpus(args.corpus, args.unique_batch * args.np * (args.warmup + args.steps))
-    print(f"bench scaling: horovodrun -np {args.np}, {args.model} at {args.size} px, {args.unique_batch} unique "
-          f"images per rank per step, M = {copies_list}, {args.steps} timed steps", flush=True)
-    measured = [measure_breakdown(args, backend, m) for backend in args.backends.split(",") for m in copies_list]
+    backends = args.backends.split(",")
+    unknown = [b for b in backends if b not in BACKEND_LABELS]
+    if unknown:
+        raise SystemExit(f"bench scaling: --backends {args.backends!r}: {', '.join(unknown)} unknown (choose from "
+                         f"{', '.join(BACKEND_LABELS)})")
+    overlap_option = overlap_setting(args.overlap)
+    print(f"bench scaling: {args.np} ranks per backend ({', '.join(BACKEND_LABELS[b] for b in backends)}), {args.model} "
+          f"at {args.size} px, {args.unique_batch} unique images per rank per step, M = {copies_list}, {args.steps} "
+          "timed steps", flush=True)
+    measured = [measure_breakdown(args, backend, m) for backend in backends for m in copies_list]
     print_breakdowns(args, measured, copies_list)
+    print_side_by_side(measured)
+    overlap, overlap_source = overlap_option, "assumed" if overlap_option else "none assumed"
+    if overlap_option is None:
+        first = max((r for r in measured if r["backend"] == backends[0]), key=lambda r: r["copies"])
+        overlap = first["overlap"]["hidden_fraction"]
+        overlap_source = f"measured: {BACKEND_LABELS[backends[0]]}, M={first['copies']}"
     fits = [r["allreduce_fit"] for r in measured if r.get("allreduce_fit")]
     # measured compute per sample of this run's model (the largest M: the steadiest figure)
     big = max((r for r in measured), key=lambda r: r["samples_per_rank"])
     measured_rate = big["samples_per_rank"] / big["seconds_per_step"]["forward_backward"]
     grad_bytes = resnet50_gradient_bytes()
-    gpu_rate, gpu_source, proj = print_projection(args, grad_bytes)
+    gpu_rate, gpu_source, proj = print_projection(args, grad_bytes, overlap, overlap_source)
     print(f"\nthis run's {big['model']} on this CPU: {measured_rate:.1f} samples/s per rank forward+backward (measured);"
           f" ResNet-50 on a GPU: {gpu_rate:.0f} ({gpu_source}). Inputs measured here: the breakdowns, the "
           f"allreduce fits, the gradient bytes{', the GPU rate' if gpu_source == 'measured' else ''}. Assumed: "
           f"{'' if gpu_source == 'measured' else 'the GPU rate, '}bandwidths, latency.")
     result = {"measured": measured, "allreduce_fits": fits, "projection": proj, "grad_bytes_resnet50": grad_bytes,
               "gpu_samples_per_s": gpu_rate, "gpu_rate_source": gpu_source, "latency_us": args.latency_us,
+              "overlap": overlap, "overlap_source": overlap_source,
               "measured_samples_per_s_per_rank": measured_rate}
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     plot_scaling(proj, out / "scaling.png")
@@ -196,12 +256,35 @@ def run_scaling(args) -> int:
     return 0
 
 
+BACKEND_LABELS = {"gloo": "horovod/gloo", "mpi": "horovod/mpi", "torch": "torch/gloo"}
+
+
+def overlap_setting(text: str) -> float | None:
+    """--overlap: none -> 0.0, a number in [0, 1], measured -> None (taken from the run)."""
+    if text == "measured":
+        return None
+    if text == "none":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise SystemExit(f"bench scaling: --overlap {text!r}: give none, measured or a fraction in [0, 1]")
+    return value
+
+
 def measure_breakdown(args, backend: str, m: int) -> dict:
-    """`bench breakdown` under a real `horovodrun -np N --<backend>` at M = m; its rank 0's figures."""
+    """`bench breakdown` at M = m under a real `horovodrun -np N --<gloo|mpi>`, or (torch)
+    `torchrun --nproc_per_node N` with torch.distributed; its rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "breakdown.json"
-        cmd = ["horovodrun", "-np", str(args.np), f"--{backend}", sys.executable, "-m", "hvd_ba", "bench",
-               "breakdown", "--model", args.model, "--size", str(args.size), "--unique-batch",
+        if backend == "torch":
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.np}"]
+            tail = ["--backend", "torch"]
+        else:
+            launcher, tail = ["horovodrun", "-np", str(args.np), f"--{backend}", sys.executable], []
+        cmd = [*launcher, "-m", "hvd_ba", "bench", "breakdown", *tail, "--model", args.model, "--size", str(args.size), "--unique-batch",
                str(args.unique_batch), "--copies", str(m), "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--workers", str(args.workers), "--threads", str(args.threads),
                "--corpus", args.corpus, "--json", str(target)]
@@ -217,8 +300,25 @@ def measure_breakdown(args, backend: str, m: int) -> dict:
         r = json.loads(target.read_text())
     r["backend"] = backend
     s = r["seconds_per_step"]
-    print(f"  {backend} M={m}: step {1000 * r['step_s']:.0f} ms, allreduce {1000 * s['allreduce']:.0f} ms", flush=True)
+    print(f"  {BACKEND_LABELS[backend]} M={m}: step {1000 * r['step_s']:.0f} ms, allreduce {1000 * s['allreduce']:.0f} "
+          f"ms, {100 * r['overlap']['hidden_fraction']:.0f}% of it hidden in training", flush=True)
     return r
+
+
+def print_side_by_side(measured: list[dict]) -> None:
+    """Each backend at each M: the step, the allreduce alone and per MB, and in training (the
+    allreduce overlapped with the backward pass) the step, the exposed part and the hidden share."""
+    print("\nside by side (training path: the step as training runs it, gradients averaged by the backend; "
+          "local: the same step without communication; exposed = training - local; hidden = 1 - exposed / allreduce):")
+    print(f"{'backend':>12} {'M':>2} {'allreduce ms':>12} {'ms/MB':>6} {'local ms':>9} {'training ms':>11} "
+          f"{'exposed ms':>10} {'hidden %':>8}")
+    for r in measured:
+        o, mb = r["overlap"], r["wire_bytes_per_step"] / 1e6
+        r["allreduce_s_per_mb"] = r["seconds_per_step"]["allreduce"] / mb
+        print(f"{BACKEND_LABELS[r['backend']]:>12} {r['copies']:>2} {1000 * r['seconds_per_step']['allreduce']:>12.1f} "
+              f"{1000 * r['allreduce_s_per_mb']:>6.2f} {1000 * o['local_step_s']:>9.1f} "
+              f"{1000 * o['distributed_step_s']:>11.1f} {1000 * o['exposed_allreduce_s']:>10.1f} "
+              f"{100 * o['hidden_fraction']:>7.0f}%")
 
 
 def print_breakdowns(args, measured: list[dict], copies_list: list[int]) -> None:
@@ -250,17 +350,18 @@ def print_breakdowns(args, measured: list[dict], copies_list: list[int]) -> None
               f"{1e6 * fit['latency_s']:.0f} us, bandwidth {8 * fit['bandwidth_bytes_per_s'] / 1e9:.1f} Gbit/s")
 
 
-def print_projection(args, grad_bytes: int) -> tuple[float, str, list[dict]]:
+def print_projection(args, grad_bytes: int, overlap: float = 0.0, overlap_source: str = "none assumed"
+                     ) -> tuple[float, str, list[dict]]:
     """The ring-allreduce projection of ResNet-50 at W = 8 ... 1024 (printed); returns the GPU
     rate it used, where that rate comes from, and the rows."""
     workers = [2 ** k for k in range(3, 11)]
     bandwidths = [float(b) for b in args.bandwidths_gbit.split(",")]
     unique = 32  # per GPU, as `bench gpu` measures it: half the resnet50 preset's 64 (so M = 8 fits a GPU)
     gpu_rate, gpu_source = resnet50_gpu_rate(args.gpu_samples_per_s, unique)
-    proj = project(grad_bytes, gpu_rate, unique, workers, bandwidths, args.latency_us * 1e-6)
+    proj = project(grad_bytes, gpu_rate, unique, workers, bandwidths, args.latency_us * 1e-6, overlap)
     configs = list(dict.fromkeys(r["config"] for r in proj))
     print(f"\nprojection: ResNet-50 ({grad_bytes / 1e6:.1f} MB of fp32 gradients, measured from torchvision), "
-          f"{unique} unique images per GPU per step, {gpu_rate:.0f} samples/s per GPU ({gpu_source}), ring latency {args.latency_us:.0f} us per step (assumed), no overlap of allreduce and backward.")
+          f"{unique} unique images per GPU per step, {gpu_rate:.0f} samples/s per GPU ({gpu_source}), ring latency {args.latency_us:.0f} us per step (assumed), {100 * overlap:.0f}% of the allreduce hidden behind the backward pass ({overlap_source}; at most the backward's {100 * BACKWARD_SHARE:.0f}% of the compute).")
     print("scaling efficiency = throughput of W GPUs / (W x one GPU), and (in brackets) the time between allreduces:")
     print(f"{'Gbit/s':>6} {'W':>5} " + " ".join(f"{c:>30}" for c in configs))
     for gbit in bandwidths:
@@ -295,7 +396,8 @@ def plot_scaling(proj: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("scaling efficiency, %")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("ResNet-50, ring allreduce model (no overlap)", fontsize=10)
+    overlap = max((r["allreduce_s"] - r["exposed_s"]) / r["allreduce_s"] for r in proj if r["allreduce_s"] > 0)
+    fig.suptitle(f"ResNet-50, ring allreduce model (up to {100 * overlap:.0f}% of the allreduce hidden)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,13 +51,15 @@ def check_torch():
     return OK, f"{text}; no GPU visible"
 
 
-def check_horovod():
+def check_horovod(cfg=None):
     try:
         import horovod
         import horovod.torch as hvd
     except Exception as err:
+        if cfg is not None and cfg.run.backend == "torch":
+            return OK, f"does not import ({type(err).__name__}); not needed: run.backend=torch"
         return FAIL, (f"horovod does not import ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                      "run bash cluster/setup.sh")
+                      "run bash cluster/setup.sh, or train with run.backend=torch")
     controllers = ", ".join(c for c, built in (("gloo", hvd.gloo_built()), ("mpi", hvd.mpi_built())) if built)
     parts = [f"horovod {horovod.__version__}", "frameworks: PyTorch", f"controllers: {controllers or 'none'}",
              f"NCCL: {'yes' if hvd.nccl_built() else 'no'}"]
@@ -153,7 +155,7 @@ def check_shm(cfg, local_ranks: int):
 
 
 def node_report(cfg, local_ranks: int) -> list[tuple[str, str, str]]:
-    checks = [("python", check_python), ("torch", check_torch), ("horovod", check_horovod),
+    checks = [("python", check_python), ("torch", check_torch), ("horovod", lambda: check_horovod(cfg)),
               ("pillow", check_pillow), ("mpi", check_mpi), ("slurm", check_slurm), ("cores", check_cores)]
     if cfg is not None:
         checks += [("threads", lambda: check_budget(cfg, local_ranks)), ("shm", lambda: check_shm(cfg, local_ranks))]
@@ -175,7 +177,9 @@ def run_doctor(args) -> int:
         try:
             from hvd_ba import dist
 
-            dist.init()
+            from hvd_ba.cluster import launch_info
+
+            dist.init(backend=dist.launched_backend(launch_info()) or "horovod")
             report = node_report(cfg, dist.local_size())
             gathered = dist.allgather_object((socket.gethostname(), dist.rank(), report), name="doctor")
             rank = dist.rank()

@@ -150,9 +150,9 @@ def _out_path(args, facts: dict, what: str) -> Path:
 
 
 def run_analysis(args) -> int:
-    launch = launch_info()
-    if launch.launcher == "horovodrun" or launch.mpi:
-        dist.init()  # started by a launcher Horovod can join: parts are spread over the ranks
+    backend = dist.launched_backend(launch_info())
+    if backend:
+        dist.init(backend=backend)  # started by a launcher: parts are spread over the ranks
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // dist.local_size()))
     cfg, model, facts = load_analysis_target(args)
     index = facts.pop("index")

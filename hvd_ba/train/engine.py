@@ -128,10 +128,11 @@ def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[torch.Te
     0-d tensors on the training device (reading them is the caller's choice: a synchronisation).
 
     The loss is the plain mean cross-entropy over all M*B samples of this rank (the paper's BA
-    loss); DistributedOptimizer averages the gradients over ranks. With
-    model.ghost_impl=accumulate the batch goes through in `state.forward_chunks` forward/backward
-    passes of ghost_size samples each (the authors' way, for memory), each loss scaled by
-    1/chunks, and Horovod allreduces once after the last (backward_passes_per_step = chunks).
+    loss); the backend averages the gradients over ranks (Horovod's DistributedOptimizer, or DDP
+    in the backward). With model.ghost_impl=accumulate the batch goes through in
+    `state.forward_chunks` forward/backward passes of ghost_size samples each (the authors' way,
+    for memory), each loss scaled by 1/chunks, and one allreduce follows the last (Horovod's
+    backward_passes_per_step = chunks; DDP's no_sync for the others: dist.accumulating).
     """
     opt = state.optimizer
     for group in opt.param_groups:
@@ -142,12 +143,13 @@ def train_step(state: TrainState, batch: dict, lr: float, cfg) -> tuple[torch.Te
     opt.zero_grad()
     loss_sum = torch.zeros((), device=state.device)
     correct = torch.zeros((), dtype=torch.long, device=state.device)
-    for xc, yc in ghost_chunks(x, labels, chunks):
-        with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
-            logits = state.model(xc)
-        loss = F.cross_entropy(logits.float(), yc, label_smoothing=cfg.optim.label_smoothing)
-        loss_to_backward = loss / chunks
-        (state.scaler.scale(loss_to_backward) if state.scaler else loss_to_backward).backward()
+    for i, (xc, yc) in enumerate(ghost_chunks(x, labels, chunks)):
+        with dist.accumulating(state.model, last=i == chunks - 1):
+            with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
+                logits = state.model(xc)
+            loss = F.cross_entropy(logits.float(), yc, label_smoothing=cfg.optim.label_smoothing)
+            loss_to_backward = loss / chunks
+            (state.scaler.scale(loss_to_backward) if state.scaler else loss_to_backward).backward()
         loss_sum += loss.detach()
         correct += (logits.detach().argmax(1) == yc).sum()
     dist.optimizer_step(opt, state.scaler)

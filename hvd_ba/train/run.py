@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist, fsio
-from hvd_ba.cluster import bind_rank, compact, cores_per_task, loader_split, oversubscribed, rank_cores
+from hvd_ba.cluster import (RendezvousError, bind_rank, compact, cores_per_task, launch_rank, loader_split,
+                            oversubscribed, rank_cores)
 from hvd_ba.config import Config, derive, manifest_cache, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.model_input import channel_stats
@@ -143,9 +144,10 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
     optimizer = dist.distributed_optimizer(optimizer, model, fp16_allreduce=o.fp16_allreduce, adasum=o.adasum,
                                            backward_passes_per_step=chunks,
                                            gradient_predivide_factor=o.gradient_predivide_factor)
+    trained = dist.distributed_model(model, fp16_allreduce=o.fp16_allreduce)  # DDP under the torch backend
     mean, std = channel_stats(cfg.augment, device)
     return TrainState(
-        model=torch.compile(model) if r.compile else model, optimizer=optimizer, device=device, mean=mean, std=std,
+        model=torch.compile(trained) if r.compile else trained, optimizer=optimizer, device=device, mean=mean, std=std,
         peak_lr=figures.peak_lr, steps_per_epoch=steps_per_epoch,
         forward_chunks=chunks, amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp],
         channels_last=r.channels_last, scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
@@ -212,7 +214,7 @@ def build_run(cfg: Config) -> Run:
     val_loader = make_eval_loader(val_index, loaders_cfg, rank, world)
     state = build_state(cfg, num_classes, device, world, len(train_loader))
     state.plan = run_plan(cfg, world, state.steps_per_epoch, len(train_index), digest, state.peak_lr)
-    model = state.model._orig_mod if cfg.run.compile else state.model
+    model = dist.unwrap(state.model)  # the plain module (not torch.compile's or DDP's wrapper): what is saved
     return Run(state, model, train_index, val_index, train_loader, val_loader, threads, num_classes, workers, cores)
 
 
@@ -224,8 +226,8 @@ def announce(cfg: Config, run: Run, out: Path) -> None:
     save_config(cfg, out / "config.yaml", run.state.run_id)
     log.info("run %s; resolved config (saved as %s):\n%s", run.state.run_id, out / "config.yaml",
              (out / "config.yaml").read_text().rstrip())
-    log.info("hvd_ba: %d ranks on %s, %d threads/rank; %s, %d classes; %d train / %d val images", dist.size(),
-             run.state.device, run.threads, cfg.model.arch, run.num_classes, len(run.train_index), len(run.val_index))
+    log.info("hvd_ba: %d ranks on %s (%s, %s), %d threads/rank; %s, %d classes; %d train / %d val images",
+             dist.size(), run.state.device, dist.backend(), dist.controller(), run.threads, cfg.model.arch, run.num_classes, len(run.train_index), len(run.val_index))
     for line in derived_figures(cfg, dist.size(), len(run.train_index)):
         log.info("%s", line)
 
@@ -333,7 +335,7 @@ def run_training(cfg: Config, track_lambda=None) -> dict:
     bind_rank(cfg.run.bind)  # before any thread starts: Horovod's, torch's and the loaders' inherit it
     if cfg.data.workers != 0:  # before Horovod's threads: workers never fork from them
         start_worker_server(cfg.data.worker_start)
-    dist.init(stall_timeout=cfg.run.stall_timeout)
+    dist.init(stall_timeout=cfg.run.stall_timeout, backend=cfg.run.backend)
     setup_logging()
     pause_point("init")
     out = Path(cfg.run.out_dir)
@@ -372,19 +374,22 @@ def main_rank(cfg: Config, track_lambda=None) -> int:
     except Preempted as err:
         _leave(f"hvd_ba: rank {dist.rank()} stopped ({err}): nothing was trained since the last checkpoint, which "
                "stays the resume point", PREEMPTED_EXIT_CODE)
+    except (dist.BackendError, RendezvousError) as err:  # before any collective: every rank knows it
+        _leave(f"hvd_ba: error: {err}" if launch_rank()[0] == 0 else None, 2)
     except RunRefused as err:  # every rank raises it after the same broadcast
         _leave(f"hvd_ba: error: {err}" if dist.is_primary() else None, 2)
     except DiskFull as err:
         _leave(None if getattr(err, "quiet", False) else f"hvd_ba: rank {dist.rank()}: {disk_full_line(cfg, err)}",
                DISK_FULL_EXIT_CODE)
     except BaseException as err:
-        if type(err).__name__ == "HorovodInternalError" and "shut down" in str(err):
+        if dist.another_rank_left(err):
             # A symptom, not a cause: another rank left first (or Horovod stopped a stall) and said why.
             if stop.requested:  # this rank was signalled too (srun signals every task): a preemption
                 _leave(f"hvd_ba: rank {dist.rank()} stopped ({stop.signal_name}): the job was stopping; the last "
                        "checkpoint stays the resume point", PREEMPTED_EXIT_CODE)
             _leave(f"hvd_ba: rank {dist.rank()} stopped: another rank left the job first, or Horovod's stall "
-                   "shutdown ended it (Horovod has been shut down); the first rank's message tells why", 1)
+                   f"shutdown ended it ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); the first "
+                   "rank's message tells why", 1)
         sys.stdout.flush()
         print(f"hvd_ba: rank {dist.rank()} failed:", file=sys.stderr)
         traceback.print_exc()

@@ -1,0 +1,299 @@
+"""run.backend=torch: torch.distributed (Gloo) with DistributedDataParallel, launched by
+`torchrun --nproc_per_node 2`: the proof, exact evaluation, resume across backends, the faults,
+set-up without Horovod, and the refusals."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import ROOT
+from hvd_ba.cluster import Launch, RendezvousError, launch_info, rendezvous
+from hvd_ba.config import ConfigError, load_config
+from hvd_ba.data.manifest import load_index
+from hvd_ba.data.pipeline import make_eval_loader
+from hvd_ba.train.checkpoint import find_checkpoint
+from hvd_ba.train.engine import evaluate
+from test_horovod import ENV, launch, read_jsonl, train_command
+from test_proof import PROOF, fresh_state
+from test_resume import RUN, wait_for_step
+
+TORCH = ["run.backend=torch"]
+
+
+def torch_command(data, out, settings, ranks=2) -> list[str]:
+    """`torchrun --standalone --nproc_per_node 2 -m hvd_ba train ...` (torchrun of this Python)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
+            "hvd_ba", "train", "--config", "demo", "--set", f"data.path={data}", f"run.out_dir={out}", *TORCH,
+            *settings]
+
+
+def torchrun(data, out, settings, env=None, timeout=400) -> subprocess.CompletedProcess:
+    return subprocess.run(torch_command(data, out, settings), capture_output=True, text=True, timeout=timeout,
+                          env=env or ENV, cwd=ROOT)
+
+
+def start(data, out, settings) -> subprocess.Popen:
+    return subprocess.Popen(torch_command(data, out, settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, cwd=ROOT)
+
+
+def torch_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process of `rank` under torchrun (RANK in its environment)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                line = p.cmdline()  # torchrun starts `python -u -m hvd_ba ...`
+                if "torch.distributed.run" not in line and "hvd_ba" in line[1:4] and p.environ().get("RANK") == str(rank):
+                    return p
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.1)
+    raise TimeoutError(f"rank {rank} not found")
+
+
+def no_process_left(out) -> bool:
+    return not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
+
+# ------------------------------------------------------------------------------- the proof
+
+
+@pytest.mark.parametrize("steps, ghost_impl", [(1, "split"), (3, "split"), (3, "accumulate")])
+def test_torch_ranks_equal_one_process_and_horovod(steps, ghost_impl, small_data, tmp_path):
+    """DDP's averaged gradients give the single-process reference's parameters (to 1e-5), and,
+    for the 3-step runs, those of the same run under Horovod."""
+    settings = [*PROOF, f"run.max_steps_per_epoch={steps}", f"model.ghost_impl={ghost_impl}"]
+    r = torchrun(small_data, tmp_path / "torch", settings)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 ranks on cpu (torch, gloo)" in r.stdout + r.stderr
+    trained = torch.load(tmp_path / "torch" / "model.pt", weights_only=True)
+    ref_file = tmp_path / "reference.pt"
+    code = (f"import test_proof; test_proof.reference_parameters({str(small_data)!r}, {settings!r}, "
+            f"{str(ref_file)!r})")
+    ref = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = torch.load(ref_file, weights_only=True)
+    assert reference["steps"] == steps
+    for name, p in reference["params"].items():
+        assert torch.allclose(trained[name], p, atol=1e-5, rtol=0), (name, float((trained[name] - p).abs().max()))
+    cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *settings])
+    initial = fresh_state(cfg, 4, 1, 2).model.state_dict()
+    assert sum(float((trained[n] - initial[n]).abs().max()) > 1e-3 for n in reference["params"]) > 10
+    ranks = [json.loads((tmp_path / "torch" / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] and ranks[0]["steps"] == steps
+    if steps == 3:
+        h = launch("gloo", small_data, tmp_path / "horovod", extra=settings)
+        assert h.returncode == 0, h.stdout[-3000:] + h.stderr[-3000:]
+        horovod = torch.load(tmp_path / "horovod" / "model.pt", weights_only=True)
+        for name in reference["params"]:
+            assert torch.allclose(trained[name], horovod[name], atol=1e-5, rtol=0), name
+
+
+def test_torch_two_rank_evaluation_equals_one_process(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = torchrun(small_data, out, [*PROOF, "run.max_steps_per_epoch=4"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = read_jsonl(out / "metrics.jsonl")[-1]
+    cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *PROOF])
+    state = fresh_state(cfg, 4, 1, 1)
+    state.model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    single = evaluate(state, make_eval_loader(load_index(small_data, "val", None), cfg, 0, 1))
+    assert single["val_images"] == record["val_images"] == 48
+    assert (single["val_correct"], single["val_top5"]) == (record["val_correct"], record["val_top5"])
+    assert single["val_loss"] == pytest.approx(record["val_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------- resume across backends
+
+CROSS = [*RUN, "optim.epochs=1", "run.checkpoint_every=null", "run.sync_every=2"]
+
+
+@pytest.mark.parametrize("first, second", [("horovod", "torch"), ("torch", "horovod")])
+def test_a_checkpoint_resumes_under_the_other_backend_at_the_exact_step(first, second, small_data, tmp_path):
+    """A run stopped at an agreed step (its stop file) and resumed under the other backend gives
+    the per-step losses and parameters of an uninterrupted run."""
+    def command(backend, out, settings):
+        return torch_command(small_data, out, settings) if backend == "torch" else \
+            train_command("gloo", small_data, out, settings=settings)
+
+    whole = tmp_path / "whole"
+    r = subprocess.run(command(second, whole, CROSS), capture_output=True, text=True, timeout=400, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out, stop_file = tmp_path / "run", tmp_path / "stop"
+    proc = subprocess.Popen(command(first, out, [*CROSS, f"run.stop_file={stop_file}"]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    wait_for_step(out, 1, proc)
+    stop_file.touch()  # after the start: an older one is a stale file of an earlier attempt
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped at step" in output, output[-3000:]
+    _, payload = find_checkpoint("auto", out)
+    stopped = payload["step"]
+    assert 2 <= stopped < 6 and [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, stopped + 1))
+    stop_file.unlink()
+    r = subprocess.run(command(second, out, [*CROSS, "run.resume=auto"]), capture_output=True, text=True,
+                       timeout=400, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from" in r.stdout + r.stderr
+    resumed, uninterrupted = read_jsonl(out / "steps.jsonl"), read_jsonl(whole / "steps.jsonl")
+    assert [s["step"] for s in resumed] == [s["step"] for s in uninterrupted] == list(range(1, 7))
+    for a, b in zip(resumed, uninterrupted):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+    mine, theirs = (torch.load(d / "model.pt", weights_only=True) for d in (out, whole))
+    for name, value in theirs.items():
+        if value.is_floating_point():
+            assert torch.allclose(mine[name], value, atol=1e-5, rtol=0), name
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+def test_torch_preemption_of_one_rank_stops_all_at_one_step_with_75(small_data, tmp_path):
+    out = tmp_path / "run"
+    proc = start(small_data, out, [*RUN, "optim.epochs=20", "run.checkpoint_every=null", "run.sync_every=2"])
+    wait_for_step(out, 3, proc)
+    t0 = time.time()
+    torch_rank(proc, 1).send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=60)
+    assert time.time() - t0 < 30
+    stops = re.findall(r"\[rank (\d)\] stopped at step (\d+)", output)
+    assert sorted(r for r, _ in stops) == ["0", "1"] and len({s for _, s in stops}) == 1, output[-3000:]
+    # torchrun itself exits 1 when any rank fails; it reports each rank's own status
+    assert proc.returncode != 0 and len(re.findall(r"exitcode\s*:\s*75 ", output)) == 2, output[-3000:]
+    _, payload = find_checkpoint("auto", out)
+    assert payload["step"] == read_jsonl(out / "steps.jsonl")[-1]["step"] == int(stops[0][1]) >= 3
+    r = torchrun(small_data, out, [*RUN, "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 13))
+
+
+def test_torch_dead_rank_ends_the_job_within_seconds_naming_it(small_data, tmp_path):
+    out = tmp_path / "run"
+    proc = start(small_data, out, [*RUN, "optim.epochs=20"])
+    wait_for_step(out, 2, proc)
+    t0 = time.time()
+    torch_rank(proc, 1).send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=90)
+    seconds = time.time() - t0
+    print(f"dead rank -> job exit: {seconds:.1f} s")
+    assert proc.returncode != 0 and seconds < 30, (seconds, output[-3000:])
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", output), output[-3000:]  # torchrun
+    time.sleep(1)
+    assert no_process_left(out)
+
+
+def test_torch_stopped_rank_ends_the_job_through_the_other_ranks_watchdog(small_data, tmp_path):
+    out = tmp_path / "run"
+    timeout = 12
+    proc = start(small_data, out, [*RUN, "optim.epochs=50", f"run.stall_timeout={timeout}"])
+    wait_for_step(out, 3, proc)
+    torch_rank(proc, 1).send_signal(signal.SIGSTOP)
+    t0 = time.time()
+    output, _ = proc.communicate(timeout=120)
+    seconds = time.time() - t0
+    print(f"stopped rank -> job exit: {seconds:.1f} s (run.stall_timeout {timeout} s)")
+    assert proc.returncode != 0
+    # rank 0's watchdog ends it after 1.25 x the timeout; torchrun then sends the frozen rank SIGTERM
+    # and waits its fixed 30 s grace (torch.distributed.elastic's shutdown timeout) before SIGKILL
+    assert 1.25 * timeout <= seconds < 1.25 * timeout + 30 + 30, seconds
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s+exitcode\s*:\s*70 ", output), output[-3000:]
+    assert re.search(r"hvd_ba: rank 0 on host \S+ stalled: no progress for \d+ s \(run.stall_timeout 12 s\) while "
+                     r"waiting for step \d+ to finish", output), output[-3000:]
+    time.sleep(1)
+    assert no_process_left(out)
+
+
+def test_torch_non_finite_loss_stops_with_the_step(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = torchrun(small_data, out, [*RUN, "optim.base_lr=1e9", "optim.warmup_epochs=0"])
+    assert r.returncode != 0
+    assert "non-finite loss at step" in r.stdout + r.stderr
+    assert all(s["step"] < 12 for s in read_jsonl(out / "steps.jsonl")) if (out / "steps.jsonl").exists() else True
+
+
+# ------------------------------------------------------------- without Horovod; refusals
+
+
+def no_horovod_env(tmp_path) -> dict:
+    """An environment where `import horovod` fails, as on a machine where it never built."""
+    fake = tmp_path / "no_horovod" / "horovod"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named horovod (hidden by the test)')\n")
+    return {**ENV, "PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+
+
+def test_the_torch_backend_trains_where_horovod_does_not_import(small_data, tmp_path):
+    env = no_horovod_env(tmp_path)
+    check = subprocess.run([sys.executable, "-c", "import horovod"], capture_output=True, text=True, env=env)
+    assert check.returncode != 0 and "hidden by the test" in check.stderr
+    out = tmp_path / "run"
+    r = torchrun(small_data, out, [*RUN, "optim.epochs=1"], env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "result.json").read_text())["world"] == 2
+    r = subprocess.run([sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set",
+                        f"data.path={small_data}", f"run.out_dir={tmp_path / 'h'}", *RUN],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "hvd_ba: error: run.backend=horovod needs Horovod, which does not import here"), r.stderr[-2000:]
+    assert "run.backend=torch" in r.stderr
+    # doctor: Horovod missing is a failure for the default backend, not for run.backend=torch
+    r = subprocess.run([sys.executable, "-m", "hvd_ba", "doctor", "--config", "demo", "--set", *TORCH],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "not needed: run.backend=torch" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_backend_started_by_the_other_backends_launcher_is_one_line(small_data, tmp_path):
+    r = launch("gloo", small_data, tmp_path / "a", extra=TORCH)
+    assert r.returncode != 0
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if "hvd_ba: error:" in l]
+    assert len(lines) == 1 and "run.backend=torch, but horovodrun started this rank" in lines[0], r.stdout[-2000:]
+    r = subprocess.run([*torch_command(small_data, tmp_path / "b", []), "run.backend=horovod"], capture_output=True,
+                       text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert r.returncode != 0
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if "hvd_ba: error:" in l]
+    assert len(lines) == 1 and "run.backend=horovod, but torchrun started this rank" in lines[0], r.stderr[-2000:]
+
+
+def test_torch_backend_config_refusals_name_the_key(small_data):
+    with pytest.raises(ConfigError, match=r"optim.adasum.*no torch.distributed counterpart"):
+        load_config("demo", [*TORCH, "optim.adasum=true"])
+    with pytest.raises(ConfigError, match=r"optim.gradient_predivide_factor.*no torch.distributed counterpart"):
+        load_config("demo", [*TORCH, "optim.gradient_predivide_factor=2.0"])
+    with pytest.raises(ConfigError, match=r"run.backend.*must be one of"):
+        load_config("demo", ["run.backend=nccl"])
+
+
+def test_rendezvous_from_torchrun_slurm_and_open_mpi_variables():
+    srun = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
+            "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "1",
+            "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    launch = launch_info(srun)
+    assert (launch.launcher, launch.rank, launch.world, launch.local_rank, launch.local_size) == ("srun", 3, 4, 1, 2)
+    address, port = rendezvous(launch, srun)
+    assert address == "gpu07" and 20000 <= port < 40000
+    assert rendezvous(launch, {**srun, "SLURM_JOB_ID": "4243"})[1] != port  # another job, another port
+    assert rendezvous(launch, {**srun, "SLURM_STEP_NODELIST": "gpu08"})[0] == "gpu08"
+    assert rendezvous(launch, {**srun, "MASTER_ADDR": "head", "MASTER_PORT": "1234"}) == ("head", 1234)
+    missing = {k: v for k, v in srun.items() if k != "SLURM_JOB_NODELIST"}
+    with pytest.raises(RendezvousError, match=r"SLURM_STEP_NODELIST and SLURM_JOB_NODELIST \(Slurm job 4242\)"):
+        rendezvous(launch, missing)
+    run = {"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29400", **srun}  # torchrun inside a Slurm step
+    assert launch_info(run) == Launch("torchrun", 1, 2, 1, 2, False)
+    assert rendezvous(launch_info(run), run) == ("127.0.0.1", 29400)
+    ompi = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "PMIX_NAMESPACE": "prterun-host-123@1"}
+    address, port = rendezvous(launch_info(ompi), ompi)
+    assert address == "127.0.0.1" and 20000 <= port < 40000
+    spread = {**ompi, "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}  # two nodes, no Slurm, no MASTER_ADDR
+    with pytest.raises(RendezvousError, match="MASTER_ADDR is unset and this is no Slurm job"):
+        rendezvous(launch_info(spread), spread)
