@@ -93,8 +93,12 @@ launch_command() {
 # while the launcher goes on stopping the ranks: wait again for the real status (the ranks' 75).
 run_step() {
     local logged; logged=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
-    "${CMD[@]}" > >(tee -a "$attempt_log") 2>&1 &
+    local log_fd tee_pid i
+    exec {log_fd}> >(tee -a "$attempt_log")
+    tee_pid=$!
+    "${CMD[@]}" >&"$log_fd" 2>&1 &
     pid=$!
+    exec {log_fd}>&-  # the launcher holds the pipe alone now: tee ends when it (and its children) do
     while true; do
         interrupted=0
         wait "$pid"
@@ -103,6 +107,9 @@ run_step() {
         break
     done
     pid=""
+    # tee may still be writing the launcher's last lines (the ranks' status, read below): give it
+    # up to 10 s (a leftover child holding the pipe must not hold the job)
+    for i in $(seq 100); do kill -0 "$tee_pid" 2>/dev/null || break; sleep 0.1; done
     # horovodrun and torchrun report 1 for any rank's failure; their messages name the ranks' status.
     if [ "$LAUNCHER" = horovodrun ] && [ "$status" = 1 ] \
             && tail -c +$((logged + 1)) "$attempt_log" | grep -q "^Exit code: $PREEMPTED\$"; then

@@ -85,3 +85,41 @@ printf '%s\\n' "${CMD[@]}"
     assert {"HOROVOD_CYCLE_TIME", "NCCL_DEBUG", "OMP_NUM_THREADS", "HVD_BA_CPUS_PER_TASK", "PATH"} <= forwarded
     assert "UNRELATED_SECRET" not in forwarded
     assert words[-4:] == ["python", "-m", "hvd_ba", "train"]
+
+
+def test_torchruns_status_of_a_preempted_run_is_the_ranks_75(tmp_path):
+    """torchrun exits 1 whatever its ranks' status and lists each failed rank's exitcode: all 75
+    (or 75 and the -15 of ranks srun ended after another node's 75) is a preemption."""
+    def says(*codes):
+        return "".join(f"  rank      : {i} (local_rank: {i})\\n  exitcode  : {c} (pid: 1{i})\\n"
+                       for i, c in enumerate(codes))
+    script = f"""
+attempt_log='{tmp_path}/attempt.log'; echo '  exitcode  : 75 (pid: 9)' > "$attempt_log"
+LAUNCHER=torchrun
+CMD=(bash -c 'printf "{says(75, 75)}"; exit 1'); run_step; echo "both=$status"
+CMD=(bash -c 'printf "{says(75, -15)}"; exit 1'); run_step; echo "ended_by_srun=$status"
+CMD=(bash -c 'printf "{says(1, 75)}"; exit 1'); run_step; echo "one_failed=$status"
+CMD=(bash -c 'printf "{says(-9)}"; exit 1'); run_step; echo "killed=$status"
+CMD=(bash -c 'exit 1'); run_step; echo "nothing_said=$status"
+"""
+    r = bash(script, tmp_path)
+    found = [line for line in r.stdout.splitlines() if "=" in line and " " not in line]
+    assert found == ["both=75", "ended_by_srun=75", "one_failed=1", "killed=1", "nothing_said=1"], r.stdout + r.stderr
+
+
+def test_torchrun_launch_is_one_torchrun_per_node_meeting_at_the_first_host(tmp_path):
+    script = f"""
+LAUNCHER=torchrun; SLURM_NTASKS=4; SLURM_JOB_NUM_NODES=2; SLURM_CPUS_PER_TASK=1; export SLURM_JOB_ID=4242
+export SLURM_JOB_NODELIST='n[1-2]'; PYTHON={os.environ.get("PYTHON", "python")}
+launch_command -m hvd_ba train && printf '%s\\n' "${{CMD[@]}}"
+SLURM_NTASKS=3; launch_command -m hvd_ba train; echo "uneven=$?"
+"""
+    r = bash(script, tmp_path, PYTHONPATH=str(ROOT))
+    words = r.stdout.split()
+    assert words[:5] == ["srun", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--kill-on-bad-exit=1"], \
+        r.stdout + r.stderr
+    assert {"--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-id=4242"} <= set(words)
+    endpoint = next(w for w in words if w.startswith("--rdzv-endpoint="))
+    host, port = endpoint.split("=")[1].split(":")
+    assert host == "n1" and 20000 <= int(port) < 40000
+    assert "needs the same tasks on every node: 3 tasks on 2 nodes" in r.stdout and "uneven=2" in r.stdout
