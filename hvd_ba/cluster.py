@@ -198,11 +198,14 @@ class RendezvousError(RuntimeError):
     variables that were read."""
 
 
+PORT_LOW, PORT_HIGH = 10000, 32768  # derived rendezvous ports
+
+
 def rendezvous(launch: Launch, env=None) -> tuple[str, int]:
     """(address, port) where the ranks of a torch.distributed run meet (rank 0 listens there).
     MASTER_ADDR / MASTER_PORT when set (torchrun sets both); else, inside a Slurm job, the first
-    host of the step's (or job's) host list and a port derived from the job id (every rank
-    computes the same, and two jobs sharing a node differ); else, where all ranks are on this
+    host of the step's (or job's) host list and a port derived from the job and step ids
+    (every rank of a step computes the same; two jobs or steps sharing a node differ); else, where all ranks are on this
     node, 127.0.0.1 and a port derived from the launch's id (Open MPI's PMIX_NAMESPACE)."""
     env = os.environ if env is None else env
     address, port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
@@ -223,11 +226,13 @@ def rendezvous(launch: Launch, env=None) -> tuple[str, int]:
                 f"is unset and this is no Slurm job (SLURM_JOB_ID unset); set MASTER_ADDR and MASTER_PORT")
         address = "127.0.0.1"
     if port is None:
-        seed = job or env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_orte_hnp_uri", "").split(";")[0]
+        seed = (f"{job}.{env.get('SLURM_STEP_ID', '')}" if job else
+                env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_orte_hnp_uri", "").split(";")[0])
         if not seed:
             raise RendezvousError(f"rank {launch.rank}: no master port: MASTER_PORT is unset and neither "
                                   "SLURM_JOB_ID nor Open MPI's PMIX_NAMESPACE names the launch; set MASTER_PORT")
-        port = 20000 + int(hashlib.sha256(seed.encode()).hexdigest(), 16) % 20000
+        # below Linux's ephemeral ports (32768-60999), where other sockets of the node may sit
+        port = PORT_LOW + int(hashlib.sha256(seed.encode()).hexdigest(), 16) % (PORT_HIGH - PORT_LOW)
     return address, port
 
 

@@ -39,9 +39,15 @@ def launcher_problem(backend: str, launch: Launch) -> str | None:
     return None
 
 
-def launched_backend(launch: Launch) -> str | None:
-    """The backend a command without a config (analyze, doctor) joins: torch under torchrun,
-    Horovod under horovodrun or an MPI launcher; None alone."""
+def launched_backend(launch: Launch, env=None) -> str | None:
+    """The backend a command without a training config (analyze, doctor, bench breakdown) joins
+    under a launcher: HVD_BA_BACKEND when set (slurm/job.sh sets it from BACKEND), torch under
+    torchrun, Horovod under horovodrun or an MPI launcher; None alone (and under a bare srun)."""
+    env = os.environ if env is None else env
+    if launch.launcher == "alone":
+        return None
+    if env.get("HVD_BA_BACKEND") in BACKENDS:
+        return env["HVD_BA_BACKEND"]
     if launch.launcher == "torchrun":
         return "torch"
     return "horovod" if launch.launcher == "horovodrun" or launch.mpi else None
@@ -106,6 +112,9 @@ def _init_torch(launch: Launch, stall_timeout: float | None) -> None:
         # NCCL: a failed or hung collective raises instead of hanging the rank (pytorch's
         # async error handling; its default since 2.2, set here for older ones and for clarity)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        # NCCL binds a communicator to the current device: the rank's own GPU before the first
+        # collective (train/devices.py picks the same one, and checks it, right after)
+        torch.cuda.set_device((launch.local_rank or 0) % torch.cuda.device_count())
     timeout = datetime.timedelta(seconds=process_group_timeout(stall_timeout))
     td.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{address}:{port}", rank=launch.rank,
                           world_size=launch.world, timeout=timeout)

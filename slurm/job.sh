@@ -47,7 +47,11 @@ launch_command() {
         srun)
             # Since Slurm 22.05 srun does not take --cpus-per-task from the allocation: without it
             # (and with SLURM_EXACT=1 or --exact, as many sites set) each rank gets one core.
-            CMD=(srun --mpi=pmix --kill-on-bad-exit=1 ${cpus[@]+"${cpus[@]}"} "$PYTHON" "$@") ;;
+            # Horovod's ranks take their rank from PMIx; torch.distributed's from SLURM_PROCID
+            # (no MPI: a site without Slurm's PMIx plugin, and a set-up without mpi4py, still work).
+            local mpi=pmix
+            [ "${BACKEND:-horovod}" = torch ] && mpi=none
+            CMD=(srun --mpi="$mpi" --kill-on-bad-exit=1 ${cpus[@]+"${cpus[@]}"} "$PYTHON" "$@") ;;
         horovodrun)
             local hosts
             hosts=$("$PYTHON" -m hvd_ba hosts --np "$np") || return 2
@@ -62,10 +66,13 @@ launch_command() {
             # SLURM_EXACT=1 the daemon, and so every rank of its node, had one core); each rank
             # then keeps its local rank's share (run.bind=auto, hvd_ba/cluster.py).
             # mpirun passes on only the variables named with -x (srun and horovodrun pass the whole
-            # environment): the job's Horovod, NCCL, OpenMP and hvd_ba settings go too.
+            # environment): the job's Horovod, NCCL, OpenMP, Gloo, torch.distributed (MASTER_ADDR,
+            # MASTER_PORT, TORCH_*) and hvd_ba settings go too.
             local forward=(-x PATH -x LD_LIBRARY_PATH) name
             for name in $(compgen -e); do
-                case "$name" in HOROVOD_*|NCCL_*|OMP_*|HVD_BA_*|PYTHONPATH) forward+=(-x "$name") ;; esac
+                case "$name" in HOROVOD_*|NCCL_*|OMP_*|HVD_BA_*|PYTHONPATH|MASTER_ADDR|MASTER_PORT|GLOO_*|TORCH_*)
+                    forward+=(-x "$name") ;;
+                esac
             done
             CMD=(env -u SLURM_EXACT -u SRUN_CPUS_PER_TASK mpirun -np "$np" ${root_flag[@]+"${root_flag[@]}"}
                  --bind-to none --map-by slot "${forward[@]}" "$PYTHON" "$@") ;;
@@ -191,6 +198,7 @@ run_job() {
         *) job_log "error: BACKEND='$BACKEND' (choose horovod or torch)"; return 2 ;;
     esac
     [ "$BACKEND" = torch ] && sets+=(run.backend=torch)
+    export HVD_BA_BACKEND=$BACKEND  # the backend that analyze, doctor and bench join under a launcher
     if [ "$STAGE" = 1 ]; then
         sets+=(data.shard=static data.local_path="$LOCAL_DATA")
         stage_flags=()

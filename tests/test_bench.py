@@ -72,6 +72,8 @@ def test_bench_scaling_measures_both_backends_and_projects(tmp_path):
             o = m["overlap"]
             assert o["local_step_s"] > 0 and o["distributed_step_s"] > 0 and 0 <= o["hidden_fraction"] <= 1
             assert o["exposed_allreduce_s"] == pytest.approx(max(0.0, o["distributed_step_s"] - o["local_step_s"]))
+            # the timed training path really averaged: the ranks, apart after the local steps, stayed together
+            assert o["parameter_spread_local"] > 1e-4 and o["parameter_spread_distributed"] < 1e-6, o
             assert m["allreduce_s_per_mb"] == pytest.approx(m["seconds_per_step"]["allreduce"]
                                                             / (m["wire_bytes_per_step"] / 1e6))
         assert one["wire_bytes_per_step"] == two["wire_bytes_per_step"] > 1e6  # the model's gradients, fp32

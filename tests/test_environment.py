@@ -50,6 +50,10 @@ def test_pyproject_entry_points_and_package_data():
     assert "configs/*.yaml" in meta["tool"]["setuptools"]["package-data"]["hvd_ba"]
     for name in ("resnet50", "demo"):
         assert (ROOT / "hvd_ba" / "configs" / f"{name}.yaml").is_file()
+    # run.backend=torch needs no Horovod: a plain install must not try to build it
+    required = " ".join(meta["project"]["dependencies"])
+    assert "horovod" not in required and "mpi4py" not in required
+    assert {d.split(">")[0] for d in meta["project"]["optional-dependencies"]["horovod"]} == {"horovod", "mpi4py"}
 
 
 def test_installed_stack_is_the_pinned_one():

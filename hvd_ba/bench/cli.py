@@ -59,8 +59,9 @@ def add_parsers(sub) -> None:
                                           "optimizer, and the share of the allreduce the training path hides behind "
                                           "the backward pass (run under horovodrun, or torchrun with --backend torch)")
     _breakdown_args(br)
-    br.add_argument("--backend", default="horovod", choices=("horovod", "torch"),
-                    help="horovod (default) or torch (torch.distributed, DDP)")
+    br.add_argument("--backend", default=None, choices=("horovod", "torch"),
+                    help="horovod or torch (torch.distributed, DDP); default: the launcher's (torch under torchrun, "
+                         "else horovod; HVD_BA_BACKEND when set)")
     br.add_argument("--json", default=None, help="rank 0 writes the figures here")
 
     sc = sub.add_parser("scaling", help="breakdowns under horovodrun -np 2 (Gloo, MPI) and torchrun (torch.distributed "

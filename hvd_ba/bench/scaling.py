@@ -41,8 +41,10 @@ def run_breakdown(args) -> int:
     from hvd_ba import dist
     from hvd_ba.train.devices import select_device
 
+    from hvd_ba.cluster import launch_info
+
     torch.set_num_threads(args.threads)
-    dist.init(backend=args.backend)
+    dist.init(backend=args.backend or dist.launched_backend(launch_info()) or "horovod")
     rank, world = dist.rank(), dist.size()
     device = select_device()  # the training's choice (set_device, one GPU per rank, NCCL checked)
     root = corpus(args.corpus, args.unique_batch * world * (args.warmup + args.steps)) if rank == 0 else None
@@ -126,16 +128,30 @@ def measure_overlap(model, opt, x, labels, args, device, allreduce_alone_s: floa
                 times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
+    dist.broadcast_state(model, opt, optimizer_state=True)
     local = timed(model, opt)
+    drift = parameter_spread(model)  # each rank stepped on its own batch: the ranks now differ
+    dist.broadcast_state(model, opt, optimizer_state=True)
     wrapped_opt = dist.distributed_optimizer(opt, model, fp16_allreduce=args.fp16_allreduce)
     wrapped_model = dist.distributed_model(model, fp16_allreduce=args.fp16_allreduce)
     distributed = timed(wrapped_model, wrapped_opt)
+    spread = parameter_spread(model)  # averaged gradients: the ranks stayed together
     both = dist.allreduce_mean(torch.tensor([local, distributed], dtype=torch.float64), name="overlap_times")
     local, distributed = both.tolist()
     exposed = max(0.0, distributed - local)
     hidden = min(1.0, max(0.0, (allreduce_alone_s - exposed) / allreduce_alone_s)) if allreduce_alone_s > 0 else 0.0
     return {"local_step_s": local, "distributed_step_s": distributed, "exposed_allreduce_s": exposed,
-            "allreduce_alone_s": allreduce_alone_s, "hidden_fraction": hidden}
+            "allreduce_alone_s": allreduce_alone_s, "hidden_fraction": hidden,
+            "parameter_spread_local": drift, "parameter_spread_distributed": spread}
+
+
+def parameter_spread(model) -> float:
+    """The largest difference of a parameter between ranks (0 when all ranks hold the same)."""
+    from hvd_ba import dist
+
+    flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in model.parameters()])
+    mean = dist.allreduce_mean(flat, name="spread") if dist.size() > 1 else flat
+    return float(dist.allreduce_sum(torch.tensor([float((flat - mean).abs().max())]), name="spread_max")[0])
 
 
 def allreduce_fit(world: int, repeats: int = 5, device: torch.device | None = None) -> dict:

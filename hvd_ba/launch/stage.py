@@ -110,11 +110,15 @@ def stage_rank(source: Path, dest: Path, files: list[tuple[str, int]], threads: 
 
 
 def _mpi_comm():
-    """COMM_WORLD when an MPI launcher started this process, else None (no MPI initialised)."""
+    """COMM_WORLD when an MPI launcher started this process and mpi4py is installed, else None
+    (no MPI initialised; each rank then lists the data itself: a set-up for run.backend=torch
+    has no mpi4py, HVD_BA_BACKEND=torch bash cluster/setup.sh)."""
     if not launch_info().mpi:
         return None
-    from mpi4py import MPI
-
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
     return MPI.COMM_WORLD
 
 

@@ -58,9 +58,9 @@ def nccl_problem(uses_cuda: bool, nccl_built: bool) -> str | None:
 
 
 def select_device() -> torch.device:
-    """The rank's CUDA GPU (gpu_index), or the CPU when there is none. Collective under Horovod:
-    the ranks' (host, GPU) pairs are gathered, and a rank sharing its GPU with another, or a GPU
-    run on a Horovod without NCCL, stops every rank at start with one line."""
+    """The rank's CUDA GPU (gpu_index), or the CPU when there is none. Collective (either
+    backend): the ranks' (host, GPU) pairs are gathered, and a rank sharing its GPU with another,
+    or a GPU run on a Horovod without NCCL, stops every rank at start with one line."""
     host, device, mine = socket.gethostname(), torch.device("cpu"), None
     if torch.cuda.is_available():
         try:

@@ -387,8 +387,8 @@ def main_rank(cfg: Config, track_lambda=None) -> int:
             if stop.requested:  # this rank was signalled too (srun signals every task): a preemption
                 _leave(f"hvd_ba: rank {dist.rank()} stopped ({stop.signal_name}): the job was stopping; the last "
                        "checkpoint stays the resume point", PREEMPTED_EXIT_CODE)
-            _leave(f"hvd_ba: rank {dist.rank()} stopped: another rank left the job first, or Horovod's stall "
-                   f"shutdown ended it ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); the first "
+            _leave(f"hvd_ba: rank {dist.rank()} stopped: another rank left the job first, or the backend's stall "
+                   f"check ended it ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); the first "
                    "rank's message tells why", 1)
         sys.stdout.flush()
         print(f"hvd_ba: rank {dist.rank()} failed:", file=sys.stderr)
