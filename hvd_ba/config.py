@@ -29,6 +29,12 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str | None = None  # ImageNet-layout root holding train/<class>/*.JPEG and val/<class>/*.JPEG
     copies: int = 4  # M: augmented copies made locally from each decoded image
+    # Where the M copies of an image are made. rank: BA, all M on the rank that read the image,
+    # from one read and one decode. ranks: repeated augmentation (DeiT's RASampler): each copy on
+    # another rank (k = copy x global batch + image, cut into the ranks' M x B samples), which
+    # reads and decodes the image itself: M times the reads; each rank's batch holds distinct
+    # images where M <= ranks. The same samples either way (a copy drawn from (seed, epoch, file, copy)).
+    copies_on: str = "rank"
     unique_batch: int = 32  # B: distinct images per rank per step (samples per step = copies * B)
     layout: str = "copy-major"  # copy-major: each group of B holds one copy of B distinct images
     shard: str = "global"  # global: a fresh (seed, epoch) split each epoch; static: each rank owns a part for the run
@@ -305,6 +311,7 @@ SHARDS = ("global", "static")
 AUGMENT_KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
 WORKER_STARTS = ("auto", "fork", "forkserver", "spawn")
 BACKENDS = ("horovod", "torch")  # run.backend (hvd_ba/dist.py)
+COPIES_ON = ("rank", "ranks")  # data.copies_on
 BINDS = ("auto", "none")
 GHOST_IMPLS = ("split", "accumulate")
 SCHEDULES = ("step", "cosine")
@@ -323,6 +330,12 @@ def validate(cfg: Config) -> None:
     _require(d.unique_batch >= 1, "data.unique_batch", f"must be >= 1, got {d.unique_batch}")
     _require(d.layout in LAYOUTS, "data.layout", f"must be one of {LAYOUTS}, got {d.layout!r}")
     _require(d.shard in SHARDS, "data.shard", f"must be one of {SHARDS}, got {d.shard!r}")
+    _require(d.copies_on in COPIES_ON, "data.copies_on", f"must be one of {COPIES_ON}, got {d.copies_on!r}")
+    _require(not (d.copies_on == "ranks" and d.shard == "static"), "data.copies_on",
+             "ranks reads each image on several ranks, which static shards (one owner per file) forbid: "
+             "set data.shard=global")
+    _require(not (d.copies_on == "ranks" and a.where == "device"), "data.copies_on",
+             "ranks makes one copy per item on the loader; augment.where=device is for BA (data.copies_on=rank)")
     _require(d.workers is None or d.workers >= 0, "data.workers", f"must be >= 0 or null (derived from the cores), got {d.workers}")
     _require(d.worker_start in WORKER_STARTS, "data.worker_start", f"must be one of {WORKER_STARTS}")
     _require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")

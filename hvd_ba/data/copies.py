@@ -35,9 +35,14 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def make_copies(img: Image.Image, preset: TrainPreset, copies: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
-    """Decode `img` once and make `copies` uint8 HWC arrays; returns (copies, lighting [M, 3])."""
+def make_copies(img: Image.Image, preset: TrainPreset, copies: int, rng: np.random.Generator,
+                only: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode `img` once and make `copies` uint8 HWC arrays; returns (copies, lighting [M, 3]).
+    only=c: copy c alone (data.copies_on=ranks), from the same draws and the same decode scale
+    as all M (decode_once draws all of them), so its pixels are those of BA's copy c."""
     img, fx, fy, draws = decode_once(img, preset, copies, rng)
+    if only is not None:
+        draws = draws[only:only + 1]
     out = (preset.size, preset.size)
     copies = []
     for (l, t, r, b), flip, _ in draws:
@@ -69,7 +74,10 @@ class BATrainSet(torch.utils.data.Dataset):
         return os.path.join(self.index.root, self.index.paths[i])
 
     def __getitem__(self, key):
-        i, epoch, replacements = key
+        """key: (file, epoch, replacements) -> its M copies; (file, epoch, replacements, copy) ->
+        that one copy (data.copies_on=ranks)."""
+        i, epoch, replacements = key[:3]
+        only = key[3] if len(key) > 3 else None
         bad, files, nbytes = [], 0, 0
         for j in (i, *replacements):
             files += 1
@@ -81,8 +89,9 @@ class BATrainSet(torch.utils.data.Dataset):
                 if self.canvas:
                     item = canvas_copies(img, self.preset, self.copies, rng, self.canvas)
                 else:
-                    copies, lighting = make_copies(img, self.preset, self.copies, rng)
-                    item = {"copies": copies, "lighting": lighting}
+                    copies, lighting = make_copies(img, self.preset, self.copies, rng, only)
+                    item = {"copies": copies, "lighting": lighting, "of": self.copies,
+                            "copy_ids": [only] if only is not None else list(range(self.copies))}
             except Exception as err:  # PIL raises many types for broken files
                 bad.append(f"{self.path(j)} ({type(err).__name__}: {err})")
                 continue
@@ -125,10 +134,17 @@ class BACollate:
         else:
             lighting = lighting.reshape(b * m, 3)
             labels = labels.repeat_interleave(m)
+        # which (file, copy) each sample is, in the batch's order; its share of the unique images
+        # (a one-copy item of M is 1/M: data.copies_on=ranks spreads an image over M items)
+        ids = [[(it["index"], c) for c in it.get("copy_ids", range(m))] for it in items]
+        order = [ids[i][k] for k in range(m) for i in range(b)] if self.copy_major else [p for one in ids for p in one]
+        unique = round(sum(len(one) / it.get("of", len(one)) for one, it in zip(ids, items)))
         return {
             **pixels,
             "labels": labels,
             "lighting": lighting,
+            "samples": torch.tensor(order, dtype=torch.long),  # [M*B, 2]: file, copy
+            "unique": unique,
             "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
             "files": sum(it["files"] for it in items),
             "bytes": sum(it["bytes"] for it in items),

@@ -72,12 +72,15 @@ class ShardSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_files: int, rank: int, world: int, unique_batch: int, seed: int,
-                 mode: str = "global", max_steps: int | None = None):
+                 mode: str = "global", max_steps: int | None = None, copies: int = 1, copies_on: str = "rank"):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         if mode not in ("global", "static"):
             raise ValueError(f"config key 'data.shard': unknown mode {mode!r}")
+        if copies_on not in ("rank", "ranks") or (copies_on == "ranks" and mode != "global"):
+            raise ValueError(f"config key 'data.copies_on': {copies_on!r} with data.shard {mode!r}")
         self.num_files, self.rank, self.world, self.mode = num_files, rank, world, mode
+        self.copies, self.copies_on = copies, copies_on
         self.unique_batch, self.seed = unique_batch, seed
         self.epoch = 0
         self.start = 0  # first step of the epoch to yield (a run resumed mid-epoch)
@@ -115,7 +118,28 @@ class ShardSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.steps - self.start
 
+    def repeated_batches(self):
+        """data.copies_on=ranks (repeated augmentation): global step s reads the same W x B files
+        as BA (positions [s*G, (s+1)*G) of the (seed, epoch) permutation), but as M x G items of
+        one copy each: item k = copy c x G + image j, rank r taking items [r*M*B, (r+1)*M*B), so
+        the M copies of an image land on M different ranks (where M <= W) and every rank reads
+        and decodes what it copies. Yields (file, epoch, replacements, copy); a broken file is
+        replaced by the next files of the permutation, the same on every rank."""
+        n, b, w, m = self.num_files, self.unique_batch, self.world, self.copies
+        g = w * b
+        perm = torch.randperm(n, generator=_generator(self.seed, self.epoch)).tolist()
+        for s in range(self.start, self.steps):
+            items = []
+            for k in range(self.rank * m * b, (self.rank + 1) * m * b):
+                c, j = divmod(k, g)
+                p = s * g + j
+                items.append((perm[p], self.epoch, tuple(perm[(p + 1 + t) % n] for t in range(REPLACEMENT_TRIES)), c))
+            yield items
+
     def __iter__(self):
+        if self.copies_on == "ranks":
+            yield from self.repeated_batches()
+            return
         mine = self.shard(self.epoch)
         b, per = self.unique_batch, len(mine)
         for s in range(self.start, self.steps):
@@ -137,8 +161,9 @@ def make_train_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.uti
 
 
 def train_sampler(num_files: int, cfg, rank: int, world: int) -> ShardSampler:
-    return ShardSampler(num_files, rank, world, cfg.data.unique_batch, cfg.run.seed, cfg.data.shard,
-                        cfg.run.max_steps_per_epoch)
+    d = cfg.data
+    return ShardSampler(num_files, rank, world, d.unique_batch, cfg.run.seed, d.shard, cfg.run.max_steps_per_epoch,
+                        d.copies, d.copies_on)
 
 
 def eval_files(num_files: int, rank: int, world: int) -> list[int]:

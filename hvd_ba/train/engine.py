@@ -241,7 +241,7 @@ def _count_batch(state: TrainState, batch: dict, loss, correct, bad_this_epoch: 
     meter = state.progress.meter
     n = batch["labels"].numel()
     meter.add_device(loss * n, correct)
-    meter.add(samples=n, images=batch["indices"].numel(), files=batch["files"], bytes=batch["bytes"])
+    meter.add(samples=n, images=batch["unique"], files=batch["files"], bytes=batch["bytes"])
     for entry in batch["bad"]:  # a broken file can be tried more than once (as a replacement too)
         if entry not in bad_this_epoch:
             bad_this_epoch.add(entry)
