@@ -350,6 +350,39 @@ def cmd_doctor(args) -> int:
     return run_doctor(args)
 
 
+def parser_sweep() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hvd_ba sweep",
+        description="Train one run per cell of a grid of overrides x seeds (horovodrun -np N, or srun inside an "
+                    "allocation), resumable, and write a table (CSV, Markdown) and plots of top-1 against epochs, "
+                    "wall time and bytes read, e.g. python -m hvd_ba sweep --grid data.copies=1,2,4 "
+                    "--grid data.copies_on=rank,ranks --seeds 0,1,2 --set data.path=data/demo")
+    p.add_argument("--config", default="demo", help="preset or YAML path (default: demo)")
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                   help="an axis of the grid (repeat for more; values split on commas outside brackets)")
+    p.add_argument("--also", action="append", default=[], metavar="'SECTION.KEY=V ...'",
+                   help="one more point outside the product, e.g. 'data.copies=1 data.unique_batch=32'")
+    p.add_argument("--seeds", default="0,1,2", help="run.seed values of every point (default: 0,1,2)")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="overrides of every cell")
+    p.add_argument("--np", type=int, default=2, help="ranks per cell (default: 2)")
+    p.add_argument("--launcher", choices=("auto", "horovodrun", "srun"), default="auto",
+                   help="auto: srun inside a Slurm allocation, else horovodrun (default: auto)")
+    p.add_argument("--out", default="runs/sweep", help="sweep folder: cells/, sweep.json, tables, plots")
+    p.add_argument("--cell-timeout", type=float, default=3600, help="seconds a cell may run (default: 3600)")
+    p.add_argument("--report", default=None, help="also write the BA report (Markdown) here, e.g. docs/ba-report.md")
+    return p
+
+
+def cmd_sweep(args) -> int:
+    from hvd_ba.launch.sweep import SweepError, run_sweep
+
+    try:
+        return run_sweep(args)
+    except SweepError as err:
+        print(f"hvd_ba sweep: error: {err}", file=sys.stderr)
+        return 2
+
+
 COMMANDS = {
     "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun/srun/mpirun)"),
     "demo": (parser_demo, cmd_demo, "make demo data and train on it with horovodrun -np 2"),
@@ -361,6 +394,7 @@ COMMANDS = {
     "analyze": (parser_analyze, cmd_analyze, "lambda_max of batch Hessians, gradient variance against M"),
     "plot": (parser_plot, cmd_plot, "PNG plots of runs (curves, lambda tracks) and of analyses"),
     "status": (parser_status, cmd_status, "a run folder: run id, complete or not, resume point, lock"),
+    "sweep": (parser_sweep, cmd_sweep, "a grid of overrides x seeds, one run each, resumable; table and plots"),
     "doctor": (parser_doctor, cmd_doctor, "what this node has for a run (GPUs, Horovod's build, MPI, cores, shm)"),
     "bench": (parser_bench, cmd_bench, "benchmarks against a baseline measured in the same run (bench loader | gpu | breakdown | scaling)"),
 }

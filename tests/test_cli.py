@@ -22,7 +22,7 @@ def test_every_command_has_help(command):
 def test_unknown_command_is_one_line_exit_2():
     r = run_cli("trian")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["hvd_ba: unknown command 'trian' (choose from: train, demo, make-data, plan, hosts, settings, stage, analyze, plot, status, doctor, bench)"]
+    assert r.stderr.strip().splitlines() == ["hvd_ba: unknown command 'trian' (choose from: train, demo, make-data, plan, hosts, settings, stage, analyze, plot, status, sweep, doctor, bench)"]
 
 
 def test_missing_data_directory_is_one_line_exit_2(tmp_path):
