@@ -4,7 +4,6 @@ decodes the image itself). The same samples, other places, M times the reads."""
 from collections import Counter
 
 import pytest
-import torch
 
 from hvd_ba.config import ConfigError, load_config
 from hvd_ba.data.manifest import load_index
@@ -49,6 +48,26 @@ def test_both_placements_make_the_very_same_samples(copies, small_data):
         for batches in (ba, ra):
             for b in (r[step] for r in batches):
                 assert len(b["labels"]) == len(b["samples"]) == 8 * copies
+
+
+def test_a_broken_file_is_replaced_alike_under_both_placements(small_data, tmp_path):
+    """The replacement of an unreadable file is BA's (the next file of its BA owner's shard), so
+    the two placements still make the same samples; the broken file is counted once."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    index = load_index(data, "train", None)
+    victim = step_batches(data, "rank", 2)[1][0]["samples"][3, 0].item()  # a file of rank 1's first step
+    (data / "train" / index.paths[victim]).write_bytes(b"not a JPEG")
+    ba, ra = step_batches(data, "rank", 2), step_batches(data, "ranks", 2)
+    def made(batches):  # (file, copy, pixels), with repeats: the replacement may be in the step already
+        return Counter((f, c, image.numpy().tobytes()) for b in batches
+                       for (f, c), image in zip(b["samples"].tolist(), b["images"]))
+
+    here, there = made([r[0] for r in ba]), made([r[0] for r in ra])
+    assert victim not in {f for f, _, _ in here} and here == there and sum(here.values()) == 2 * 8 * 2
+    assert sum(len(r[0]["bad"]) for r in ra) == sum(len(r[0]["bad"]) for r in ba) == 1
 
 
 def test_copies_on_ranks_is_refused_with_static_shards_or_device_crops():

@@ -56,6 +56,15 @@ def reference_parameters(data: str, settings: list[str], out: str) -> None:
     torch.save({"steps": steps, "params": {n: p.detach() for n, p in model.named_parameters()}}, out)
 
 
+def run_reference(data, settings: list[str], ref_file) -> dict:
+    """reference_parameters in a fresh process (see there); its saved steps and parameters."""
+    code = f"import test_proof; test_proof.reference_parameters({str(data)!r}, {settings!r}, {str(ref_file)!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(ref_file, weights_only=True)
+
+
 @pytest.mark.parametrize("steps, ghost_impl", [(1, "split"), (3, "split"), (3, "accumulate")])
 def test_two_ranks_equal_one_process(steps, ghost_impl, small_data, tmp_path):
     settings = [*PROOF, f"run.max_steps_per_epoch={steps}", f"model.ghost_impl={ghost_impl}"]
@@ -63,14 +72,7 @@ def test_two_ranks_equal_one_process(steps, ghost_impl, small_data, tmp_path):
     r = launch("gloo", small_data, out, extra=settings)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trained = torch.load(out / "model.pt", weights_only=True)
-
-    ref_file = tmp_path / "reference.pt"
-    code = (f"import test_proof; test_proof.reference_parameters({str(small_data)!r}, {settings!r}, "
-            f"{str(ref_file)!r})")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    reference = torch.load(ref_file, weights_only=True)
+    reference = run_reference(small_data, settings, tmp_path / "reference.pt")
     assert reference["steps"] == steps
     cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *settings])
     initial = fresh_state(cfg, 4, 1, 2).model.state_dict()

@@ -32,6 +32,9 @@ def test_a_tiny_sweep_runs_resumes_and_reports(small_data, tmp_path):
         assert (out / f"top1-{axis}.png").stat().st_size > 5000
     text = report.read_text()
     assert "**(a) BA against M = 1 at the same 4 steps.**" in text and "**(c) BA (copies on the rank)" in text
+    assert "**(b) Steps to reach M = 1's final top-1" in text and "**(d)**: not in this grid" in text
+    assert re.search(r"M = 2: [\d.]+ ± [\d.]+ % \(n = 2\), [+-][\d.]+ points \(combined sd [\d.]+; "
+                     r"(beyond|inside) the seed-to-seed spread\)", text), text
     assert "python -m hvd_ba sweep --config demo --grid data.copies=1,2 --grid data.copies_on=rank,ranks" in text
     assert (report.parent / "img" / "ba-report-top1-wall.png").exists()
 
@@ -48,6 +51,10 @@ def test_a_tiny_sweep_runs_resumes_and_reports(small_data, tmp_path):
     log = (cell / "sweep.log").read_text()
     assert re.search(r"resumed from \S+ckpt-000000003.pt", log), log[-2000:]
     assert [s["step"] for s in map(json.loads, (cell / "steps.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+    # the same cells with other settings: refused, not mixed into the table
+    r = run_cli(*[a if a != "optim.epochs=2" else "optim.epochs=3" for a in args], timeout=120)
+    assert r.returncode == 2 and "8 complete cells" in r.stderr and "ran with other --config/--set/--np" in r.stderr
 
     # another grid: it says what differs and runs only what is asked
     r = run_cli("sweep", "--grid", "data.copies=2", "--seeds", "1,2", "--set", f"data.path={small_data}", *TINY,

@@ -22,7 +22,7 @@ from hvd_ba.data.pipeline import make_eval_loader
 from hvd_ba.train.checkpoint import find_checkpoint
 from hvd_ba.train.engine import evaluate
 from test_horovod import ENV, launch, read_jsonl, train_command
-from test_proof import PROOF, fresh_state
+from test_proof import PROOF, fresh_state, run_reference
 from test_resume import RUN, wait_for_step
 
 TORCH = ["run.backend=torch"]
@@ -76,13 +76,7 @@ def test_torch_ranks_equal_one_process_and_horovod(steps, ghost_impl, small_data
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 ranks on cpu (torch, gloo)" in r.stdout + r.stderr
     trained = torch.load(tmp_path / "torch" / "model.pt", weights_only=True)
-    ref_file = tmp_path / "reference.pt"
-    code = (f"import test_proof; test_proof.reference_parameters({str(small_data)!r}, {settings!r}, "
-            f"{str(ref_file)!r})")
-    ref = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = torch.load(ref_file, weights_only=True)
+    reference = run_reference(small_data, settings, tmp_path / "reference.pt")
     assert reference["steps"] == steps
     for name, p in reference["params"].items():
         assert torch.allclose(trained[name], p, atol=1e-5, rtol=0), (name, float((trained[name] - p).abs().max()))
@@ -143,7 +137,7 @@ def test_a_checkpoint_resumes_under_the_other_backend_at_the_exact_step(first, s
     r = subprocess.run(command(second, out, [*CROSS, "run.resume=auto"]), capture_output=True, text=True,
                        timeout=400, env=ENV, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"resumed from" in r.stdout + r.stderr
+    assert "resumed from" in r.stdout + r.stderr
     resumed, uninterrupted = read_jsonl(out / "steps.jsonl"), read_jsonl(whole / "steps.jsonl")
     assert [s["step"] for s in resumed] == [s["step"] for s in uninterrupted] == list(range(1, 7))
     for a, b in zip(resumed, uninterrupted):

@@ -95,6 +95,8 @@ class BATrainSet(torch.utils.data.Dataset):
             except Exception as err:  # PIL raises many types for broken files
                 bad.append(f"{self.path(j)} ({type(err).__name__}: {err})")
                 continue
+            # a broken file is counted (and logged) once, by the item that carries its copy 0
+            bad = bad if only in (None, 0) else []
             return {**item, "label": self.index.labels[j], "index": j, "files": files, "bytes": nbytes, "bad": bad}
         raise RuntimeError(f"{len(bad)} files in a row could not be decoded: " + "; ".join(bad))
 

@@ -95,9 +95,9 @@ class ShardSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shard(self, epoch: int) -> list[int]:
-        """This rank's files for `epoch`, in reading order."""
-        r, n, per = self.rank, self.num_files, self.per_rank
+    def shard(self, epoch: int, rank: int | None = None) -> list[int]:
+        """This rank's (or `rank`'s) files for `epoch`, in reading order."""
+        r, n, per = self.rank if rank is None else rank, self.num_files, self.per_rank
         if self.mode == "global":
             perm = torch.randperm(n, generator=_generator(self.seed, epoch))
             b, w, steps = self.unique_batch, self.world, self.per_rank // self.unique_batch
@@ -120,20 +120,22 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def repeated_batches(self):
         """data.copies_on=ranks (repeated augmentation): global step s reads the same W x B files
-        as BA (positions [s*G, (s+1)*G) of the (seed, epoch) permutation), but as M x G items of
-        one copy each: item k = copy c x G + image j, rank r taking items [r*M*B, (r+1)*M*B), so
-        the M copies of an image land on M different ranks (where M <= W) and every rank reads
-        and decodes what it copies. Yields (file, epoch, replacements, copy); a broken file is
-        replaced by the next files of the permutation, the same on every rank."""
-        n, b, w, m = self.num_files, self.unique_batch, self.world, self.copies
+        as BA (image j of the step is the file BA's rank j // B reads at place j % B), but as
+        M x G items of one copy each: item k = copy c x G + image j, rank r taking items
+        [r*M*B, (r+1)*M*B), so the M copies of an image land on M different ranks (where
+        M <= W) and every rank reads and decodes what it copies. Yields (file, epoch,
+        replacements, copy); a broken file is replaced as under BA (by the next files of its BA
+        owner's shard), so both placements make the same samples, broken files included."""
+        b, w, m = self.unique_batch, self.world, self.copies
         g = w * b
-        perm = torch.randperm(n, generator=_generator(self.seed, self.epoch)).tolist()
+        shards = [self.shard(self.epoch, owner) for owner in range(w)]  # BA's reading order of each rank
         for s in range(self.start, self.steps):
             items = []
             for k in range(self.rank * m * b, (self.rank + 1) * m * b):
                 c, j = divmod(k, g)
-                p = s * g + j
-                items.append((perm[p], self.epoch, tuple(perm[(p + 1 + t) % n] for t in range(REPLACEMENT_TRIES)), c))
+                mine, p = shards[j // b], s * b + j % b
+                items.append((mine[p], self.epoch, tuple(mine[(p + 1 + t) % len(mine)] for t in range(REPLACEMENT_TRIES)),
+                              c))
             yield items
 
     def __iter__(self):

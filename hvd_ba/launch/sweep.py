@@ -9,7 +9,8 @@ not run again, an interrupted one resumes from its checkpoint. The grid asked is
 OUT/sweep.json; a sweep resumed with another grid says which cells differ and runs what is
 asked. After the cells: OUT/table.csv and OUT/table.md (per grid point, over the seeds: top-1
 mean and sample standard deviation at equal steps (the end) and at equal wall time (the
-shortest cell's), samples seen, bytes read, wall time), and OUT/top1-*.png (top-1 against
+shortest cell's training time, interpolated between evaluations), samples seen, bytes read,
+training wall time (the epochs: not start-up), and OUT/top1-*.png (top-1 against
 epochs, wall time and bytes read). `--report FILE` writes the BA report (launch/sweep_report.py).
 """
 from __future__ import annotations
@@ -101,6 +102,13 @@ def make_cells(grid: list[tuple[str, list[str]]], seeds: list[int], also: list[s
     return cells
 
 
+def cell_weight(config: str, base: list[str], cell: Cell) -> float:
+    """A cell's expected cost, for the time left: samples per epoch x epochs (M x the files), in
+    units of an M = 1 epoch; under copies_on=ranks each copy is also a read and a decode."""
+    cfg = load_config(config, [*base, *cell.overrides])
+    return cfg.data.copies * cfg.optim.epochs * (1.3 if cfg.data.copies_on == "ranks" else 1.0)
+
+
 def check_cells(config: str, base: list[str], cells: list[Cell]) -> None:
     """Every cell's config loads (an unknown key, a value of the wrong type or a combination the
     config refuses is one line naming the cell) before any run starts."""
@@ -113,8 +121,10 @@ def check_cells(config: str, base: list[str], cells: list[Cell]) -> None:
 
 def sweep_launch(np: int, launcher: str, config: str, sets: list[str]) -> list[str]:
     rank_args = ["--config", config, "--set", *sets]
-    if launcher == "srun":
-        return ["srun", f"--ntasks={np}", "--kill-on-bad-exit=1", sys.executable, "-m", "hvd_ba", "train", *rank_args]
+    if launcher == "srun":  # as slurm/job.sh starts ranks: PMIx for Horovod, the task's cores
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        return ["srun", f"--ntasks={np}", "--mpi=pmix", "--kill-on-bad-exit=1",
+                *([f"--cpus-per-task={cpus}"] if cpus else []), sys.executable, "-m", "hvd_ba", "train", *rank_args]
     return horovodrun_command(np, "gloo", rank_args)
 
 
@@ -139,10 +149,19 @@ def grid_changes(previous: dict, cells: list[Cell], prev_cells: list[Cell]) -> s
 def run_sweep(args) -> int:
     out = Path(args.out)
     grid = parse_grid(args.grid)
-    seeds = [int(s) for s in str(args.seeds).split(",")]
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",")]
+    except ValueError:
+        raise SweepError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
     cells = make_cells(grid, seeds, args.also)
     base = [s for s in args.set if not s.startswith("run.out_dir=")]
     check_cells(args.config, base, cells)
+    stale = [c.name for c in cells if is_complete(out / "cells" / c.name)
+             and cell_settings(out / "cells" / c.name) not in (None, cell_record(args, base, c))]
+    if stale:
+        raise SweepError(f"{len(stale)} complete cells in {out} ran with other --config/--set/--np than asked now "
+                         f"(first: {stale[0]}); their results would be mixed with new ones: use another --out, or "
+                         "remove those cell folders to rerun them")
     launcher = args.launcher
     if launcher == "auto":
         launcher = "srun" if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_NTASKS") else "horovodrun"
@@ -161,24 +180,30 @@ def run_sweep(args) -> int:
     print(f"sweep: {len(cells)} cells ({len(cells) - len(todo)} complete already), {launcher} -np {args.np}, "
           f"config {args.config}; folder {out}", flush=True)
     durations, failed = [], []
+    weights = {c: cell_weight(args.config, base, c) for c in cells}  # for the time left
     for i, cell in enumerate(cells, 1):
         folder = out / "cells" / cell.name
         if is_complete(folder):
             continue
         folder.mkdir(parents=True, exist_ok=True)
+        atomic_json(folder / "cell.json", cell_record(args, base, cell), indent=1)
         sets = [*base, *cell.overrides, f"run.out_dir={folder}", "run.resume=auto"]
         t0 = time.time()
         with open(folder / "sweep.log", "a") as log:
-            done = subprocess.run(sweep_launch(args.np, launcher, args.config, sets), stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=args.cell_timeout)
+            try:
+                code = subprocess.run(sweep_launch(args.np, launcher, args.config, sets), stdout=log,
+                                      stderr=subprocess.STDOUT, timeout=args.cell_timeout).returncode
+            except subprocess.TimeoutExpired:
+                code = f"timeout after --cell-timeout {args.cell_timeout:g} s"
         seconds = time.time() - t0
-        durations.append(seconds)
-        left = sum(1 for c in cells[i:] if not is_complete(out / "cells" / c.name))
-        eta = f"about {format_seconds(left * sum(durations) / len(durations))} left" if left else "the last one"
-        if done.returncode != 0 or not is_complete(folder):
+        durations.append((seconds, weights[cell]))
+        left = sum(weights[c] for c in cells[i:] if not is_complete(out / "cells" / c.name))
+        per_weight = sum(d for d, _ in durations) / sum(w for _, w in durations)
+        eta = f"about {format_seconds(left * per_weight)} left" if left else "the last one"
+        if code != 0 or not is_complete(folder):
             failed.append(cell.name)
-            print(f"cell {i}/{len(cells)} {cell.name}: FAILED (exit {done.returncode}) after {seconds:.0f} s; "
-                  f"log: {folder / 'sweep.log'}; {eta}", flush=True)
+            print(f"cell {i}/{len(cells)} {cell.name}: FAILED ({'exit ' if isinstance(code, int) else ''}{code}) "
+                  f"after {seconds:.0f} s; log: {folder / 'sweep.log'}; {eta}", flush=True)
             continue
         result = json.loads((folder / "result.json").read_text())
         print(f"cell {i}/{len(cells)} {cell.name}: top-1 {result['val_top1']:.1f}% in {seconds:.0f} s; {eta}",
@@ -196,6 +221,19 @@ def run_sweep(args) -> int:
         print(f"sweep: {len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def cell_record(args, base: list[str], cell: Cell) -> dict:
+    """What a cell ran with (OUT/cells/<name>/cell.json): a complete cell counts for a later
+    sweep only when it ran with the same."""
+    return {"config": args.config, "set": list(base), "overrides": cell.overrides, "np": args.np}
+
+
+def cell_settings(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "cell.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def format_seconds(seconds: float) -> str:
@@ -218,8 +256,19 @@ def cell_curve(folder: Path) -> list[dict]:
         if r.get("val_top1") is not None:
             curve.append({"epoch": r["epoch"], "steps": round(r["epoch"] * per_epoch), "top1": r["val_top1"],
                           "wall_s": wall, "samples": samples, "bytes": nbytes,
-                          "samples_per_s": r.get("samples_per_s")})
+                          "samples_per_s": r.get("samples_per_s"), "chance": result.get("chance_top1", 0.0)})
     return curve
+
+
+def top1_at(curve: list[dict], seconds: float) -> float:
+    """Top-1 after `seconds` of training, interpolated linearly between evaluations (from chance
+    at 0 s): a run whose evaluations fall on either side of the budget is not judged by the
+    earlier one alone."""
+    points = [(0.0, curve[0]["chance"])] + [(e["wall_s"], e["top1"]) for e in curve]
+    for (t0, y0), (t1, y1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            return y0 + (y1 - y0) * (seconds - t0) / (t1 - t0) if t1 > t0 else y1
+    return points[-1][1]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -229,8 +278,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(out: Path, cells: list[Cell]) -> list[dict]:
-    """One row per grid point over its complete seeds. Equal wall time: top-1 at the last
-    evaluation each cell reached within the shortest complete cell's training time."""
+    """One row per grid point over its complete seeds. Equal wall time: top-1 of each cell after
+    the shortest complete cell's training time (top1_at: interpolated between evaluations)."""
     curves = {c: cell_curve(out / "cells" / c.name) for c in cells if is_complete(out / "cells" / c.name)}
     curves = {c: v for c, v in curves.items() if v}
     if not curves:
@@ -242,7 +291,7 @@ def summarize(out: Path, cells: list[Cell]) -> list[dict]:
         if not mine:
             continue
         final = [v[-1]["top1"] for v in mine]
-        timed = [([e["top1"] for e in v if e["wall_s"] <= budget] or [float("nan")])[-1] for v in mine]
+        timed = [top1_at(v, budget) for v in mine]
         top1, top1_sd = mean_std(final)
         timed_mean, timed_sd = mean_std(timed)
         rows.append({
@@ -254,6 +303,7 @@ def summarize(out: Path, cells: list[Cell]) -> list[dict]:
             "samples_per_s": sum(v[-1]["samples"] / v[-1]["wall_s"] for v in mine) / len(mine),
             "curve_top1": [mean_std([v[k]["top1"] for v in mine if k < len(v)])[0] for k in range(len(mine[0]))],
             "curve_steps": [e["steps"] for e in mine[0]],
+            "curve_seeds": [[(e["steps"], e["top1"]) for e in v] for v in mine],
         })
     return rows
 
@@ -273,8 +323,9 @@ def write_tables(out: Path, rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict], keys: list[str]) -> str:
-    head = [k.split(".")[-1] for k in keys] + ["seeds", "steps", "top-1 % (end)", "top-1 % at equal time",
-                                                "samples", "MB read", "wall s", "samples/s"]
+    budget = f" ({rows[0]['wall_budget_s']:.0f} s)" if rows else ""
+    head = [k.split(".")[-1] for k in keys] + ["seeds", "steps", "top-1 % (end)", f"top-1 % at equal time{budget}",
+                                                "samples", "MB read", "train s", "samples/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.get(k, "")) for k in keys] + [
