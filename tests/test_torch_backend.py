@@ -389,3 +389,31 @@ def test_ghost_bn_accumulation_allreduces_once_per_step_under_ddp(sync_every_pas
         assert accumulate > split, counts
     else:
         assert accumulate == split, counts
+
+
+def test_torch_resume_on_another_number_of_ranks_reads_the_same_files_at_the_same_lr(small_data, tmp_path):
+    """Killed mid-epoch on 2 torch ranks, resumed on 1 (no process group) with the unique global
+    batch kept: every step reads the files and uses the LR of an uninterrupted 2-rank run."""
+    from test_runs import read_steps, train_alone
+
+    settings = {w: [*RUN, f"data.unique_batch={16 // w}", "run.record_reads=true"] for w in (1, 2)}
+    reference = tmp_path / "reference"
+    r = torchrun(small_data, reference, settings[2])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ref_files, ref_lrs = read_steps(reference)
+    out = tmp_path / "run"
+    proc = start(small_data, out, settings[2])
+    wait_for_step(out, 9, proc)
+    for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    assert find_checkpoint("auto", out)[1]["world"] == 2
+    r = train_alone(small_data, out, [*TORCH, *settings[1], "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming a run of 2 ranks on 1" in r.stdout + r.stderr
+    files, lrs = read_steps(out)
+    assert sorted(files) == list(range(1, 13)) and files == ref_files
+    assert lrs == pytest.approx(ref_lrs, rel=1e-12)
