@@ -35,7 +35,7 @@ def test_a_tiny_sweep_runs_resumes_and_reports(small_data, tmp_path):
     assert "**(b) Steps to reach M = 1's final top-1" in text and "**(d)**: not in this grid" in text
     assert re.search(r"M = 2: [\d.]+ ± [\d.]+ % \(n = 2\), [+-][\d.]+ points \(combined sd [\d.]+; "
                      r"(beyond|inside) the seed-to-seed spread\)", text), text
-    assert "python -m hvd_ba sweep --config demo --grid data.copies=1,2 --grid data.copies_on=rank,ranks" in text
+    assert "python -m hvd_ba sweep --config demo --grid data.copies=1,2 --grid data.copies_on=rank,ranks" in text, text[:800]
     assert (report.parent / "img" / "ba-report-top1-wall.png").exists()
 
     # a complete cell is not run again; an interrupted one resumes from its checkpoint: here one

@@ -328,12 +328,12 @@ def markdown_table(rows: list[dict], keys: list[str]) -> str:
                                                 "samples", "MB read", "train s", "samples/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r.get(k, "")) for k in keys] + [
+        cells = [str(r.get(k, "–")) for k in keys] + [
             str(r["seeds"]), str(r["steps"]), f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f}",
             f"{r['top1_at_budget_mean']:.1f} ± {r['top1_at_budget_std']:.1f}", str(r["samples"]),
             f"{r['bytes_read'] / 1e6:.1f}", f"{r['wall_s']:.0f}", f"{r['samples_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n–: the config's own value (the grid does not set it for that row).\n"
 
 
 def plot_curves(out: Path, cells: list[Cell]) -> None:

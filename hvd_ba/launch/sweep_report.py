@@ -13,6 +13,7 @@ A difference is called real only when it is larger than the two points' spreads 
 from __future__ import annotations
 
 import math
+import shlex
 import shutil
 from pathlib import Path
 
@@ -111,11 +112,12 @@ def write_report(path: Path, out: Path, rows: list[dict], record: dict) -> None:
             pictures.append(f"![top-1 against {axis}](img/{stem}-top1-{axis}.png)")
     cfg = load_config(record["config"], record["set"])
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in TABLE_COLUMNS and not k.startswith("curve_")))
-    grid = " ".join(f"--grid {k}={','.join(v)}" for k, v in record["grid"])
-    also = " ".join(f"--also '{a}'" for a in record.get("also", []))
-    command = (f"python -m hvd_ba sweep --config {record['config']} {grid} {also} --seeds "
-               f"{','.join(map(str, record['seeds']))} --np {record['np']} --set {' '.join(record['set'])} "
-               f"--out {out} --report {path}")
+    q = shlex.quote
+    grid = " ".join(f"--grid {q(k + '=' + ','.join(v))}" for k, v in record["grid"])
+    also = " ".join(f"--also {q(a)}" for a in record.get("also", []))
+    command = (f"python -m hvd_ba sweep --config {q(record['config'])} {grid} {also} --seeds "
+               f"{','.join(map(str, record['seeds']))} --np {record['np']} --set {' '.join(map(q, record['set']))} "
+               f"--out {q(str(out))} --report {q(str(path))}")
     text = [
         "# Does BA pay off? A sweep on this project's own data",
         "",
