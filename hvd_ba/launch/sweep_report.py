@@ -12,6 +12,7 @@ A difference is called real only when it is larger than the two points' spreads 
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import shutil
@@ -111,6 +112,12 @@ def write_report(path: Path, out: Path, rows: list[dict], record: dict) -> None:
             shutil.copyfile(source, images / f"{stem}-top1-{axis}.png")
             pictures.append(f"![top-1 against {axis}](img/{stem}-top1-{axis}.png)")
     cfg = load_config(record["config"], record["set"])
+    run_seconds = 0.0
+    for folder in (out / "cells").iterdir() if (out / "cells").exists() else []:
+        try:
+            run_seconds += json.loads((folder / "result.json").read_text()).get("wall_time_s", 0.0)
+        except (OSError, ValueError):
+            pass
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in TABLE_COLUMNS and not k.startswith("curve_")))
     q = shlex.quote
     grid = " ".join(f"--grid {q(k + '=' + ','.join(v))}" for k, v in record["grid"])
@@ -134,7 +141,8 @@ def write_report(path: Path, out: Path, rows: list[dict], record: dict) -> None:
         "standard deviation over them. \"Equal time\" is each run's top-1 after the shortest run's training time "
         "(interpolated between its evaluations). A difference is called beyond the seed-to-seed spread when it is "
         "larger than the two points' standard deviations combined (sqrt(sd1^2 + sd2^2)): with 3 seeds per point a "
-        "rough screen (about p < 0.2 for a normal spread), not a significance test.",
+        "rough screen (about p < 0.2 for a normal spread), not a significance test. The runs took "
+        f"{run_seconds / 60:.0f} min in all (the sum of their wall times, start-up of the launcher aside).",
         "",
         "## Answers",
         "",
