@@ -87,7 +87,10 @@ launch_command() {
             endpoint=$("$PYTHON" -m hvd_ba hosts --format rendezvous) || return 2
             local node_cpus=()
             [ -n "${SLURM_CPUS_PER_TASK:-}" ] && node_cpus=(--cpus-per-task=$((SLURM_CPUS_PER_TASK * np / nodes)))
-            CMD=(srun --ntasks="$nodes" --ntasks-per-node=1 ${node_cpus[@]+"${node_cpus[@]}"} --kill-on-bad-exit=1
+            # --kill-on-bad-exit=0: each torchrun ends when its ranks do (a rank that dies ends the
+            # others through their collectives); srun killing the other node's torchrun while it
+            # reported its ranks' 75 made the step's status 143 (seen in the 2x2 test)
+            CMD=(srun --ntasks="$nodes" --ntasks-per-node=1 ${node_cpus[@]+"${node_cpus[@]}"} --kill-on-bad-exit=0
                  "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node=$((np / nodes))
                  --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="$SLURM_JOB_ID" "$@") ;;
         *)
@@ -122,7 +125,7 @@ run_step() {
             && tail -c +$((logged + 1)) "$attempt_log" | grep -q "^Exit code: $PREEMPTED\$"; then
         status=$PREEMPTED
     fi
-    if [ "$LAUNCHER" = torchrun ] && [ "$status" = 1 ]; then
+    if [ "$LAUNCHER" = torchrun ] && { [ "$status" = 1 ] || [ "$status" = 143 ]; }; then
         local codes; codes=$(tail -c +$((logged + 1)) "$attempt_log" | sed -n 's/^ *exitcode *: *\(-\?[0-9]*\) .*/\1/p' | sort -u)
         # every rank stopped with a checkpoint (75), or was ended by srun after another node's did (-15)
         if echo "$codes" | grep -qx "$PREEMPTED" && ! echo "$codes" | grep -vqxE "$PREEMPTED|-15"; then

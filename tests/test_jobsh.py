@@ -113,13 +113,15 @@ attempt_log='{tmp_path}/attempt.log'; echo '  exitcode  : 75 (pid: 9)' > "$attem
 LAUNCHER=torchrun
 CMD=(bash -c 'printf "{says(75, 75)}"; exit 1'); run_step; echo "both=$status"
 CMD=(bash -c 'printf "{says(75, -15)}"; exit 1'); run_step; echo "ended_by_srun=$status"
+CMD=(bash -c 'printf "{says(75, 75)}"; exit 143'); run_step; echo "srun_ended_the_other=$status"
 CMD=(bash -c 'printf "{says(1, 75)}"; exit 1'); run_step; echo "one_failed=$status"
 CMD=(bash -c 'printf "{says(-9)}"; exit 1'); run_step; echo "killed=$status"
 CMD=(bash -c 'exit 1'); run_step; echo "nothing_said=$status"
 """
     r = bash(script, tmp_path)
     found = [line for line in r.stdout.splitlines() if "=" in line and " " not in line]
-    assert found == ["both=75", "ended_by_srun=75", "one_failed=1", "killed=1", "nothing_said=1"], r.stdout + r.stderr
+    assert found == ["both=75", "ended_by_srun=75", "srun_ended_the_other=75", "one_failed=1", "killed=1",
+                     "nothing_said=1"], r.stdout + r.stderr
 
 
 def test_torchrun_launch_is_one_torchrun_per_node_meeting_at_the_first_host(tmp_path):
@@ -131,7 +133,7 @@ SLURM_NTASKS=3; launch_command -m hvd_ba train; echo "uneven=$?"
 """
     r = bash(script, tmp_path, PYTHONPATH=str(ROOT))
     words = r.stdout.split()
-    assert words[:5] == ["srun", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--kill-on-bad-exit=1"], \
+    assert words[:5] == ["srun", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--kill-on-bad-exit=0"], \
         r.stdout + r.stderr
     assert {"--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-id=4242"} <= set(words)
     endpoint = next(w for w in words if w.startswith("--rdzv-endpoint="))
