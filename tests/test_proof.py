@@ -116,6 +116,11 @@ def test_two_rank_evaluation_equals_one_process(small_data, tmp_path):
     out = tmp_path / "run"
     r = launch("gloo", small_data, out, extra=[*PROOF, "run.max_steps_per_epoch=4"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_evaluation_equals_one_process(small_data, out)
+
+
+def assert_evaluation_equals_one_process(small_data, out) -> None:
+    """The last evaluation of the 2-rank run in `out` equals one process evaluating its model.pt."""
     record = read_jsonl(out / "metrics.jsonl")[-1]
     cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *PROOF])
     state = fresh_state(cfg, 4, 1, 1)

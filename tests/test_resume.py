@@ -20,13 +20,17 @@ RUN = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_si
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it, and wait until all are gone (a killed
+    rank not yet reaped still holds its run folder's lock for the next start)."""
     parent = psutil.Process(proc.pid)
-    for p in parent.children(recursive=True) + [parent]:
+    tree = parent.children(recursive=True) + [parent]
+    for p in tree:
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
     proc.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
 
 
 def start(data, out, extra=()):

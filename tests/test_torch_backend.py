@@ -17,13 +17,10 @@ from conftest import ROOT
 from hvd_ba import dist
 from hvd_ba.cluster import Launch, RendezvousError, launch_info, rendezvous
 from hvd_ba.config import ConfigError, load_config
-from hvd_ba.data.manifest import load_index
-from hvd_ba.data.pipeline import make_eval_loader
 from hvd_ba.train.checkpoint import find_checkpoint
-from hvd_ba.train.engine import evaluate
 from test_horovod import ENV, launch, read_jsonl, train_command
-from test_proof import PROOF, fresh_state, run_reference
-from test_resume import RUN, wait_for_step
+from test_proof import PROOF, assert_evaluation_equals_one_process, fresh_state, run_reference
+from test_resume import RUN, kill_tree, wait_for_step
 
 TORCH = ["run.backend=torch"]
 
@@ -97,14 +94,7 @@ def test_torch_two_rank_evaluation_equals_one_process(small_data, tmp_path):
     out = tmp_path / "run"
     r = torchrun(small_data, out, [*PROOF, "run.max_steps_per_epoch=4"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    record = read_jsonl(out / "metrics.jsonl")[-1]
-    cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *PROOF])
-    state = fresh_state(cfg, 4, 1, 1)
-    state.model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    single = evaluate(state, make_eval_loader(load_index(small_data, "val", None), cfg, 0, 1))
-    assert single["val_images"] == record["val_images"] == 48
-    assert (single["val_correct"], single["val_top5"]) == (record["val_correct"], record["val_top5"])
-    assert single["val_loss"] == pytest.approx(record["val_loss"], rel=1e-5)
+    assert_evaluation_equals_one_process(small_data, out)
 
 
 # ---------------------------------------------------------------- resume across backends
@@ -181,12 +171,7 @@ def test_torch_killed_run_resumes_step_exactly(small_data, tmp_path):
     out = tmp_path / "run"
     proc = start(small_data, out, RUN)
     wait_for_step(out, 5, proc)
-    for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
+    kill_tree(proc)
     r = torchrun(small_data, out, [*RUN, "run.resume=auto"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     resumed, uninterrupted = read_jsonl(out / "steps.jsonl"), read_jsonl(whole / "steps.jsonl")
@@ -344,7 +329,6 @@ import torch, torch.distributed as td
 from hvd_ba import dist
 from hvd_ba.cluster import Launch
 from hvd_ba.config import load_config
-from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_train_loader
 from hvd_ba.train import engine
 from hvd_ba.train.run import build_state
@@ -404,12 +388,7 @@ def test_torch_resume_on_another_number_of_ranks_reads_the_same_files_at_the_sam
     out = tmp_path / "run"
     proc = start(small_data, out, settings[2])
     wait_for_step(out, 9, proc)
-    for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
+    kill_tree(proc)
     assert find_checkpoint("auto", out)[1]["world"] == 2
     r = train_alone(small_data, out, [*TORCH, *settings[1], "run.resume=auto"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
