@@ -133,7 +133,7 @@ def grid_record(args, grid, seeds, also) -> dict:
             "also": list(also), "np": args.np}
 
 
-def grid_changes(previous: dict, cells: list[Cell], prev_cells: list[Cell]) -> str | None:
+def grid_changes(cells: list[Cell], prev_cells: list[Cell]) -> str | None:
     """What differs from the grid a sweep in this folder asked before (None: nothing)."""
     old, new = {c.name for c in prev_cells}, {c.name for c in cells}
     notes = []
@@ -171,7 +171,7 @@ def run_sweep(args) -> int:
     if previous_file.exists():
         previous = json.loads(previous_file.read_text())
         prev_cells = make_cells([(k, v) for k, v in previous["grid"]], previous["seeds"], previous.get("also", []))
-        changes = grid_changes(previous, cells, prev_cells)
+        changes = grid_changes(cells, prev_cells)
         if changes or previous.get("set") != record["set"] or previous.get("config") != record["config"]:
             print(f"sweep: {out} held another grid: {changes or 'the same cells, other --config/--set'}; "
                   "running the cells asked now", flush=True)
@@ -208,9 +208,10 @@ def run_sweep(args) -> int:
         result = json.loads((folder / "result.json").read_text())
         print(f"cell {i}/{len(cells)} {cell.name}: top-1 {result['val_top1']:.1f}% in {seconds:.0f} s; {eta}",
               flush=True)
-    rows = summarize(out, cells)
+    curves = complete_curves(out, cells)
+    rows = summarize(cells, curves)
     write_tables(out, rows)
-    plot_curves(out, cells)
+    plot_curves(out, cells, curves)
     print(f"sweep: wrote {out / 'table.csv'}, {out / 'table.md'} and {out}/top1-*.png", flush=True)
     if args.report:
         from hvd_ba.launch.sweep_report import write_report
@@ -277,11 +278,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
-def summarize(out: Path, cells: list[Cell]) -> list[dict]:
+def complete_curves(out: Path, cells: list[Cell]) -> dict:
+    """Cell -> its curve (cell_curve), for the complete cells that evaluated at least once; read
+    once for the table and the plots."""
+    curves = {c: cell_curve(out / "cells" / c.name) for c in cells if is_complete(out / "cells" / c.name)}
+    return {c: v for c, v in curves.items() if v}
+
+
+def summarize(cells: list[Cell], curves: dict) -> list[dict]:
     """One row per grid point over its complete seeds. Equal wall time: top-1 of each cell after
     the shortest complete cell's training time (top1_at: interpolated between evaluations)."""
-    curves = {c: cell_curve(out / "cells" / c.name) for c in cells if is_complete(out / "cells" / c.name)}
-    curves = {c: v for c, v in curves.items() if v}
     if not curves:
         return []
     budget = min(v[-1]["wall_s"] for v in curves.values())
@@ -336,7 +342,7 @@ def markdown_table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines) + "\n\n–: the config's own value (the grid does not set it for that row).\n"
 
 
-def plot_curves(out: Path, cells: list[Cell]) -> None:
+def plot_curves(out: Path, cells: list[Cell], curves_of: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,9 +352,7 @@ def plot_curves(out: Path, cells: list[Cell]) -> None:
     for axis, label in (("epoch", "epoch"), ("wall_s", "wall time, s"), ("bytes", "bytes read, MB")):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for point in points:
-            curves = [cell_curve(out / "cells" / c.name) for c in cells if c.point == point
-                      and is_complete(out / "cells" / c.name)]
-            curves = [v for v in curves if v]
+            curves = [v for c, v in curves_of.items() if c.point == point]
             if not curves:
                 continue
             n = min(len(v) for v in curves)
