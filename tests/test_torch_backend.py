@@ -329,6 +329,7 @@ import torch, torch.distributed as td
 from hvd_ba import dist
 from hvd_ba.cluster import Launch
 from hvd_ba.config import load_config
+from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_train_loader
 from hvd_ba.train import engine
 from hvd_ba.train.run import build_state
