@@ -14,6 +14,9 @@ import os
 import warnings
 
 import torch
+import torch.distributed as td
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
 
 from hvd_ba.cluster import Launch, launch_info, rendezvous
 from hvd_ba.config import BACKENDS
@@ -102,8 +105,6 @@ def _init_torch(launch: Launch, stall_timeout: float | None) -> None:
     world, local rank), the master address and port from cluster.rendezvous. One rank alone
     starts no process group (no collective then runs, as without Horovod)."""
     global _torch_world, _cpu_group
-    import torch.distributed as td
-
     if launch.world <= 1:
         return
     address, port = rendezvous(launch)
@@ -179,8 +180,6 @@ def _group(tensor: torch.Tensor | None = None):
 def allreduce_sum(tensor: torch.Tensor, name: str) -> torch.Tensor:
     """The sum over ranks, as a new tensor (`tensor` is left as it was)."""
     if _torch_world is not None:
-        import torch.distributed as td
-
         total = tensor.clone()
         td.all_reduce(total, op=td.ReduceOp.SUM, group=_group(total))
         return total
@@ -208,8 +207,6 @@ def barrier(name: str) -> None:
 def broadcast_object(obj, name: str):
     """Rank 0's `obj` on every rank."""
     if _torch_world is not None:
-        import torch.distributed as td
-
         holder = [obj]
         td.broadcast_object_list(holder, src=0, group=_group())
         return holder[0]
@@ -220,8 +217,6 @@ def broadcast_object(obj, name: str):
 
 def allgather_object(obj, name: str) -> list:
     if _torch_world is not None:
-        import torch.distributed as td
-
         every = [None] * size()
         td.all_gather_object(every, obj, group=_group())
         return every
@@ -232,9 +227,6 @@ def allgather_object(obj, name: str) -> list:
 
 def _broadcast_tensors(tensors: list[torch.Tensor]) -> None:
     """torch backend: rank 0's values into `tensors` in place, one broadcast per dtype and device."""
-    import torch.distributed as td
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     kinds: dict = {}
     for t in tensors:
         kinds.setdefault((t.dtype, t.device), []).append(t)
@@ -300,8 +292,6 @@ def distributed_model(model: torch.nn.Module, *, fp16_allreduce: bool = False) -
     compression hook for fp16_allreduce; else the model itself (Horovod averages in the optimizer)."""
     if _torch_world is None:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     device = next(model.parameters()).device
     with warnings.catch_warnings():
         # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which would still
@@ -319,8 +309,6 @@ def distributed_model(model: torch.nn.Module, *, fp16_allreduce: bool = False) -
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside what distributed_model (and torch.compile) made: what is saved."""
-    from torch.nn.parallel import DistributedDataParallel
-
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -329,8 +317,6 @@ def accumulating(model: torch.nn.Module, last: bool):
     """Context for one of several forward/backward passes of a step (ghost BN's accumulate form):
     under DDP no allreduce but after the `last` (no_sync), so one per step, as Horovod's
     backward_passes_per_step does in the optimizer; else nothing."""
-    from torch.nn.parallel import DistributedDataParallel
-
     inner = getattr(model, "_orig_mod", model)
     if last or not isinstance(inner, DistributedDataParallel):
         return contextlib.nullcontext()
@@ -357,9 +343,6 @@ def grouped_allreduce_average(tensors: list[torch.Tensor], name: str, fp16: bool
     """The mean over ranks of each tensor, in one grouped (fused) allreduce, as DistributedOptimizer
     sends gradients; fp16: compressed to fp16 on the wire."""
     if _torch_world is not None:
-        import torch.distributed as td
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
         if not tensors:
             return []
         flat = _flatten_dense_tensors(tensors)
@@ -376,8 +359,6 @@ def grouped_allreduce_average(tensors: list[torch.Tensor], name: str, fp16: bool
 def nccl_built() -> bool:
     """Whether GPU collectives use NCCL (False also without a backend initialised)."""
     if _torch_world is not None:
-        import torch.distributed as td
-
         return td.get_backend() == "nccl"
     return bool(_hvd is not None and _hvd.nccl_built())
 
@@ -393,8 +374,6 @@ def controller() -> str:
     """How the ranks talk: Horovod's controller (gloo or mpi), or the torch.distributed
     backend (gloo or nccl); local: a single process without a backend."""
     if _torch_world is not None:
-        import torch.distributed as td
-
         return td.get_backend()
     if _hvd is None:
         return "local"
@@ -417,8 +396,6 @@ def another_rank_left(err: BaseException) -> bool:
 def shutdown() -> None:
     global _torch_world, _cpu_group
     if _torch_world is not None:
-        import torch.distributed as td
-
         td.destroy_process_group()
         _torch_world, _cpu_group = None, None
     if _hvd is not None:
