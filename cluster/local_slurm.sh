@@ -101,6 +101,10 @@ stop() {
     done
     for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     rm -f $(pid_files)
+    local cg; cg=$(cpu_cgroup)
+    if [ -n "$cg" ] && [ -d "$cg" ] && ! rmdir "$cg" 2>/dev/null; then
+        say "left the cpu cgroup $cg: processes of a job still run in it ($(tr '\n' ' ' < "$cg/cgroup.procs"))"
+    fi
 }
 
 # --- configuration -----------------------------------------------------------------------------
@@ -175,6 +179,28 @@ EOF
     return 0
 }
 
+# One scheduling group for both nodes. The emulated nodes share this machine's cores: with 2 ranks
+# per node on 2 cores, a rank of n1 and a rank of n2 are bound to the same core. slurmstepd starts
+# each node's tasks in a session of their own, and under the kernel's autogroup
+# (kernel.sched_autogroup_enabled=1) each session is a scheduling group of its own. Measured here
+# (4 ranks, 2 per node, 1 core each, hvd.init + 20 allreduces under srun --mpi=pmix): a busy-polling
+# MPI rank of one group kept the other group's rank on the same core runnable but without CPU time
+# for minutes, and Open MPI's first collective (MPI_Comm_dup in hvd.init) stalled (3 of 3 tries
+# over 60 s; 0.3 s with autogroup off). On a real node one step's ranks share one session, and two
+# nodes never share a core. So the slurmd daemons, and with them every job step, run in one private
+# cpu cgroup: tasks in a cgroup other than the root one are not put in autogroups, every rank is
+# scheduled as a plain task (4 of 4 tries: hvd.init 0.3 s). Nothing host-wide changes; stop removes
+# the cgroup. Where no cpu controller is mounted (cgroup v1) or enabled (v2) it is left out.
+cpu_cgroup() {
+    local root
+    root=$(awk '$3 == "cgroup" && $4 ~ /(^|,)cpu(,|$)/ {print $2; exit}' /proc/mounts)
+    if [ -z "$root" ] && grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null; then
+        root=/sys/fs/cgroup
+    fi
+    [ -n "$root" ] && echo "$root/hvd_ba-slurm-$PORT"
+    return 0
+}
+
 # Each daemon runs in namespaces of its own: a mount namespace where /etc/hosts is a private copy
 # that also names n1 and n2 (horovodrun and mpirun resolve the node names they are given), and
 # for each slurmd a UTS namespace whose host name is its node's, so that every task sees the
@@ -184,6 +210,13 @@ EOF
 start_daemons() {
     { cat /etc/hosts; for n in $NODES; do echo "127.0.0.1 $n"; done; } > "$DIR/hosts"
     local private="mount --make-rprivate / 2>/dev/null; mount --bind '$DIR/hosts' /etc/hosts || exit 1"
+    local cg join=":"; cg=$(cpu_cgroup)
+    if [ -n "$cg" ]; then
+        mkdir -p "$cg" || die "cannot create the cpu cgroup $cg"
+        join="echo \$\$ > '$cg/cgroup.procs' || exit 1"
+    else
+        say "no cpu cgroup controller: the two nodes' ranks are scheduled per session (autogroup); 2 ranks per node may stall"
+    fi
     if ! running slurmctld; then
         # -c: a cold start, without the jobs of an earlier start: a test run killed mid-job left
         # its job in the saved state, and its nodes came back allocated ("did not become idle")
@@ -192,9 +225,15 @@ start_daemons() {
     fi
     for n in $NODES; do
         running "slurmd-$n" && continue
-        unshare --mount --uts --propagation private bash -c "$private; hostname $n; slurmd -f '$CONF' -N $n" \
+        unshare --mount --uts --propagation private bash -c "$join; $private; hostname $n; slurmd -f '$CONF' -N $n" \
             || die "slurmd -N $n did not start (log: $DIR/log/slurmd-$n.log)"
     done
+    if [ -n "$cg" ]; then  # slurmd daemons of an earlier start, not yet in it
+        local pid
+        for n in $NODES; do
+            pid=$(our_pid "$DIR/run/slurmd-$n.pid" slurmd) && echo "$pid" > "$cg/cgroup.procs"
+        done
+    fi
 }
 
 start() {
@@ -234,6 +273,7 @@ case "$action" in
     status) SLURM_CONF=$CONF sinfo ;;
     env) echo "export SLURM_CONF='$CONF'" ;;
     owned) ours ;;                 # pids of the daemons this script started
+    cgroup) cpu_cgroup ;;          # the private cpu cgroup of the daemons and their jobs (none: empty)
     foreign) foreign ;;            # Slurm daemons on this host that it did not start
     *) die "unknown action '$action' (start, stop, status, env, owned or foreign)" ;;
 esac
