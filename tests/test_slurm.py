@@ -196,7 +196,8 @@ def test_the_two_nodes_tasks_share_one_private_cpu_cgroup(slurm, tmp_path):
     assert slurm_cmd("stop").returncode == 0 and not os.path.exists(cgroup)
     r = slurm_cmd("start")
     assert r.returncode == 0 and os.path.isdir(cgroup), r.stdout + r.stderr
-    daemons = [p for p in slurm_cmd("owned").stdout.split() if open(f"/proc/{p}/comm").read().strip() == "slurmd"]
+    slurm["daemons"] = set(slurm_cmd("owned").stdout.split())  # new pids, for the tests after this one
+    daemons = [p for p in slurm["daemons"] if open(f"/proc/{p}/comm").read().strip() == "slurmd"]
     assert len(daemons) == 2
     for pid in daemons:
         assert int(pid) in map(int, open(os.path.join(cgroup, "cgroup.procs")).read().split())
