@@ -134,6 +134,11 @@ class RunConfig:
     # batch) before the job is ended with a message naming the rank, host and what it waited for.
     # Horovod's stall shutdown is set to the same time. Start-up (listing, resume) is not timed.
     stall_timeout: float = 300.0
+    # Seconds rank 0 may take to write a checkpoint (the file and folder fsyncs), the other ranks
+    # waiting for it, before the job is ended as stalled. Longer than stall_timeout: a loaded
+    # parallel file system can take minutes to fsync (this machine's disk once took 144 s for a
+    # 5.6 MB checkpoint); a write that never returns (a hung mount) still ends the job.
+    checkpoint_timeout: float = 1800.0
     # A run holds its folder with a lock (run.out_dir/.lock: host, pid, Slurm job, start time) whose
     # mtime is refreshed every minute. A lock from another host is taken for abandoned (its holder
     # crashed with the node) once it was not refreshed for this many seconds.
@@ -400,6 +405,7 @@ def validate(cfg: Config) -> None:
              "cannot be combined with run.resume (continue the run, or move it aside and start afresh)")
     _require(r.lock_stale_after > 0, "run.lock_stale_after", f"must be > 0 seconds, got {r.lock_stale_after}")
     _require(r.stall_timeout > 0, "run.stall_timeout", f"must be > 0 seconds, got {r.stall_timeout}")
+    _require(r.checkpoint_timeout > 0, "run.checkpoint_timeout", f"must be > 0 seconds, got {r.checkpoint_timeout}")
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.dropout == 0 or m.arch == "small_resnet", "model.dropout",
              f"only small_resnet takes a dropout here ({m.arch} has its own or none)")

@@ -56,8 +56,10 @@ def launched_backend(launch: Launch, env=None) -> str | None:
     return "horovod" if launch.launcher == "horovodrun" or launch.mpi else None
 
 
-def init(stall_timeout: float | None = None, backend: str = "horovod") -> None:
-    """Start the backend; every rank calls it once, before any collective."""
+def init(stall_timeout: float | None = None, backend: str = "horovod", longest_wait: float = 0.0) -> None:
+    """Start the backend; every rank calls it once, before any collective. `longest_wait`: the
+    longest wait the ranks' watchdogs allow (run.checkpoint_timeout), which the backends'
+    own shutdowns must not cut short."""
     if backend not in BACKENDS:
         raise BackendError(f"run.backend {backend!r}: must be one of {', '.join(BACKENDS)}")
     launch = launch_info()  # read before MPI starts: it may add variables of its own
@@ -65,22 +67,23 @@ def init(stall_timeout: float | None = None, backend: str = "horovod") -> None:
     if problem:
         raise BackendError(problem)
     if backend == "torch":
-        _init_torch(launch, stall_timeout)
+        _init_torch(launch, stall_timeout, longest_wait)
     else:
-        _init_horovod(launch, stall_timeout)
+        _init_horovod(launch, stall_timeout, longest_wait)
 
 
-def _init_horovod(launch: Launch, stall_timeout: float | None) -> None:
+def _init_horovod(launch: Launch, stall_timeout: float | None, longest_wait: float = 0.0) -> None:
     """stall_timeout: Horovod's stall check warns (naming the ranks that did not submit a
-    tensor) after min(60 s, stall_timeout), and shuts the job down after max(3600 s, 4 x
-    stall_timeout), unless HOROVOD_STALL_CHECK_TIME_SECONDS / HOROVOD_STALL_SHUTDOWN_TIME_SECONDS
+    tensor) after min(60 s, stall_timeout), and shuts the job down after
+    process_group_timeout(stall_timeout, longest_wait) (1 h at least), unless HOROVOD_STALL_CHECK_TIME_SECONDS / HOROVOD_STALL_SHUTDOWN_TIME_SECONDS
     are set already. The shutdown is the backstop of start-up (rank 0 listing a large folder
     while the others wait is legitimately long); during training the ranks' own watchdogs
     (hvd_ba/train/stop.py) end a stall first and name its cause."""
     global _hvd
     if stall_timeout is not None:
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60.0, stall_timeout)))))
-        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(max(3600.0, 4 * stall_timeout))))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+                              str(int(process_group_timeout(stall_timeout, longest_wait))))
     try:
         import horovod.torch as hvd
     except ImportError as err:
@@ -94,13 +97,14 @@ def _init_horovod(launch: Launch, stall_timeout: float | None) -> None:
         raise RuntimeError(problem)
 
 
-def process_group_timeout(stall_timeout: float | None) -> float:
-    """Seconds a torch.distributed collective may wait: as Horovod's stall shutdown, the
-    backstop of a long start-up; the ranks' watchdogs end a training stall first."""
-    return max(3600.0, 4 * stall_timeout) if stall_timeout else 3600.0
+def process_group_timeout(stall_timeout: float | None, longest_wait: float = 0.0) -> float:
+    """Seconds a collective may wait (a torch.distributed one; Horovod's stall shutdown): the
+    backstop of a long start-up, and longer than any wait the ranks' watchdogs allow (4 x
+    stall_timeout, 1.5 x the checkpoint write's), so that they end a training stall first."""
+    return max(3600.0, 4 * (stall_timeout or 0.0), 1.5 * longest_wait)
 
 
-def _init_torch(launch: Launch, stall_timeout: float | None) -> None:
+def _init_torch(launch: Launch, stall_timeout: float | None, longest_wait: float = 0.0) -> None:
     """torch.distributed from the launcher's variables: torchrun's, srun's or Open MPI's (rank,
     world, local rank), the master address and port from cluster.rendezvous. One rank alone
     starts no process group (no collective then runs, as without Horovod)."""
@@ -116,7 +120,7 @@ def _init_torch(launch: Launch, stall_timeout: float | None) -> None:
         # NCCL binds a communicator to the current device: the rank's own GPU before the first
         # collective (train/devices.py picks the same one, and checks it, right after)
         torch.cuda.set_device((launch.local_rank or 0) % torch.cuda.device_count())
-    timeout = datetime.timedelta(seconds=process_group_timeout(stall_timeout))
+    timeout = datetime.timedelta(seconds=process_group_timeout(stall_timeout, longest_wait))
     td.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{address}:{port}", rank=launch.rank,
                           world_size=launch.world, timeout=timeout)
     _torch_world = launch

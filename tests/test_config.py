@@ -49,6 +49,7 @@ def test_user_yaml_with_base_chain(tmp_path):
     (["augment.scale=[0.5, 0.1]"], "config key 'augment.scale'"),
     (["data.layout=diagonal"], "config key 'data.layout'"),
     (["copies=3"], "override 'copies=3': expected section.key=value"),
+    (["run.checkpoint_timeout=0"], "config key 'run.checkpoint_timeout': must be > 0 seconds, got 0"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -92,3 +93,14 @@ def test_the_yaml_fallback_reads_every_preset_as_pyyaml_does():
         assert yaml_lite.scalar(value) == yaml.safe_load(value), value
     with pytest.raises(ValueError, match="line 2"):
         yaml_lite._lite_load("data:\n  - a list item\n")
+
+
+def test_the_backends_own_shutdown_outlasts_every_wait_the_watchdogs_allow():
+    """Horovod's stall shutdown and the torch process-group timeout are the backstops: at least
+    1 h, 4 x run.stall_timeout, and 1.5 x run.checkpoint_timeout (a slow checkpoint write must be
+    ended by the watchdog that names it, or not at all, never by the backend first)."""
+    from hvd_ba.dist import process_group_timeout
+
+    assert process_group_timeout(None) == 3600 and process_group_timeout(300, 1800) == 3600
+    assert process_group_timeout(1200, 1800) == 4800
+    assert process_group_timeout(300, 4000) == 6000 > 1.25 * 4000

@@ -17,10 +17,10 @@ import torch
 from hvd_ba import dist, fsio
 from hvd_ba.config import Config
 from hvd_ba.fsio import DiskFull
-from hvd_ba.train.checkpoint import rng_states, save_checkpoint
+from hvd_ba.train.checkpoint import checkpoint_dir, rng_states, save_checkpoint
 from hvd_ba.train.engine import TrainState, average_bn_statistics
 from hvd_ba.train.records import RECORD_FILES
-from hvd_ba.train.stop import StopRequest
+from hvd_ba.train.stop import StopRequest, pause_point
 
 log = logging.getLogger("hvd_ba")
 
@@ -87,7 +87,13 @@ def write_checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out
     rng = dist.allgather_object(rng_states(), name="rng")
     partial = dist.allgather_object(state.progress.to_record(), name="partial") if step_in_epoch else None
     failure = None
+    if state.watchdog is not None:  # an fsync on a loaded file system may take minutes: not a stall
+        what = (f"its write of the checkpoint of step {state.step} to {checkpoint_dir(out)}" if dist.is_primary()
+                else f"rank 0 to write the checkpoint of step {state.step}")
+        state.watchdog.tick(what, peers=not dist.is_primary(), timeout=cfg.run.checkpoint_timeout,
+                            key="run.checkpoint_timeout")
     if dist.is_primary():
+        pause_point("checkpoint_write")
         fsio.sync_files(out / name for name in RECORD_FILES)
         payload = {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
                    "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,

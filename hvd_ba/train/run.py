@@ -335,7 +335,7 @@ def run_training(cfg: Config, track_lambda=None) -> dict:
     bind_rank(cfg.run.bind)  # before any thread starts: Horovod's, torch's and the loaders' inherit it
     if cfg.data.workers != 0:  # before Horovod's threads: workers never fork from them
         start_worker_server(cfg.data.worker_start)
-    dist.init(stall_timeout=cfg.run.stall_timeout, backend=cfg.run.backend)
+    dist.init(stall_timeout=cfg.run.stall_timeout, backend=cfg.run.backend, longest_wait=cfg.run.checkpoint_timeout)
     setup_logging()
     pause_point("init")
     out = Path(cfg.run.out_dir)

@@ -79,7 +79,8 @@ def ignore_stop_signals() -> None:
 def pause_point(phase: str) -> None:
     """Test hook: with HVD_BA_PAUSE_AT=<phase> (and HVD_BA_PAUSE_RANK, default any;
     HVD_BA_PAUSE_RESTART, a Slurm job's attempt, default every), print a line
-    and wait there up to 60 s, so a test can signal a rank at a known moment of its start-up."""
+    and wait there up to 60 s (HVD_BA_PAUSE_SECONDS), so a test can signal a rank at a known
+    moment of its start-up, or make a phase slow (the checkpoint write)."""
     if os.environ.get("HVD_BA_PAUSE_AT") != phase:
         return
     attempt = os.environ.get("HVD_BA_PAUSE_RESTART")  # only in this attempt of a Slurm job
@@ -91,7 +92,7 @@ def pause_point(phase: str) -> None:
     if wanted is not None and int(wanted) != dist.rank():
         return
     print(f"hvd_ba: rank {dist.rank()} paused at {phase}", flush=True)
-    deadline = time.time() + 60
+    deadline = time.time() + float(os.environ.get("HVD_BA_PAUSE_SECONDS", "60"))
     while time.time() < deadline:
         time.sleep(0.05)
 
@@ -102,18 +103,22 @@ class Watchdog:
     def __init__(self, timeout: float, rank: int):
         self.timeout, self.rank = timeout, rank
         self.last, self.what, self.armed, self.limit = time.monotonic(), "start", False, timeout
+        self.key, self.allowed = "run.stall_timeout", timeout
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
         self._thread.start()
 
-    def tick(self, what, peers: bool = False) -> None:
+    def tick(self, what, peers: bool = False, timeout: float | None = None, key: str = "run.stall_timeout") -> None:
         """Progress: the rank now waits for `what` (a string, or a callable giving one, called
         only when the watchdog fires). `peers`: a wait that ends only when the other ranks reach
         the same collective; it is given a quarter more time, so that the rank that is really
-        stuck (its loader, say) reports first and names the cause."""
+        stuck (its loader, say) reports first and names the cause. `timeout`, `key`: a wait with
+        a limit of its own (the checkpoint write: run.checkpoint_timeout), until the next tick."""
+        allowed = self.timeout if timeout is None else timeout
         with self._lock:
             self.last, self.what, self.armed = time.monotonic(), what, True
-            self.limit = self.timeout * (1.25 if peers else 1.0)
+            self.limit = allowed * (1.25 if peers else 1.0)
+            self.key, self.allowed = key, allowed
 
     def pause(self) -> None:
         """A phase that may legitimately take long (lambda tracking) or the end of training."""
@@ -127,17 +132,17 @@ class Watchdog:
             with self._lock:
                 idle = time.monotonic() - self.last
                 fire = self.armed and idle > self.limit
-                what = self.what
+                what, key, allowed = self.what, self.key, self.allowed
             if fire:
-                self._fire(idle, what)
+                self._fire(idle, what, key, allowed)
 
-    def _fire(self, idle: float, what) -> None:
+    def _fire(self, idle: float, what, key: str = "run.stall_timeout", allowed: float | None = None) -> None:
         try:
             what = what() if callable(what) else what
         except Exception as err:  # the message must come out whatever happens
             what = f"(unknown: {err})"
         print(f"hvd_ba: rank {self.rank} on host {socket.gethostname()} stalled: no progress for {idle:.0f} s "
-              f"(run.stall_timeout {self.timeout:g} s) while waiting for {what}; ending the job", file=sys.stderr,
+              f"({key} {self.timeout if allowed is None else allowed:g} s) while waiting for {what}; ending the job", file=sys.stderr,
               flush=True)
         for child in multiprocessing.active_children():  # loader workers, stopped ones included
             try:
