@@ -132,7 +132,8 @@ class RunConfig:
     overwrite: bool = False
     # Seconds a rank may go without progress (a batch from its loader, a step, an evaluation
     # batch) before the job is ended with a message naming the rank, host and what it waited for.
-    # Horovod's stall shutdown is set to the same time. Start-up (listing, resume) is not timed.
+    # Start-up (listing, resume) is not timed. Horovod's stall shutdown and the torch process-group
+    # timeout, the backends' backstops, are max(1 h, 4 x this, 1.5 x checkpoint_timeout).
     stall_timeout: float = 300.0
     # Seconds rank 0 may take to write a checkpoint (the file and folder fsyncs), the other ranks
     # waiting for it, before the job is ended as stalled. Longer than stall_timeout: a loaded
@@ -404,8 +405,9 @@ def validate(cfg: Config) -> None:
     _require(not (r.resume and r.overwrite), "run.overwrite",
              "cannot be combined with run.resume (continue the run, or move it aside and start afresh)")
     _require(r.lock_stale_after > 0, "run.lock_stale_after", f"must be > 0 seconds, got {r.lock_stale_after}")
-    _require(r.stall_timeout > 0, "run.stall_timeout", f"must be > 0 seconds, got {r.stall_timeout}")
-    _require(r.checkpoint_timeout > 0, "run.checkpoint_timeout", f"must be > 0 seconds, got {r.checkpoint_timeout}")
+    for key in ("stall_timeout", "checkpoint_timeout"):  # finite: the backends' timeouts derive from them
+        value = getattr(r, key)
+        _require(0 < value <= 7 * 86400, f"run.{key}", f"must be > 0 and at most 7 days (604800 s), got {value}")
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.dropout == 0 or m.arch == "small_resnet", "model.dropout",
              f"only small_resnet takes a dropout here ({m.arch} has its own or none)")

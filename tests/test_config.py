@@ -49,7 +49,8 @@ def test_user_yaml_with_base_chain(tmp_path):
     (["augment.scale=[0.5, 0.1]"], "config key 'augment.scale'"),
     (["data.layout=diagonal"], "config key 'data.layout'"),
     (["copies=3"], "override 'copies=3': expected section.key=value"),
-    (["run.checkpoint_timeout=0"], "config key 'run.checkpoint_timeout': must be > 0 seconds, got 0"),
+    (["run.checkpoint_timeout=0"], "config key 'run.checkpoint_timeout': must be > 0 and at most 7 days"),
+    (["run.stall_timeout=.inf"], "config key 'run.stall_timeout': must be > 0 and at most 7 days (604800 s), got inf"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -212,28 +212,26 @@ def gone(process: psutil.Process) -> bool:
 
 
 def test_a_slow_checkpoint_write_is_not_a_stall(small_data, tmp_path):
-    """Rank 0's checkpoint write (its fsyncs) takes 15 s, longer than 1.25 x run.stall_timeout
-    (10 s), within run.checkpoint_timeout: both ranks wait for it (rank 1 in the broadcast that
+    """Rank 0's checkpoint write (its fsyncs) takes 27 s, longer than 1.25 x run.stall_timeout
+    (20 s), within run.checkpoint_timeout: both ranks wait for it (rank 1 in the broadcast that
     follows) and the run completes. Measured on this machine's disk: one fsync of a 5.6 MB
     checkpoint took 144 s, which a 300 s stall_timeout nearly cut."""
     out = tmp_path / "run"
-    settings = [*ONE_EPOCH, "run.checkpoint_every=null", "run.stall_timeout=10", "run.checkpoint_timeout=120"]
+    settings = [*ONE_EPOCH, "run.checkpoint_every=null", "run.stall_timeout=20", "run.checkpoint_timeout=120"]
     t0 = time.time()
     r = subprocess.run(train_command("gloo", small_data, out, settings=settings), capture_output=True, text=True,
-                       timeout=300, cwd=ROOT, env={**ENV, "HVD_BA_PAUSE_AT": "checkpoint_write", "HVD_BA_PAUSE_SECONDS": "15"})
+                       timeout=300, cwd=ROOT, env={**ENV, "HVD_BA_PAUSE_AT": "checkpoint_write", "HVD_BA_PAUSE_SECONDS": "27"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "hvd_ba: rank 0 paused at checkpoint_write" in r.stdout and "stalled: no progress" not in r.stdout + r.stderr
-    assert time.time() - t0 > 15 and (out / "checkpoints" / "latest").exists()
+    assert time.time() - t0 > 27 and (out / "checkpoints" / "latest").exists()
     assert json.loads((out / "result.json").read_text())["world"] == 2
 
 
 def test_a_checkpoint_write_that_never_returns_ends_the_job_naming_its_timeout(small_data, tmp_path):
     out = tmp_path / "run"
-    t0 = time.time()
     r = train_alone(small_data, out, [*ONE_EPOCH, "run.checkpoint_every=null", "run.checkpoint_timeout=3"],
                     env_extra={"HVD_BA_PAUSE_AT": "checkpoint_write", "HVD_BA_PAUSE_SECONDS": "60"})
-    assert r.returncode == 70, r.stdout[-3000:] + r.stderr[-3000:]
-    assert time.time() - t0 < 50  # ended by the watchdog, not by the end of the pause
+    assert r.returncode == 70, r.stdout[-3000:] + r.stderr[-3000:]  # the pause's end would give 0
     assert re.search(r"hvd_ba: rank 0 on host \S+ stalled: no progress for \d+ s \(run.checkpoint_timeout 3 s\) while "
                      r"waiting for its write of the checkpoint of step 6 to \S+/checkpoints; ending the job", r.stderr), \
         r.stderr[-3000:]

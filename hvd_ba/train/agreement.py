@@ -105,6 +105,8 @@ def write_checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out
             log.info("checkpoint %s (step %d)", path, state.step)
         except DiskFull as err:
             failure = err.strerror
+        if state.watchdog is not None:  # written: a peer that does not come now is stuck
+            state.watchdog.tick(f"the other ranks after the checkpoint of step {state.step}", peers=True)
     # Nobody leaves (or exits) before the file is on disk; a full disk stops every rank at once.
     failure = dist.broadcast_object(failure, name="checkpoint")
     if failure:

@@ -10,7 +10,8 @@ the handler only sets a flag; the ranks agree on it at the next sync and checkpo
 Stalls. A rank that stops making progress without dying (a loader worker blocked on a stalled
 file system, a peer rank stopped or deadlocked, so a collective never returns) would hold the
 allocation until its time limit. The watchdog thread of each rank ends the job when no progress
-was reported for `run.stall_timeout` seconds: it prints one line naming the rank, its host and
+was reported for `run.stall_timeout` seconds (a checkpoint write, and the wait for it:
+`run.checkpoint_timeout`): it prints one line naming the rank, its host, the limit's key and
 what it waited for (the files of the batch), kills the rank's loader workers and exits.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import threading
 import time
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, the last checkpoint is the resume point
-STALLED_EXIT_CODE = 70  # EX_SOFTWARE: no progress for run.stall_timeout seconds
+STALLED_EXIT_CODE = 70  # EX_SOFTWARE: no progress for run.stall_timeout (or run.checkpoint_timeout) seconds
 DISK_FULL_EXIT_CODE = 74  # EX_IOERR: the run folder is full (or read-only); free space, then resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
