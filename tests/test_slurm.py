@@ -67,7 +67,9 @@ def slurm():
     started = set(slurm_cmd("owned").stdout.split())
     yield {"before": before, "daemons": started}
     if not ours:
+        cgroup = slurm_cmd("cgroup").stdout.strip()
         slurm_cmd("stop")
+        assert not cgroup or not os.path.exists(cgroup), f"stop left the private cpu cgroup {cgroup}"
 
 
 def submit(script, data, out, *overrides, layout="2x1", exact=False, **env) -> str:
@@ -183,19 +185,29 @@ def test_the_two_nodes_tasks_share_one_private_cpu_cgroup(slurm, tmp_path):
     if not any(f.split()[2] == "cgroup" and "cpu" in f.split()[3].split(",") for f in open("/proc/mounts")):
         pytest.skip("no cgroup v1 cpu controller on this host")
     cgroup = slurm_cmd("cgroup").stdout.strip()
-    assert cgroup.startswith("/sys/fs/cgroup/"), cgroup
+    assert cgroup.startswith("/sys/fs/cgroup/") and os.path.isdir(cgroup), cgroup
     env = {**os.environ, "SLURM_CONF": SLURM_CONF, "SLURM_EXACT": "1"}
     r = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes=2", *LAYOUTS["2x2"], f"--output={tmp_path}/out",
-                        "--wrap", "srun -c 1 grep -h :cpu: /proc/self/cgroup"],
+                        "--wrap", "srun -c 1 awk -F: '$2 ~ /(^|,)cpu(,|$)/ {print $3}' /proc/self/cgroup"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    lines = (tmp_path / "out").read_text().split()
-    assert [line.split(":", 2)[2] for line in lines] == ["/" + os.path.basename(cgroup)] * 4, lines  # 4 tasks
+    paths = (tmp_path / "out").read_text().split()  # each task's cpu cgroup (cpu or cpu,cpuacct)
+    assert len(paths) == 4 and all(p.endswith("/" + os.path.basename(cgroup)) for p in paths), paths
     if slurm["before"]["daemons"]:
         return  # not restarting daemons that ran before this suite
+    # A job left running goes with the daemons, and so does the cgroup.
+    r = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/sleep.out", "--wrap", "sleep 300"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.time() + 60
+    while job_fields(job).get("JobState") != "RUNNING":
+        assert time.time() < deadline, job_fields(job)
+        time.sleep(0.5)
     assert slurm_cmd("stop").returncode == 0 and not os.path.exists(cgroup)
+    assert not subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).stdout
     r = slurm_cmd("start")
-    assert r.returncode == 0 and os.path.isdir(cgroup), r.stdout + r.stderr
+    # The new daemons started in it (not moved there afterwards, as an earlier start's would be).
+    assert r.returncode == 0 and os.path.isdir(cgroup) and "moved slurmd" not in r.stdout, r.stdout + r.stderr
     slurm["daemons"] = set(slurm_cmd("owned").stdout.split())  # new pids, for the tests after this one
     daemons = [p for p in slurm["daemons"] if open(f"/proc/{p}/comm").read().strip() == "slurmd"]
     assert len(daemons) == 2
@@ -218,6 +230,16 @@ def test_each_rank_gets_its_cores_where_the_site_sets_slurm_exact(slurm, small_d
     assert "warning: rank" not in log
 
 
+def needs_one_scheduling_group(launcher, layout):
+    """srun and mpirun with 2 ranks per node stall minutes where each node's tasks are their own
+    autogroup (see the test above): skipped where the private cpu cgroup could not be made."""
+    autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    if (launcher in ("srun", "mpirun") and layout == "2x2" and not slurm_cmd("cgroup").stdout.strip()
+            and autogroup.exists() and autogroup.read_text().strip() == "1"):
+        pytest.skip("no private cpu cgroup for the emulated nodes and autogroup on: Open MPI's ranks of the two nodes "
+                    "starve each other on shared cores")
+
+
 @pytest.mark.parametrize("launcher, layout, backend", [
     ("horovodrun", "2x2", "horovod"), ("srun", "2x1", "horovod"), ("mpirun", "2x1", "horovod"),
     ("srun", "2x1", "torch"), ("torchrun", "2x2", "torch"), ("srun", "2x2", "horovod"), ("mpirun", "2x2", "horovod")])
@@ -227,6 +249,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
     node mpirun aborted at start with 'rank 1: Horovod local rank 1 != SLURM_LOCALID 0'.
     BACKEND=torch: torch.distributed ranks (srun: their rendezvous from the Slurm variables;
     torchrun: one per node, started by srun)."""
+    needs_one_scheduling_group(launcher, layout)
     out = tmp_path / "run"
     world, per_task = (4, 1) if layout == "2x2" else (2, 2)
     epochs = 6 if layout == "2x2" else 3  # 36 steps: long enough for the signal to land before the end
@@ -267,6 +290,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
 
 @pytest.mark.parametrize("launcher, layout", [("mpirun", "2x1"), ("mpirun", "2x2")])
 def test_per_node_staging_under_mpirun(slurm, small_data, tmp_path, launcher, layout):
+    needs_one_scheduling_group(launcher, layout)
     out = tmp_path / "run"
     local = tmp_path / "local"
     world = 4 if layout == "2x2" else 2
