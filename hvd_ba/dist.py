@@ -75,8 +75,8 @@ def init(stall_timeout: float | None = None, backend: str = "horovod", longest_w
 def _init_horovod(launch: Launch, stall_timeout: float | None, longest_wait: float = 0.0) -> None:
     """stall_timeout: Horovod's stall check warns (naming the ranks that did not submit a
     tensor) after min(60 s, stall_timeout), and shuts the job down after
-    process_group_timeout(stall_timeout, longest_wait) (1 h at least), unless HOROVOD_STALL_CHECK_TIME_SECONDS / HOROVOD_STALL_SHUTDOWN_TIME_SECONDS
-    are set already. The shutdown is the backstop of start-up (rank 0 listing a large folder
+    process_group_timeout(stall_timeout, longest_wait) (1 h at least), unless
+    HOROVOD_STALL_CHECK_TIME_SECONDS / HOROVOD_STALL_SHUTDOWN_TIME_SECONDS are set already. The shutdown is the backstop of start-up (rank 0 listing a large folder
     while the others wait is legitimately long); during training the ranks' own watchdogs
     (hvd_ba/train/stop.py) end a stall first and name its cause."""
     global _hvd

@@ -181,7 +181,8 @@ def test_the_two_nodes_tasks_share_one_private_cpu_cgroup(slurm, tmp_path):
     of their own, and the kernel's autogroup made each session a scheduling group: a busy-polling
     MPI rank of one node then kept the other node's rank on its core runnable but without CPU time
     for minutes (srun and mpirun with 2 ranks per node stalled 1 to 7 minutes in hvd.init). Every
-    task of both nodes runs in one private cpu cgroup instead (no autogroups there); stop removes it."""
+    task of both nodes runs in one private cpu cgroup instead (no autogroups there), marked idle;
+    stop removes it."""
     if not any(f.split()[2] == "cgroup" and "cpu" in f.split()[3].split(",") for f in open("/proc/mounts")):
         pytest.skip("no cgroup v1 cpu controller on this host")
     cgroup = slurm_cmd("cgroup").stdout.strip()
@@ -193,6 +194,8 @@ def test_the_two_nodes_tasks_share_one_private_cpu_cgroup(slurm, tmp_path):
     assert r.returncode == 0, r.stderr
     paths = (tmp_path / "out").read_text().split()  # each task's cpu cgroup (cpu or cpu,cpuacct)
     assert len(paths) == 4 and all(p.endswith("/" + os.path.basename(cgroup)) for p in paths), paths
+    idle = Path(cgroup, "cpu.idle")  # it yields to the host's threads (the writeback of checkpoints)
+    assert not idle.exists() or idle.read_text().strip() == "1"
     if slurm["before"]["daemons"]:
         return  # not restarting daemons that ran before this suite
     # A job left running goes with the daemons, and so does the cgroup.

@@ -220,8 +220,8 @@ MAY_CHANGE = {
     "data": {"path", "unique_batch", "manifest_dir", "workers", "worker_start", "prefetch", "eval_batch", "local_path"},
     "augment": {"where", "canvas"},
     "optim": {"epochs"},  # a step schedule may be extended; a cosine one is judged by the plan
-    "run": {"backend", "out_dir", "resume", "overwrite", "stall_timeout", "checkpoint_timeout", "log_every", "eval_every", "threads", "bind",
-            "checkpoint_every", "keep_checkpoints", "sync_every", "stop_file", "track_lambda_every",
+    "run": {"backend", "out_dir", "resume", "overwrite", "stall_timeout", "checkpoint_timeout", "log_every",
+            "eval_every", "threads", "bind", "checkpoint_every", "keep_checkpoints", "sync_every", "stop_file", "track_lambda_every",
             "track_lambda_batches", "channels_last", "compile", "record_reads", "lock_stale_after"},
 }
 
