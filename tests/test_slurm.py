@@ -176,6 +176,19 @@ def test_cpu_script_trains_on_two_nodes_with_srun(slurm, small_data, tmp_path):
     assert "epoch 2 done" in log and "\r" not in log  # plain lines in the Slurm log, no progress bar
 
 
+def start_sleeping_job(tmp_path) -> str:
+    """A 2-node `sleep 300` job, once it runs: its id."""
+    r = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/sleep.out", "--wrap", "sleep 300"],
+                       capture_output=True, text=True, env={**os.environ, "SLURM_CONF": SLURM_CONF}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.time() + 60
+    while job_fields(job).get("JobState") != "RUNNING":
+        assert time.time() < deadline, job_fields(job)
+        time.sleep(0.5)
+    return job
+
+
 def test_the_two_nodes_tasks_share_one_private_cpu_cgroup(slurm, tmp_path):
     """The emulated nodes share the machine's 2 cores. slurmstepd gives each node's tasks a session
     of their own, and the kernel's autogroup made each session a scheduling group: a busy-polling
@@ -200,14 +213,7 @@ def test_the_two_nodes_tasks_share_one_private_cpu_cgroup(slurm, tmp_path):
     assert not idle.exists() or idle.read_text().strip() == "1"
     if slurm["before"]["daemons"]:
         return  # not restarting daemons that ran before this suite
-    # A job left running goes with the daemons, and so does the cgroup.
-    r = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/sleep.out", "--wrap", "sleep 300"],
-                       capture_output=True, text=True, env=env, timeout=60)
-    job = r.stdout.strip().split(";")[0]
-    deadline = time.time() + 60
-    while job_fields(job).get("JobState") != "RUNNING":
-        assert time.time() < deadline, job_fields(job)
-        time.sleep(0.5)
+    start_sleeping_job(tmp_path)  # a job left running goes with the daemons, and so does the cgroup
     assert slurm_cmd("stop").returncode == 0 and not os.path.exists(cgroup)
     assert not subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).stdout
     r = slurm_cmd("start")
@@ -437,14 +443,7 @@ def test_a_job_left_by_a_killed_run_does_not_come_back_allocated(slurm, tmp_path
     if slurm["before"]["daemons"]:
         pytest.skip("Slurm daemons ran before this suite: not restarting them")
     env = {**os.environ, "SLURM_CONF": SLURM_CONF}
-    r = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/sleep.out", "--wrap", "sleep 300"],
-                       capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 0, r.stderr
-    job = r.stdout.strip().split(";")[0]
-    deadline = time.time() + 60
-    while job_fields(job).get("JobState") != "RUNNING":
-        assert time.time() < deadline, job_fields(job)
-        time.sleep(0.5)
+    job = start_sleeping_job(tmp_path)
     assert slurm_cmd("stop").returncode == 0  # the daemons go; the job stays in the saved state
     subprocess.run(["pkill", "-f", "sleep 300"], check=False)
     r = slurm_cmd("start")

@@ -137,14 +137,13 @@ class Watchdog:
             if fire:
                 self._fire(idle, what, key, allowed)
 
-    def _fire(self, idle: float, what, key: str = "run.stall_timeout", allowed: float | None = None) -> None:
+    def _fire(self, idle: float, what, key: str, allowed: float) -> None:
         try:
             what = what() if callable(what) else what
         except Exception as err:  # the message must come out whatever happens
             what = f"(unknown: {err})"
         print(f"hvd_ba: rank {self.rank} on host {socket.gethostname()} stalled: no progress for {idle:.0f} s "
-              f"({key} {self.timeout if allowed is None else allowed:g} s) while waiting for {what}; ending the job", file=sys.stderr,
-              flush=True)
+              f"({key} {allowed:g} s) while waiting for {what}; ending the job", file=sys.stderr, flush=True)
         for child in multiprocessing.active_children():  # loader workers, stopped ones included
             try:
                 child.kill()
