@@ -3,6 +3,7 @@ is built in its own function and its work is imported lazily, so `--help` is ins
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 
@@ -408,6 +409,10 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not faulthandler.is_enabled():
+        # A crash in native code (a segfault in a library, an abort) prints every thread's Python
+        # stack to stderr, which the job's attempt log keeps: where it died, not just that it did.
+        faulthandler.enable(all_threads=True)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

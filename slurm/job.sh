@@ -26,8 +26,10 @@
 # it to every task) and creates OUT/STOP, which rank 0 sees whichever launcher started it. The
 # ranks checkpoint at the same step and exit 75. After USR1 the job then requeues itself
 # (`scontrol requeue`) and the next start resumes from OUT/checkpoints (run.resume=auto); after
-# TERM alone (scancel, or Slurm's own preemption requeue) it only leaves the checkpoint. A run
-# that failed for another reason is not requeued: its exit status is the job's.
+# TERM alone (scancel, or Slurm's own preemption requeue) it only leaves the checkpoint. A rank
+# killed by a fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) requeues the job CRASH_REQUEUES
+# times (default 1; 0: never), each rank's Python stack in the attempt's log. A run that failed for
+# another reason is not requeued: its exit status is the job's.
 
 PREEMPTED=75
 DISK_FULL=74  # the run folder is full or read-only: requeueing would only fail again
@@ -178,7 +180,7 @@ run_job() {
     # job on the same OUT must not delete the first one's pending STOP).
 
     # The signal traps come first: a preemption during the config check or the staging requeues too.
-    requeue_asked=0 stop_asked=0 pid="" interrupted=0 status=0 sets=()
+    requeue_asked=0 stop_asked=0 pid="" interrupted=0 status=0 sets=() logged_before_launch=0
     on_signal() {
         # USR1 (Slurm's --signal, or scancel --signal=USR1 --batch): preemption, requeue after the
         # checkpoint. TERM (scancel, or Slurm preempting with its own requeue): checkpoint only.
@@ -193,6 +195,10 @@ run_job() {
     trap 'on_signal TERM' TERM
 
     sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
+    CRASH_REQUEUES=${CRASH_REQUEUES:-1}
+    case "$CRASH_REQUEUES" in
+        ''|*[!0-9]*) job_log "error: CRASH_REQUEUES='$CRASH_REQUEUES': a whole number of requeues after a crash (0: none)"; return 2 ;;
+    esac
     BACKEND=${BACKEND:-horovod}
     case "$BACKEND/$LAUNCHER" in
         horovod/torchrun) job_log "error: LAUNCHER=torchrun starts torch.distributed ranks: set BACKEND=torch"; return 2 ;;
@@ -246,6 +252,7 @@ run_job() {
     if [ "$stop_asked" = 0 ]; then
         launch_command -m hvd_ba train --config "$CONFIG" --set "${sets[@]}" || return 2
         job_log "launch: ${CMD[*]}" | tee -a "$attempt_log"
+        logged_before_launch=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
         run_step
     else
         job_log "stopped before training started" | tee -a "$attempt_log"
@@ -275,8 +282,42 @@ run_job() {
         scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
+    # A rank killed by a fault (a segfault in a library at start-up: seen once in Open MPI's init
+    # under srun in 40 minutes of tests) is requeued CRASH_REQUEUES times per job (default 1): the
+    # next attempt resumes from the last checkpoint. A second crash is taken as the run's own.
+    local crash
+    if [ "$stop_asked" = 0 ] && crash=$(crash_signal "$status" "$logged_before_launch"); then
+        local crashes; crashes=$(find "$log_dir" -maxdepth 1 -name 'attempt-*.crash' | wc -l)
+        echo "$crash" > "$log_dir/attempt-$restart.crash"
+        if [ "$crashes" -lt "$CRASH_REQUEUES" ]; then
+            job_log "a rank crashed ($crash, exit $status): requeueing job $SLURM_JOB_ID (crash requeue $((crashes + 1))" \
+                    "of $CRASH_REQUEUES); its stack is in $attempt_log" | tee -a "$attempt_log"
+            scontrol requeue "$SLURM_JOB_ID"
+            return 0
+        fi
+        job_log "a rank crashed ($crash, exit $status) after $crashes crash requeue(s) (CRASH_REQUEUES=$CRASH_REQUEUES);" \
+                "not requeued" | tee -a "$attempt_log"
+    fi
     remove_local_data
     [ "$stop_asked" = 1 ] && [ "$status" = "$PREEMPTED" ] && return "$PREEMPTED"
     job_log "training failed with exit status $status; not requeued (see $attempt_log)" | tee -a "$attempt_log"
     return "$status"
+}
+
+# crash_signal STATUS OFFSET: prints the fault that ended a rank (SIGSEGV, SIGBUS, SIGILL, SIGFPE,
+# SIGABRT) and succeeds, from the launcher's status (srun and mpirun pass on 128+N) or, where it
+# reports only 1 (horovodrun, torchrun), from Python's fault line in the attempt's log after
+# OFFSET. SIGKILL is not among them: the OOM killer or an administrator sent it, and would again.
+crash_signal() {
+    case "$1" in
+        132) echo SIGILL; return 0 ;; 134) echo SIGABRT; return 0 ;; 135) echo SIGBUS; return 0 ;;
+        136) echo SIGFPE; return 0 ;; 139) echo SIGSEGV; return 0 ;;
+    esac
+    local line
+    line=$(tail -c +$(($2 + 1)) "$attempt_log" 2>/dev/null \
+           | grep -m1 -oE "Fatal Python error: (Segmentation fault|Bus error|Illegal instruction|Floating point exception|Aborted)")
+    case "$line" in
+        *Segmentation*) echo SIGSEGV ;; *Bus*) echo SIGBUS ;; *Illegal*) echo SIGILL ;; *Floating*) echo SIGFPE ;;
+        *Aborted*) echo SIGABRT ;; *) return 1 ;;
+    esac
 }

@@ -10,7 +10,7 @@ points (each in its own folder) run --jobs at a time, two per core by default. W
 its operations before its first step (trimming records, rebuilding metrics.csv, rewriting
 config.yaml), then resumed again. Usage (the tests call it):
 
-    python tests/crash_harness.py DATA WORKDIR [--points 1,5,9] --set SETTINGS...
+    python tests/crash_harness.py DATA WORKDIR [--points 1,5,9 | --span FIRST,LAST] --set SETTINGS...
 
 Prints one JSON line: {"operations": N, "covered": [...], "failures": [...]}.
 """
@@ -119,6 +119,9 @@ def main() -> int:
     p.add_argument("data")
     p.add_argument("workdir")
     p.add_argument("--points", default=None, help="comma-separated crash points (default: every operation)")
+    p.add_argument("--span", default=None, metavar="FIRST,LAST",
+                   help="crash points: from the first operation on a path containing FIRST to the first one after "
+                        "it on a path containing LAST (e.g. ckpt-,metrics.csv: a checkpoint and the records after it)")
     p.add_argument("--resume-crashes", default=None, metavar="K",
                    help="crash at operation K (or at the first write of the file named K), then crash the resume "
                         "at each of its operations before its first step")
@@ -143,6 +146,12 @@ def main() -> int:
     if args.resume_crashes is not None:
         return resume_crashes(args, work, operations, expected)
     points = [int(x) for x in args.points.split(",")] if args.points else range(1, len(operations) + 1)
+    if args.span:
+        first, last = args.span.split(",")
+        paths = [op.split(" ", 2)[2] for op in operations]
+        start = next(i for i, path in enumerate(paths) if first in path)
+        end = next(i for i in range(start, len(paths)) if last in paths[i])
+        points = range(start + 1, end + 2)
 
     def crash_and_resume(k: int) -> dict:
         out, log = work / f"crash-{k}", work / f"crash-{k}.log"

@@ -44,6 +44,27 @@ def test_a_kill_at_every_file_operation_resumes_to_the_same_end(small_data, tmp_
         assert any(name in f for f in files), name
 
 
+def test_a_kill_at_the_first_epoch_end_checkpoint_and_its_records_resumes(small_data, tmp_path):
+    """Checkpoints at epoch ends only (run.checkpoint_every=null, the presets' default): a kill at
+    each operation of the run's first checkpoint (its write, fsyncs, renames, `latest`) and of the
+    epoch's records after it, then run.resume=auto: the same end as the uninterrupted run.
+    Measured before the fix (the epoch recorded before its checkpoint): a kill inside that first
+    checkpoint left 1 epoch recorded and no checkpoint, and every resume was refused (found by a
+    Slurm job whose rank 0 segfaulted there)."""
+    settings = [*SHORT, "run.checkpoint_every=null"]
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(tmp_path),
+                        "--span", "ckpt-,metrics.csv", "--set", *settings], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report.get("failures") == [], json.dumps(report.get("failures") or report)[:4000]
+    ops = [c["op"] for c in report["covered"]]
+    print(f"first epoch-end crash points covered: {len(ops)}")
+    assert "ckpt-000000002.pt" in ops[0] and ops[0].startswith("write"), ops  # epoch 1 ends at step 2
+    assert any(op.startswith("rename") and op.endswith("latest") for op in ops), ops
+    assert ops[-2].startswith("write") and ops[-2].endswith("metrics.jsonl"), ops  # the record, after the checkpoint
+    assert ops[-1].startswith("write") and ops[-1].endswith("metrics.csv"), ops
+
+
 def test_a_kill_during_the_resume_of_a_crashed_run(small_data, tmp_path):
     """Killed mid-append of epoch 1's metrics (torn metrics.jsonl, steps after the checkpoint);
     the resume, which trims the records, rebuilds metrics.csv and rewrites config.yaml, is itself

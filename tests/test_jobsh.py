@@ -140,3 +140,23 @@ SLURM_NTASKS=3; launch_command -m hvd_ba train; echo "uneven=$?"
     host, port = endpoint.split("=")[1].split(":")
     assert host == "n1" and 10000 <= int(port) < 32768
     assert "needs the same tasks on every node: 3 tasks on 2 nodes" in r.stdout and "uneven=2" in r.stdout
+
+
+def test_a_crash_is_told_by_the_launchers_status_or_pythons_fault_line(tmp_path):
+    """srun and mpirun exit 128+N for a rank's fatal signal; horovodrun and torchrun exit 1, and
+    the rank's faulthandler line (prefixed by horovodrun) names it. Only this attempt's part of
+    the log counts; SIGKILL (the OOM killer) and SIGTERM are no crash."""
+    script = f"""
+attempt_log='{tmp_path}/attempt.log'
+echo '[1]<stderr>:Fatal Python error: Bus error' > "$attempt_log"  # an earlier launch's
+offset=$(stat -c %s "$attempt_log")
+for s in 139 134 135 132 136 137 143 1 0; do echo "$s=$(crash_signal $s $offset || echo none)"; done
+echo '[0]<stderr>:Fatal Python error: Segmentation fault' >> "$attempt_log"
+echo "hvd=$(crash_signal 1 $offset || echo none)"
+echo "all=$(crash_signal 1 0 || echo none)"
+"""
+    r = bash(script, tmp_path)
+    found = dict(line.split("=") for line in r.stdout.splitlines() if "=" in line)
+    assert found == {"139": "SIGSEGV", "134": "SIGABRT", "135": "SIGBUS", "132": "SIGILL", "136": "SIGFPE",
+                     "137": "none", "143": "none", "1": "none", "0": "none", "hvd": "SIGSEGV", "all": "SIGBUS"}, \
+        r.stdout + r.stderr

@@ -372,6 +372,45 @@ def test_preemption_during_staging_requeues(slurm, small_data, tmp_path):
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
+def test_a_rank_that_segfaults_is_requeued_once_and_the_job_completes(slurm, small_data, tmp_path):
+    """Rank 0 dies of a real segmentation fault while it writes its first checkpoint (attempt 0
+    only), its lock left behind: the job requeues itself once (CRASH_REQUEUES=1), the attempt's
+    log keeps the Python stack (faulthandler) and Open MPI's C stack after it, and the next
+    attempt breaks the dead attempt's lock and trains to the end. With CRASH_REQUEUES=0 the same
+    crash ends the job with the fault's status. (Seen in CI once, unprovoked: rank 0 segfaulted
+    in the resumed attempt's start-up and the job was lost.)"""
+    out = tmp_path / "run"
+    job = submit("cpu.sbatch", small_data, out, "optim.epochs=2", exact=True, HVD_BA_PAUSE_AT="checkpoint_write",
+                 HVD_BA_PAUSE_RANK="0", HVD_BA_PAUSE_RESTART="0", HVD_BA_PAUSE_FAULT="1")
+    fields = wait_done(job, timeout=400, hurry_requeue=True)
+    log = slurm_log(out)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
+    assert fields["Restarts"] == "1", log[-4000:]
+    job_dir = out / "logs" / f"job-{job}"
+    first, second = (job_dir / "attempt-0.log").read_text(), (job_dir / "attempt-1.log").read_text()
+    assert "rank 0 faults at checkpoint_write" in first
+    assert f"a rank crashed (SIGSEGV, exit 139): requeueing job {job} (crash requeue 1 of 1)" in first, first[-3000:]
+    stack = first[first.index("Fatal Python error: Segmentation fault"):]
+    assert "in pause_point" in stack and "in write_checkpoint" in stack, stack[:3000]  # where it died
+    assert "*** Process received signal ***" in stack  # Open MPI's handler, called after Python's
+    assert (job_dir / "attempt-0.exit").read_text().strip() == "139"
+    assert (job_dir / "attempt-0.crash").read_text().strip() == "SIGSEGV"
+    assert "earlier attempt (restart 0)" in second and "run complete" in second, second[-3000:]
+    assert not (job_dir / "attempt-1.crash").exists()
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    steps = [s["step"] for s in read_jsonl(out / "steps.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+
+    out2 = tmp_path / "run2"
+    job = submit("cpu.sbatch", small_data, out2, "optim.epochs=1", CRASH_REQUEUES="0", HVD_BA_PAUSE_AT="init",
+                 HVD_BA_PAUSE_RANK="1", HVD_BA_PAUSE_FAULT="1")
+    fields = wait_done(job)
+    log = slurm_log(out2)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "139:0" and fields["Restarts"] == "0", log[-4000:]
+    assert "a rank crashed (SIGSEGV, exit 139) after 0 crash requeue(s) (CRASH_REQUEUES=0); not requeued" in log
+    assert "training failed with exit status 139" in log and "Fatal Python error: Segmentation fault" in log
+
+
 def test_settings_with_brackets_and_a_per_node_stop_file(slurm, small_data, tmp_path):
     """SETTINGS reach the config unmangled (a bracketed value with a space, which word splitting
     used to cut in two); a stop file named per node ('$SLURMD_NODENAME') stops the job when only the

@@ -77,10 +77,11 @@ class StepHooks:
 
 
 def write_checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, step_in_epoch: int,
-                     epoch: int | None = None) -> None:
+                     epoch: int | None = None, epoch_record: dict | None = None) -> None:
     """Collective: every rank calls it at the same step. BN running statistics are averaged
     first (so the saved model is the one all ranks would evaluate); each rank's RNG states and,
-    mid-epoch, its partial epoch sums are gathered; rank 0 writes."""
+    mid-epoch, its partial epoch sums are gathered; rank 0 writes. `epoch_record`: at an epoch's
+    end, the epoch's metrics, which the checkpoint carries (they are recorded after it)."""
     if state.watchdog is not None:
         state.watchdog.tick(f"the checkpoint of step {state.step}", peers=True)
     average_bn_statistics(model)
@@ -99,7 +100,7 @@ def write_checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out
                    "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
                    "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
                    "world": dist.size(), "rng": rng, "partial": partial, "config": cfg.to_dict(),
-                   "run_id": state.run_id, "plan": state.plan}
+                   "run_id": state.run_id, "plan": state.plan, "epoch_record": epoch_record}
         try:
             path = save_checkpoint(out, payload, cfg.run.keep_checkpoints, prune_legacy=state.legacy_checkpoints)
             log.info("checkpoint %s (step %d)", path, state.step)

@@ -61,6 +61,20 @@ def truncate_records(out: Path, step: int, epoch: int) -> None:
         fsio.write_csv(out / "metrics.csv", read_jsonl(out / "metrics.jsonl"), EPOCH_CSV_COLUMNS)
 
 
+def restore_epoch_record(out: Path, record: dict) -> bool:
+    """Rank 0, resuming from an epoch's end: the epoch's record, which its checkpoint carries,
+    when metrics.jsonl lacks it (the run stopped after the checkpoint, before the record);
+    metrics.csv is rebuilt. True when it was missing."""
+    epoch = record["epoch"]
+    if any(r.get("epoch") == epoch for r in read_jsonl(out / "metrics.jsonl")):
+        return False
+    fsio.trim_records(out / "metrics.jsonl", lambda r: r["epoch"] < epoch)  # a torn last line goes first
+    append_jsonl(out / "metrics.jsonl", record)
+    fsio.write_csv(out / "metrics.csv", read_jsonl(out / "metrics.jsonl"), EPOCH_CSV_COLUMNS)
+    log.warning("epoch %d's record restored from its checkpoint (the run stopped before it was recorded)", epoch)
+    return True
+
+
 def record_epoch(out: Path, metrics: dict, board) -> None:
     """Rank 0: the epoch's record in metrics.jsonl, metrics.csv and TensorBoard, and its log line."""
     epoch = metrics["epoch"]

@@ -19,7 +19,7 @@ from hvd_ba.fsio import DiskFull, read_records, remove_stale_temporaries
 from hvd_ba.train.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
                                      set_rng_states)
 from hvd_ba.train.engine import EpochProgress, TrainState
-from hvd_ba.train.records import truncate_records
+from hvd_ba.train.records import restore_epoch_record, truncate_records
 from hvd_ba.train.run_dir import (LOCK, RunRefused, claim_fresh, config_differences, hold_lock, legacy_plan,
                                   new_run_id, plan_differences, read_result, read_run_id, refuse_resume,
                                   release_held_lock)
@@ -165,7 +165,8 @@ def _load_resume_point(cfg: Config, state: TrainState, model: torch.nn.Module, o
             state.scaler.load_state_dict(payload["scaler"])
         if cfg.run.resume != "auto":
             _set_aside_later_checkpoints(out, payload["step"], run_id)
-        meta = {key: payload.get(key) for key in ("step", "epoch", "step_in_epoch", "world", "rng", "partial")}
+        meta = {key: payload.get(key) for key in ("step", "epoch", "step_in_epoch", "world", "rng", "partial",
+                                                  "epoch_record")}
         return meta | {"path": str(path), "run_id": run_id, "resized": resized, "legacy": not payload.get("run_id")}
     except RunRefused as err:
         return {"error": str(err)}
@@ -200,9 +201,13 @@ def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, fr
             state.scaler.load_state_dict(scaler_state)
     state.step = meta["step"]
     if placement.complete:
+        if dist.is_primary() and meta.get("epoch_record"):
+            restore_epoch_record(out, meta["epoch_record"])
         return placement  # no step left: its records stay as they are
     if dist.is_primary():
         truncate_records(out, step=meta["step"], epoch=meta["epoch"])
+        if meta.get("epoch_record"):
+            restore_epoch_record(out, meta["epoch_record"])
     partial = meta["partial"]
     if meta["world"] == dist.size():
         set_rng_states(meta["rng"][dist.rank()])

@@ -252,9 +252,12 @@ def train_epochs(cfg: Config, run: Run, out: Path, placement: Placement, stop: S
                 break
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == o.epochs:
                 metrics.update(evaluate(state, run.val_loader))
+            # The checkpoint first, carrying the epoch's record: a run stopped between the two
+            # gets its record back on resume; one stopped inside the run's first checkpoint has no
+            # epoch recorded and starts again (the other order refused it: epochs, no checkpoint).
+            write_checkpoint(cfg, state, run.model, out, step_in_epoch=0, epoch=epoch + 1, epoch_record=metrics)
             if dist.is_primary():
                 record_epoch(out, metrics, board)
-            write_checkpoint(cfg, state, run.model, out, step_in_epoch=0, epoch=epoch + 1)
             if hooks.stop_at_epoch_end and epoch + 1 < o.epochs:  # at the last epoch: finish the run
                 stopped = True
                 break

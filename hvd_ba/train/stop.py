@@ -81,7 +81,8 @@ def pause_point(phase: str) -> None:
     """Test hook: with HVD_BA_PAUSE_AT=<phase> (and HVD_BA_PAUSE_RANK, default any;
     HVD_BA_PAUSE_RESTART, a Slurm job's attempt, default every), print a line
     and wait there up to 60 s (HVD_BA_PAUSE_SECONDS), so a test can signal a rank at a known
-    moment of its start-up, or make a phase slow (the checkpoint write)."""
+    moment of its start-up, or make a phase slow (the checkpoint write). With HVD_BA_PAUSE_FAULT=1
+    the rank dies there of a segmentation fault instead, as a crash in native code would."""
     if os.environ.get("HVD_BA_PAUSE_AT") != phase:
         return
     attempt = os.environ.get("HVD_BA_PAUSE_RESTART")  # only in this attempt of a Slurm job
@@ -92,6 +93,11 @@ def pause_point(phase: str) -> None:
 
     if wanted is not None and int(wanted) != dist.rank():
         return
+    if os.environ.get("HVD_BA_PAUSE_FAULT") == "1":  # a native library's crash: a read of address 0
+        print(f"hvd_ba: rank {dist.rank()} faults at {phase}", flush=True)
+        import ctypes
+
+        ctypes.string_at(0)
     print(f"hvd_ba: rank {dist.rank()} paused at {phase}", flush=True)
     deadline = time.time() + float(os.environ.get("HVD_BA_PAUSE_SECONDS", "60"))
     while time.time() < deadline:
