@@ -6,7 +6,7 @@ HVD_BA_CRASH_AT=N the process SIGKILLs itself at its N-th (a write after half it
 run is a fork of this process (torch imported once; the parent only loads and compares results
 between forks, and the runs use run.threads=1), so one crash point costs two short runs; the
 points (each in its own folder) run --jobs at a time, two per core by default. With
---resume-crashes K, the run crashed at K is resumed and that resume is itself crashed at each of
+--resume-crashes K[,K2...], the run crashed at K is resumed and that resume is itself crashed at each of
 its operations before its first step (trimming records, rebuilding metrics.csv, rewriting
 config.yaml), then resumed again. Usage (the tests call it):
 
@@ -174,41 +174,48 @@ def main() -> int:
 
 
 def resume_crashes(args, work: Path, operations: list[str], expected: dict) -> int:
-    """Crash at K; then the resume of that state is itself crashed at each of its operations
-    before its first step's record, and resumed again: it must still end as the reference."""
-    k = args.resume_crashes
-    k = int(k) if k.isdigit() else next(i + 1 for i, op in enumerate(operations)
-                                        if op.split()[1] == "write" and op.split()[2].endswith("/" + k))
-    crashed = work / f"crash-{k}"
-    code = run_child(args.data, crashed, args.settings, {"HVD_BA_CRASH_AT": str(k)}, work / f"crash-{k}.log")
-    if code != -signal.SIGKILL:
-        print(json.dumps({"error": f"the crash run at {k} exited {code}"}))
-        return 1
+    """For each first crash K (comma-separated: an operation number, or the first write of the
+    file so named): crash at K; then the resume of that state is itself crashed at each of its
+    operations before its first step's record, and resumed again: it must still end as the
+    reference. All the series' points run in one pool."""
     resume = [*args.settings, "run.resume=auto"]
-    probe, probe_log = work / "probe", work / "probe-io.log"
-    shutil.copytree(crashed, probe)
-    run_child(args.data, probe, resume, {"HVD_BA_IO_LOG": str(probe_log)}, work / "probe.log")
-    ops = probe_log.read_text().splitlines()
-    first_step = next(i for i, op in enumerate(ops) if op.split()[2].endswith("steps.jsonl") and op.split()[1] == "write")
+    series = []  # (k, the crashed folder, the resume's operations)
+    for name in args.resume_crashes.split(","):
+        k = int(name) if name.isdigit() else next(i + 1 for i, op in enumerate(operations)
+                                                  if op.split()[1] == "write" and op.split()[2].endswith("/" + name))
+        crashed = work / f"crash-{k}"
+        code = run_child(args.data, crashed, args.settings, {"HVD_BA_CRASH_AT": str(k)}, work / f"crash-{k}.log")
+        if code != -signal.SIGKILL:
+            print(json.dumps({"error": f"the crash run at {k} exited {code}"}))
+            return 1
+        probe, probe_log = work / f"probe-{k}", work / f"probe-{k}-io.log"
+        shutil.copytree(crashed, probe)
+        run_child(args.data, probe, resume, {"HVD_BA_IO_LOG": str(probe_log)}, work / f"probe-{k}.log")
+        series.append((k, crashed, probe_log.read_text().splitlines()))
 
-    def crash_resume_and_resume(j: int) -> dict:
+    def crash_resume_and_resume(index: int) -> dict:
+        k, crashed, ops, j = points[index]
         out, log = work / f"double-{k}-{j}", work / f"double-{k}-{j}.log"
         shutil.copytree(crashed, out)
         code = run_child(args.data, out, resume, {"HVD_BA_CRASH_AT": str(j)}, log)
         op = ops[j - 1].split(" ", 1)[1]
         if code != -signal.SIGKILL:
-            return {"point": j, "op": op, "why": f"the crashed resume exited {code}"}
+            return {"first_crash": k, "point": j, "op": op, "why": f"the crashed resume exited {code}"}
         code = run_child(args.data, out, resume, {}, log)
         why = f"the second resume exited {code}" if code != 0 else compare(expected, outcome(out))
         if why:
-            return {"point": j, "op": op, "why": why, "log": log.read_text()[-1500:]}
+            return {"first_crash": k, "point": j, "op": op, "why": why, "log": log.read_text()[-1500:]}
         shutil.rmtree(out)
-        return {"point": j, "op": op}
+        return {"first_crash": k, "point": j, "op": op}
 
-    results = in_parallel(list(range(1, first_step + 1)), crash_resume_and_resume, args.jobs)
+    points = []
+    for k, crashed, ops in series:
+        first_step = next(i for i, op in enumerate(ops) if op.split()[2].endswith("steps.jsonl") and op.split()[1] == "write")
+        points += [(k, crashed, ops, j) for j in range(1, first_step + 1)]
+    results = in_parallel(range(len(points)), crash_resume_and_resume, args.jobs)
     covered = [r for r in results if "why" not in r]
     failures = [r for r in results if "why" in r]
-    print(json.dumps({"first_crash": {"point": k, "op": operations[k - 1]}, "resume_operations": len(ops),
+    print(json.dumps({"first_crashes": [{"point": k, "op": operations[k - 1]} for k, _, _ in series],
                       "covered": covered, "failures": failures}))
     return 0 if not failures else 1
 

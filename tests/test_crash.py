@@ -66,18 +66,25 @@ def test_a_kill_at_the_first_epoch_end_checkpoint_and_its_records_resumes(small_
 
 
 def test_a_kill_during_the_resume_of_a_crashed_run(small_data, tmp_path):
-    """Killed mid-append of epoch 1's metrics (torn metrics.jsonl, steps after the checkpoint);
-    the resume, which trims the records, rebuilds metrics.csv and rewrites config.yaml, is itself
-    killed at each of those operations, and resumed again: the same end."""
+    """Two crashed states, each resumed with the resume itself killed at each of its operations
+    before its first step, then resumed again: the same end. Killed mid-append of epoch 1's
+    metrics (after its checkpoint): the resume cuts the torn line, restores the epoch's record
+    from the checkpoint, rebuilds metrics.csv, rewrites config.yaml. Killed mid-append of the
+    first step's record (no checkpoint yet): the resume cuts steps.jsonl and starts again."""
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(tmp_path),
-                        "--resume-crashes", "metrics.jsonl", "--set", *SHORT], capture_output=True, text=True,
-                       timeout=900, cwd=ROOT)
+                        "--resume-crashes", "metrics.jsonl,steps.jsonl", "--set", *SHORT], capture_output=True,
+                       text=True, timeout=900, cwd=ROOT)
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report.get("failures") == [], json.dumps(report.get("failures") or report)[:4000]
-    files = [os.path.basename(c["op"].split()[1]) for c in report["covered"]]
-    print(f"resume crash points covered: {len(files)} (after a crash at {report['first_crash']['op']})")
-    for name in ("steps.jsonl", "metrics.jsonl", "metrics.csv", "config.yaml"):
-        assert any(name in f for f in files), (name, files)
+    metrics_first, steps_first = (c["point"] for c in report["first_crashes"])
+    for first, names in ((metrics_first, ("metrics.jsonl", "metrics.csv", "config.yaml")),
+                         (steps_first, ("steps.jsonl", "config.yaml"))):
+        files = [os.path.basename(c["op"].split()[1]) for c in report["covered"] if c["first_crash"] == first]
+        print(f"resume crash points covered: {len(files)} (after a crash at operation {first})")
+        for name in names:
+            assert any(name in f for f in files), (first, name, files)
+    restored = [c["op"] for c in report["covered"] if c["first_crash"] == metrics_first]
+    assert any(op.startswith("write") and op.endswith("/metrics.jsonl") for op in restored), restored  # the restore
 
 
 def test_kills_at_the_checkpoint_writes_of_a_two_rank_run(small_data, tmp_path):

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,13 +107,13 @@ def wait_done(job_id, timeout=420, hurry_requeue=False) -> dict:
     issued within the same second counts as revoked too ("Killing non-startable batch job: Job
     credential revoked", seen once in CI when the start was moved to now)."""
     deadline = time.time() + timeout
-    hurried = False
+    hurried = set()  # the restart counts whose start was moved (each requeue of the job once)
     while time.time() < deadline:
         fields = job_fields(job_id)
-        if (hurry_requeue and not hurried and fields.get("JobState") == "PENDING"
+        if (hurry_requeue and fields.get("Restarts") not in hurried and fields.get("JobState") == "PENDING"
                 and fields.get("Reason") == "BeginTime"):
             scontrol("update", f"JobId={job_id}", "StartTime=now+10")
-            hurried = True
+            hurried.add(fields.get("Restarts"))
         if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return fields
         time.sleep(1)
@@ -271,10 +272,18 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
     fields = wait_done(job, timeout=600, hurry_requeue=True)
     log = slurm_log(out)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
-    assert fields["Restarts"] == "1", log[-4000:]
-
     job_dir = out / "logs" / f"job-{job}"
-    first, second = (job_dir / "attempt-0.log").read_text(), (job_dir / "attempt-1.log").read_text()
+    # A rank that crashed on its own (once in CI: a segfault in Open MPI's start-up under srun)
+    # requeues the job once more (job.sh, CRASH_REQUEUES); the preemption must still resume
+    # exactly. Told, never silent: the crash's stack goes to the test's warnings.
+    crashes = sorted(job_dir.glob("attempt-*.crash"))
+    for crash in crashes:
+        attempt_text = crash.with_suffix(".log").read_text()
+        warnings.warn(f"job {job}: {crash.name} {crash.read_text().strip()}; its log's end:\n{attempt_text[-3000:]}")
+    assert len(crashes) <= 1 and fields["Restarts"] == str(1 + len(crashes)), log[-4000:]
+    assert not (job_dir / "attempt-0.crash").exists(), log[-4000:]  # the preemption's attempt ran
+    first = (job_dir / "attempt-0.log").read_text()
+    second = (job_dir / f"attempt-{fields['Restarts']}.log").read_text()
     # The ranks' 75, not the shell's 138 of the trapped USR1 (srun and mpirun pass it on;
     # horovodrun exits 1, and names the first rank's 75, which job.sh reads).
     assert (job_dir / "attempt-0.exit").read_text().strip() == "75"
