@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if not faulthandler.is_enabled():
         # A crash in native code (a segfault in a library, an abort) prints every thread's Python
         # stack to stderr, which the job's attempt log keeps: where it died, not just that it did.
+        # Set before MPI starts, it stays: Open MPI then installs no handler of its own (its report,
+        # handed the signal on, would show a false fault address).
         faulthandler.enable(all_threads=True)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

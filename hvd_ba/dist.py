@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import faulthandler
 import os
 import warnings
 
@@ -91,17 +90,7 @@ def _init_horovod(launch: Launch, stall_timeout: float | None, longest_wait: flo
         raise BackendError(f"run.backend=horovod needs Horovod, which does not import here ({err}); install it "
                            "with cluster/setup.sh, or train with run.backend=torch (torchrun, srun or mpirun)") from None
 
-    # Open MPI installs its own crash handler (the C stack) only where no handler is set yet:
-    # Python's is lifted for the init and set again after, so that a crash prints both stacks
-    # (faulthandler passes the signal on to the handler it found).
-    python_stacks = faulthandler.is_enabled()
-    if python_stacks:
-        faulthandler.disable()
-    try:
-        hvd.init()
-    finally:
-        if python_stacks:
-            faulthandler.enable(all_threads=True)
+    hvd.init()
     _hvd = hvd
     problem = local_rank_problem(launch, hvd.rank(), hvd.local_rank())
     if problem:

@@ -240,8 +240,9 @@ def trim_records(path: str | Path, keep) -> None:
 
 
 def sync_files(paths) -> None:
-    """fsync the record files that exist (before a checkpoint that covers them: a node crash
-    must not keep the checkpoint and lose the records it follows)."""
+    """fsync the record files that exist (before a checkpoint that covers them, and before
+    result.json: a node crash must not keep the checkpoint, or the result, and lose the records
+    it follows)."""
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)

@@ -27,9 +27,9 @@
 # ranks checkpoint at the same step and exit 75. After USR1 the job then requeues itself
 # (`scontrol requeue`) and the next start resumes from OUT/checkpoints (run.resume=auto); after
 # TERM alone (scancel, or Slurm's own preemption requeue) it only leaves the checkpoint. A rank
-# killed by a fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) requeues the job CRASH_REQUEUES
-# times (default 1; 0: never), each rank's Python stack in the attempt's log. A run that failed for
-# another reason is not requeued: its exit status is the job's.
+# killed by a fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) during staging or training requeues
+# the job CRASH_REQUEUES times (default 1; 0: never), each rank's Python stack in the attempt's
+# log. A run that failed for another reason is not requeued: its exit status is the job's.
 
 PREEMPTED=75
 DISK_FULL=74  # the run folder is full or read-only: requeueing would only fail again
@@ -197,7 +197,7 @@ run_job() {
     sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
     CRASH_REQUEUES=${CRASH_REQUEUES:-1}
     case "$CRASH_REQUEUES" in
-        ''|*[!0-9]*) job_log "error: CRASH_REQUEUES='$CRASH_REQUEUES': a whole number of requeues after a crash (0: none)"; return 2 ;;
+        ''|*[!0-9]*|????*) job_log "error: CRASH_REQUEUES='$CRASH_REQUEUES': a whole number of requeues after a crash, 0 to 999 (0: none)"; return 2 ;;
     esac
     BACKEND=${BACKEND:-horovod}
     case "$BACKEND/$LAUNCHER" in
@@ -241,8 +241,14 @@ run_job() {
     if [ "$STAGE" = 1 ] && [ "$stop_asked" = 0 ]; then
         job_log "staging static shards to $LOCAL_DATA" | tee -a "$attempt_log"
         launch_command -m hvd_ba stage ${stage_flags[@]+"${stage_flags[@]}"} --config "$CONFIG" --set "${sets[@]}" || return 2
+        logged_before_launch=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
         run_step
         if [ "$status" != 0 ] && [ "$stop_asked" = 0 ]; then
+            local crash
+            if crash=$(crash_signal "$status" "$logged_before_launch"); then
+                echo "$status" > "$log_dir/attempt-$restart.exit"
+                requeue_after_crash "$crash" staging && return 0
+            fi
             job_log "error: staging failed (exit $status); nothing trained" | tee -a "$attempt_log"
             remove_local_data
             return 3
@@ -262,9 +268,16 @@ run_job() {
     echo "$status" > "$log_dir/attempt-$restart.exit"
 
     # Complete means a result.json that parses and names the run of config.yaml (not a file that
-    # merely exists: a crash can leave an empty or torn one).
-    if [ "$status" = 0 ] && "$PYTHON" -m hvd_ba status --complete "$OUT" >/dev/null 2>&1; then
-        job_log "run complete: $OUT/result.json" | tee -a "$attempt_log"
+    # merely exists: a crash can leave an empty or torn one). A rank that crashed after it was
+    # written (in MPI's teardown) does not undo it.
+    local crash=""
+    crash=$(crash_signal "$status" "$logged_before_launch") || crash=""
+    if { [ "$status" = 0 ] || [ -n "$crash" ]; } && "$PYTHON" -m hvd_ba status --complete "$OUT" >/dev/null 2>&1; then
+        if [ -n "$crash" ]; then
+            job_log "run complete: $OUT/result.json (a rank crashed after it was written: $crash, exit $status)" | tee -a "$attempt_log"
+        else
+            job_log "run complete: $OUT/result.json" | tee -a "$attempt_log"
+        fi
         remove_local_data
         return 0
     fi
@@ -279,24 +292,16 @@ run_job() {
     # A stop before any training (config check, staging) requeues as well: nothing was lost.
     if [ "$requeue_asked" = 1 ] && { [ "$status" = "$PREEMPTED" ] || [ -e "$OUT/checkpoints/latest" ]; }; then
         job_log "stopped with a checkpoint (exit $status): requeueing job $SLURM_JOB_ID" | tee -a "$attempt_log"
-        scontrol requeue "$SLURM_JOB_ID"
-        return 0
+        requeue_job && return 0
+        remove_local_data
+        return "$status"
     fi
-    # A rank killed by a fault (a segfault in a library at start-up: seen once in Open MPI's init
-    # under srun in 40 minutes of tests) is requeued CRASH_REQUEUES times per job (default 1): the
-    # next attempt resumes from the last checkpoint. A second crash is taken as the run's own.
-    local crash
-    if [ "$stop_asked" = 0 ] && crash=$(crash_signal "$status" "$logged_before_launch"); then
-        local crashes; crashes=$(find "$log_dir" -maxdepth 1 -name 'attempt-*.crash' | wc -l)
-        echo "$crash" > "$log_dir/attempt-$restart.crash"
-        if [ "$crashes" -lt "$CRASH_REQUEUES" ]; then
-            job_log "a rank crashed ($crash, exit $status): requeueing job $SLURM_JOB_ID (crash requeue $((crashes + 1))" \
-                    "of $CRASH_REQUEUES); its stack is in $attempt_log" | tee -a "$attempt_log"
-            scontrol requeue "$SLURM_JOB_ID"
-            return 0
-        fi
-        job_log "a rank crashed ($crash, exit $status) after $crashes crash requeue(s) (CRASH_REQUEUES=$CRASH_REQUEUES);" \
-                "not requeued" | tee -a "$attempt_log"
+    # A rank killed by a fault (a segfault in a library: once in CI, rank 0 of a resumed attempt
+    # under srun --mpi=pmix, seconds into its start-up) requeues the job CRASH_REQUEUES times
+    # (default 1): the next attempt resumes from the last checkpoint. One more crash is taken as
+    # the run's own. Not after a stop asked by TERM (scancel): the job was ending anyway.
+    if [ -n "$crash" ] && { [ "$stop_asked" = 0 ] || [ "$requeue_asked" = 1 ]; }; then
+        requeue_after_crash "$crash" training && return 0
     fi
     remove_local_data
     [ "$stop_asked" = 1 ] && [ "$status" = "$PREEMPTED" ] && return "$PREEMPTED"
@@ -304,14 +309,44 @@ run_job() {
     return "$status"
 }
 
+# requeue_job: scontrol requeue on this job; says so when Slurm refuses (a job submitted with
+# --no-requeue, a site with JobRequeue=0) and fails.
+requeue_job() {
+    scontrol requeue "$SLURM_JOB_ID" && return 0
+    job_log "error: scontrol requeue $SLURM_JOB_ID failed (submitted with --no-requeue, or requeues are off at" \
+            "this site): resubmit the job; it resumes from the last checkpoint" | tee -a "$attempt_log"
+    return 1
+}
+
+# requeue_after_crash SIGNAL WHAT: requeues the job after a rank's crash during WHAT (staging,
+# training) while it has crash requeues left; each is counted by an attempt-<n>.crash file, and
+# a crash that cannot be counted (the log folder full or read-only) is not requeued: a requeue
+# that could repeat without end is worse than a job that ends.
+requeue_after_crash() {
+    local crashes; crashes=$(find "$log_dir" -maxdepth 1 -name 'attempt-*.crash' | wc -l)
+    if [ "$crashes" -ge "$CRASH_REQUEUES" ]; then
+        job_log "a rank crashed during $2 ($1, exit $status) after $crashes crash requeue(s)" \
+                "(CRASH_REQUEUES=$CRASH_REQUEUES); not requeued" | tee -a "$attempt_log"
+        return 1
+    fi
+    if ! echo "$1 during $2, exit $status" > "$log_dir/attempt-$restart.crash"; then
+        job_log "a rank crashed during $2 ($1, exit $status); not requeued: $log_dir cannot record the crash" \
+                "(a requeue could repeat without end)" | tee -a "$attempt_log"
+        return 1
+    fi
+    job_log "a rank crashed during $2 ($1, exit $status): requeueing job $SLURM_JOB_ID (crash requeue" \
+            "$((crashes + 1)) of $CRASH_REQUEUES); its Python stack is in $attempt_log" | tee -a "$attempt_log"
+    requeue_job
+}
+
 # crash_signal STATUS OFFSET: prints the fault that ended a rank (SIGSEGV, SIGBUS, SIGILL, SIGFPE,
-# SIGABRT) and succeeds, from the launcher's status (srun and mpirun pass on 128+N) or, where it
-# reports only 1 (horovodrun, torchrun), from Python's fault line in the attempt's log after
-# OFFSET. SIGKILL is not among them: the OOM killer or an administrator sent it, and would again.
+# SIGABRT) and succeeds: srun and mpirun exit 128 + the signal; horovodrun and torchrun exit 1,
+# and then the rank's faulthandler line in the attempt's log after OFFSET names it. SIGKILL (137:
+# the OOM killer, an administrator) is no crash, whatever a peer printed after it.
 crash_signal() {
     case "$1" in
         132) echo SIGILL; return 0 ;; 134) echo SIGABRT; return 0 ;; 135) echo SIGBUS; return 0 ;;
-        136) echo SIGFPE; return 0 ;; 139) echo SIGSEGV; return 0 ;;
+        136) echo SIGFPE; return 0 ;; 139) echo SIGSEGV; return 0 ;; 1) ;; *) return 1 ;;
     esac
     local line
     line=$(tail -c +$(($2 + 1)) "$attempt_log" 2>/dev/null \

@@ -174,15 +174,17 @@ def main() -> int:
 
 
 def resume_crashes(args, work: Path, operations: list[str], expected: dict) -> int:
-    """For each first crash K (comma-separated: an operation number, or the first write of the
-    file so named): crash at K; then the resume of that state is itself crashed at each of its
+    """For each first crash K (comma-separated: an operation number, the first write of the file
+    so named, or NAME#N its N-th write): crash at K; then the resume of that state is itself crashed at each of its
     operations before its first step's record, and resumed again: it must still end as the
     reference. All the series' points run in one pool."""
     resume = [*args.settings, "run.resume=auto"]
     series = []  # (k, the crashed folder, the resume's operations)
     for name in args.resume_crashes.split(","):
-        k = int(name) if name.isdigit() else next(i + 1 for i, op in enumerate(operations)
-                                                  if op.split()[1] == "write" and op.split()[2].endswith("/" + name))
+        name, _, nth = name.partition("#")  # NAME#N: the N-th write of that file
+        writes = [i + 1 for i, op in enumerate(operations)
+                  if op.split()[1] == "write" and op.split()[2].endswith("/" + name)]
+        k = int(name) if name.isdigit() else writes[int(nth or 1) - 1]
         crashed = work / f"crash-{k}"
         code = run_child(args.data, crashed, args.settings, {"HVD_BA_CRASH_AT": str(k)}, work / f"crash-{k}.log")
         if code != -signal.SIGKILL:

@@ -69,10 +69,10 @@ def test_a_kill_during_the_resume_of_a_crashed_run(small_data, tmp_path):
     """Two crashed states, each resumed with the resume itself killed at each of its operations
     before its first step, then resumed again: the same end. Killed mid-append of epoch 1's
     metrics (after its checkpoint): the resume cuts the torn line, restores the epoch's record
-    from the checkpoint, rebuilds metrics.csv, rewrites config.yaml. Killed mid-append of the
-    first step's record (no checkpoint yet): the resume cuts steps.jsonl and starts again."""
+    from the checkpoint, rebuilds metrics.csv, rewrites config.yaml. Killed mid-append of step
+    3's record (after step 2's checkpoint): the resume cuts steps.jsonl back to step 2."""
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(tmp_path),
-                        "--resume-crashes", "metrics.jsonl,steps.jsonl", "--set", *SHORT], capture_output=True,
+                        "--resume-crashes", "metrics.jsonl,steps.jsonl#3", "--set", *SHORT], capture_output=True,
                        text=True, timeout=900, cwd=ROOT)
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report.get("failures") == [], json.dumps(report.get("failures") or report)[:4000]
@@ -83,8 +83,9 @@ def test_a_kill_during_the_resume_of_a_crashed_run(small_data, tmp_path):
         print(f"resume crash points covered: {len(files)} (after a crash at operation {first})")
         for name in names:
             assert any(name in f for f in files), (first, name, files)
+    # the restore: an append to metrics.jsonl itself (a trim writes a temporary file and renames it)
     restored = [c["op"] for c in report["covered"] if c["first_crash"] == metrics_first]
-    assert any(op.startswith("write") and op.endswith("/metrics.jsonl") for op in restored), restored  # the restore
+    assert any(op.startswith("write") and op.endswith("/metrics.jsonl") for op in restored), restored
 
 
 def test_kills_at_the_checkpoint_writes_of_a_two_rank_run(small_data, tmp_path):

@@ -145,7 +145,8 @@ SLURM_NTASKS=3; launch_command -m hvd_ba train; echo "uneven=$?"
 def test_a_crash_is_told_by_the_launchers_status_or_pythons_fault_line(tmp_path):
     """srun and mpirun exit 128+N for a rank's fatal signal; horovodrun and torchrun exit 1, and
     the rank's faulthandler line (prefixed by horovodrun) names it. Only this attempt's part of
-    the log counts; SIGKILL (the OOM killer) and SIGTERM are no crash."""
+    the log counts, and only with status 1: SIGKILL (the OOM killer) and SIGTERM are no crash,
+    whatever a peer printed after them."""
     script = f"""
 attempt_log='{tmp_path}/attempt.log'
 echo '[1]<stderr>:Fatal Python error: Bus error' > "$attempt_log"  # an earlier launch's
@@ -154,9 +155,44 @@ for s in 139 134 135 132 136 137 143 1 0; do echo "$s=$(crash_signal $s $offset 
 echo '[0]<stderr>:Fatal Python error: Segmentation fault' >> "$attempt_log"
 echo "hvd=$(crash_signal 1 $offset || echo none)"
 echo "all=$(crash_signal 1 0 || echo none)"
+for s in 137 143 2 0; do echo "after$s=$(crash_signal $s $offset || echo none)"; done
 """
     r = bash(script, tmp_path)
     found = dict(line.split("=") for line in r.stdout.splitlines() if "=" in line)
     assert found == {"139": "SIGSEGV", "134": "SIGABRT", "135": "SIGBUS", "132": "SIGILL", "136": "SIGFPE",
-                     "137": "none", "143": "none", "1": "none", "0": "none", "hvd": "SIGSEGV", "all": "SIGBUS"}, \
-        r.stdout + r.stderr
+                     "137": "none", "143": "none", "1": "none", "0": "none", "hvd": "SIGSEGV", "all": "SIGBUS",
+                     "after137": "none", "after143": "none", "after2": "none", "after0": "none"}, r.stdout + r.stderr
+
+
+def test_crash_requeues_are_counted_and_end_when_spent_or_uncountable(tmp_path):
+    """requeue_after_crash with a fake scontrol: requeues while attempt-<n>.crash files are fewer
+    than CRASH_REQUEUES; then says so and does not; never when the crash cannot be recorded (a
+    requeue could repeat without end); and a refused `scontrol requeue` is said, not hidden."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    fake = bin_dir / "scontrol"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> '{calls}'\n[ -z \"$REFUSE\" ]\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    script = f"""
+log_dir='{logs}'; attempt_log='{logs}/attempt.log'; SLURM_JOB_ID=7; status=139; CRASH_REQUEUES=2
+restart=0; requeue_after_crash SIGSEGV training; echo "first=$?"
+restart=1; requeue_after_crash SIGSEGV staging; echo "second=$?"
+restart=2; requeue_after_crash SIGSEGV training; echo "third=$?"
+rm '{logs}'/attempt-*.crash; restart=3; REFUSE=1 requeue_after_crash SIGBUS training; echo "refused=$?"
+rm '{logs}'/attempt-*.crash; mkdir '{logs}/attempt-4.crash'  # a write there fails, even as root
+restart=4; requeue_after_crash SIGSEGV training; echo "unrecorded=$?"
+"""
+    r = bash(script, tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    found = dict(line.split("=") for line in r.stdout.splitlines() if "=" in line and " " not in line)
+    assert found == {"first": "0", "second": "0", "third": "1", "refused": "1", "unrecorded": "1"}, r.stdout + r.stderr
+    assert calls.read_text().splitlines() == ["requeue 7"] * 3  # the first two, and the refused one
+    log = (logs / "attempt.log").read_text()
+    assert "a rank crashed during training (SIGSEGV, exit 139): requeueing job 7 (crash requeue 1 of 2)" in log
+    assert "a rank crashed during staging (SIGSEGV, exit 139): requeueing job 7 (crash requeue 2 of 2)" in log
+    assert "after 2 crash requeue(s) (CRASH_REQUEUES=2); not requeued" in log
+    assert "error: scontrol requeue 7 failed" in log
+    assert "a rank crashed during training (SIGSEGV, exit 139); not requeued: " in log
+    assert "cannot record the crash (a requeue could repeat without end)" in log

@@ -279,7 +279,8 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
     crashes = sorted(job_dir.glob("attempt-*.crash"))
     for crash in crashes:
         attempt_text = crash.with_suffix(".log").read_text()
-        warnings.warn(f"job {job}: {crash.name} {crash.read_text().strip()}; its log's end:\n{attempt_text[-3000:]}")
+        stack = attempt_text[attempt_text.find("Fatal Python error"):][:6000]
+        warnings.warn(f"job {job}: {crash.name}: {crash.read_text().strip()}; the stacks:\n{stack}")
     assert len(crashes) <= 1 and fields["Restarts"] == str(1 + len(crashes)), log[-4000:]
     assert not (job_dir / "attempt-0.crash").exists(), log[-4000:]  # the preemption's attempt ran
     first = (job_dir / "attempt-0.log").read_text()
@@ -303,9 +304,9 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
         return
     # 1 core for 1 thread + 1 loader worker: each rank says so once per attempt.
     for attempt in (first, second):
-        warnings = re.findall(r"hvd_ba: warning: rank (\d) on host \S+ \(cores \d\): run.threads 1 \+ data.workers 1 "
-                              r"exceed its 1 cores", attempt)
-        assert sorted(warnings) == ["0", "1", "2", "3"], attempt[-3000:]
+        told = re.findall(r"hvd_ba: warning: rank (\d) on host \S+ \(cores \d\): run.threads 1 \+ data.workers 1 "
+                          r"exceed its 1 cores", attempt)
+        assert sorted(told) == ["0", "1", "2", "3"], attempt[-3000:]
 
 
 @pytest.mark.parametrize("launcher, layout", [("mpirun", "2x1"), ("mpirun", "2x2")])
@@ -384,8 +385,9 @@ def test_preemption_during_staging_requeues(slurm, small_data, tmp_path):
 def test_a_rank_that_segfaults_is_requeued_once_and_the_job_completes(slurm, small_data, tmp_path):
     """Rank 0 dies of a real segmentation fault while it writes its first checkpoint (attempt 0
     only), its lock left behind: the job requeues itself once (CRASH_REQUEUES=1), the attempt's
-    log keeps the Python stack (faulthandler) and Open MPI's C stack after it, and the next
-    attempt breaks the dead attempt's lock and trains to the end. With CRASH_REQUEUES=0 the same
+    log keeps every thread's Python stack (faulthandler), and the next attempt breaks the dead
+    attempt's lock and trains to the end (measured before the checkpoint-first order: every
+    resume refused, 1 epoch recorded and no checkpoint). With CRASH_REQUEUES=0 the same
     crash ends the job with the fault's status. (Seen in CI once, unprovoked: rank 0 segfaulted
     in the resumed attempt's start-up and the job was lost.)"""
     out = tmp_path / "run"
@@ -398,12 +400,12 @@ def test_a_rank_that_segfaults_is_requeued_once_and_the_job_completes(slurm, sma
     job_dir = out / "logs" / f"job-{job}"
     first, second = (job_dir / "attempt-0.log").read_text(), (job_dir / "attempt-1.log").read_text()
     assert "rank 0 faults at checkpoint_write" in first
-    assert f"a rank crashed (SIGSEGV, exit 139): requeueing job {job} (crash requeue 1 of 1)" in first, first[-3000:]
+    assert (f"a rank crashed during training (SIGSEGV, exit 139): requeueing job {job} (crash requeue 1 of 1)"
+            in first), first[-3000:]
     stack = first[first.index("Fatal Python error: Segmentation fault"):]
     assert "in pause_point" in stack and "in write_checkpoint" in stack, stack[:3000]  # where it died
-    assert "*** Process received signal ***" in stack  # Open MPI's handler, called after Python's
     assert (job_dir / "attempt-0.exit").read_text().strip() == "139"
-    assert (job_dir / "attempt-0.crash").read_text().strip() == "SIGSEGV"
+    assert (job_dir / "attempt-0.crash").read_text().strip() == "SIGSEGV during training, exit 139"
     assert "earlier attempt (restart 0)" in second and "run complete" in second, second[-3000:]
     assert not (job_dir / "attempt-1.crash").exists()
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
@@ -416,7 +418,8 @@ def test_a_rank_that_segfaults_is_requeued_once_and_the_job_completes(slurm, sma
     fields = wait_done(job)
     log = slurm_log(out2)
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "139:0" and fields["Restarts"] == "0", log[-4000:]
-    assert "a rank crashed (SIGSEGV, exit 139) after 0 crash requeue(s) (CRASH_REQUEUES=0); not requeued" in log
+    assert "a rank crashed during training (SIGSEGV, exit 139) after 0 crash requeue(s) (CRASH_REQUEUES=0); " \
+           "not requeued" in log
     assert "training failed with exit status 139" in log and "Fatal Python error: Segmentation fault" in log
 
 

@@ -1,6 +1,8 @@
 """A run's records: steps.jsonl (progress), metrics.jsonl and metrics.csv (one record per epoch),
 lambda.jsonl (lambda tracking), reads.jsonl (run.record_reads), TensorBoard scalars; appended by
-rank 0, synced before each checkpoint and cut back to the checkpoint's step on a resume.
+rank 0, synced before each checkpoint and before result.json, and cut back to the checkpoint's
+step on a resume. An epoch's record follows its epoch-end checkpoint, which carries it: a resume
+restores it when the stop came between the two.
 """
 from __future__ import annotations
 

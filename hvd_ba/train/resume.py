@@ -200,14 +200,18 @@ def resume(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, fr
         if scaler_state:
             state.scaler.load_state_dict(scaler_state)
     state.step = meta["step"]
+    # An epoch-end checkpoint of this folder carries its epoch's record (one from elsewhere,
+    # run.resume=PATH, continues a run whose records are not here)
+    ours = Path(meta["path"]).resolve().parent == checkpoint_dir(out).resolve()
+    record = meta.get("epoch_record") if ours else None
     if placement.complete:
-        if dist.is_primary() and meta.get("epoch_record"):
-            restore_epoch_record(out, meta["epoch_record"])
+        if dist.is_primary() and record:
+            restore_epoch_record(out, record)
         return placement  # no step left: its records stay as they are
     if dist.is_primary():
         truncate_records(out, step=meta["step"], epoch=meta["epoch"])
-        if meta.get("epoch_record"):
-            restore_epoch_record(out, meta["epoch_record"])
+        if record:
+            restore_epoch_record(out, record)
     partial = meta["partial"]
     if meta["world"] == dist.size():
         set_rng_states(meta["rng"][dist.rank()])

@@ -33,7 +33,8 @@ from hvd_ba.train.checkpoint import newest_checkpoint
 from hvd_ba.train.devices import select_device
 from hvd_ba.train.engine import TrainState, evaluate, train_one_epoch
 from hvd_ba.train.lr_schedule import describe_warmup
-from hvd_ba.train.records import StepRecords, read_jsonl, record_epoch, state_digest, tensorboard_writer
+from hvd_ba.train.records import (RECORD_FILES, StepRecords, read_jsonl, record_epoch, state_digest,
+                                  tensorboard_writer)
 from hvd_ba.train.resume import Placement, claim_run_dir, resume
 from hvd_ba.train.run_dir import RunRefused, index_digest, read_result, release_held_lock, run_plan
 from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
@@ -303,6 +304,7 @@ def finish(cfg: Config, run: Run, out: Path, metrics: dict, t_start: float) -> d
               "world": world, "wall_time_s": time.time() - t_start}
     if dist.is_primary():
         dist.barrier("outputs")  # result.json, the mark of a complete run, is written last
+        fsio.sync_files(out / name for name in RECORD_FILES)  # the last epoch's record came after its checkpoint
         fsio.atomic_json(out / "result.json", result, indent=1)
     else:
         dist.barrier("outputs")
