@@ -17,6 +17,10 @@ from test_horovod import ENV, launch, read_jsonl, train_command
 RUN = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=2",
        "optim.warmup_epochs=0.5", "optim.base_lr=0.8", "optim.milestones=[1.5]", "run.max_steps_per_epoch=6",
        "run.log_every=1", "run.checkpoint_every=2", "run.keep_checkpoints=2"]
+# A rank frozen after step 3 is met by its peers in a step's allreduce, not in a checkpoint's or
+# an epoch end's collective (seen once in a full test run with checkpoints every 2 steps: the frozen rank had
+# finished step 4's allreduce, and the watchdog named the checkpoint of step 4)
+NO_COLLECTIVE_BUT_STEPS = ["run.checkpoint_every=null", "run.max_steps_per_epoch=12"]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

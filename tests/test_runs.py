@@ -20,7 +20,7 @@ from conftest import ROOT, run_cli
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint, save_checkpoint
 from hvd_ba.data.manifest import _folder_state, load_index, manifest_path, write_manifest
 from test_horovod import ENV, launch, read_jsonl, train_command
-from test_resume import RUN, kill_tree, loader_workers, rank_process, wait_for_step
+from test_resume import NO_COLLECTIVE_BUT_STEPS, RUN, kill_tree, loader_workers, rank_process, wait_for_step
 
 ONE_EPOCH = [*RUN, "optim.epochs=1"]
 
@@ -295,7 +295,7 @@ def test_ranks_that_see_different_data_stop_before_the_first_step(small_data, tm
 def test_a_stalled_loader_worker_ends_the_job_within_the_timeout(small_data, tmp_path):
     out = tmp_path / "run"
     timeout = 12
-    proc = subprocess.Popen(train_command("gloo", small_data, out, settings=[*RUN, "optim.epochs=50",
+    proc = subprocess.Popen(train_command("gloo", small_data, out, settings=[*RUN, *NO_COLLECTIVE_BUT_STEPS, "optim.epochs=50",
                                                                              f"run.stall_timeout={timeout}"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
     wait_for_step(out, 3, proc)
@@ -318,7 +318,7 @@ def test_a_stalled_loader_worker_ends_the_job_within_the_timeout(small_data, tmp
 def test_a_stopped_rank_ends_the_job_through_the_other_ranks_watchdog(small_data, tmp_path):
     out = tmp_path / "run"
     timeout = 12
-    proc = subprocess.Popen(train_command("gloo", small_data, out, settings=[*RUN, "optim.epochs=50",
+    proc = subprocess.Popen(train_command("gloo", small_data, out, settings=[*RUN, *NO_COLLECTIVE_BUT_STEPS, "optim.epochs=50",
                                                                              f"run.stall_timeout={timeout}"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
     wait_for_step(out, 3, proc)

@@ -20,7 +20,7 @@ from hvd_ba.config import ConfigError, load_config
 from hvd_ba.train.checkpoint import find_checkpoint
 from test_horovod import ENV, launch, read_jsonl, train_command
 from test_proof import PROOF, assert_evaluation_equals_one_process, fresh_state, run_reference
-from test_resume import RUN, kill_tree, wait_for_step
+from test_resume import NO_COLLECTIVE_BUT_STEPS, RUN, kill_tree, wait_for_step
 
 TORCH = ["run.backend=torch"]
 
@@ -200,7 +200,7 @@ def test_torch_dead_rank_ends_the_job_within_seconds_naming_it(small_data, tmp_p
 def test_torch_stopped_rank_ends_the_job_through_the_other_ranks_watchdog(small_data, tmp_path):
     out = tmp_path / "run"
     timeout = 12
-    proc = start(small_data, out, [*RUN, "optim.epochs=50", f"run.stall_timeout={timeout}"])
+    proc = start(small_data, out, [*RUN, *NO_COLLECTIVE_BUT_STEPS, "optim.epochs=50", f"run.stall_timeout={timeout}"])
     wait_for_step(out, 3, proc)
     torch_rank(proc, 1).send_signal(signal.SIGSTOP)
     t0 = time.time()
