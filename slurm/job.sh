@@ -244,9 +244,10 @@ run_job() {
         logged_before_launch=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
         run_step
         if [ "$status" != 0 ] && [ "$stop_asked" = 0 ]; then
+            echo "$status" > "$log_dir/attempt-$restart.exit"
             local crash
             if crash=$(crash_signal "$status" "$logged_before_launch"); then
-                echo "$status" > "$log_dir/attempt-$restart.exit"
+                trap - USR1 TERM  # the requeue's own TERM to this script is no preemption
                 requeue_after_crash "$crash" staging && return 0
             fi
             job_log "error: staging failed (exit $status); nothing trained" | tee -a "$attempt_log"
@@ -291,7 +292,8 @@ run_job() {
     # srun and mpirun pass the ranks' 75 on; horovodrun reports 1 for it, so the signal counts too.
     # A stop before any training (config check, staging) requeues as well: nothing was lost.
     if [ "$requeue_asked" = 1 ] && { [ "$status" = "$PREEMPTED" ] || [ -e "$OUT/checkpoints/latest" ]; }; then
-        job_log "stopped with a checkpoint (exit $status): requeueing job $SLURM_JOB_ID" | tee -a "$attempt_log"
+        job_log "stopped with a checkpoint (exit $status${crash:+; a rank crashed: $crash}): requeueing job" \
+                "$SLURM_JOB_ID" | tee -a "$attempt_log"
         requeue_job && return 0
         remove_local_data
         return "$status"
@@ -313,36 +315,42 @@ run_job() {
 # --no-requeue, a site with JobRequeue=0) and fails.
 requeue_job() {
     scontrol requeue "$SLURM_JOB_ID" && return 0
-    job_log "error: scontrol requeue $SLURM_JOB_ID failed (submitted with --no-requeue, or requeues are off at" \
-            "this site): resubmit the job; it resumes from the last checkpoint" | tee -a "$attempt_log"
+    job_log "error: scontrol requeue $SLURM_JOB_ID failed (submitted with --no-requeue, requeues off at this" \
+            "site, or slurmctld unreachable): resubmit the job; it resumes from the last checkpoint" | tee -a "$attempt_log"
     return 1
 }
 
 # requeue_after_crash SIGNAL WHAT: requeues the job after a rank's crash during WHAT (staging,
-# training) while it has crash requeues left; each is counted by an attempt-<n>.crash file, and
-# a crash that cannot be counted (the log folder full or read-only) is not requeued: a requeue
-# that could repeat without end is worse than a job that ends.
+# training) while it has crash requeues left; each is counted by a line in attempt-<n>.crash
+# (appended: an attempt number that repeated would not reset the count), and a crash that cannot
+# be counted (the log folder full or read-only) is not requeued: a requeue that could repeat
+# without end is worse than a job that ends. A requeue that Slurm refuses is not counted.
 requeue_after_crash() {
-    local crashes; crashes=$(find "$log_dir" -maxdepth 1 -name 'attempt-*.crash' | wc -l)
+    local crashes; crashes=$(cat "$log_dir"/attempt-*.crash 2>/dev/null | wc -l)
     if [ "$crashes" -ge "$CRASH_REQUEUES" ]; then
         job_log "a rank crashed during $2 ($1, exit $status) after $crashes crash requeue(s)" \
                 "(CRASH_REQUEUES=$CRASH_REQUEUES); not requeued" | tee -a "$attempt_log"
         return 1
     fi
-    if ! echo "$1 during $2, exit $status" > "$log_dir/attempt-$restart.crash"; then
+    local record="$log_dir/attempt-$restart.crash"
+    if ! echo "$1 during $2, exit $status" >> "$record"; then
         job_log "a rank crashed during $2 ($1, exit $status); not requeued: $log_dir cannot record the crash" \
                 "(a requeue could repeat without end)" | tee -a "$attempt_log"
         return 1
     fi
     job_log "a rank crashed during $2 ($1, exit $status): requeueing job $SLURM_JOB_ID (crash requeue" \
             "$((crashes + 1)) of $CRASH_REQUEUES); its Python stack is in $attempt_log" | tee -a "$attempt_log"
-    requeue_job
+    requeue_job && return 0
+    sed -i '$d' "$record" 2>/dev/null  # not requeued: not counted
+    [ -s "$record" ] || rm -f "$record"
+    return 1
 }
 
 # crash_signal STATUS OFFSET: prints the fault that ended a rank (SIGSEGV, SIGBUS, SIGILL, SIGFPE,
 # SIGABRT) and succeeds: srun and mpirun exit 128 + the signal; horovodrun and torchrun exit 1,
 # and then the rank's faulthandler line in the attempt's log after OFFSET names it. SIGKILL (137:
-# the OOM killer, an administrator) is no crash, whatever a peer printed after it.
+# the OOM killer, an administrator) is no crash under srun and mpirun, whatever a peer printed
+# after it; under horovodrun and torchrun a peer's abort after it still counts (one requeue).
 crash_signal() {
     case "$1" in
         132) echo SIGILL; return 0 ;; 134) echo SIGABRT; return 0 ;; 135) echo SIGBUS; return 0 ;;

@@ -165,9 +165,10 @@ for s in 137 143 2 0; do echo "after$s=$(crash_signal $s $offset || echo none)";
 
 
 def test_crash_requeues_are_counted_and_end_when_spent_or_uncountable(tmp_path):
-    """requeue_after_crash with a fake scontrol: requeues while attempt-<n>.crash files are fewer
-    than CRASH_REQUEUES; then says so and does not; never when the crash cannot be recorded (a
-    requeue could repeat without end); and a refused `scontrol requeue` is said, not hidden."""
+    """requeue_after_crash with a fake scontrol: requeues while the crashes recorded in
+    attempt-<n>.crash (a line each, an attempt number that repeats included) are fewer than
+    CRASH_REQUEUES; then says so and does not; never when the crash cannot be recorded (a requeue
+    could repeat without end); a refused `scontrol requeue` is said, not hidden, and not counted."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
@@ -179,15 +180,17 @@ def test_crash_requeues_are_counted_and_end_when_spent_or_uncountable(tmp_path):
     script = f"""
 log_dir='{logs}'; attempt_log='{logs}/attempt.log'; SLURM_JOB_ID=7; status=139; CRASH_REQUEUES=2
 restart=0; requeue_after_crash SIGSEGV training; echo "first=$?"
-restart=1; requeue_after_crash SIGSEGV staging; echo "second=$?"
+restart=0; requeue_after_crash SIGSEGV staging; echo "second=$?"  # an attempt number that repeated
 restart=2; requeue_after_crash SIGSEGV training; echo "third=$?"
 rm '{logs}'/attempt-*.crash; restart=3; REFUSE=1 requeue_after_crash SIGBUS training; echo "refused=$?"
+[ -e '{logs}/attempt-3.crash' ] && echo "counted=yes" || echo "counted=no"
 rm '{logs}'/attempt-*.crash; mkdir '{logs}/attempt-4.crash'  # a write there fails, even as root
 restart=4; requeue_after_crash SIGSEGV training; echo "unrecorded=$?"
 """
     r = bash(script, tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}")
     found = dict(line.split("=") for line in r.stdout.splitlines() if "=" in line and " " not in line)
-    assert found == {"first": "0", "second": "0", "third": "1", "refused": "1", "unrecorded": "1"}, r.stdout + r.stderr
+    assert found == {"first": "0", "second": "0", "third": "1", "refused": "1", "counted": "no", "unrecorded": "1"}, \
+        r.stdout + r.stderr
     assert calls.read_text().splitlines() == ["requeue 7"] * 3  # the first two, and the refused one
     log = (logs / "attempt.log").read_text()
     assert "a rank crashed during training (SIGSEGV, exit 139): requeueing job 7 (crash requeue 1 of 2)" in log
