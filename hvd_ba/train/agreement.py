@@ -7,6 +7,7 @@ is left waiting in a collective.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import socket
@@ -100,7 +101,9 @@ def write_checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out
                    "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
                    "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
                    "world": dist.size(), "rng": rng, "partial": partial, "config": cfg.to_dict(),
-                   "run_id": state.run_id, "plan": state.plan, "epoch_record": epoch_record}
+                   "run_id": state.run_id, "plan": state.plan,
+                   # as metrics.jsonl holds it: plain types only, or torch.load(weights_only) refuses the file
+                   "epoch_record": json.loads(json.dumps(epoch_record)) if epoch_record else None}
         try:
             path = save_checkpoint(out, payload, cfg.run.keep_checkpoints, prune_legacy=state.legacy_checkpoints)
             log.info("checkpoint %s (step %d)", path, state.step)
