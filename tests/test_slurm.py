@@ -273,7 +273,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
     log = slurm_log(out)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
     job_dir = out / "logs" / f"job-{job}"
-    # A rank that crashed on its own (once in CI: a segfault in Open MPI's start-up under srun)
+    # A rank that crashed on its own (once in CI: rank 0 segfaulted seconds into its start-up under srun)
     # requeues the job once more (job.sh, CRASH_REQUEUES); the preemption must still resume
     # exactly. Told, never silent: the crash's stack goes to the test's warnings.
     crashes = sorted(job_dir.glob("attempt-*.crash"))
