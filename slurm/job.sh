@@ -101,10 +101,11 @@ launch_command() {
 }
 
 # run_step: runs CMD in the background, its output appended to the attempt's log, and waits for it;
-# sets `status` to the launcher's own exit status. A trapped signal ends `wait` early with 128+N
+# sets `status` to the launcher's own exit status and `step_log_start` to where its output begins
+# in the attempt's log (the byte offset before the launch). A trapped signal ends `wait` early with 128+N
 # while the launcher goes on stopping the ranks: wait again for the real status (the ranks' 75).
 run_step() {
-    local logged; logged=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
+    step_log_start=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
     local log_fd tee_pid i
     exec {log_fd}> >(tee -a "$attempt_log")
     tee_pid=$!
@@ -124,11 +125,11 @@ run_step() {
     for i in $(seq 100); do kill -0 "$tee_pid" 2>/dev/null || break; sleep 0.1; done
     # horovodrun and torchrun report 1 for any rank's failure; their messages name the ranks' status.
     if [ "$LAUNCHER" = horovodrun ] && [ "$status" = 1 ] \
-            && tail -c +$((logged + 1)) "$attempt_log" | grep -q "^Exit code: $PREEMPTED\$"; then
+            && tail -c +$((step_log_start + 1)) "$attempt_log" | grep -q "^Exit code: $PREEMPTED\$"; then
         status=$PREEMPTED
     fi
     if [ "$LAUNCHER" = torchrun ] && { [ "$status" = 1 ] || [ "$status" = 143 ]; }; then
-        local codes; codes=$(tail -c +$((logged + 1)) "$attempt_log" | sed -n 's/^ *exitcode *: *\(-\?[0-9]*\) .*/\1/p' | sort -u)
+        local codes; codes=$(tail -c +$((step_log_start + 1)) "$attempt_log" | sed -n 's/^ *exitcode *: *\(-\?[0-9]*\) .*/\1/p' | sort -u)
         # every rank stopped with a checkpoint (75), or was ended by srun after another node's did (-15)
         if echo "$codes" | grep -qx "$PREEMPTED" && ! echo "$codes" | grep -vqxE "$PREEMPTED|-15"; then
             status=$PREEMPTED
@@ -180,7 +181,7 @@ run_job() {
     # job on the same OUT must not delete the first one's pending STOP).
 
     # The signal traps come first: a preemption during the config check or the staging requeues too.
-    requeue_asked=0 stop_asked=0 pid="" interrupted=0 status=0 sets=() logged_before_launch=0
+    requeue_asked=0 stop_asked=0 pid="" interrupted=0 status=0 sets=() step_log_start=0
     on_signal() {
         # USR1 (Slurm's --signal, or scancel --signal=USR1 --batch): preemption, requeue after the
         # checkpoint. TERM (scancel, or Slurm preempting with its own requeue): checkpoint only.
@@ -241,12 +242,11 @@ run_job() {
     if [ "$STAGE" = 1 ] && [ "$stop_asked" = 0 ]; then
         job_log "staging static shards to $LOCAL_DATA" | tee -a "$attempt_log"
         launch_command -m hvd_ba stage ${stage_flags[@]+"${stage_flags[@]}"} --config "$CONFIG" --set "${sets[@]}" || return 2
-        logged_before_launch=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
         run_step
         if [ "$status" != 0 ] && [ "$stop_asked" = 0 ]; then
             echo "$status" > "$log_dir/attempt-$restart.exit"
             local crash
-            if crash=$(crash_signal "$status" "$logged_before_launch"); then
+            if crash=$(crash_signal "$status" "$step_log_start"); then
                 trap - USR1 TERM  # the requeue's own TERM to this script is no preemption
                 requeue_after_crash "$crash" staging && return 0
             fi
@@ -259,7 +259,6 @@ run_job() {
     if [ "$stop_asked" = 0 ]; then
         launch_command -m hvd_ba train --config "$CONFIG" --set "${sets[@]}" || return 2
         job_log "launch: ${CMD[*]}" | tee -a "$attempt_log"
-        logged_before_launch=$(stat -c %s "$attempt_log" 2>/dev/null || echo 0)
         run_step
     else
         job_log "stopped before training started" | tee -a "$attempt_log"
@@ -272,7 +271,7 @@ run_job() {
     # merely exists: a crash can leave an empty or torn one). A rank that crashed after it was
     # written (in MPI's teardown) does not undo it.
     local crash=""
-    crash=$(crash_signal "$status" "$logged_before_launch") || crash=""
+    crash=$(crash_signal "$status" "$step_log_start") || crash=""
     if { [ "$status" = 0 ] || [ -n "$crash" ]; } && "$PYTHON" -m hvd_ba status --complete "$OUT" >/dev/null 2>&1; then
         if [ -n "$crash" ]; then
             job_log "run complete: $OUT/result.json (a rank crashed after it was written: $crash, exit $status)" | tee -a "$attempt_log"

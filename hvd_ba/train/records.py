@@ -60,7 +60,12 @@ def truncate_records(out: Path, step: int, epoch: int) -> None:
                               ("reads.jsonl", "step", step), ("metrics.jsonl", "epoch", epoch)):
         fsio.trim_records(out / name, lambda record, f=field, k=keep: record[f] <= k)
     if (out / "metrics.csv").exists() or (out / "metrics.jsonl").exists():
-        fsio.write_csv(out / "metrics.csv", read_jsonl(out / "metrics.jsonl"), EPOCH_CSV_COLUMNS)
+        rebuild_metrics_csv(out)
+
+
+def rebuild_metrics_csv(out: Path) -> None:
+    """metrics.csv written anew from metrics.jsonl (after the records were cut or restored)."""
+    fsio.write_csv(out / "metrics.csv", read_jsonl(out / "metrics.jsonl"), EPOCH_CSV_COLUMNS)
 
 
 def restore_epoch_record(out: Path, record: dict) -> bool:
@@ -72,7 +77,7 @@ def restore_epoch_record(out: Path, record: dict) -> bool:
         return False
     fsio.trim_records(out / "metrics.jsonl", lambda r: r["epoch"] < epoch)  # a torn last line goes first
     append_jsonl(out / "metrics.jsonl", record)
-    fsio.write_csv(out / "metrics.csv", read_jsonl(out / "metrics.jsonl"), EPOCH_CSV_COLUMNS)
+    rebuild_metrics_csv(out)
     log.warning("epoch %d's record restored from its checkpoint (the run stopped before it was recorded)", epoch)
     return True
 
