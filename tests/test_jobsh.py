@@ -199,3 +199,21 @@ restart=4; requeue_after_crash SIGSEGV training; echo "unrecorded=$?"
     assert "error: scontrol requeue 7 failed" in log
     assert "a rank crashed during training (SIGSEGV, exit 139); not requeued: " in log
     assert "cannot record the crash (a requeue could repeat without end)" in log
+
+
+def test_a_bad_crash_requeues_value_stops_the_job_before_anything_runs(tmp_path):
+    """CRASH_REQUEUES must be a whole number 0-999: anything else is one line naming it, exit 2,
+    nothing launched; a good value passes on to the next check (here a refused BACKEND)."""
+    results = {}
+    for value in ("abc", "-1", "1000", "", "0", "999"):
+        script = f"""
+OUT='{tmp_path}/out'; DATA=/data; CONFIG=demo; SLURM_JOB_ID=5; LAUNCHER=horovodrun; BACKEND=torch
+CRASH_REQUEUES='{value}'
+run_job; echo "rc=$?"
+"""
+        r = bash(script, tmp_path)
+        results[value] = (r.stdout.strip().splitlines()[-1], "CRASH_REQUEUES=" in r.stdout, "BACKEND=torch" in r.stdout)
+    # "" is the default (1), as unset
+    assert results == {"abc": ("rc=2", True, False), "-1": ("rc=2", True, False), "1000": ("rc=2", True, False),
+                       "": ("rc=2", False, True), "0": ("rc=2", False, True), "999": ("rc=2", False, True)}, results
+    assert not (tmp_path / "out" / "steps.jsonl").exists()
