@@ -25,28 +25,99 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+# ------------------------------------------------------------- what each setting may hold
+# A field's metadata declares its allowed values: `one_of(CHOICES)` or a `Range`; `validate`
+# walks them (a null value of an optional field passes), then runs the checks that relate fields.
+
+LAYOUTS = ("copy-major", "sample-major")
+SHARDS = ("global", "static")
+AUGMENT_KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
+WORKER_STARTS = ("auto", "fork", "forkserver", "spawn")
+BACKENDS = ("horovod", "torch")  # run.backend (hvd_ba/dist.py)
+COPIES_ON = ("rank", "ranks")  # data.copies_on
+BINDS = ("auto", "none")
+GHOST_IMPLS = ("split", "accumulate")
+SCHEDULES = ("step", "cosine")
+AMPS = ("off", "bf16", "fp16")
+WHERES = ("loader", "device")  # augment.where
+WARMUP_FROMS = ("base", "zero")  # optim.warmup_from
+# model.arch: the networks hvd_ba/models/nets.py builds (it asserts the same names)
+ARCHS = ("resnet50", "mobilenet", "alexnet", "small_resnet")
+FIXED_WIDTH_ARCHS = ("resnet50", "alexnet")  # torchvision's own: no width multiplier (model.width 1.0)
+MOBILENET_NARROWEST = 32  # channels of MobileNet v1's narrowest layer (its stem) at model.width 1
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a setting may hold: bounds closed unless `*_open`; None: unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    unit: str = ""  # after a one-sided bound: ">= 8 px"
+    says: str | None = None  # the message instead of the bounds'
+
+    def holds(self, value) -> bool:  # written as what is allowed, so that NaN never passes
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.says:
+            return self.says
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}{self.unit}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high}{self.unit}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+def one_of(choices: tuple) -> dict:
+    return {"choices": choices}
+
+
+def at_least(low, unit: str = "") -> dict:
+    return {"range": Range(low, unit=unit)}
+
+
+def above(low, unit: str = "") -> dict:
+    return {"range": Range(low, low_open=True, unit=unit)}
+
+
+def within(low, high, low_open: bool = False, high_open: bool = False, says: str | None = None) -> dict:
+    return {"range": Range(low, high, low_open, high_open, says=says)}
+
+
+WEEK_S = 7 * 86400  # run.stall_timeout and run.checkpoint_timeout: finite, the backends' timeouts derive from them
+TIMEOUT = within(0, WEEK_S, low_open=True, says=f"> 0 and at most 7 days ({WEEK_S} s)")
+
+
 @dataclass
 class DataConfig:
     path: str | None = None  # ImageNet-layout root holding train/<class>/*.JPEG and val/<class>/*.JPEG
-    copies: int = 4  # M: augmented copies made locally from each decoded image
+    copies: int = field(default=4, metadata=at_least(1))  # M: augmented copies made locally from each decoded image
     # Where the M copies of an image are made. rank: BA, all M on the rank that read the image,
     # from one read and one decode. ranks: repeated augmentation (DeiT's RASampler): each copy on
     # another rank (k = copy x global batch + image, cut into the ranks' M x B samples), which
     # reads and decodes the image itself: M times the reads; each rank's batch holds distinct
     # images where M <= ranks. The same samples either way (a copy drawn from (seed, epoch, file, copy)).
-    copies_on: str = "rank"
-    unique_batch: int = 32  # B: distinct images per rank per step (samples per step = copies * B)
-    layout: str = "copy-major"  # copy-major: each group of B holds one copy of B distinct images
-    shard: str = "global"  # global: a fresh (seed, epoch) split each epoch; static: each rank owns a part for the run
+    copies_on: str = field(default="rank", metadata=one_of(COPIES_ON))
+    # B: distinct images per rank per step (samples per step = copies * B)
+    unique_batch: int = field(default=32, metadata=at_least(1))
+    # copy-major: each group of B holds one copy of B distinct images
+    layout: str = field(default="copy-major", metadata=one_of(LAYOUTS))
+    # global: a fresh (seed, epoch) split each epoch; static: each rank owns a part for the run
+    shard: str = field(default="global", metadata=one_of(SHARDS))
     manifest_dir: str | None = "~/.cache/hvd_ba/manifests"  # cached file index of each split; None: list every start
     # loader worker processes per rank; None: derived from the cores the rank has (its CPU mask):
     # on a GPU all but one (at most 12), on CPUs a quarter (at least one from two cores); cluster.loader_split
-    workers: int | None = None
+    workers: int | None = field(default=None, metadata=at_least(0))
     # Loader worker start method. auto: forkserver, started before Horovod's threads (a fork of a rank
     # whose threads hold locks can hang; data/pipeline.worker_start_method); or name one.
-    worker_start: str = "auto"
-    prefetch: int = 2  # batches prefetched per worker
-    eval_batch: int = 100  # images per evaluation batch, per rank
+    worker_start: str = field(default="auto", metadata=one_of(WORKER_STARTS))
+    prefetch: int = field(default=2, metadata=at_least(1))  # batches prefetched per worker
+    eval_batch: int = field(default=100, metadata=at_least(1))  # images per evaluation batch, per rank
     # Node-local copy made by `python -m hvd_ba stage` (static shards): images are read from here,
     # the file index still comes from data.path. None: read data.path itself.
     local_path: str | None = None
@@ -59,16 +130,17 @@ class AugmentConfig:
 
     # random-resized-crop; short-side-random-crop (AlexNet: shorter side to `resize`, its central
     # resize x resize patch, a random size x size crop); resize-random-crop (resize x resize, crop)
-    kind: str = "random-resized-crop"
-    size: int = 224  # output side, px
+    kind: str = field(default="random-resized-crop", metadata=one_of(AUGMENT_KINDS))
+    size: int = field(default=224, metadata=at_least(8, " px"))  # output side, px
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area fraction range
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect-ratio range
     resize: int = 256  # short-side- and resize-random-crop: the square the crop is taken from, px
-    hflip: float = 0.5  # probability of a horizontal flip
-    lighting_std: float = 0.0  # AlexNet PCA lighting noise (0.1 in the original); 0: off
+    hflip: float = field(default=0.5, metadata=within(0, 1))  # probability of a horizontal flip
+    # AlexNet PCA lighting noise (0.1 in the original); 0: off
+    lighting_std: float = field(default=0.0, metadata=at_least(0))
     # loader: workers make the M crops (uint8). device: workers decode once and send the image
     # with its M crop boxes; the training device (the GPU) crops all M*B in one batched call.
-    where: str = "loader"
+    where: str = field(default="loader", metadata=one_of(WHERES))
     canvas: int = 512  # where=device: decoded images are bounded to this long side, px
     eval_resize: int = 256  # evaluation: resize the short side to this, px
     eval_crop: int = 224  # evaluation: then centre-crop to this, px
@@ -78,54 +150,62 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # see hvd_ba/models/nets.py: ARCHS
-    num_classes: int | None = None  # None: the number of class folders in the data
-    ghost_size: int | None = 64  # samples per ghost-BN group (rank-local); None: plain BN over the rank's batch
+    arch: str = field(default="resnet50", metadata=one_of(ARCHS))  # the networks of hvd_ba/models/nets.py
+    num_classes: int | None = field(default=None, metadata=at_least(2))  # None: the number of class folders in the data
+    # samples per ghost-BN group (rank-local); None: plain BN over the rank's batch
+    ghost_size: int | None = field(default=64, metadata=at_least(1))
     # split: one forward, each group normalised on its own; accumulate: one forward/backward per
     # group with gradient accumulation (the authors' way; less activation memory). Same result.
-    ghost_impl: str = "split"
-    width: float = 1.0  # width multiplier (mobilenet's alpha; small_resnet's channels / 24)
+    ghost_impl: str = field(default="split", metadata=one_of(GHOST_IMPLS))
+    # width multiplier (mobilenet's alpha, at least 1/32; small_resnet's channels / 24); resnet50 and
+    # alexnet have none (1.0 only): width_problem
+    width: float = field(default=1.0, metadata=above(0))
     zero_init_residual: bool = True  # last BN gamma of each residual block starts at 0 (Goyal et al.)
-    dropout: float = 0.0  # small_resnet only: dropout before the classifier (AlexNet-style); 0: none
+    # small_resnet only: dropout before the classifier (AlexNet-style); 0: none
+    dropout: float = field(default=0.0, metadata=within(0, 1, high_open=True))
 
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 0.1  # LR for a unique global batch of reference_batch (linear scaling)
-    reference_batch: int = 256
-    momentum: float = 0.9
+    # LR for a unique global batch of reference_batch (linear scaling)
+    base_lr: float = field(default=0.1, metadata=above(0))
+    reference_batch: int = field(default=256, metadata=at_least(1))
+    momentum: float = field(default=0.9, metadata=within(0, 1, high_open=True))
     nesterov: bool = False
-    weight_decay: float = 1e-4  # applied to every parameter except batch-norm ones
+    weight_decay: float = field(default=1e-4, metadata=at_least(0))  # applied to every parameter except batch-norm ones
     decay_biases: bool = True  # false: biases get no weight decay either (a common option)
-    label_smoothing: float = 0.0
-    schedule: str = "step"  # step: milestones x decay; cosine: half cosine to 0 after warmup
+    label_smoothing: float = field(default=0.0, metadata=within(0, 1, high_open=True))
+    # step: milestones x decay; cosine: half cosine to 0 after warmup
+    schedule: str = field(default="step", metadata=one_of(SCHEDULES))
     fp16_allreduce: bool = False  # gradients fp16 on the wire (Horovod's compression; DDP's fp16 hook)
     adasum: bool = False  # Horovod Adasum reduction instead of averaging
-    gradient_predivide_factor: float = 1.0
-    epochs: int = 90
+    gradient_predivide_factor: float = field(default=1.0, metadata=above(0))
+    epochs: int = field(default=90, metadata=at_least(1))
     warmup_epochs: float = 5.0  # per-iteration linear warmup to the peak LR (Goyal et al. 2017)
     # base: the warmup starts at base_lr (the LR of reference_batch unique images) at iteration 0,
     # as Goyal et al. and their code; zero: from 0 (many modern recipes)
-    warmup_from: str = "base"
+    warmup_from: str = field(default="base", metadata=one_of(WARMUP_FROMS))
     milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # epochs
-    decay: float = 0.1  # LR factor at each milestone
+    decay: float = field(default=0.1, metadata=within(0, 1, low_open=True))  # LR factor at each milestone
 
 
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, steps.jsonl, result.json
     seed: int = 0
-    log_every: int = 20  # steps between progress lines / steps.jsonl records
-    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    threads: int = 0  # torch intra-op threads per rank; 0: the rank's cores (CPU mask) less its loader workers
+    log_every: int = field(default=20, metadata=at_least(1))  # steps between progress lines / steps.jsonl records
+    # epochs between evaluations (the last epoch is always evaluated)
+    eval_every: int = field(default=1, metadata=at_least(1))
+    # torch intra-op threads per rank; 0: the rank's cores (CPU mask) less its loader workers
+    threads: int = field(default=0, metadata=at_least(0))
     # auto: inside a Slurm job, a rank whose CPU mask holds the cores of all its node's ranks
     # (horovodrun, mpirun --bind-to none) keeps its local rank's --cpus-per-task share; none: as launched
-    bind: str = "auto"
+    bind: str = field(default="auto", metadata=one_of(BINDS))
     # How the ranks talk: horovod (Horovod over Gloo or MPI; launch with horovodrun, srun or mpirun)
     # or torch (torch.distributed, DistributedDataParallel: Gloo on CPUs, NCCL on GPUs; launch
     # with torchrun, srun or mpirun; needs no Horovod installed). hvd_ba/dist.py.
-    backend: str = "horovod"
-    max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
+    backend: str = field(default="horovod", metadata=one_of(BACKENDS))
+    max_steps_per_epoch: int | None = field(default=None, metadata=at_least(1))  # cut epochs short (tests, smoke runs)
     resume: str | None = None  # auto: the newest valid checkpoint of out_dir (fresh start if none); or a file
     # A fresh start in an out_dir that holds a run is refused; true: move that run aside to
     # <out_dir>.old-<time> (never deleted) and start afresh.
@@ -134,21 +214,22 @@ class RunConfig:
     # batch) before the job is ended with a message naming the rank, host and what it waited for.
     # Start-up (listing, resume) is not timed. Horovod's stall shutdown and the torch process-group
     # timeout, the backends' backstops, are max(1 h, 4 x this, 1.5 x checkpoint_timeout).
-    stall_timeout: float = 300.0
+    stall_timeout: float = field(default=300.0, metadata=TIMEOUT)
     # Seconds rank 0 may take to write a checkpoint (the file and folder fsyncs), the other ranks
     # waiting for it, before the job is ended as stalled. Longer than stall_timeout: a loaded
     # parallel file system can take minutes to fsync (this machine's disk once took 144 s for a
     # 5.6 MB checkpoint); a write that never returns (a hung mount) still ends the job.
-    checkpoint_timeout: float = 1800.0
+    checkpoint_timeout: float = field(default=1800.0, metadata=TIMEOUT)
     # A run holds its folder with a lock (run.out_dir/.lock: host, pid, Slurm job, start time) whose
     # mtime is refreshed every minute. A lock from another host is taken for abandoned (its holder
     # crashed with the node) once it was not refreshed for this many seconds.
-    lock_stale_after: float = 900.0
-    checkpoint_every: int | None = None  # steps between checkpoints (one is also written at each epoch end)
-    keep_checkpoints: int = 3  # the newest K are kept
+    lock_stale_after: float = field(default=900.0, metadata=above(0, " seconds"))
+    # steps between checkpoints (one is also written at each epoch end)
+    checkpoint_every: int | None = field(default=None, metadata=at_least(1))
+    keep_checkpoints: int = field(default=3, metadata=at_least(1))  # the newest K are kept
     # steps between the ranks' agreement on stop requests (preemption signals) and finite losses:
     # one small allreduce, a full synchronisation of the ranks, so not every step
-    sync_every: int = 10
+    sync_every: int = field(default=10, metadata=at_least(1))
     # A file whose appearance asks for a stop exactly as SIGUSR1 does (checked by local rank 0 of
     # each node at each agreement; '$SLURMD_NODENAME' in it names a node's own file): how a batch
     # script reaches ranks that horovodrun or mpirun started on other nodes.
@@ -156,9 +237,9 @@ class RunConfig:
     # Every N steps, lambda_max (top eigenvalue of the batch-averaged loss Hessian; hvd_ba/theory/tracking.py)
     # of `track_lambda_batches` batches of each kind (plain B, BA B x M, plain M*B) at the current
     # weights, into lambda.jsonl. Collective and costly (tens of Hessian-vector products); None: off.
-    track_lambda_every: int | None = None
-    track_lambda_batches: int = 1
-    amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler; CUDA)
+    track_lambda_every: int | None = field(default=None, metadata=at_least(1))
+    track_lambda_batches: int = field(default=1, metadata=at_least(1))
+    amp: str = field(default="off", metadata=one_of(AMPS))  # off | bf16 | fp16 (fp16 with a GradScaler; CUDA)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     record_reads: bool = False  # write each rank's list of file indices read per epoch (tests)
@@ -312,110 +393,100 @@ def save_config(cfg: Config, path: Path, run_id: str | None = None) -> None:
 
 # ---------------------------------------------------------------------------------- validation
 
-LAYOUTS = ("copy-major", "sample-major")
-SHARDS = ("global", "static")
-AUGMENT_KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
-WORKER_STARTS = ("auto", "fork", "forkserver", "spawn")
-BACKENDS = ("horovod", "torch")  # run.backend (hvd_ba/dist.py)
-COPIES_ON = ("rank", "ranks")  # data.copies_on
-BINDS = ("auto", "none")
-GHOST_IMPLS = ("split", "accumulate")
-SCHEDULES = ("step", "cosine")
-AMPS = ("off", "bf16", "fp16")
-
 
 def _require(ok: bool, key: str, message: str):
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need no files; `check_paths` does those that do, before any rank trains."""
-    d, a, m, o, r = cfg.data, cfg.augment, cfg.model, cfg.optim, cfg.run
-    _require(d.copies >= 1, "data.copies", f"must be >= 1, got {d.copies}")
-    _require(d.unique_batch >= 1, "data.unique_batch", f"must be >= 1, got {d.unique_batch}")
-    _require(d.layout in LAYOUTS, "data.layout", f"must be one of {LAYOUTS}, got {d.layout!r}")
-    _require(d.shard in SHARDS, "data.shard", f"must be one of {SHARDS}, got {d.shard!r}")
-    _require(d.copies_on in COPIES_ON, "data.copies_on", f"must be one of {COPIES_ON}, got {d.copies_on!r}")
+def _check_declared(cfg: Config) -> None:
+    """Every field against what its metadata declares (one_of, Range); null passes where allowed."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(values))
+        for f in dataclasses.fields(values):
+            value, key = getattr(values, f.name), f"{section.name}.{f.name}"
+            if value is None:
+                continue
+            choices, bounds = f.metadata.get("choices"), f.metadata.get("range")
+            if choices is not None:
+                _require(value in choices, key, f"must be one of {choices}, got {value!r}")
+            if bounds is not None:
+                nullable = " or null" if type(None) in typing.get_args(hints[f.name]) else ""
+                _require(bounds.holds(value), key, f"must be {bounds.describe()}{nullable}, got {value}")
+
+
+def width_problem(arch: str, width: float) -> str | None:
+    """Why models/nets.py cannot build `arch` at `width` (None: it can). Checked with the config,
+    before any rank starts, and by build_model."""
+    if arch in FIXED_WIDTH_ARCHS and width != 1.0:
+        return f"{arch} has no width multiplier here (use 1.0), got {width}"
+    if arch == "mobilenet" and int(MOBILENET_NARROWEST * width) < 1:
+        return (f"{width} leaves mobilenet's narrowest layer no channel (int({MOBILENET_NARROWEST} x width) = 0; "
+                f"at least 1/{MOBILENET_NARROWEST})")
+    return None
+
+
+def _check_data(d: DataConfig, a: AugmentConfig) -> None:
     _require(not (d.copies_on == "ranks" and d.shard == "static"), "data.copies_on",
              "ranks reads each image on several ranks, which static shards (one owner per file) forbid: "
              "set data.shard=global")
     _require(not (d.copies_on == "ranks" and a.where == "device"), "data.copies_on",
              "ranks makes one copy per item on the loader; augment.where=device is for BA (data.copies_on=rank)")
-    _require(d.workers is None or d.workers >= 0, "data.workers", f"must be >= 0 or null (derived from the cores), got {d.workers}")
-    _require(d.worker_start in WORKER_STARTS, "data.worker_start", f"must be one of {WORKER_STARTS}")
-    _require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
-    _require(d.eval_batch >= 1, "data.eval_batch", f"must be >= 1, got {d.eval_batch}")
-    _require(a.size >= 8, "augment.size", f"must be >= 8 px, got {a.size}")
+
+
+def _check_augment(a: AugmentConfig) -> None:
     for key, pair, low in (("augment.scale", a.scale, 0.0), ("augment.ratio", a.ratio, 0.0)):
         _require(len(pair) == 2 and low < pair[0] <= pair[1], key, f"must be [low, high] with 0 < low <= high, got {pair}")
     _require(a.scale[1] <= 1.0, "augment.scale", f"upper bound must be <= 1, got {a.scale[1]}")
-    _require(0.0 <= a.hflip <= 1.0, "augment.hflip", f"must be a probability, got {a.hflip}")
     _require(a.eval_crop <= a.eval_resize, "augment.eval_crop", f"{a.eval_crop} exceeds augment.eval_resize {a.eval_resize}")
-    _require(a.kind in AUGMENT_KINDS, "augment.kind", f"must be one of {AUGMENT_KINDS}, got {a.kind!r}")
     if a.kind in ("short-side-random-crop", "resize-random-crop"):
         _require(a.resize >= a.size, "augment.resize", f"{a.resize} is below augment.size {a.size}")
-    _require(a.where in ("loader", "device"), "augment.where", f"must be loader or device, got {a.where!r}")
     _require(a.canvas >= a.size, "augment.canvas", f"{a.canvas} is below augment.size {a.size}")
-    _require(a.lighting_std >= 0, "augment.lighting_std", f"must be >= 0, got {a.lighting_std}")
     _require(len(a.mean) == 3 and len(a.std) == 3 and min(a.std) > 0, "augment.std", "mean and std need 3 channels, std > 0")
-    if m.num_classes is not None:
-        _require(m.num_classes >= 2, "model.num_classes", f"must be >= 2, got {m.num_classes}")
+
+
+def _check_model(m: ModelConfig, d: DataConfig) -> None:
     if m.ghost_size is not None:
         samples = d.copies * d.unique_batch  # Derived.samples_per_rank, checked before a config is valid
-        _require(m.ghost_size >= 1, "model.ghost_size", f"must be >= 1, got {m.ghost_size}")
         _require(
             samples % m.ghost_size == 0,
             "model.ghost_size",
             f"{m.ghost_size} does not divide the samples per rank per step "
             f"(data.copies {d.copies} x data.unique_batch {d.unique_batch} = {samples})",
         )
-    _require(m.ghost_impl in GHOST_IMPLS, "model.ghost_impl", f"must be one of {GHOST_IMPLS}, got {m.ghost_impl!r}")
     if m.ghost_impl == "accumulate":
         _require(m.ghost_size is not None, "model.ghost_impl", "accumulate needs model.ghost_size")
-    _require(m.width > 0, "model.width", f"must be > 0, got {m.width}")
-    _require(o.warmup_from in ("base", "zero"), "optim.warmup_from", f"must be base or zero, got {o.warmup_from!r}")
-    _require(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
-    _require(0 <= o.label_smoothing < 1, "optim.label_smoothing", f"must be in [0, 1), got {o.label_smoothing}")
-    _require(o.gradient_predivide_factor > 0, "optim.gradient_predivide_factor", "must be > 0")
+    _require(width_problem(m.arch, m.width) is None, "model.width", width_problem(m.arch, m.width) or "")
+    _require(m.dropout == 0 or m.arch == "small_resnet", "model.dropout",
+             f"only small_resnet takes a dropout here ({m.arch} has its own or none)")
+
+
+def _check_optim(o: OptimConfig, r: RunConfig) -> None:
     _require(not (o.adasum and o.gradient_predivide_factor != 1.0), "optim.gradient_predivide_factor",
              "must be 1 with optim.adasum (Horovod does not combine them)")
-    _require(r.backend in BACKENDS, "run.backend", f"must be one of {BACKENDS}, got {r.backend!r}")
     _require(not (r.backend == "torch" and o.adasum), "optim.adasum",
              "Horovod's Adasum has no torch.distributed counterpart: set run.backend=horovod, or optim.adasum=false")
     _require(not (r.backend == "torch" and o.gradient_predivide_factor != 1.0), "optim.gradient_predivide_factor",
              "has no torch.distributed counterpart (DDP divides before its sum): set it to 1, or run.backend=horovod")
-    _require(r.amp in AMPS, "run.amp", f"must be one of {AMPS}, got {r.amp!r}")
-    _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
-    _require(o.reference_batch >= 1, "optim.reference_batch", "must be >= 1")
-    _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
     _require(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", f"must be in [0, optim.epochs], got {o.warmup_epochs}")
     _require(list(o.milestones) == sorted(o.milestones), "optim.milestones", f"must be increasing, got {o.milestones}")
-    _require(0 < o.decay <= 1, "optim.decay", f"must be in (0, 1], got {o.decay}")
-    _require(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
-    _require(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
-    _require(r.threads >= 0, "run.threads", f"must be >= 0, got {r.threads}")
-    _require(r.bind in BINDS, "run.bind", f"must be one of {BINDS}, got {r.bind!r}")
-    _require(r.track_lambda_every is None or r.track_lambda_every >= 1, "run.track_lambda_every",
-             f"must be >= 1 or null, got {r.track_lambda_every}")
-    _require(r.track_lambda_batches >= 1, "run.track_lambda_batches", f"must be >= 1, got {r.track_lambda_batches}")
-    _require(r.sync_every >= 1, "run.sync_every", f"must be >= 1, got {r.sync_every}")
+
+
+def _check_run(r: RunConfig) -> None:
     _require(not (r.resume and r.overwrite), "run.overwrite",
              "cannot be combined with run.resume (continue the run, or move it aside and start afresh)")
-    _require(r.lock_stale_after > 0, "run.lock_stale_after", f"must be > 0 seconds, got {r.lock_stale_after}")
-    for key in ("stall_timeout", "checkpoint_timeout"):  # finite: the backends' timeouts derive from them
-        value = getattr(r, key)
-        _require(0 < value <= 7 * 86400, f"run.{key}", f"must be > 0 and at most 7 days (604800 s), got {value}")
-    _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    _require(m.dropout == 0 or m.arch == "small_resnet", "model.dropout",
-             f"only small_resnet takes a dropout here ({m.arch} has its own or none)")
-    _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
-    if r.checkpoint_every is not None:
-        _require(r.checkpoint_every >= 1, "run.checkpoint_every", f"must be >= 1, got {r.checkpoint_every}")
-    if r.max_steps_per_epoch is not None:
-        _require(r.max_steps_per_epoch >= 1, "run.max_steps_per_epoch", "must be >= 1")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no files; `check_paths` does those that do, before any rank trains. First
+    each field on its own (its declared choices or range), then the checks that relate fields."""
+    _check_declared(cfg)
+    _check_data(cfg.data, cfg.augment)
+    _check_augment(cfg.augment)
+    _check_model(cfg.model, cfg.data)
+    _check_optim(cfg.optim, cfg.run)
+    _check_run(cfg.run)
 
 
 def where() -> str:

@@ -41,6 +41,27 @@ def test_bad_config_value_stops_demo_before_launch(tmp_path, small_data):
     assert "horovodrun" not in r.stdout  # nothing was launched
 
 
+@pytest.mark.parametrize("command", ["train", "demo"])
+@pytest.mark.parametrize("settings, line", [
+    (["model.arch=resnet5"], "config key 'model.arch': must be one of ('resnet50', 'mobilenet', 'alexnet', "
+                             "'small_resnet'), got 'resnet5'"),
+    (["model.width=0.3", "model.arch=resnet50"], "config key 'model.width': resnet50 has no width multiplier here "
+                                                 "(use 1.0), got 0.3"),
+])
+def test_a_model_the_nets_cannot_build_is_refused_before_any_rank_starts(tmp_path, small_data, command, settings,
+                                                                         line):
+    """An architecture typo, or a width its network does not take, used to pass the config and end
+    the run after start-up with a traceback: now one line naming the key, nothing launched."""
+    out = tmp_path / "run"
+    if command == "train":
+        r = run_cli("train", "--config", "demo", "--set", f"data.path={small_data}", f"run.out_dir={out}", *settings)
+    else:
+        r = run_cli("demo", "--data", str(small_data), "--out", str(out), "--set", *settings)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"hvd_ba {command}: error: {line}"]
+    assert "horovodrun" not in r.stdout and not out.exists()  # nothing launched, no run folder
+
+
 def test_make_data_writes_imagenet_layout(tmp_path):
     r = run_cli("make-data", str(tmp_path / "d"), "--classes", "3", "--train-per-class", "4", "--val-per-class", "2")
     assert r.returncode == 0, r.stderr

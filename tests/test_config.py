@@ -51,6 +51,15 @@ def test_user_yaml_with_base_chain(tmp_path):
     (["copies=3"], "override 'copies=3': expected section.key=value"),
     (["run.checkpoint_timeout=0"], "config key 'run.checkpoint_timeout': must be > 0 and at most 7 days"),
     (["run.stall_timeout=.inf"], "config key 'run.stall_timeout': must be > 0 and at most 7 days (604800 s), got inf"),
+    (["model.arch=resnet5"], "config key 'model.arch': must be one of ('resnet50', 'mobilenet', 'alexnet', "
+                             "'small_resnet'), got 'resnet5'"),
+    (["model.width=0.3", "model.arch=resnet50"], "config key 'model.width': resnet50 has no width multiplier here "
+                                                 "(use 1.0), got 0.3"),
+    (["model.arch=mobilenet", "model.width=0.03"], "config key 'model.width': 0.03 leaves mobilenet's narrowest "
+                                                   "layer no channel"),
+    (["data.workers=-1"], "config key 'data.workers': must be >= 0 or null, got -1"),
+    (["augment.hflip=1.5"], "config key 'augment.hflip': must be in [0, 1], got 1.5"),
+    (["optim.momentum=.nan"], "config key 'optim.momentum': must be in [0, 1), got nan"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -58,6 +67,18 @@ def test_bad_values_name_the_key(overrides, message):
     text = str(err.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_every_architecture_the_config_allows_is_built_and_fits_its_width():
+    """model.arch's choices are the networks models/nets.py builds; a width the config lets through
+    builds (mobilenet at its narrowest 1/32, small_resnet far below)."""
+    from hvd_ba.config import ARCHS
+    from hvd_ba.models.nets import BUILDERS, build_model
+
+    assert tuple(BUILDERS) == ARCHS
+    for arch, width in (("mobilenet", 1 / 32), ("small_resnet", 0.01)):
+        cfg = load_config("demo", [f"model.arch={arch}", f"model.width={width}"])
+        build_model(cfg.model.arch, 10, None, width=cfg.model.width)
 
 
 def test_unknown_preset_lists_the_shipped_ones():

@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from hvd_ba.config import ARCHS, MOBILENET_NARROWEST, width_problem
 from hvd_ba.models.ghost_bn import use_ghost_batch_norm
 
 
@@ -71,7 +72,7 @@ class MobileNetV1(nn.Module):
 
     def __init__(self, num_classes: int = 1000, width: float = 1.0):
         super().__init__()
-        c = int(32 * width)
+        c = int(MOBILENET_NARROWEST * width)  # the stem: the narrowest layer (config.width_problem)
         layers = [_conv_bn(3, c, 2)]
         for out, stride in self.BLOCKS:
             out = int(out * width)
@@ -93,14 +94,10 @@ def _mobilenet(num_classes: int, zero_init_residual: bool, width: float, dropout
 
 
 def _resnet50(num_classes: int, zero_init_residual: bool, width: float, dropout: float) -> nn.Module:
-    if width != 1.0:
-        raise ValueError("config key 'model.width': resnet50 has no width multiplier here (use 1.0)")
     return torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=zero_init_residual)
 
 
 def _alexnet(num_classes: int, zero_init_residual: bool, width: float, dropout: float) -> nn.Module:
-    if width != 1.0:
-        raise ValueError("config key 'model.width': alexnet has no width multiplier here (use 1.0)")
     return torchvision.models.alexnet(num_classes=num_classes)
 
 
@@ -109,14 +106,19 @@ def _small_resnet(num_classes: int, zero_init_residual: bool, width: float, drop
                        dropout=dropout)
 
 
-ARCHS = {"resnet50": _resnet50, "mobilenet": _mobilenet, "alexnet": _alexnet, "small_resnet": _small_resnet}
+BUILDERS = {"resnet50": _resnet50, "mobilenet": _mobilenet, "alexnet": _alexnet, "small_resnet": _small_resnet}
+assert tuple(BUILDERS) == ARCHS, "config.ARCHS (model.arch's choices) must name the networks built here"
 
 
 def build_model(arch: str, num_classes: int, ghost_size: int | None = None,
                 zero_init_residual: bool = True, width: float = 1.0, dropout: float = 0.0) -> nn.Module:
+    """The network of model.arch; the config refuses what this does before any rank starts
+    (config.ARCHS, config.width_problem), the same checks for callers without a config (benches)."""
     if arch not in ARCHS:
         raise ValueError(f"config key 'model.arch': unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
-    model = ARCHS[arch](num_classes, zero_init_residual, width, dropout)
+    if width_problem(arch, width):
+        raise ValueError(f"config key 'model.width': {width_problem(arch, width)}")
+    model = BUILDERS[arch](num_classes, zero_init_residual, width, dropout)
     if ghost_size is not None:
         use_ghost_batch_norm(model, ghost_size)
     return model
