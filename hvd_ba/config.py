@@ -148,12 +148,15 @@ class AugmentConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
+PAPER_GHOST_SIZE = 64  # the paper's ghost-BN group, samples: model.ghost_size's default
+
+
 @dataclass
 class ModelConfig:
     arch: str = field(default="resnet50", metadata=one_of(ARCHS))  # the networks of hvd_ba/models/nets.py
     num_classes: int | None = field(default=None, metadata=at_least(2))  # None: the number of class folders in the data
     # samples per ghost-BN group (rank-local); None: plain BN over the rank's batch
-    ghost_size: int | None = field(default=64, metadata=at_least(1))
+    ghost_size: int | None = field(default=PAPER_GHOST_SIZE, metadata=at_least(1))
     # split: one forward, each group normalised on its own; accumulate: one forward/backward per
     # group with gradient accumulation (the authors' way; less activation memory). Same result.
     ghost_impl: str = field(default="split", metadata=one_of(GHOST_IMPLS))

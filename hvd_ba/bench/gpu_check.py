@@ -88,10 +88,10 @@ def part_bench(data: Path, reduced: bool, out_dir: Path) -> dict:
 
 
 def _state(arch: str, device: torch.device, amp: str, channels_last: bool, dropout: float = 0.0, classes: int = 1000):
-    from hvd_ba.config import ModelConfig, from_dict
+    from hvd_ba.config import PAPER_GHOST_SIZE, from_dict
     from hvd_ba.train.run import build_state
 
-    ghost = 32 if arch == "small_resnet" else ModelConfig().ghost_size  # the paper's 64 for the real models
+    ghost = 32 if arch == "small_resnet" else PAPER_GHOST_SIZE
     cfg = from_dict({"model": {"arch": arch, "ghost_size": ghost, "dropout": dropout},
                      "run": {"amp": amp, "channels_last": channels_last},
                      "data": {"unique_batch": 16, "copies": 4}, "optim": {"warmup_from": "zero"}})

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hvd_ba.config import PAPER_GHOST_SIZE
+
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """Batch norm whose training statistics are taken over consecutive groups of `ghost_size`.
@@ -27,7 +29,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     is a plain BatchNorm2d over the running statistics.
     """
 
-    def __init__(self, num_features: int, ghost_size: int = 64, **kwargs):
+    def __init__(self, num_features: int, ghost_size: int = PAPER_GHOST_SIZE, **kwargs):
         super().__init__(num_features, **kwargs)
         self.ghost_size = ghost_size
 
