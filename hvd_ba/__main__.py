@@ -104,10 +104,10 @@ def cmd_plan(args) -> int:
     for line in derived_figures(cfg, args.ranks, args.train_images):
         print("  " + line)
     if args.show_config:
-        from hvd_ba import yaml_lite as yaml
+        from hvd_ba.config import config_yaml
 
         print("resolved config:")
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        print(config_yaml(cfg).rstrip())
     return 0
 
 

@@ -16,8 +16,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvd_ba import yaml_lite as yaml
-
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -318,6 +316,8 @@ def _resolve_preset(name: str) -> Path:
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """Read a preset, merging it over its `base:` chain."""
+    import yaml  # PyYAML, where a file is read, not at import: bench/gpu_check.py runs without it
+
     if path.resolve() in seen:
         raise ConfigError(f"config file '{path}': 'base' chain loops")
     try:
@@ -343,8 +343,14 @@ def parse_override(text: str) -> tuple[str, object]:
     """`section.key=value` -> (dotted key, YAML-parsed value)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"override '{text}': expected section.key=value, e.g. data.copies=8")
+    import yaml
+
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': not valid YAML ({err})".replace("\n", " ")) from None
+    return key.strip(), parsed
 
 
 def from_dict(raw: dict) -> Config:
@@ -386,12 +392,20 @@ def load_config(preset: str = "resnet50", overrides: list[str] | tuple = ()) -> 
     return cfg
 
 
-def save_config(cfg: Config, path: Path, run_id: str | None = None) -> None:
-    """The resolved config as YAML (with the run's id on top when given; loading drops it)."""
-    from hvd_ba.fsio import atomic_write
+def config_yaml(cfg: Config, run_id: str | None = None) -> str:
+    """The resolved config as block-style YAML, sections in order (with the run's id on top when
+    given; loading drops it)."""
+    import yaml
 
     head = {"run_id": run_id} if run_id else {}
-    atomic_write(path, yaml.safe_dump({**head, **cfg.to_dict()}, sort_keys=False))
+    return yaml.safe_dump({**head, **cfg.to_dict()}, sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: Config, path: Path, run_id: str | None = None) -> None:
+    """config_yaml, written atomically."""
+    from hvd_ba.fsio import atomic_write
+
+    atomic_write(path, config_yaml(cfg, run_id))
 
 
 # ---------------------------------------------------------------------------------- validation

@@ -1,4 +1,6 @@
 """Config loading: presets, base chains, overrides, and one clear error per kind of bad value."""
+import math
+
 import pytest
 import yaml
 
@@ -99,22 +101,27 @@ def test_missing_data_path_and_unwritable_out_dir(tmp_path, small_data):
     assert list((tmp_path / "ok").iterdir()) == []  # the write probe is cleaned up
 
 
-def test_the_yaml_fallback_reads_every_preset_as_pyyaml_does():
-    """hvd_ba/yaml_lite.py stands in for PyYAML where only torch is installed (the GPU check)."""
-    import yaml
+def test_set_values_are_read_as_pyyaml_reads_them():
+    from hvd_ba.config import parse_override
 
-    from hvd_ba import yaml_lite
-    from hvd_ba.config import CONFIG_DIR
+    for text, value in (("yes", True), ("off", False), (".inf", math.inf), ("0x10", 16), ("1e-4", "1e-4"),
+                        ("[[1, 2], [3]]", [[1, 2], [3]]), ("{a: [1, b]}", {"a": [1, "b"]})):
+        assert parse_override(f"run.x={text}") == ("run.x", value), text
+    with pytest.raises(ConfigError, match=r"^override 'data.path=\[a': not valid YAML \(.*\)$"):
+        parse_override("data.path=[a")
+    with pytest.raises(ConfigError, match=r"not valid YAML .*python/object"):  # a tag that would build objects
+        parse_override("data.path=!!python/object:os.system x")
 
-    presets = sorted(CONFIG_DIR.glob("*.yaml"))
-    assert len(presets) >= 4
-    for path in presets:
-        text = path.read_text()
-        assert yaml_lite._lite_load(text) == (yaml.safe_load(text) or {}), path.name
-    for value in ("0.1", "[0.25, 1.0]", "1e-4", "1.5e-3", "null", "true", "False", "8", "-3", "runs/x", "[]", "'a b'"):
-        assert yaml_lite.scalar(value) == yaml.safe_load(value), value
-    with pytest.raises(ValueError, match="line 2"):
-        yaml_lite._lite_load("data:\n  - a list item\n")
+
+def test_a_runs_config_yaml_is_block_style_and_loads_back(tmp_path):
+    from hvd_ba.config import save_config
+
+    cfg = load_config("demo", ["augment.scale=[0.25, 1.0]"])
+    save_config(cfg, tmp_path / "config.yaml", "run-1")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("run_id: run-1\ndata:\n") and "  scale:\n  - 0.25\n  - 1.0\n" in text
+    assert yaml.safe_load(text) == {"run_id": "run-1", **cfg.to_dict()}
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
 
 
 def test_the_backends_own_shutdown_outlasts_every_wait_the_watchdogs_allow():

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -107,6 +108,38 @@ def test_doctor_under_horovodrun_prints_every_rank_once(tmp_path):
     r = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvd_ba",
                         "doctor"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert r.stdout.count("== rank 0 on") == 1 and r.stdout.count("== rank 1 on") == 1, r.stdout[-3000:]
+
+
+def test_the_gpu_check_imports_and_builds_its_configs_without_pyyaml():
+    """cluster/gpu_check.sh runs where only torch is installed: PyYAML is imported only where a
+    file or a --set value is read or written, never on the GPU check's way (an `import yaml` at
+    config.py's module level fails this, in seconds rather than the whole check's minutes)."""
+    code = textwrap.dedent("""
+        import sys
+
+        class NoYaml:
+            def find_spec(self, name, path=None, target=None):
+                if name == "yaml" or name.startswith("yaml."):
+                    raise ImportError(f"{name} is blocked")
+
+        sys.modules.pop("yaml", None)
+        sys.meta_path.insert(0, NoYaml())
+        import torch
+        from hvd_ba.bench import gpu_check
+        from hvd_ba.bench.corpus import loader_config
+        from hvd_ba.bench.gpu import preset_ghost_size
+
+        cfg, state = gpu_check._state("small_resnet", torch.device("cpu"), "off", channels_last=False, classes=10)
+        bench = loader_config("corpus", 2, 8, 64, 1, "device", 3)
+        assert (cfg.model.ghost_size, bench.augment.where, preset_ghost_size()) == (32, "device", 64)
+        assert "yaml" not in sys.modules
+        try:
+            import yaml
+        except ImportError as err:
+            print(err)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "yaml is blocked", r.stdout + r.stderr[-3000:]
 
 
 def test_gpu_check_reduced_form_runs_with_only_torch(tmp_path):

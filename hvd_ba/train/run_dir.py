@@ -44,7 +44,7 @@ def holds_run(out: str | Path) -> bool:
 
 def read_run_id(out: str | Path) -> str | None:
     """The id of the run in `out` (config.yaml, else result.json), or None."""
-    from hvd_ba import yaml_lite as yaml
+    import yaml
 
     out = Path(out)
     try:
