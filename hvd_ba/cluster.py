@@ -22,23 +22,26 @@ class HostListError(ValueError):
     """A host list or tasks-per-node string that does not parse; the message names it."""
 
 
-def _split_top(text: str) -> list[str]:
-    """Split on commas outside brackets; reject unbalanced or nested brackets."""
-    items, depth, start = [], 0, 0
+def split_outside_brackets(text: str, max_depth: int | None = None) -> list[str]:
+    """Split on the commas outside brackets ('[]' and '{}'): '1,[0.25, 1.0],{a: 2}' -> ['1',
+    '[0.25, 1.0]', '{a: 2}'], each piece as written (not stripped). Raises ValueError naming the
+    position of a closing bracket without an opening one, of one nested deeper than
+    `max_depth`, or an opening one never closed. Slurm host lists and `sweep --grid` value lists."""
+    items, opened, start = [], [], 0
     for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise HostListError(f"host list {text!r}: nested '[' at position {i}")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise HostListError(f"host list {text!r}: ']' without '[' at position {i}")
-        elif ch == "," and depth == 0:
+        if ch in "[{":
+            opened.append(ch)
+            if max_depth is not None and len(opened) > max_depth:
+                raise ValueError(f"nested {ch!r} at position {i}")
+        elif ch in "]}":
+            if not opened:
+                raise ValueError(f"{ch!r} without {'[' if ch == ']' else '{'!r} at position {i}")
+            opened.pop()
+        elif ch == "," and not opened:
             items.append(text[start:i])
             start = i + 1
-    if depth:
-        raise HostListError(f"host list {text!r}: '[' is never closed")
+    if opened:
+        raise ValueError(f"{opened[-1]!r} is never closed")
     items.append(text[start:])
     return items
 
@@ -68,7 +71,11 @@ def expand_hostlist(text: str) -> list[str]:
     if not text:
         raise HostListError("host list is empty (is SLURM_JOB_NODELIST set? run inside a Slurm job)")
     hosts = []
-    for item in _split_top(text):
+    try:
+        items = split_outside_brackets(text, max_depth=1)
+    except ValueError as err:
+        raise HostListError(f"host list {text!r}: {err}") from None
+    for item in items:
         if not item:
             raise HostListError(f"host list {text!r}: empty host name (two commas, or a trailing comma)")
         pieces = re.split(r"(\[[^\]]*\])", item)

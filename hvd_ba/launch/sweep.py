@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from hvd_ba.cluster import split_outside_brackets
 from hvd_ba.config import ConfigError, load_config
 from hvd_ba.fsio import atomic_json, atomic_write
 from hvd_ba.launch.demo import horovodrun_command
@@ -55,16 +56,10 @@ class Cell:
 
 def split_values(text: str) -> list[str]:
     """'1,2,[0.25, 1.0]' -> ['1', '2', '[0.25, 1.0]']: commas outside brackets."""
-    values, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            values.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    values.append(current.strip())
+    try:
+        values = [value.strip() for value in split_outside_brackets(text)]
+    except ValueError as err:
+        raise SweepError(f"--grid value list {text!r}: {err}") from None
     if any(v == "" for v in values):
         raise SweepError(f"--grid value list {text!r} has an empty value")
     return values
