@@ -265,7 +265,7 @@ def parser_analyze() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-3, help="eigenvalue: relative tolerance (default: 1e-3)")
     p.add_argument("--max-iter", type=int, default=300,
                    help="eigenvalue: about this many Hessian-vector products at most (default: 300)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: cores / local ranks)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: this rank's share of its CPU mask)")
     p.add_argument("--out", default=None, help="JSON output (default: RUN/analysis/<what>-step<N>.json)")
     return p
 

@@ -1,4 +1,5 @@
-"""Slurm facts for the launchers: host lists, tasks per node, and which rank this process is.
+"""Slurm facts for the launchers: host lists, tasks per node, which rank this process is, its
+cores (the CPU mask) and whether a process id is alive.
 
 `python -m hvd_ba hosts` turns a job's SLURM_JOB_NODELIST / SLURM_TASKS_PER_NODE into the
 `-H host:slots,...` list of horovodrun (or an Open MPI hostfile). The expansion follows
@@ -249,7 +250,32 @@ def launch_rank() -> tuple[int, int]:
     return info.rank, info.world
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # ------------------------------------------------------------------------------------ cores
+
+
+def cpu_mask(pid: int = 0) -> list[int]:
+    """The CPUs a process may run on (0: this one), sorted: its CPU mask, which a Slurm step, a
+    launcher's binding or taskset narrows. Where the system has no sched_getaffinity (macOS),
+    every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(pid))
+    return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU mask's (os.cpu_count() counts the whole node's)."""
+    return len(cpu_mask())
 
 
 def cores_per_task(env=None) -> int | None:
@@ -306,7 +332,7 @@ def bind_rank(setting: str, launch: Launch | None = None) -> tuple[list[int], li
     """run.bind: with `auto`, narrow this process's CPU mask to its Slurm share (rank_share); call before
     any thread starts (Horovod's, torch's, the loader workers inherit the mask). Returns the mask
     (before, after)."""
-    before = sorted(os.sched_getaffinity(0))
+    before = cpu_mask()
     if setting != "auto":
         return before, before
     launch = launch or launch_info()
@@ -316,7 +342,7 @@ def bind_rank(setting: str, launch: Launch | None = None) -> tuple[list[int], li
             os.sched_setaffinity(0, share)
         except OSError:
             pass  # a cpuset that does not allow it: keep what the launcher gave
-    return before, sorted(os.sched_getaffinity(0))
+    return before, cpu_mask()
 
 
 MAX_GPU_WORKERS = 12  # beyond this, more workers only add memory (each holds batches in /dev/shm)

@@ -25,8 +25,11 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
+
+from hvd_ba.cluster import launch_info, pid_alive
 
 log = logging.getLogger("hvd_ba")
 
@@ -38,6 +41,11 @@ class DiskFull(OSError):
     """A write failed for lack of space or permission to write (ENOSPC, EDQUOT, EROFS)."""
 
 
+def free_bytes(path: str | Path) -> int:
+    """Bytes free for this user (not root's reserve) on the file system that holds `path`."""
+    return shutil.disk_usage(path).free
+
+
 # ------------------------------------------------------------------------- crash instrumentation
 
 _count = 0
@@ -47,8 +55,6 @@ def _rank_matches() -> bool:
     wanted = os.environ.get("HVD_BA_CRASH_RANK")
     if wanted is None:
         return True
-    from hvd_ba.cluster import launch_info
-
     return str(launch_info().rank) == wanted
 
 
@@ -142,16 +148,12 @@ def remove(path: Path) -> None:
 
 
 def _pid_gone(name: str) -> bool:
+    """Whether the writer of a temporary `.<name>.<pid>.tmp` is gone (False: alive, or unknown)."""
     try:
         pid = int(name.rsplit(".", 2)[-2])
-        os.kill(pid, 0)
     except (ValueError, IndexError):
         return False
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(pid)
 
 
 def remove_stale_temporaries(folder: Path, dead_only: bool = False) -> list[Path]:

@@ -181,12 +181,7 @@ def test_a_checkpoint_that_will_not_fit_is_not_started(tmp_path, monkeypatch):
     import hvd_ba.train.checkpoint as ckpt
 
     save_checkpoint(tmp_path, {"step": 1, "run_id": "r", "model": {"w": torch.zeros(1000)}}, keep=3)
-    real = os.statvfs(tmp_path)
-
-    class Tiny:
-        f_bavail, f_frsize = 10, real.f_frsize  # 10 blocks free
-
-    monkeypatch.setattr(ckpt.os, "statvfs", lambda path: Tiny)
+    monkeypatch.setattr(ckpt.fsio, "free_bytes", lambda path: 10 * 4096)  # 10 blocks free
     with pytest.raises(DiskFull, match=r"is full: a checkpoint needs about \d+ bytes, \d+ are free; .*ckpt-000000001"):
         save_checkpoint(tmp_path, {"step": 2, "run_id": "r", "model": {"w": torch.zeros(1000)}}, keep=3)
     assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["ckpt-000000001.pt", "latest"]

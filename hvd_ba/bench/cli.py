@@ -3,11 +3,11 @@ baseline measured in the same run (README, "Performance")."""
 from __future__ import annotations
 
 import argparse
-import os
 
 from hvd_ba.bench.corpus import DEFAULT_CORPUS
 from hvd_ba.bench.gpu import RESNET50_ASSUMED_GPU_SAMPLES_PER_S
 from hvd_ba.bench.scaling import DEFAULT_BANDWIDTHS_GBIT, DEFAULT_LATENCY_US
+from hvd_ba.cluster import usable_cores
 
 
 def run_bench(args) -> int:
@@ -30,8 +30,8 @@ def parser_bench() -> argparse.ArgumentParser:
     loader = sub.add_parser("loader", help="BA loader against the naive torchvision way")
     loader.add_argument("--copies", default="1,4,8", help="comma-separated M values (default: 1,4,8)")
     loader.add_argument("--images", type=int, default=480, help="unique images per measurement (default: 480)")
-    loader.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="loader processes, one per core (default: all cores)")
+    loader.add_argument("--workers", type=int, default=usable_cores(),
+                        help="loader processes, one per core (default: this process's cores, its CPU mask)")
     loader.add_argument("--size", type=int, default=224, help="crop side, px (default: 224)")
     loader.add_argument("--batch", type=int, default=64, help="samples per batch, both pipelines (default: 64)")
     loader.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if absent (default: {DEFAULT_CORPUS})")
@@ -49,7 +49,8 @@ def add_parsers(sub) -> None:
     gpu.add_argument("--copies", default="1,4,8", help="M values (default: 1,4,8)")
     gpu.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 4 on CPU)")
     gpu.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 2 on CPU)")
-    gpu.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes (default: all cores)")
+    gpu.add_argument("--workers", type=int, default=usable_cores(),
+                     help="loader processes (default: this process's cores, its CPU mask)")
     gpu.add_argument("--amp", default=None, choices=("off", "bf16"), help="autocast (default: bf16 on CUDA, off on CPU)")
     gpu.add_argument("--where", default="loader,device", help="augmentation places to measure (default: loader,device)")
     gpu.add_argument("--corpus", default=DEFAULT_CORPUS, help="photo corpus folder, made if short")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 from hvd_ba.bench.corpus import corpus, loader_for
 from hvd_ba.bench.loader import samples_per_second
+from hvd_ba.cluster import usable_cores
 from hvd_ba.config import PAPER_GHOST_SIZE
 from hvd_ba.data.model_input import channel_stats, normalize
 from hvd_ba.models import build_model
@@ -99,7 +99,7 @@ def run_gpu_bench(args) -> int:
     places = args.where.split(",")
     if not cuda:
         print("bench gpu: no CUDA device; the reduced form on the CPU (the same measurements, small sizes)")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
+        torch.set_num_threads(max(1, usable_cores() - args.workers))
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"bench gpu: {arch} on {name}, {size} px, amp {amp}, channels_last, {unique} unique images x M per step, "
           f"{steps} timed steps after {warmup}, {args.workers} loader processes")

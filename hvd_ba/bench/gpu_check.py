@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from hvd_ba.cluster import usable_cores
+from hvd_ba.fsio import free_bytes
 
 
 CHECKS = {  # part -> (what must hold of its figures, the message when it does not)
@@ -65,8 +67,7 @@ def make_data(root: Path, images: int) -> Path:
 def shm_capped_workers(wanted: int, batch_bytes: int, prefetch: int = 2) -> int:
     """As many loader workers as /dev/shm holds batches in flight for (half of it), at least 1."""
     try:
-        st = os.statvfs("/dev/shm")
-        free = st.f_bavail * st.f_frsize
+        free = free_bytes("/dev/shm")
     except OSError:
         return 1
     return max(1, min(wanted, int(free / 2 // max(1, batch_bytes * prefetch))))
@@ -77,8 +78,7 @@ def part_bench(data: Path, reduced: bool, out_dir: Path) -> dict:
 
     size, unique = (64, 8) if reduced else (224, 32)
     copies = "1,2" if reduced else "1,4,8"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    workers = shm_capped_workers(max(1, cores - 2), 8 * unique * size * size * 3)
+    workers = shm_capped_workers(max(1, usable_cores() - 2), 8 * unique * size * size * 3)
     path = out_dir / "bench_gpu.json"
     args = SimpleNamespace(corpus=str(data), copies=copies, where="loader,device", workers=workers, model=None,
                            size=size, unique_batch=unique, steps=3 if reduced else 20, warmup=1 if reduced else 5,

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from hvd_ba.cluster import loader_split
+from hvd_ba.cluster import loader_split, pid_alive, usable_cores
 from hvd_ba.config import steps_per_epoch
 from hvd_ba.data.augment import TrainPreset, eval_image
 from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, open_image, read_file
@@ -199,9 +199,7 @@ def _worker_init(rank_pid: int, worker_id: int) -> None:
     def loop():
         while True:
             time.sleep(WATCHDOG_PERIOD_S)
-            try:
-                os.kill(rank_pid, 0)
-            except ProcessLookupError:
+            if not pid_alive(rank_pid):
                 os._exit(1)
 
     threading.Thread(target=loop, name="rank-watchdog", daemon=True).start()
@@ -257,7 +255,7 @@ def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:
     global _exit_hook_registered
     workers = d.workers
     if workers is None:  # not resolved by the caller: from this process's cores
-        workers = loader_split(len(os.sched_getaffinity(0)), 0, None, torch.cuda.is_available())[1]
+        workers = loader_split(usable_cores(), 0, None, torch.cuda.is_available())[1]
     if workers and not _exit_hook_registered:
         atexit.register(_kill_workers_at_exit)
         _exit_hook_registered = True

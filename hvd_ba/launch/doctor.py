@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 
-from hvd_ba.cluster import compact, cores_per_task, loader_split, rank_cores
+from hvd_ba.cluster import compact, cores_per_task, cpu_mask, loader_split, rank_cores, usable_cores
 from hvd_ba.config import derive
+from hvd_ba.fsio import free_bytes
 
 OK, WARN, FAIL = "ok", "WARN", "FAIL"
 
@@ -102,14 +103,11 @@ def check_slurm():
     return OK, ", ".join(found) if found else "not inside a Slurm job"
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def check_cores():
-    n, total = cores(), os.cpu_count() or 1
+    mask = cpu_mask()
+    n, total = len(mask), os.cpu_count() or 1  # total: the node's cores, not this process's mask
     per_task = cores_per_task()
-    text = f"{n} of the node's {total} cores (CPU mask {compact(sorted(os.sched_getaffinity(0)))})"
+    text = f"{n} of the node's {total} cores (CPU mask {compact(mask)})"
     if per_task and n < per_task:
         return WARN, (text + f": Slurm allocated {per_task} per task (SLURM_CPUS_PER_TASK); since Slurm 22.05 srun "
                       "needs --cpus-per-task or SRUN_CPUS_PER_TASK to give them")
@@ -124,7 +122,7 @@ def budget(cfg, local_ranks: int) -> tuple[int, int, int]:
         gpu = torch.cuda.is_available()
     except ImportError:
         gpu = False
-    n = rank_cores(sorted(os.sched_getaffinity(0)), local_ranks, cores_per_task())
+    n = rank_cores(cpu_mask(), local_ranks, cores_per_task())
     return (n, *loader_split(n, cfg.run.threads, cfg.data.workers, gpu))
 
 
@@ -132,7 +130,7 @@ def check_budget(cfg, local_ranks: int):
     """Threads and loader workers a config would use against this rank's cores."""
     n, threads, workers = budget(cfg, local_ranks)
     text = f"run.threads {threads} + data.workers {workers} on {n} cores"
-    if threads + workers > cores():
+    if threads + workers > usable_cores():
         return WARN, text + ": more busy processes than cores, they will contend; lower data.workers or run.threads"
     return OK, text
 
@@ -141,8 +139,7 @@ def check_shm(cfg, local_ranks: int):
     """/dev/shm against the batches the loader workers keep in flight (uint8 copies)."""
     if not os.path.isdir("/dev/shm"):
         return WARN, "no /dev/shm: loader workers cannot share batches"
-    st = os.statvfs("/dev/shm")
-    free = st.f_bavail * st.f_frsize
+    free = free_bytes("/dev/shm")
     d, a = cfg.data, cfg.augment
     batch = derive(cfg, 1).samples_per_rank * a.size * a.size * 3
     in_flight = batch * max(1, budget(cfg, local_ranks)[2]) * d.prefetch

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from hvd_ba import dist
-from hvd_ba.cluster import launch_info
+from hvd_ba.cluster import cores_per_task, cpu_mask, launch_info, rank_cores
 from hvd_ba.config import Config, ConfigError, derive, load_config, manifest_cache
 from hvd_ba.data.manifest import load_index
 from hvd_ba.models import build_model
@@ -153,7 +152,7 @@ def run_analysis(args) -> int:
     backend = dist.launched_backend(launch_info())
     if backend:
         dist.init(backend=backend)  # started by a launcher: parts are spread over the ranks
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // dist.local_size()))
+    torch.set_num_threads(args.threads or rank_cores(cpu_mask(), dist.local_size(), cores_per_task()))
     cfg, model, facts = load_analysis_target(args)
     index = facts.pop("index")
     device = torch.device("cpu")

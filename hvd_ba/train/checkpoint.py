@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -38,8 +37,7 @@ def check_space(folder: Path, newest: Path | None) -> None:
     margin), so that the write never starts; the last good checkpoint stays the resume point."""
     if newest is None or not newest.is_file():
         return
-    stat = os.statvfs(folder)
-    free = stat.f_bavail * stat.f_frsize
+    free = fsio.free_bytes(folder)
     needed = int(newest.stat().st_size * SPACE_MARGIN) + (16 << 20)
     if free < needed:
         raise DiskFull(errno.ENOSPC, f"run folder '{folder.parent}' is full: a checkpoint needs about {needed} bytes, "
@@ -62,10 +60,9 @@ def save_checkpoint(out_dir: str | Path, payload: dict, keep: int, prune_legacy:
         fsio.atomic_write(folder / LATEST, path.name)
     except DiskFull as err:
         resume_point = previous[0] if previous else None
-        stat = os.statvfs(folder)
         needed = resume_point.stat().st_size if resume_point else 0
         raise DiskFull(err.errno, f"run folder '{Path(out_dir)}': {fsio.SPACE_ERRORS[err.errno]} writing checkpoint "
-                       f"'{path.name}' (about {needed} bytes needed, {stat.f_bavail * stat.f_frsize} free); "
+                       f"'{path.name}' (about {needed} bytes needed, {fsio.free_bytes(folder)} free); "
                        + (f"'{resume_point}' stays the resume point" if resume_point else "no earlier checkpoint")
                        + ": free space, then resume with --set run.resume=auto", str(path)) from None
     prune(folder, {payload.get("run_id"), None} if prune_legacy else {payload.get("run_id")}, keep, path)

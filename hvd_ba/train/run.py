@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist, fsio
-from hvd_ba.cluster import (RendezvousError, bind_rank, compact, cores_per_task, launch_rank, loader_split,
-                            oversubscribed, rank_cores)
+from hvd_ba.cluster import (RendezvousError, bind_rank, compact, cores_per_task, cpu_mask, launch_rank,
+                            loader_split, oversubscribed, rank_cores)
 from hvd_ba.config import Config, derive, manifest_cache, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.model_input import channel_stats
@@ -175,7 +175,7 @@ def cpu_budget(cfg: Config, device: torch.device) -> tuple[int, int, list[int]]:
     """(threads, loader workers, cores) of this rank, from the cores its CPU mask holds (after
     run.bind); each rank whose threads + workers exceed them, or that has fewer cores than Slurm
     allocated per task, says so once; rank 0 lists every rank's cores."""
-    mask = sorted(os.sched_getaffinity(0))
+    mask = cpu_mask()
     cores = rank_cores(mask, dist.local_size(), cores_per_task())
     threads, workers = loader_split(cores, cfg.run.threads, cfg.data.workers, device.type == "cuda")
     host = socket.gethostname()
@@ -277,7 +277,7 @@ def loader_worker_cores() -> list[list[int]]:
     masks = []
     for child in multiprocessing.active_children():
         try:
-            masks.append(sorted(os.sched_getaffinity(child.pid)))
+            masks.append(cpu_mask(child.pid))
         except OSError:
             pass
     return masks
@@ -411,8 +411,7 @@ def disk_full_line(cfg: Config, err: DiskFull) -> str:
         return text  # a checkpoint's or the lock's own line says it all
     out = Path(cfg.run.out_dir)
     try:
-        st = os.statvfs(out)
-        free = f"{st.f_bavail * st.f_frsize} bytes free"
+        free = f"{fsio.free_bytes(out)} bytes free"
     except OSError:
         free = "free space unknown"
     try:

@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from hvd_ba.cluster import pid_alive
 from hvd_ba.config import Config, ConfigError, derive
 
 # What a run leaves in its folder; a folder with any of them holds a run (logs/ alone does not:
@@ -259,16 +260,6 @@ def _lock_record() -> dict:
             "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0), "started": time.time()}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stale_reason(holder: dict, age: float, stale_after: float) -> str | None:
     """Why a lock may be broken, or None while its holder may be alive."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -279,7 +270,7 @@ def _stale_reason(holder: dict, age: float, stale_after: float) -> str | None:
         pid = int(holder.get("pid", -1))
         if pid == os.getpid():
             return f"it names this very process {pid} (left by an earlier run in another pid namespace)"
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return f"its process {pid} is gone"
     if age > stale_after:
         return f"its heartbeat is {age:.0f} s old (run.lock_stale_after {stale_after:g} s)"
