@@ -1,5 +1,5 @@
-"""Checkpoints: written atomically by rank 0, the last K kept, a `latest` pointer updated last
-(the collective that every rank calls at the same step is train/agreement.py: write_checkpoint).
+"""Checkpoints: written atomically by rank 0, the last K kept, a `latest` pointer updated last;
+write_checkpoint is the collective around it that every rank calls at the same step.
 
 A checkpoint holds tensors and plain types only, so it loads with
 `torch.load(weights_only=True)`: model (unwrapped, uncompiled), optimizer, GradScaler, global
@@ -9,14 +9,19 @@ place a resumed run exactly), each rank's torch RNG state, the resolved config a
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import re
 from pathlib import Path
 
 import torch
 
-from hvd_ba import __version__, fsio
+from hvd_ba import __version__, dist, fsio
+from hvd_ba.config import Config
 from hvd_ba.fsio import DiskFull
+from hvd_ba.train.engine import TrainState, average_bn_statistics
+from hvd_ba.train.records import RECORD_FILES
+from hvd_ba.train.stop import pause_point
 
 log = logging.getLogger("hvd_ba")
 
@@ -67,6 +72,48 @@ def save_checkpoint(out_dir: str | Path, payload: dict, keep: int, prune_legacy:
                        + ": free space, then resume with --set run.resume=auto", str(path)) from None
     prune(folder, {payload.get("run_id"), None} if prune_legacy else {payload.get("run_id")}, keep, path)
     return path
+
+
+def write_checkpoint(cfg: Config, state: TrainState, model: torch.nn.Module, out: Path, step_in_epoch: int,
+                     epoch: int | None = None, epoch_record: dict | None = None) -> None:
+    """Collective: every rank calls it at the same step. BN running statistics are averaged
+    first (so the saved model is the one all ranks would evaluate); each rank's RNG states and,
+    mid-epoch, its partial epoch sums are gathered; rank 0 writes. `epoch_record`: at an epoch's
+    end, the epoch's metrics, which the checkpoint carries (they are recorded after it)."""
+    if state.watchdog is not None:
+        state.watchdog.tick(f"the checkpoint of step {state.step}", peers=True)
+    average_bn_statistics(model)
+    rng = dist.allgather_object(rng_states(), name="rng")
+    partial = dist.allgather_object(state.progress.to_record(), name="partial") if step_in_epoch else None
+    failure = None
+    if state.watchdog is not None:  # an fsync on a loaded file system may take minutes: not a stall
+        what = (f"its write of the checkpoint of step {state.step} to {checkpoint_dir(out)}" if dist.is_primary()
+                else f"rank 0 to write the checkpoint of step {state.step}")
+        state.watchdog.tick(what, peers=not dist.is_primary(), timeout=cfg.run.checkpoint_timeout,
+                            key="run.checkpoint_timeout")
+    if dist.is_primary():
+        pause_point("checkpoint_write")
+        fsio.sync_files(out / name for name in RECORD_FILES)
+        payload = {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                   "scaler": state.scaler.state_dict() if state.scaler else None, "step": state.step,
+                   "epoch": state.epoch if epoch is None else epoch, "step_in_epoch": step_in_epoch,
+                   "world": dist.size(), "rng": rng, "partial": partial, "config": cfg.to_dict(),
+                   "run_id": state.run_id, "plan": state.plan,
+                   # as metrics.jsonl holds it: plain types only, or torch.load(weights_only) refuses the file
+                   "epoch_record": json.loads(json.dumps(epoch_record)) if epoch_record else None}
+        try:
+            path = save_checkpoint(out, payload, cfg.run.keep_checkpoints, prune_legacy=state.legacy_checkpoints)
+            log.info("checkpoint %s (step %d)", path, state.step)
+        except DiskFull as err:
+            failure = err.strerror
+        if state.watchdog is not None:  # written: a peer that does not come now is stuck
+            state.watchdog.tick(f"the other ranks after the checkpoint of step {state.step}", peers=True)
+    # Nobody leaves (or exits) before the file is on disk; a full disk stops every rank at once.
+    failure = dist.broadcast_object(failure, name="checkpoint")
+    if failure:
+        err = DiskFull(errno.ENOSPC, failure)
+        err.quiet = not dist.is_primary()  # one line, from rank 0
+        raise err
 
 
 def _ours(path: Path, run_ids: set) -> bool:

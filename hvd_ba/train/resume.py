@@ -2,10 +2,16 @@
 another run) and, with run.resume, loads and checks the checkpoint; every rank then receives the
 placement (epoch, step in it, the run id) and the state. Progress records written after the
 checkpoint are cut back, so a resumed run continues exactly where the checkpoint was taken.
+
+A resume compares what the data order and the LR schedule depend on (the *plan*, stored in every
+checkpoint) with the checkpoint's and refuses any difference but one: the world size, when the
+unique global batch stays the same (global shards), which places every global step on the same
+files with the same LR. Of the config, only what operates the run may change (MAY_CHANGE).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -14,14 +20,13 @@ from pathlib import Path
 import torch
 
 from hvd_ba import dist, fsio
-from hvd_ba.config import Config
+from hvd_ba.config import Config, derive
 from hvd_ba.fsio import DiskFull, read_records, remove_stale_temporaries
 from hvd_ba.train.checkpoint import (NAME, check_space, checkpoint_dir, find_checkpoint, newest_checkpoint, run_id_of,
                                      set_rng_states)
 from hvd_ba.train.engine import EpochProgress, TrainState
 from hvd_ba.train.records import restore_epoch_record, truncate_records
-from hvd_ba.train.run_dir import (LOCK, RunRefused, claim_fresh, config_differences, hold_lock, legacy_plan,
-                                  new_run_id, plan_differences, read_result, read_run_id, refuse_resume,
+from hvd_ba.train.run_dir import (LOCK, RunRefused, claim_fresh, hold_lock, new_run_id, read_result, read_run_id,
                                   release_held_lock)
 from hvd_ba.train.stop import pause_point
 
@@ -93,6 +98,145 @@ def claim_run_dir(cfg: Config, out: Path, started: float) -> str | None:
     if decision.get("moved"):
         log.warning("run.overwrite: the earlier run in %s was moved to %s", out, decision["moved"])
     return decision["run_id"]
+
+
+# ------------------------------------------------------------- the plan a resume checks
+
+def index_digest(index) -> str:
+    """sha256 over the training index (relative paths and labels, in order)."""
+    h = hashlib.sha256()
+    for path, label in zip(index.paths, index.labels):
+        h.update(f"{path}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+# The order in which global shards read the files (ShardSampler.shard); format-1 checkpoints
+# were written with order 1, which cut the epoch's permutation into one contiguous part per rank.
+SHARD_ORDER = 2
+
+
+def run_plan(cfg: Config, world: int, steps_per_epoch: int | None, train_files: int | None,
+             train_digest: str | None, peak: float) -> dict:
+    """What the data order and the LR of every step depend on; stored in every checkpoint."""
+    d, o = cfg.data, cfg.optim
+    return {
+        "world": world, "unique_batch": d.unique_batch, "unique_global": derive(cfg, world).unique_global,
+        "copies": d.copies, "ghost_size": cfg.model.ghost_size, "steps_per_epoch": steps_per_epoch,
+        "train_files": train_files, "train_digest": train_digest, "seed": cfg.run.seed, "shard": d.shard,
+        "shard_order": SHARD_ORDER if d.shard == "global" else None, "layout": d.layout, "peak_lr": peak,
+        "warmup_epochs": o.warmup_epochs, "warmup_from": o.warmup_from,
+        "warmup_start": o.base_lr if o.warmup_from == "base" else 0.0, "schedule": o.schedule,
+        "milestones": list(o.milestones), "decay": o.decay,
+        "epochs": o.epochs if o.schedule == "cosine" else None,  # a step schedule may be extended
+    }
+
+
+def legacy_plan(payload: dict) -> dict:
+    """The plan of a format-1 checkpoint (written before plans were stored), from its config:
+    its warmup rose from zero, and its global shards read in order 1 (which matters only in the
+    middle of an epoch: each epoch draws its own permutation)."""
+    cfg = payload["config"]
+    d, o = cfg["data"], cfg["optim"]
+    world = payload["world"]
+    plan = {"world": world, "unique_batch": d["unique_batch"], "unique_global": d["unique_batch"] * world,
+            "copies": d["copies"], "ghost_size": cfg["model"]["ghost_size"], "seed": cfg["run"]["seed"],
+            "shard": d["shard"], "layout": d["layout"],
+            # as format-1 checkpoints computed it (not config.peak_lr: another float order)
+            "peak_lr": o["base_lr"] * d["unique_batch"] * world / o["reference_batch"],
+            "warmup_epochs": o["warmup_epochs"], "warmup_from": "zero", "warmup_start": 0.0,
+            "schedule": o["schedule"], "milestones": list(o["milestones"]), "decay": o["decay"],
+            "epochs": o["epochs"] if o["schedule"] == "cosine" else None}
+    if d["shard"] == "global":
+        plan["shard_order"] = 1 if payload.get("step_in_epoch") else SHARD_ORDER
+    return plan
+
+
+LABELS = {
+    "world": "ranks", "unique_batch": "data.unique_batch (per rank)", "unique_global": "unique global batch",
+    "copies": "data.copies", "ghost_size": "model.ghost_size", "steps_per_epoch": "steps per epoch",
+    "train_files": "training files", "train_digest": "training file index", "seed": "run.seed",
+    "shard": "data.shard", "shard_order": "global shard order (hvd_ba version; a format-1 checkpoint mid-epoch)",
+    "layout": "data.layout", "peak_lr": "peak LR", "warmup_epochs": "optim.warmup_epochs",
+    "warmup_from": "optim.warmup_from", "warmup_start": "warmup start LR (optim.base_lr)",
+    "schedule": "optim.schedule", "milestones": "optim.milestones",
+    "decay": "optim.decay", "epochs": "optim.epochs (cosine)",
+}
+
+
+def _show(key: str, value) -> str:
+    if key == "train_digest":
+        return str(value)[:12]
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def plan_differences(saved: dict, current: dict) -> tuple[list[str], bool]:
+    """(differences that forbid the resume, whether the world size changed in an allowed way).
+
+    The world size (and with it the per-rank batch) may change when the unique global batch and
+    everything else stay: with global shards every global step then reads the same files at the
+    same LR. Keys missing from an older checkpoint are not compared."""
+    keys = [k for k in LABELS if k in saved and k in current and saved[k] is not None and current[k] is not None]
+    diffs = {k for k in keys if (saved[k] != current[k] if not isinstance(saved[k], float)
+                                 else abs(saved[k] - current[k]) > 1e-12 * max(1.0, abs(saved[k])))}
+    resized = bool(diffs) and diffs <= {"world", "unique_batch"} and saved.get("shard") == "global"
+    if resized or not diffs:
+        return [], resized
+    return [f"{LABELS[k]} {_show(k, saved[k])} -> {_show(k, current[k])}" for k in keys if k in diffs], False
+
+
+def refuse_resume(path, differences: list[str], saved: dict, current: dict) -> RunRefused:
+    hint = ""
+    if saved.get("world") != current.get("world") and saved.get("shard") == "global":
+        per_rank, rest = divmod(saved["unique_global"], current["world"])
+        samples, ghost = saved["copies"] * per_rank, saved.get("ghost_size")
+        if rest or per_rank == 0:
+            hint = f"; the unique global batch {saved['unique_global']} does not split over {current['world']} ranks"
+        elif ghost and samples % ghost:
+            hint = (f"; {current['world']} ranks would need data.unique_batch={per_rank}, whose {samples} samples per "
+                    f"rank are not a multiple of model.ghost_size {ghost}")
+        else:
+            hint = (f"; on {current['world']} ranks, --set data.unique_batch={per_rank} keeps the unique global "
+                    f"batch of {saved['unique_global']}")
+    elif saved.get("world") != current.get("world"):
+        hint = "; static shards are owned per rank: resume them on the same number of ranks"
+    if saved.get("warmup_from") == "zero" and current.get("warmup_from") == "base" and "warmup_start" in saved:
+        hint += "; a run started with the older warmup rule continues with --set optim.warmup_from=zero"
+    return RunRefused(f"run.resume: checkpoint '{path}' was written with a different data order or LR schedule: "
+                      + "; ".join(differences) + hint + "; nothing was trained")
+
+
+# Config keys a resume may change: how the run is operated, not what it trains. Everything else
+# (model, augmentation, optimiser, data) must match the checkpoint's config; the world size and
+# data.unique_batch are judged by the plan.
+MAY_CHANGE = {
+    "data": {"path", "unique_batch", "manifest_dir", "workers", "worker_start", "prefetch", "eval_batch", "local_path"},
+    "augment": {"where", "canvas"},
+    "optim": {"epochs"},  # a step schedule may be extended; a cosine one is judged by the plan
+    "run": {"backend", "out_dir", "resume", "overwrite", "stall_timeout", "checkpoint_timeout", "log_every",
+            "eval_every", "threads", "bind", "checkpoint_every", "keep_checkpoints", "sync_every", "stop_file", "track_lambda_every",
+            "track_lambda_batches", "channels_last", "compile", "record_reads", "lock_stale_after"},
+}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'section.key old -> new' for each key a resume may not change (MAY_CHANGE)."""
+    out = []
+    for section, values in current.items():
+        before = saved.get(section, {})
+        for key, value in values.items():
+            if key in MAY_CHANGE.get(section, set()) or key not in before:
+                continue
+            old = before[key]
+            if isinstance(old, float) or isinstance(value, float):
+                same = old is not None and value is not None and abs(float(old) - float(value)) <= 1e-12 * max(
+                    1.0, abs(float(old)))
+            else:
+                same = old == value
+            if not same:
+                out.append(f"{section}.{key} {old} -> {value}")
+    return out
 
 
 def _check_checkpoint(cfg: Config, payload: dict, path, out: Path, plan: dict) -> tuple[str, bool]:

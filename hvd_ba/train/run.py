@@ -28,15 +28,15 @@ from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, start_work
 from hvd_ba.data.staged import check_staged, rank_files
 from hvd_ba.fsio import DiskFull
 from hvd_ba.models import build_model, parameter_groups
-from hvd_ba.train.agreement import StepHooks, write_checkpoint
-from hvd_ba.train.checkpoint import newest_checkpoint
+from hvd_ba.train.agreement import StepHooks
+from hvd_ba.train.checkpoint import newest_checkpoint, write_checkpoint
 from hvd_ba.train.devices import select_device
 from hvd_ba.train.engine import TrainState, evaluate, train_one_epoch
 from hvd_ba.train.lr_schedule import describe_warmup
 from hvd_ba.train.records import (RECORD_FILES, StepRecords, read_jsonl, record_epoch, state_digest,
                                   tensorboard_writer)
-from hvd_ba.train.resume import Placement, claim_run_dir, resume
-from hvd_ba.train.run_dir import RunRefused, index_digest, read_result, release_held_lock, run_plan
+from hvd_ba.train.resume import Placement, claim_run_dir, index_digest, resume, run_plan
+from hvd_ba.train.run_dir import RunRefused, read_result, release_held_lock
 from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
                                ignore_stop_signals, install_stop_handlers, pause_point)
 
