@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up hvd_ba in the active Python (system, venv or conda env): OpenMPI and build tools,
 # torch + torchvision, mpi4py, Horovod 0.28.1 patched and built against that torch (the wheel is
-# cached), the project itself, and pillow-simd last. Idempotent: a second run only verifies.
+# cached), the project itself, and pillow-simd last. Idempotent: a second run installs nothing
+# that is present (each part is checked first and skipped), but still calls pip for Horovod's
+# build dependencies (a no-op when they are installed) and verifies the result.
 #
 #   bash cluster/setup.sh            # PYTHON=/path/to/python to choose the interpreter
 #
@@ -118,7 +120,7 @@ step "pip install build deps" "$PY" -m pip install wheel setuptools packaging ps
 # only), with CUDA and NCCL found by cluster/gpu_detect.sh: nvcc on PATH, CUDA_HOME/CUDA_PATH or
 # /usr/local/cuda (its major must be torch's), NCCL from HOROVOD_NCCL_HOME, NCCL_HOME, torch's own
 # nvidia-nccl wheel or the system. The CPU build still needs CUDA paths where /usr/local/cuda is
-# present, because the torch wheel is a CUDA build (horovod-build.md).
+# present, because the torch wheel is a CUDA build.
 if [ "$BACKEND" = horovod ]; then
 # shellcheck source=cluster/gpu_detect.sh
 source "$ROOT/cluster/gpu_detect.sh"

@@ -360,6 +360,16 @@ def grouped_allreduce_average(tensors: list[torch.Tensor], name: str, fp16: bool
     return _hvd.grouped_allreduce(tensors, op=_hvd.Average, name=name, compression=compression)
 
 
+def horovod_build() -> dict:
+    """What the installed Horovod was built with, without starting it (doctor): its version and
+    whether its Gloo and MPI controllers and NCCL are built in. Raises what importing it raises."""
+    import horovod
+    import horovod.torch as hvd
+
+    return {"version": horovod.__version__, "gloo": bool(hvd.gloo_built()), "mpi": bool(hvd.mpi_built()),
+            "nccl": bool(hvd.nccl_built())}
+
+
 def nccl_built() -> bool:
     """Whether GPU collectives use NCCL (False also without a backend initialised)."""
     if _torch_world is not None:

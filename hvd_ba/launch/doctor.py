@@ -54,22 +54,23 @@ def check_torch():
 
 def check_horovod(cfg=None):
     try:
-        import horovod
-        import horovod.torch as hvd
+        from hvd_ba import dist
+
+        built = dist.horovod_build()
     except Exception as err:
         if cfg is not None and cfg.run.backend == "torch":
             return OK, f"does not import ({type(err).__name__}); not needed: run.backend=torch"
         return FAIL, (f"horovod does not import ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                       "run bash cluster/setup.sh, or train with run.backend=torch")
-    controllers = ", ".join(c for c, built in (("gloo", hvd.gloo_built()), ("mpi", hvd.mpi_built())) if built)
-    parts = [f"horovod {horovod.__version__}", "frameworks: PyTorch", f"controllers: {controllers or 'none'}",
-             f"NCCL: {'yes' if hvd.nccl_built() else 'no'}"]
+    controllers = ", ".join(c for c in ("gloo", "mpi") if built[c])
+    parts = [f"horovod {built['version']}", "frameworks: PyTorch", f"controllers: {controllers or 'none'}",
+             f"NCCL: {'yes' if built['nccl'] else 'no'}"]
     import torch
 
-    if torch.cuda.is_available() and not hvd.nccl_built():
+    if torch.cuda.is_available() and not built["nccl"]:
         return FAIL, "; ".join(parts) + ": GPU tensors would be copied to the host every step; rebuild on this node " \
                                         "(bash cluster/setup.sh) or with HVD_BA_GPU=1"
-    if not (hvd.gloo_built() or hvd.mpi_built()):
+    if not (built["gloo"] or built["mpi"]):
         return FAIL, "; ".join(parts) + ": no controller built"
     return OK, "; ".join(parts)
 

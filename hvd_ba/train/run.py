@@ -1,6 +1,7 @@
-"""`python -m hvd_ba train`: one Horovod rank of a BA training run.
+"""`python -m hvd_ba train`: one rank of a BA training run, on either backend (run.backend:
+Horovod or torch.distributed; hvd_ba/dist.py holds both).
 
-Launched once per rank by horovodrun / srun / mpirun. Writes into cfg.run.out_dir:
+Launched once per rank by horovodrun, torchrun, srun or mpirun. Writes into cfg.run.out_dir:
 config.yaml (resolved config), metrics.jsonl (one record per epoch), steps.jsonl (progress),
 result.json (final figures), rank<r>.json (per-rank digest of the final parameters and, with
 run.record_reads, the file indices the rank read).
@@ -126,7 +127,7 @@ class DataMismatch(RunRefused):
 
 def build_state(cfg: Config, num_classes: int, device: torch.device, world: int, steps_per_epoch: int) -> TrainState:
     """Model, optimizer and step settings of a fresh run, the same on every rank (rank 0's
-    parameters are broadcast; without Horovod initialised, as in tests, no collective runs)."""
+    parameters are broadcast; without a backend initialised, as in tests, no collective runs)."""
     m, o, r = cfg.model, cfg.optim, cfg.run
     torch.manual_seed(r.seed)
     # Parameters stay in the default (contiguous) layout even with run.channels_last: Horovod
@@ -337,8 +338,8 @@ def run_training(cfg: Config, track_lambda=None) -> dict:
     (theory/tracking.py) that run.track_lambda_every needs."""
     stop = install_stop_handlers()
     t_start = time.time()
-    bind_rank(cfg.run.bind)  # before any thread starts: Horovod's, torch's and the loaders' inherit it
-    if cfg.data.workers != 0:  # before Horovod's threads: workers never fork from them
+    bind_rank(cfg.run.bind)  # before any thread starts: the backend's, torch's and the loaders' inherit it
+    if cfg.data.workers != 0:  # before the backend's threads: workers never fork from them
         start_worker_server(cfg.data.worker_start)
     dist.init(stall_timeout=cfg.run.stall_timeout, backend=cfg.run.backend, longest_wait=cfg.run.checkpoint_timeout)
     setup_logging()
@@ -423,7 +424,7 @@ def disk_full_line(cfg: Config, err: DiskFull) -> str:
 
 
 def _leave(message: str | None, status: int):
-    """Print `message` (one line), give up the lock and end the process at once (no Horovod
+    """Print `message` (one line), give up the lock and end the process at once (no backend
     shutdown: another rank may be gone or stuck in a collective)."""
     sys.stdout.flush()
     if message:
