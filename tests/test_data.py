@@ -22,6 +22,7 @@ def digest(root):
     return h.hexdigest()
 
 
+@pytest.mark.unit
 def test_make_dataset_is_deterministic_by_seed(tmp_path):
     a = make_dataset(tmp_path / "a", num_classes=3, train_per_class=5, val_per_class=2, seed=7)
     make_dataset(tmp_path / "b", num_classes=3, train_per_class=5, val_per_class=2, seed=7)
@@ -31,6 +32,7 @@ def test_make_dataset_is_deterministic_by_seed(tmp_path):
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
 
 
+@pytest.mark.unit
 def test_images_vary_like_imagenet(small_data):
     sizes = [Image.open(p).size for p in (small_data / "train").rglob("*.JPEG")]
     sides = np.array(sizes)
@@ -41,6 +43,7 @@ def test_images_vary_like_imagenet(small_data):
         assert img.format == "JPEG" and img.mode == "RGB"
 
 
+@pytest.mark.unit
 def test_index_labels_follow_sorted_class_folders(small_data):
     index = load_index(small_data, "train", cache_dir=None)
     assert index.classes == ("n90000000", "n90000001", "n90000002", "n90000003")
@@ -50,6 +53,7 @@ def test_index_labels_follow_sorted_class_folders(small_data):
         assert size == (small_data / "train" / path).stat().st_size
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", ["global", "static"])
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_shards_are_disjoint_and_equal(mode, world):
@@ -74,6 +78,7 @@ def test_shards_are_disjoint_and_equal(mode, world):
         assert set(first) != set(second)
 
 
+@pytest.mark.unit
 def test_replacements_come_from_the_same_shard():
     s = ShardSampler(100, 1, 2, 10, seed=3)
     mine = set(s.shard(0))
@@ -88,6 +93,7 @@ def _item(value, label, m=3):
             "files": 1, "bytes": 100, "bad": []}
 
 
+@pytest.mark.unit
 def test_copy_major_and_sample_major_layouts():
     items = [_item(b, label=b + 1) for b in range(4)]  # image b, copy k has value 10b + k
     cm = BACollate("copy-major")(items)
@@ -122,6 +128,7 @@ def count_reads(monkeypatch) -> list:
     return opened
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("preset", ["resnet50", "mobilenet", "alexnet", "demo"])
 def test_every_preset_honours_m(preset, small_data, monkeypatch):
     """One decode per image, M distinct copies, for every preset (a peer ignores M for some)."""
@@ -142,6 +149,7 @@ def test_every_preset_honours_m(preset, small_data, monkeypatch):
         assert lighting.abs().sum() == 0
 
 
+@pytest.mark.unit
 def test_augmentation_is_independent_of_worker_count(small_data):
     a = first_batches(small_data, overrides=["data.workers=0", "data.unique_batch=8"])
     b = first_batches(small_data, overrides=["data.workers=2", "data.unique_batch=8"])
@@ -151,6 +159,7 @@ def test_augmentation_is_independent_of_worker_count(small_data):
     assert not torch.equal(a[0]["images"], c[0]["images"])
 
 
+@pytest.mark.unit
 def test_bytes_read_do_not_grow_with_copies(small_data, monkeypatch):
     opened = count_reads(monkeypatch)
     m1 = first_batches(small_data, overrides=["data.copies=1", "data.unique_batch=8", "data.workers=0", "model.ghost_size=null"])
@@ -163,6 +172,7 @@ def test_bytes_read_do_not_grow_with_copies(small_data, monkeypatch):
     assert m8[0]["images"].shape[0] == 8 * m1[0]["images"].shape[0]
 
 
+@pytest.mark.unit
 def test_draft_decoding_matches_a_full_decode(small_data):
     """The fast path (crop boxes before decode, DCT-scaled decode, one resize) gives the same
     pixels, up to resampling noise, as torchvision's full decode + resized_crop + flip."""
@@ -188,6 +198,7 @@ def test_draft_decoding_matches_a_full_decode(small_data):
     assert drafted >= 6  # most of these were decoded at a reduced DCT scale
 
 
+@pytest.mark.unit
 def test_crop_statistics_match_torchvision():
     """Our numpy re-implementation of RandomResizedCrop.get_params draws the same distribution."""
     import torchvision.transforms as T
@@ -211,6 +222,7 @@ def test_crop_statistics_match_torchvision():
             assert np.abs(np.quantile(a, [0.1, 0.5, 0.9]) - np.quantile(b, [0.1, 0.5, 0.9])).max() < 0.1 * (b.std() + 1e-9) + 0.02
 
 
+@pytest.mark.unit
 def test_broken_files_are_replaced_from_the_shard(small_data, tmp_path):
     import shutil
 
@@ -233,6 +245,7 @@ def test_broken_files_are_replaced_from_the_shard(small_data, tmp_path):
     assert all(torch.equal(x["images"], y["images"]) for x, y in zip(batches, again))  # deterministic
 
 
+@pytest.mark.unit
 def test_empty_class_folder_and_empty_dataset_are_errors(tmp_path):
     (tmp_path / "a" / "train" / "cls").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="class folder '.*/a/train/cls' has no images"):
@@ -242,6 +255,7 @@ def test_empty_class_folder_and_empty_dataset_are_errors(tmp_path):
         load_index(tmp_path / "b", "train", None)
 
 
+@pytest.mark.unit
 def test_loader_workers_survive_the_preemption_signals(small_data):
     """srun delivers SIGUSR1/SIGTERM to every process of a task, loader workers included: they
     must leave the stop to the rank (found on the local Slurm: a killed worker failed the rank)."""
@@ -252,17 +266,20 @@ def test_loader_workers_survive_the_preemption_signals(small_data):
     cfg = load_config("demo", [f"data.path={small_data}", "data.workers=2", "data.unique_batch=8"])
     loader = make_train_loader(load_index(small_data, "train", None), cfg, rank=0, world=1)
     batches = iter(loader)
-    next(batches)
     workers = [w.pid for w in batches._workers]
     assert len(workers) == 2
-    for pid in workers:
-        os.kill(pid, signal.SIGUSR1)
-        os.kill(pid, signal.SIGTERM)
-    time.sleep(0.5)
-    assert all(w.is_alive() for w in batches._workers)
-    assert next(batches)["images"].shape[0] == 8 * cfg.data.copies
+    # at once, while the workers start (before their worker_init could run; a loaded node makes
+    # that window seconds long), and again once they deliver
+    for when in ("starting", "running"):
+        for pid in workers:
+            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(w.is_alive() for w in batches._workers), (when, [w.exitcode for w in batches._workers])
+        assert next(batches)["images"].shape[0] == 8 * cfg.data.copies, when
 
 
+@pytest.mark.integration
 def test_a_rank_that_leaves_an_epoch_unfinished_still_exits(small_data):
     """Workers ignore SIGTERM, which is all PyTorch's and multiprocessing's exit paths send to a
     worker that does not stop by itself (one with batches still queued after a `break`, a stop or
@@ -271,7 +288,7 @@ def test_a_rank_that_leaves_an_epoch_unfinished_still_exits(small_data):
     import sys
     import time
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     script = (
         "import sys\n"
@@ -295,6 +312,7 @@ def test_a_rank_that_leaves_an_epoch_unfinished_still_exits(small_data):
         assert "killed by signal" not in r.stderr  # no spurious worker-failure report on the way out
 
 
+@pytest.mark.unit
 def test_alexnet_crops_match_torchvisions_transforms(small_data):
     """The alexnet preset's copies are torchvision's Resize(256) -> CenterCrop(256) -> a random
     224 crop -> flip of the one decoded image: the aspect ratio is kept (not 256 x 256)."""
@@ -327,6 +345,7 @@ def test_alexnet_crops_match_torchvisions_transforms(small_data):
     assert max(diffs) < 1.0, diffs  # the same pixels up to rounding in the resampler
 
 
+@pytest.mark.integration
 def test_loader_workers_never_fork_from_a_rank_whose_threads_hold_locks():
     """A worker forked while another thread holds a lock inherits the lock held and waits on it
     forever (a CI run: an evaluation worker forked mid-run never delivered). `auto` starts the

@@ -193,7 +193,9 @@ def _worker_init(rank_pid: int, worker_id: int) -> None:
     rank dies.
     """
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_IGN)  # discards one that is pending
+    # a worker of the fork server was born with both blocked (worker_server.py says why)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGUSR1))
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def loop():
@@ -238,7 +240,8 @@ def worker_start_method(setting: str) -> str:
     return "forkserver" if setting == "auto" else setting
 
 
-WORKER_SERVER_PRELOAD = ["hvd_ba.data.copies", "hvd_ba.data.pipeline"]
+# worker_server first: the server ignores the preemption signals before anything else
+WORKER_SERVER_PRELOAD = ["hvd_ba.data.worker_server", "hvd_ba.data.copies", "hvd_ba.data.pipeline"]
 
 
 def start_worker_server(setting: str) -> None:
@@ -256,6 +259,9 @@ def _loader(dataset, batch_sampler, collate, d) -> torch.utils.data.DataLoader:
     workers = d.workers
     if workers is None:  # not resolved by the caller: from this process's cores
         workers = loader_split(usable_cores(), 0, None, torch.cuda.is_available())[1]
+    if workers and worker_start_method(d.worker_start) == "forkserver":
+        # where start_worker_server did not run first (a tool, a test): the same server
+        multiprocessing.set_forkserver_preload(WORKER_SERVER_PRELOAD)
     if workers and not _exit_hook_registered:
         atexit.register(_kill_workers_at_exit)
         _exit_hook_registered = True

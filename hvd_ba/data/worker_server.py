@@ -1,0 +1,17 @@
+"""Imported by the fork server of the loader workers alone (pipeline.WORKER_SERVER_PRELOAD), never
+by a rank: the server blocks and ignores the preemption signals, and a fork inherits both, so no
+loader worker can die of one, from its first instruction on.
+
+srun delivers SIGTERM/SIGUSR1 to every process of a task. Ignoring alone leaves a window: PyTorch's
+worker loop installs its own SIGTERM handler (which re-raises a SIGTERM that does not come from
+the worker's parent, with the default action: death) before it calls our worker_init, which ignores
+the signal again. A blocked signal stays pending through that window; worker_init then ignores it,
+which discards the pending one, and unblocks (pipeline._worker_init). The server, blocked and
+ignoring, survives the signals too, so a later loader can still start its workers."""
+import signal
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+for _sig in PREEMPTION_SIGNALS:
+    signal.signal(_sig, signal.SIG_IGN)
