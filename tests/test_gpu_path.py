@@ -103,7 +103,7 @@ def test_doctor_warns_when_threads_and_workers_exceed_the_cores():
 
 
 def test_doctor_under_horovodrun_prints_every_rank_once(tmp_path):
-    from hvd_ba.launch.demo import horovodrun_path
+    from hvd_ba.launchers import horovodrun_path
 
     r = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvd_ba",
                         "doctor"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)

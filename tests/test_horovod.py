@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT
-from hvd_ba.launch.demo import horovodrun_command
+from hvd_ba.launchers import horovodrun_command
 from hvd_ba.train.records import read_jsonl
 
 TRAIN_SETTINGS = [

@@ -28,6 +28,7 @@ from hvd_ba.bench.corpus import corpus, loader_for
 from hvd_ba.bench.gpu import preset_ghost_size, resnet50_gpu_rate, sync
 from hvd_ba.config import derive
 from hvd_ba.data.model_input import channel_stats, normalize
+from hvd_ba.launchers import horovodrun_command, torchrun_command
 from hvd_ba.models import build_model
 
 DEFAULT_BANDWIDTHS_GBIT = "10,100,400"  # assumed: Ethernet, EDR InfiniBand, NDR InfiniBand
@@ -295,17 +296,14 @@ def measure_breakdown(args, backend: str, m: int) -> dict:
     `torchrun --nproc_per_node N` with torch.distributed; its rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "breakdown.json"
-        if backend == "torch":
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.np}"]
-            tail = ["--backend", "torch"]
-        else:
-            launcher, tail = ["horovodrun", "-np", str(args.np), f"--{backend}", sys.executable], []
-        cmd = [*launcher, "-m", "hvd_ba", "bench", "breakdown", *tail, "--model", args.model, "--size", str(args.size), "--unique-batch",
-               str(args.unique_batch), "--copies", str(m), "--steps", str(args.steps), "--warmup",
-               str(args.warmup), "--workers", str(args.workers), "--threads", str(args.threads),
-               "--corpus", args.corpus, "--json", str(target)]
-        if args.fp16_allreduce:
-            cmd.append("--fp16-allreduce")
+        rank_args = [*(["--backend", "torch"] if backend == "torch" else []), "--model", args.model, "--size",
+                     str(args.size), "--unique-batch", str(args.unique_batch), "--copies", str(m), "--steps",
+                     str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers), "--threads",
+                     str(args.threads), "--corpus", args.corpus, "--json", str(target),
+                     *(["--fp16-allreduce"] if args.fp16_allreduce else [])]
+        command = ("bench", "breakdown")
+        cmd = (torchrun_command(args.np, rank_args, command) if backend == "torch"
+               else horovodrun_command(args.np, backend, rank_args, command))
         env = dict(os.environ)
         if 0 < torch.cuda.device_count() < args.np:  # ranks may not share a GPU (train/devices.py)
             env["CUDA_VISIBLE_DEVICES"] = ""

@@ -2,40 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from hvd_ba.config import ConfigError, check_paths, load_config
+from hvd_ba.config import check_paths, load_config
+from hvd_ba.launchers import horovodrun_command
 from hvd_ba.train.run_dir import claim_fresh, holds_run
 
 DEFAULT_DEMO_RUN = "runs/demo"
-
-
-def horovodrun_path() -> str:
-    """The horovodrun of this interpreter's environment (venv/conda bin), else the one on PATH."""
-    beside = Path(sys.executable).parent / "horovodrun"
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("horovodrun")
-    if found is None:
-        raise ConfigError("horovodrun not found: run `bash cluster/setup.sh` first")
-    return found
-
-
-def horovodrun_command(np: int, controller: str, rank_args: list[str]) -> list[str]:
-    cmd = [horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}"]
-    if controller == "gloo":
-        cmd.append("--gloo")
-    else:
-        mpi_args = "--oversubscribe --bind-to none --map-by slot"
-        if os.geteuid() == 0:
-            mpi_args += " --allow-run-as-root"
-        cmd += ["--mpi", f"--mpi-args={mpi_args}"]
-    return cmd + [sys.executable, "-m", "hvd_ba", "train", *rank_args]
 
 
 def choose_out_dir(args) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from hvd_ba.cluster import split_outside_brackets
 from hvd_ba.config import ConfigError, load_config
 from hvd_ba.fsio import atomic_json, atomic_write
-from hvd_ba.launch.demo import horovodrun_command
+from hvd_ba.launchers import horovodrun_command, srun_command
 from hvd_ba.train.records import read_jsonl
 from hvd_ba.train.run_dir import is_complete
 
@@ -116,11 +116,7 @@ def check_cells(config: str, base: list[str], cells: list[Cell]) -> None:
 
 def sweep_launch(np: int, launcher: str, config: str, sets: list[str]) -> list[str]:
     rank_args = ["--config", config, "--set", *sets]
-    if launcher == "srun":  # as slurm/job.sh starts ranks: PMIx for Horovod, the task's cores
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        return ["srun", f"--ntasks={np}", "--mpi=pmix", "--kill-on-bad-exit=1",
-                *([f"--cpus-per-task={cpus}"] if cpus else []), sys.executable, "-m", "hvd_ba", "train", *rank_args]
-    return horovodrun_command(np, "gloo", rank_args)
+    return srun_command(np, rank_args) if launcher == "srun" else horovodrun_command(np, "gloo", rank_args)
 
 
 def grid_record(args, grid, seeds, also) -> dict:
