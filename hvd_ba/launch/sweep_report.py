@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from hvd_ba.config import load_config
-from hvd_ba.launch.sweep import TABLE_COLUMNS, markdown_table
+from hvd_ba.launch.sweep_table import grid_keys, markdown_table, mean_std
 
 
 def _val(r: dict, key: str, default):
@@ -57,8 +57,7 @@ def steps_to(r: dict, target: float) -> str:
     got = [s for s in reached if s is not None]
     if not got:
         return f"not within its {r['steps']} steps in any of {len(reached)} seeds"
-    mean = sum(got) / len(got)
-    sd = math.sqrt(sum((g - mean) ** 2 for g in got) / (len(got) - 1)) if len(got) > 1 else 0.0
+    mean, sd = mean_std(got)
     missed = len(reached) - len(got)
     return (f"{mean:.0f} ± {sd:.0f} steps ({mean / r['steps']:.0%} of its {r['steps']}; "
             f"{len(got)} of {len(reached)} seeds reached it{'' if not missed else ', the others not within the run'})")
@@ -118,7 +117,7 @@ def write_report(path: Path, out: Path, rows: list[dict], record: dict) -> None:
             run_seconds += json.loads((folder / "result.json").read_text()).get("wall_time_s", 0.0)
         except (OSError, ValueError):
             pass
-    keys = list(dict.fromkeys(k for r in rows for k in r if k not in TABLE_COLUMNS and not k.startswith("curve_")))
+    keys = grid_keys(rows)
     q = shlex.quote
     grid = " ".join(f"--grid {q(k + '=' + ','.join(v))}" for k, v in record["grid"])
     also = " ".join(f"--also {q(a)}" for a in record.get("also", []))
