@@ -40,26 +40,56 @@ DEFAULT_LATENCY_US = 10.0  # assumed: per ring step (software + network)
 
 def run_breakdown(args) -> int:
     from hvd_ba import dist
-    from hvd_ba.train.devices import select_device
-
     from hvd_ba.cluster import launch_info
+    from hvd_ba.train.devices import select_device
 
     torch.set_num_threads(args.threads)
     dist.init(backend=args.backend or dist.launched_backend(launch_info()) or "horovod")
     rank, world = dist.rank(), dist.size()
     device = select_device()  # the training's choice (set_device, one GPU per rank, NCCL checked)
-    root = corpus(args.corpus, args.unique_batch * world * (args.warmup + args.steps)) if rank == 0 else None
-    dist.barrier("corpus")
-    root = corpus(args.corpus, 0)
-    loader, cfg = loader_for(root, args.copies, args.unique_batch, args.size, args.workers, "loader",
-                             args.warmup + args.steps, rank, world)
-    mean, std = channel_stats(cfg.augment, device)
+    loader, cfg = breakdown_loader(args, rank, world)
     model = build_model(args.model, 1000, preset_ghost_size()).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     dist.broadcast_state(model, opt, optimizer_state=False)
+    wire_bytes = sum(p.numel() for p in model.parameters() if p.requires_grad) * (2 if args.fp16_allreduce else 4)
+    per_step, x, labels = time_phases(args, loader, model, opt, device, *channel_stats(cfg.augment, device))
+    overlap = measure_overlap(model, opt, x, labels, args, device, per_step["allreduce"]) if world > 1 else None
+    link = allreduce_fit(world, device=device) if world > 1 else None
+    result = {"world": world, "copies": args.copies, "unique_batch": args.unique_batch,
+              "samples_per_rank": derive(cfg, world).samples_per_rank, "model": args.model, "size": args.size,
+              "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
+              "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
+              "overlap": overlap, "backend": dist.backend(), "controller": dist.controller()}
+    if rank == 0:
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    dist.shutdown()
+    return 0
+
+
+def breakdown_loader(args, rank: int, world: int):
+    """This rank's loader over the photo corpus (rank 0 makes the corpus first) and its config."""
+    from hvd_ba import dist
+
+    if rank == 0:
+        corpus(args.corpus, args.unique_batch * world * (args.warmup + args.steps))
+    dist.barrier("corpus")
+    root = corpus(args.corpus, 0)
+    return loader_for(root, args.copies, args.unique_batch, args.size, args.workers, "loader",
+                      args.warmup + args.steps, rank, world)
+
+
+PHASES = ("data", "forward_backward", "rank_skew", "allreduce", "optimizer")
+
+
+def time_phases(args, loader, model, opt, device, mean, std) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Seconds per step of each phase (PHASES) over the steps after args.warmup, the mean over the
+    ranks (a slow rank shows up in the others' allreduce wait); and the last batch (input, labels)."""
+    from hvd_ba import dist
+
     params = [p for p in model.parameters() if p.requires_grad]
-    wire_bytes = sum(p.numel() for p in params) * (2 if args.fp16_allreduce else 4)
-    phases = {k: 0.0 for k in ("data", "forward_backward", "rank_skew", "allreduce", "optimizer")}
+    phases = dict.fromkeys(PHASES, 0.0)
     t_wait = time.perf_counter()
     for i, batch in enumerate(loader):
         t0 = time.perf_counter()
@@ -73,10 +103,7 @@ def run_breakdown(args) -> int:
         t1 = time.perf_counter()
         dist.barrier(f"skew{i}")  # waiting for the slowest rank, kept apart from the transfer itself
         t_skew = time.perf_counter()
-        grads = [p.grad for p in params]
-        averaged = dist.grouped_allreduce_average(grads, "grads", fp16=args.fp16_allreduce)
-        for p, g in zip(params, averaged):
-            p.grad.copy_(g)
+        average_gradients(params, args.fp16_allreduce)
         sync(device)
         t2 = time.perf_counter()
         opt.step()
@@ -86,24 +113,19 @@ def run_breakdown(args) -> int:
         phases["rank_skew"] += t_skew - t1
         phases["allreduce"] += t2 - t_skew
         phases["optimizer"] += t_wait - t2
-    per_step = {k: v / args.steps for k, v in phases.items()}
-    # the mean over ranks of each phase (a slow rank shows up in the others' allreduce wait)
-    mean = dist.allreduce_mean(torch.tensor([per_step[k] for k in phases], dtype=torch.float64), name="phases")
-    per_step = dict(zip(phases, mean.tolist()))
-    overlap = measure_overlap(model, opt, x, batch["labels"].to(device), args, device, per_step["allreduce"]) \
-        if world > 1 else None
-    link = allreduce_fit(world, device=device) if world > 1 else None
-    result = {"world": world, "copies": args.copies, "unique_batch": args.unique_batch,
-              "samples_per_rank": derive(cfg, world).samples_per_rank, "model": args.model, "size": args.size,
-              "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
-              "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
-              "overlap": overlap, "backend": dist.backend(), "controller": dist.controller()}
-    if rank == 0:
-        print(json.dumps(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
-    dist.shutdown()
-    return 0
+    per_step = [phases[k] / args.steps for k in phases]
+    mean_over_ranks = dist.allreduce_mean(torch.tensor(per_step, dtype=torch.float64), name="phases")
+    return dict(zip(phases, mean_over_ranks.tolist())), x, batch["labels"].to(device)
+
+
+def average_gradients(params: list, fp16: bool) -> None:
+    """One grouped allreduce of all gradients after the backward pass, as Horovod's tensor fusion
+    sends them: the communication the overlap has to hide."""
+    from hvd_ba import dist
+
+    averaged = dist.grouped_allreduce_average([p.grad for p in params], "grads", fp16=fp16)
+    for p, g in zip(params, averaged):
+        p.grad.copy_(g)
 
 
 def measure_overlap(model, opt, x, labels, args, device, allreduce_alone_s: float) -> dict:

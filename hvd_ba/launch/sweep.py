@@ -118,6 +118,13 @@ def sweep_launch(np: int, launcher: str, config: str, sets: list[str]) -> list[s
     return srun_command(np, rank_args) if launcher == "srun" else horovodrun_command(np, "gloo", rank_args)
 
 
+def choose_launcher(asked: str) -> str:
+    """--launcher: auto is srun inside a Slurm allocation, else horovodrun."""
+    if asked != "auto":
+        return asked
+    return "srun" if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_NTASKS") else "horovodrun"
+
+
 def grid_record(args, grid, seeds, also) -> dict:
     return {"config": args.config, "set": list(args.set), "grid": [[k, v] for k, v in grid], "seeds": seeds,
             "also": list(also), "np": args.np}
@@ -138,58 +145,73 @@ def grid_changes(cells: list[Cell], prev_cells: list[Cell]) -> str | None:
 
 def run_sweep(args) -> int:
     out = Path(args.out)
-    grid = parse_grid(args.grid)
-    try:
-        seeds = [int(s) for s in str(args.seeds).split(",")]
-    except ValueError:
-        raise SweepError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    grid, seeds = parse_grid(args.grid), parse_seeds(args.seeds)
     cells = make_cells(grid, seeds, args.also)
     base = [s for s in args.set if not s.startswith("run.out_dir=")]
     check_cells(args.config, base, cells)
+    refuse_stale_cells(args, base, out, cells)
+    launcher = choose_launcher(args.launcher)
+    out.mkdir(parents=True, exist_ok=True)
+    record = grid_record(args, grid, seeds, args.also)
+    say_grid_changes(out, cells, record)
+    atomic_json(out / "sweep.json", record, indent=1)
+    todo = [c for c in cells if not is_complete(out / "cells" / c.name)]
+    print(f"sweep: {len(cells)} cells ({len(cells) - len(todo)} complete already), {launcher} -np {args.np}, "
+          f"config {args.config}; folder {out}", flush=True)
+    failed = run_cells(args, base, out, cells, launcher)
+    rows = write_table(out, cells)
+    if args.report:
+        write_report(Path(args.report), out, rows, record)
+        print(f"sweep: wrote {args.report}", flush=True)
+    if failed:
+        print(f"sweep: {len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_seeds(text) -> list[int]:
+    try:
+        return [int(s) for s in str(text).split(",")]
+    except ValueError:
+        raise SweepError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+
+
+def refuse_stale_cells(args, base: list[str], out: Path, cells: list[Cell]) -> None:
+    """Complete cells that ran with other settings than asked now would mix into the table: refused."""
     stale = [c.name for c in cells if is_complete(out / "cells" / c.name)
              and cell_settings(out / "cells" / c.name) not in (None, cell_record(args, base, c))]
     if stale:
         raise SweepError(f"{len(stale)} complete cells in {out} ran with other --config/--set/--np than asked now "
                          f"(first: {stale[0]}); their results would be mixed with new ones: use another --out, or "
                          "remove those cell folders to rerun them")
-    launcher = args.launcher
-    if launcher == "auto":
-        launcher = "srun" if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_NTASKS") else "horovodrun"
-    out.mkdir(parents=True, exist_ok=True)
-    record = grid_record(args, grid, seeds, args.also)
+
+
+def say_grid_changes(out: Path, cells: list[Cell], record: dict) -> None:
+    """A line when the sweep asked before in this folder (OUT/sweep.json) was another."""
     previous_file = out / "sweep.json"
-    if previous_file.exists():
-        previous = json.loads(previous_file.read_text())
-        prev_cells = make_cells([(k, v) for k, v in previous["grid"]], previous["seeds"], previous.get("also", []))
-        changes = grid_changes(cells, prev_cells)
-        if changes or previous.get("set") != record["set"] or previous.get("config") != record["config"]:
-            print(f"sweep: {out} held another grid: {changes or 'the same cells, other --config/--set'}; "
-                  "running the cells asked now", flush=True)
-    atomic_json(previous_file, record, indent=1)
-    todo = [c for c in cells if not is_complete(out / "cells" / c.name)]
-    print(f"sweep: {len(cells)} cells ({len(cells) - len(todo)} complete already), {launcher} -np {args.np}, "
-          f"config {args.config}; folder {out}", flush=True)
+    if not previous_file.exists():
+        return
+    previous = json.loads(previous_file.read_text())
+    prev_cells = make_cells([(k, v) for k, v in previous["grid"]], previous["seeds"], previous.get("also", []))
+    changes = grid_changes(cells, prev_cells)
+    if changes or previous.get("set") != record["set"] or previous.get("config") != record["config"]:
+        print(f"sweep: {out} held another grid: {changes or 'the same cells, other --config/--set'}; "
+              "running the cells asked now", flush=True)
+
+
+def run_cells(args, base: list[str], out: Path, cells: list[Cell], launcher: str) -> list[str]:
+    """Each cell not complete yet, one after the other, with a line each (its top-1, or FAILED,
+    and the time left); returns the names of the cells that failed."""
     durations, failed = [], []
     weights = {c: cell_weight(args.config, base, c) for c in cells}  # for the time left
     for i, cell in enumerate(cells, 1):
         folder = out / "cells" / cell.name
         if is_complete(folder):
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_json(folder / "cell.json", cell_record(args, base, cell), indent=1)
-        sets = [*base, *cell.overrides, f"run.out_dir={folder}", "run.resume=auto"]
-        t0 = time.time()
-        with open(folder / "sweep.log", "a") as log:
-            try:
-                code = subprocess.run(sweep_launch(args.np, launcher, args.config, sets), stdout=log,
-                                      stderr=subprocess.STDOUT, timeout=args.cell_timeout).returncode
-            except subprocess.TimeoutExpired:
-                code = f"timeout after --cell-timeout {args.cell_timeout:g} s"
-        seconds = time.time() - t0
+        code, seconds = run_cell(args, base, cell, folder, launcher)
         durations.append((seconds, weights[cell]))
         left = sum(weights[c] for c in cells[i:] if not is_complete(out / "cells" / c.name))
-        per_weight = sum(d for d, _ in durations) / sum(w for _, w in durations)
-        eta = f"about {format_seconds(left * per_weight)} left" if left else "the last one"
+        eta = time_left(durations, left)
         if code != 0 or not is_complete(folder):
             failed.append(cell.name)
             print(f"cell {i}/{len(cells)} {cell.name}: FAILED ({'exit ' if isinstance(code, int) else ''}{code}) "
@@ -198,18 +220,39 @@ def run_sweep(args) -> int:
         result = json.loads((folder / "result.json").read_text())
         print(f"cell {i}/{len(cells)} {cell.name}: top-1 {result['val_top1']:.1f}% in {seconds:.0f} s; {eta}",
               flush=True)
+    return failed
+
+
+def run_cell(args, base: list[str], cell: Cell, folder: Path, launcher: str) -> tuple[int | str, float]:
+    """One cell's run (run.resume=auto: from its checkpoint when it has one), its output appended to
+    folder/sweep.log; (its exit status, or what ended it, and the seconds it took)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_json(folder / "cell.json", cell_record(args, base, cell), indent=1)
+    sets = [*base, *cell.overrides, f"run.out_dir={folder}", "run.resume=auto"]
+    t0 = time.time()
+    with open(folder / "sweep.log", "a") as log:
+        try:
+            code = subprocess.run(sweep_launch(args.np, launcher, args.config, sets), stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=args.cell_timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timeout after --cell-timeout {args.cell_timeout:g} s"
+    return code, time.time() - t0
+
+
+def time_left(durations: list[tuple[float, float]], left: float) -> str:
+    """The time the cells of weight `left` will take at the seconds per weight of those run (seconds, weight)."""
+    per_weight = sum(d for d, _ in durations) / sum(w for _, w in durations)
+    return f"about {format_seconds(left * per_weight)} left" if left else "the last one"
+
+
+def write_table(out: Path, cells: list[Cell]) -> list[dict]:
+    """OUT/table.csv, OUT/table.md and OUT/top1-*.png from the complete cells; returns the rows."""
     curves = complete_curves(out, cells)
     rows = summarize(cells, curves)
     write_tables(out, rows)
     plot_curves(out, cells, curves)
     print(f"sweep: wrote {out / 'table.csv'}, {out / 'table.md'} and {out}/top1-*.png", flush=True)
-    if args.report:
-        write_report(Path(args.report), out, rows, record)
-        print(f"sweep: wrote {args.report}", flush=True)
-    if failed:
-        print(f"sweep: {len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return rows
 
 
 def cell_record(args, base: list[str], cell: Cell) -> dict:

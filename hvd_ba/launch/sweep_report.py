@@ -100,31 +100,63 @@ def answers(rows: list[dict], unique_batch: int, copies: int) -> list[str]:
 
 
 def write_report(path: Path, out: Path, rows: list[dict], record: dict) -> None:
+    pictures = copy_plots(out, path)
+    cfg = load_config(record["config"], record["set"])
+    text = [
+        *introduction(record, cfg, sweep_command(record, out, path), cells_wall_seconds(out)),
+        "## Answers",
+        "",
+        *[f"- {line}" for line in answers(rows, cfg.data.unique_batch, cfg.data.copies)],
+        "",
+        *keep_in_mind(record["np"]),
+        "## Table",
+        "",
+        markdown_table(rows, grid_keys(rows)),
+        "## Plots",
+        "",
+        *pictures,
+        "",
+    ]
+    path.write_text("\n".join(text))
+
+
+def copy_plots(out: Path, path: Path) -> list[str]:
+    """The sweep's top1-*.png beside the report (img/<report>-top1-*.png); their Markdown lines."""
     path.parent.mkdir(parents=True, exist_ok=True)
     images = path.parent / "img"
     images.mkdir(exist_ok=True)
-    stem = path.stem
     pictures = []
     for axis in ("epoch", "wall", "bytes"):
         source = out / f"top1-{axis}.png"
         if source.exists():
-            shutil.copyfile(source, images / f"{stem}-top1-{axis}.png")
-            pictures.append(f"![top-1 against {axis}](img/{stem}-top1-{axis}.png)")
-    cfg = load_config(record["config"], record["set"])
+            shutil.copyfile(source, images / f"{path.stem}-top1-{axis}.png")
+            pictures.append(f"![top-1 against {axis}](img/{path.stem}-top1-{axis}.png)")
+    return pictures
+
+
+def cells_wall_seconds(out: Path) -> float:
+    """The cells' wall times (result.json) summed."""
     run_seconds = 0.0
     for folder in (out / "cells").iterdir() if (out / "cells").exists() else []:
         try:
             run_seconds += json.loads((folder / "result.json").read_text()).get("wall_time_s", 0.0)
         except (OSError, ValueError):
             pass
-    keys = grid_keys(rows)
+    return run_seconds
+
+
+def sweep_command(record: dict, out: Path, path: Path) -> str:
+    """The command line that makes this report again (the grid of OUT/sweep.json)."""
     q = shlex.quote
     grid = " ".join(f"--grid {q(k + '=' + ','.join(v))}" for k, v in record["grid"])
     also = " ".join(f"--also {q(a)}" for a in record.get("also", []))
-    command = (f"python -m hvd_ba sweep --config {q(record['config'])} {grid} {also} --seeds "
-               f"{','.join(map(str, record['seeds']))} --np {record['np']} --set {' '.join(map(q, record['set']))} "
-               f"--out {q(str(out))} --report {q(str(path))}")
-    text = [
+    return (f"python -m hvd_ba sweep --config {q(record['config'])} {grid} {also} --seeds "
+            f"{','.join(map(str, record['seeds']))} --np {record['np']} --set {' '.join(map(q, record['set']))} "
+            f"--out {q(str(out))} --report {q(str(path))}")
+
+
+def introduction(record: dict, cfg, command: str, run_seconds: float) -> list[str]:
+    return [
         "# Does BA pay off? A sweep on this project's own data",
         "",
         f"Made by (`{record['np']}` ranks per run; the machine and wall times are those of the run that wrote this):",
@@ -143,25 +175,18 @@ def write_report(path: Path, out: Path, rows: list[dict], record: dict) -> None:
         "rough screen (about p < 0.2 for a normal spread), not a significance test. The runs took "
         f"{run_seconds / 60:.0f} min in all (the sum of their wall times, start-up of the launcher aside).",
         "",
-        "## Answers",
-        "",
-        *[f"- {line}" for line in answers(rows, cfg.data.unique_batch, cfg.data.copies)],
-        "",
+    ]
+
+
+def keep_in_mind(np: int) -> list[str]:
+    return [
         "## What to keep in mind",
         "",
-        f"- With {record['np']} ranks, repeated augmentation (RA) puts an image's copies on different ranks only up "
-        f"to M = {record['np']}; beyond, each rank holds M / {record['np']} copies of each of its images.",
+        f"- With {np} ranks, repeated augmentation (RA) puts an image's copies on different ranks only up "
+        f"to M = {np}; beyond, each rank holds M / {np} copies of each of its images.",
         "- An RA rank decodes its image at the JPEG scale that all M crops allow (so that its copy is BA's, bit for "
         "bit); an RA pipeline of its own would decode at its one crop's scale: RA's samples/s here is a lower "
         "bound, its reads (bytes) are exact.",
         "- Wall times are this machine's: its cores run the ranks, the loaders and the allreduce together.",
         "",
-        "## Table",
-        "",
-        markdown_table(rows, keys),
-        "## Plots",
-        "",
-        *pictures,
-        "",
     ]
-    path.write_text("\n".join(text))

@@ -178,53 +178,80 @@ def train_one_epoch(state: TrainState, loader, cfg, step_log=None, on_step=None,
     after every step on every rank; when it returns True, the epoch ends there (an agreed stop)
     and the result has stopped=True. `reads_log(record)` (run.record_reads) gets each step's
     files of every rank (an allgather per step: for tests)."""
-    o = cfg.optim
-    state.model.train()
-    loader.batch_sampler.set_epoch(state.epoch)
-    loader.batch_sampler.start = start_step
-    stopped = False
-    bad_this_epoch = set()
-    state.progress = progress = EpochProgress(partial, state.device)
-    if state.bad_step is None:
-        state.bad_step = torch.full((), -1, dtype=torch.long, device=state.device)
-    reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
-    steps = loader.batch_sampler.steps
-    bar = _progress_bar(state, steps, start_step)
-    watchdog = state.watchdog
-    lr = lr_at(state.step, state, o)
-    t_wait = time.perf_counter()
-    if watchdog is not None:
-        watchdog.tick(_waiting_for(loader, state, start_step))
-    for i, batch in enumerate(loader):
-        step_in_epoch = start_step + i + 1
-        progress.data_time += time.perf_counter() - t_wait
-        if watchdog is not None:
-            watchdog.tick(f"step {state.step + 1} to finish (forward, backward, allreduce with the other ranks)",
-                          peers=True)
-        lr = lr_at(state.step, state, o)
-        loss, correct = train_step(state, batch, lr, cfg)
-        state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss), state.step, state.bad_step)
-        _count_batch(state, batch, loss, correct, bad_this_epoch)
-        if reads is not None:
-            reads.extend(batch["indices"].tolist())
-            every = dist.allgather_object(batch["indices"].tolist(), name="reads")
-            if reads_log is not None:
-                reads_log({"step": state.step, "epoch": state.epoch, "world": dist.size(), "files": every})
-        if bar is not None:
-            bar.update(1)
-        if dist.is_primary() and (step_in_epoch % cfg.run.log_every == 0 or step_in_epoch == steps):
-            _log_progress(state, step_in_epoch, steps, loss, lr, bar, step_log)
+    loop = _EpochLoop(state, loader, cfg, start_step, partial)
+    lr, stopped = lr_at(state.step, state, cfg.optim), False
+    for step_in_epoch, batch in loop.fetch():
+        lr = lr_at(state.step, state, cfg.optim)
+        loss = loop.step(batch, lr)
+        loop.hooks(step_in_epoch, batch, loss, lr, step_log, reads_log)
         if on_step is not None and on_step(step_in_epoch):
             stopped = True
             break
-        if watchdog is not None and step_in_epoch < steps:
-            watchdog.tick(_waiting_for(loader, state, step_in_epoch))
+    loop.close()
+    return {**_epoch_figures(loop.progress), "lr": lr, "stopped": stopped}
+
+
+class _EpochLoop:
+    """The parts of one epoch's loop: fetch (the loader's batches, each wait timed as data wait and
+    told to the watchdog), step (the optimizer step and its sums), hooks (the record of reads, the
+    bar, the log line); close tells the watchdog of the epoch's end."""
+
+    def __init__(self, state: TrainState, loader, cfg, start_step: int, partial: dict | None):
+        self.state, self.loader, self.cfg, self.start_step = state, loader, cfg, start_step
+        state.model.train()
+        loader.batch_sampler.set_epoch(state.epoch)
+        loader.batch_sampler.start = start_step
+        self.bad_this_epoch = set()
+        state.progress = self.progress = EpochProgress(partial, state.device)
+        if state.bad_step is None:
+            state.bad_step = torch.full((), -1, dtype=torch.long, device=state.device)
+        self.reads = state.reads.setdefault(state.epoch, []) if cfg.run.record_reads else None
+        self.steps = loader.batch_sampler.steps
+        self.bar = _progress_bar(state, self.steps, start_step)
+        self.watchdog = state.watchdog
+
+    def fetch(self):
+        """(step in epoch, batch) of each step; the waits for them are data time, watched."""
         t_wait = time.perf_counter()
-    if bar is not None:
-        bar.close()
-    if watchdog is not None:
-        watchdog.tick(f"the end of epoch {state.epoch + 1} (sums over the ranks)", peers=True)
-    return {**_epoch_figures(progress), "lr": lr, "stopped": stopped}
+        self._tick(_waiting_for(self.loader, self.state, self.start_step))
+        for i, batch in enumerate(self.loader):
+            step_in_epoch = self.start_step + i + 1
+            self.progress.data_time += time.perf_counter() - t_wait
+            yield step_in_epoch, batch
+            if step_in_epoch < self.steps:
+                self._tick(_waiting_for(self.loader, self.state, step_in_epoch))
+            t_wait = time.perf_counter()
+
+    def step(self, batch: dict, lr: float) -> torch.Tensor:
+        """The step on `batch` (forward, backward, allreduce), its sums counted; its loss."""
+        state = self.state
+        self._tick(f"step {state.step + 1} to finish (forward, backward, allreduce with the other ranks)", peers=True)
+        loss, correct = train_step(state, batch, lr, self.cfg)
+        state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss), state.step, state.bad_step)
+        _count_batch(state, batch, loss, correct, self.bad_this_epoch)
+        return loss
+
+    def hooks(self, step_in_epoch: int, batch: dict, loss, lr: float, step_log, reads_log) -> None:
+        """After a step: the record of each rank's reads (run.record_reads), the bar, rank 0's log line."""
+        state = self.state
+        if self.reads is not None:
+            self.reads.extend(batch["indices"].tolist())
+            every = dist.allgather_object(batch["indices"].tolist(), name="reads")
+            if reads_log is not None:
+                reads_log({"step": state.step, "epoch": state.epoch, "world": dist.size(), "files": every})
+        if self.bar is not None:
+            self.bar.update(1)
+        if dist.is_primary() and (step_in_epoch % self.cfg.run.log_every == 0 or step_in_epoch == self.steps):
+            _log_progress(state, step_in_epoch, self.steps, loss, lr, self.bar, step_log)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self._tick(f"the end of epoch {self.state.epoch + 1} (sums over the ranks)", peers=True)
+
+    def _tick(self, waiting_for, peers: bool = False) -> None:
+        if self.watchdog is not None:
+            self.watchdog.tick(waiting_for, peers=peers)
 
 
 def _progress_bar(state: TrainState, steps: int, start_step: int):
