@@ -161,101 +161,44 @@ touch_stop_files() {
     done
 }
 
+# The attempt's state, set by run_job and read by the helpers above and below and by the signal
+# handler (which can take no arguments): attempt_log, log_dir, restart, stop_file (OUT/STOP), sets
+# (the --set overrides of every step), local_data_default; run_step's status, step_log_start and
+# pid; the signals' interrupted, stop_asked, requeue_asked.
 run_job() {
     set -u
-    PYTHON=${PYTHON:-python}
-    STAGE=${STAGE:-0}
-    SETTINGS=${SETTINGS:-}
-    # A private folder of this job on each node's local disk (hvd_ba stage makes it 0700).
-    local_data_default=0
-    if [ -z "${LOCAL_DATA:-}" ]; then
-        LOCAL_DATA=${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/hvd_ba-$(id -un)-$SLURM_JOB_ID
-        local_data_default=1
-    fi
-    local restart=${SLURM_RESTART_COUNT:-0}
-    local log_dir="$OUT/logs/job-${SLURM_JOB_ID}"
+    job_defaults
+    restart=${SLURM_RESTART_COUNT:-0}
+    log_dir="$OUT/logs/job-${SLURM_JOB_ID}"
     mkdir -p "$log_dir" || { job_log "error: cannot create $log_dir (OUT='$OUT')"; return 2; }
     attempt_log="$log_dir/attempt-$restart.log"
-    local stop_file="$OUT/STOP"
+    stop_file="$OUT/STOP"
     # A stop asked of a previous attempt is removed by rank 0 once it holds the run's lock (a second
     # job on the same OUT must not delete the first one's pending STOP).
 
     # The signal traps come first: a preemption during the config check or the staging requeues too.
     requeue_asked=0 stop_asked=0 pid="" interrupted=0 status=0 sets=() step_log_start=0
-    on_signal() {
-        # USR1 (Slurm's --signal, or scancel --signal=USR1 --batch): preemption, requeue after the
-        # checkpoint. TERM (scancel, or Slurm preempting with its own requeue): checkpoint only.
-        interrupted=1 stop_asked=1
-        [ "$1" = USR1 ] && requeue_asked=1
-        job_log "signal $1: asking the ranks to checkpoint and stop" | tee -a "$attempt_log"
-        touch_stop_files
-        if [ -n "$pid" ] && [ "$LAUNCHER" = srun ]; then kill -USR1 "$pid" 2>/dev/null; fi
-        return 0
-    }
     trap 'on_signal USR1' USR1
     trap 'on_signal TERM' TERM
 
     sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
     CRASH_REQUEUES=${CRASH_REQUEUES:-1}
-    case "$CRASH_REQUEUES" in
-        ''|*[!0-9]*|????*) job_log "error: CRASH_REQUEUES='$CRASH_REQUEUES': a whole number of requeues after a crash, 0 to 999 (0: none)"; return 2 ;;
-    esac
+    check_crash_requeues "$CRASH_REQUEUES" || return 2
     BACKEND=${BACKEND:-horovod}
-    case "$BACKEND/$LAUNCHER" in
-        horovod/torchrun) job_log "error: LAUNCHER=torchrun starts torch.distributed ranks: set BACKEND=torch"; return 2 ;;
-        torch/horovodrun) job_log "error: BACKEND=torch runs under LAUNCHER=srun, mpirun or torchrun, not horovodrun"; return 2 ;;
-        horovod/*|torch/*) ;;
-        *) job_log "error: BACKEND='$BACKEND' (choose horovod or torch)"; return 2 ;;
-    esac
-    [ "$BACKEND" = torch ] && sets+=(run.backend=torch)
+    check_backend "$BACKEND" "$LAUNCHER" || return 2
     export HVD_BA_BACKEND=$BACKEND  # the backend that analyze, doctor and bench join under a launcher
-    if [ "$STAGE" = 1 ]; then
-        sets+=(data.shard=static data.local_path="$LOCAL_DATA")
-        stage_flags=()
-        [ "${STAGE_VERIFY:-hash}" = size ] && stage_flags=(--trust-size)
-    fi
-    if [ -n "$SETTINGS" ]; then
-        # Split by Python (quotes honoured, nothing globbed, a bracketed value kept whole).
-        local words="$log_dir/attempt-$restart.settings"
-        "$PYTHON" -m hvd_ba settings "$SETTINGS" > "$words" \
-            || { job_log "error: SETTINGS='$SETTINGS' does not split into overrides; nothing launched" | tee -a "$attempt_log"; return 2; }
-        local settings=()
-        mapfile -d '' -t settings < "$words"
-        sets+=("${settings[@]}")
-    fi
-    sets+=("$@")
-
-    {
-        job_log "job $SLURM_JOB_ID attempt $restart ($SLURM_JOB_NAME): $SLURM_JOB_NUM_NODES nodes" \
-                "[$SLURM_JOB_NODELIST], tasks per node $SLURM_TASKS_PER_NODE, cpus per task ${SLURM_CPUS_PER_TASK:-1}," \
-                "launcher $LAUNCHER, backend $BACKEND"
-        job_log "config $CONFIG; overrides:$(printf " '%s'" "${sets[@]}")"
-        job_log "logs: $log_dir"
-    } | tee -a "$attempt_log"
-    env | grep -E '^(SLURM|SRUN|CUDA_VISIBLE|OMPI_|HOROVOD_|NCCL_)' | sort > "$log_dir/attempt-$restart.env"
-
-    # The resolved config, printed before anything runs (and checked: a bad key fails here).
-    "$PYTHON" -m hvd_ba plan --show-config --config "$CONFIG" --ranks "$SLURM_NTASKS" --set "${sets[@]}" 2>&1 \
-        | tee -a "$attempt_log"
-    [ "${PIPESTATUS[0]}" = 0 ] || { job_log "error: the config does not load; nothing launched"; return 2; }
+    add_overrides "$@" || return 2
+    log_attempt_start
+    check_config || return 2
 
     if [ "$STAGE" = 1 ] && [ "$stop_asked" = 0 ]; then
-        job_log "staging static shards to $LOCAL_DATA" | tee -a "$attempt_log"
-        launch_command -m hvd_ba stage ${stage_flags[@]+"${stage_flags[@]}"} --config "$CONFIG" --set "${sets[@]}" || return 2
+        launch_staging || return 2
         run_step
         if [ "$status" != 0 ] && [ "$stop_asked" = 0 ]; then
-            echo "$status" > "$log_dir/attempt-$restart.exit"
-            local crash
-            if crash=$(crash_signal "$status" "$step_log_start"); then
-                trap - USR1 TERM  # the requeue's own TERM to this script is no preemption
-                requeue_after_crash "$crash" staging && return 0
-            fi
-            job_log "error: staging failed (exit $status); nothing trained" | tee -a "$attempt_log"
-            remove_local_data
-            return 3
+            staging_failed "$status" "$step_log_start"
+            return
         fi
     fi
-
     if [ "$stop_asked" = 0 ]; then
         launch_command -m hvd_ba train --config "$CONFIG" --set "${sets[@]}" || return 2
         job_log "launch: ${CMD[*]}" | tee -a "$attempt_log"
@@ -266,13 +209,118 @@ run_job() {
     fi
     trap - USR1 TERM
     echo "$status" > "$log_dir/attempt-$restart.exit"
-
-    # Complete means a result.json that parses and names the run of config.yaml (not a file that
-    # merely exists: a crash can leave an empty or torn one). A rank that crashed after it was
-    # written (in MPI's teardown) does not undo it.
     local crash=""
     crash=$(crash_signal "$status" "$step_log_start") || crash=""
-    if { [ "$status" = 0 ] || [ -n "$crash" ]; } && "$PYTHON" -m hvd_ba status --complete "$OUT" >/dev/null 2>&1; then
+    finish_attempt "$status" "$crash" "$stop_asked" "$requeue_asked"
+}
+
+# job_defaults: the defaults of the script's settings. LOCAL_DATA: a private folder of this job on
+# each node's local disk (hvd_ba stage makes it 0700), removed at the job's end (local_data_default=1).
+job_defaults() {
+    PYTHON=${PYTHON:-python}
+    STAGE=${STAGE:-0}
+    SETTINGS=${SETTINGS:-}
+    local_data_default=0
+    if [ -z "${LOCAL_DATA:-}" ]; then
+        LOCAL_DATA=${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/hvd_ba-$(id -un)-$SLURM_JOB_ID
+        local_data_default=1
+    fi
+}
+
+# on_signal USR1|TERM: asks the ranks to stop. USR1 (Slurm's --signal, or scancel --signal=USR1
+# --batch): preemption, requeue after the checkpoint. TERM (scancel, or Slurm preempting with its
+# own requeue): checkpoint only.
+on_signal() {
+    interrupted=1 stop_asked=1
+    [ "$1" = USR1 ] && requeue_asked=1
+    job_log "signal $1: asking the ranks to checkpoint and stop" | tee -a "$attempt_log"
+    touch_stop_files
+    if [ -n "$pid" ] && [ "$LAUNCHER" = srun ]; then kill -USR1 "$pid" 2>/dev/null; fi
+    return 0
+}
+
+# check_crash_requeues VALUE: CRASH_REQUEUES is a whole number, 0 to 999.
+check_crash_requeues() {
+    case "$1" in
+        ''|*[!0-9]*|????*) job_log "error: CRASH_REQUEUES='$1': a whole number of requeues after a crash, 0 to 999 (0: none)"; return 2 ;;
+    esac
+}
+
+# check_backend BACKEND LAUNCHER: the launcher can start the backend's ranks.
+check_backend() {
+    case "$1/$2" in
+        horovod/torchrun) job_log "error: LAUNCHER=torchrun starts torch.distributed ranks: set BACKEND=torch"; return 2 ;;
+        torch/horovodrun) job_log "error: BACKEND=torch runs under LAUNCHER=srun, mpirun or torchrun, not horovodrun"; return 2 ;;
+        horovod/*|torch/*) ;;
+        *) job_log "error: BACKEND='$1' (choose horovod or torch)"; return 2 ;;
+    esac
+}
+
+# add_overrides ARGS...: appends to `sets` the backend, the static shards of LOCAL_DATA (STAGE=1),
+# the words of SETTINGS, then ARGS (the sbatch command line's).
+add_overrides() {
+    [ "$BACKEND" = torch ] && sets+=(run.backend=torch)
+    [ "$STAGE" = 1 ] && sets+=(data.shard=static data.local_path="$LOCAL_DATA")
+    if [ -n "$SETTINGS" ]; then
+        # Split by Python (quotes honoured, nothing globbed, a bracketed value kept whole).
+        local words="$log_dir/attempt-$restart.settings"
+        "$PYTHON" -m hvd_ba settings "$SETTINGS" > "$words" \
+            || { job_log "error: SETTINGS='$SETTINGS' does not split into overrides; nothing launched" | tee -a "$attempt_log"; return 2; }
+        local settings=()
+        mapfile -d '' -t settings < "$words"
+        sets+=("${settings[@]}")
+    fi
+    sets+=("$@")
+}
+
+# log_attempt_start: what this attempt runs, into its log; its environment beside it.
+log_attempt_start() {
+    {
+        job_log "job $SLURM_JOB_ID attempt $restart ($SLURM_JOB_NAME): $SLURM_JOB_NUM_NODES nodes" \
+                "[$SLURM_JOB_NODELIST], tasks per node $SLURM_TASKS_PER_NODE, cpus per task ${SLURM_CPUS_PER_TASK:-1}," \
+                "launcher $LAUNCHER, backend $BACKEND"
+        job_log "config $CONFIG; overrides:$(printf " '%s'" "${sets[@]}")"
+        job_log "logs: $log_dir"
+    } | tee -a "$attempt_log"
+    env | grep -E '^(SLURM|SRUN|CUDA_VISIBLE|OMPI_|HOROVOD_|NCCL_)' | sort > "$log_dir/attempt-$restart.env"
+}
+
+# check_config: the resolved config, printed before anything runs (and checked: a bad key fails here).
+check_config() {
+    "$PYTHON" -m hvd_ba plan --show-config --config "$CONFIG" --ranks "$SLURM_NTASKS" --set "${sets[@]}" 2>&1 \
+        | tee -a "$attempt_log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { job_log "error: the config does not load; nothing launched"; return 2; }
+}
+
+# launch_staging: CMD for the staging step (STAGE_VERIFY=size: trust the size of a file already there).
+launch_staging() {
+    local flags=()
+    [ "${STAGE_VERIFY:-hash}" = size ] && flags=(--trust-size)
+    job_log "staging static shards to $LOCAL_DATA" | tee -a "$attempt_log"
+    launch_command -m hvd_ba stage ${flags[@]+"${flags[@]}"} --config "$CONFIG" --set "${sets[@]}"
+}
+
+# staging_failed STATUS OFFSET: the staging step ended with STATUS: a rank's crash requeues the job
+# (while crash requeues are left: returns 0); else the job ends with 3, nothing trained.
+staging_failed() {
+    echo "$1" > "$log_dir/attempt-$restart.exit"
+    local crash
+    if crash=$(crash_signal "$1" "$2"); then
+        trap - USR1 TERM  # the requeue's own TERM to this script is no preemption
+        requeue_after_crash "$crash" staging "$1" && return 0
+    fi
+    job_log "error: staging failed (exit $1); nothing trained" | tee -a "$attempt_log"
+    remove_local_data
+    return 3
+}
+
+# finish_attempt STATUS CRASH STOP_ASKED REQUEUE_ASKED: what the training step's end means for the
+# job, first match: the run is complete; its folder is full; it stopped with a checkpoint after
+# USR1 (requeued); a rank crashed (requeued while crash requeues are left); else the job ends with
+# the launcher's status (75 after a stop asked by TERM). Returns the job's exit status.
+finish_attempt() {
+    local status=$1 crash=$2 stop_asked=$3 requeue_asked=$4
+    if run_complete "$status" "$crash" "$OUT"; then
         if [ -n "$crash" ]; then
             job_log "run complete: $OUT/result.json (a rank crashed after it was written: $crash, exit $status)" | tee -a "$attempt_log"
         else
@@ -281,16 +329,13 @@ run_job() {
         remove_local_data
         return 0
     fi
-    # horovodrun reports 1 for any rank's status: the ranks' one line tells a full disk too.
-    if [ "$status" = "$DISK_FULL" ] || grep -qE "hvd_ba: rank [0-9]+: run folder .*(no space left on device|disk quota exceeded|read-only file system|is full)" "$attempt_log"; then
+    if run_folder_full "$status" "$attempt_log"; then
         job_log "the run folder is full (exit $status): not requeued; free space in $OUT's file system, then" \
                 "resubmit (it resumes from the last checkpoint)" | tee -a "$attempt_log"
         remove_local_data
         return "$status"
     fi
-    # srun and mpirun pass the ranks' 75 on; horovodrun reports 1 for it, so the signal counts too.
-    # A stop before any training (config check, staging) requeues as well: nothing was lost.
-    if [ "$requeue_asked" = 1 ] && { [ "$status" = "$PREEMPTED" ] || [ -e "$OUT/checkpoints/latest" ]; }; then
+    if stopped_with_checkpoint "$status" "$requeue_asked" "$OUT"; then
         job_log "stopped with a checkpoint (exit $status${crash:+; a rank crashed: $crash}): requeueing job" \
                 "$SLURM_JOB_ID" | tee -a "$attempt_log"
         requeue_job && return 0
@@ -302,12 +347,33 @@ run_job() {
     # (default 1): the next attempt resumes from the last checkpoint. One more crash is taken as
     # the run's own. Not after a stop asked by TERM (scancel): the job was ending anyway.
     if [ -n "$crash" ] && { [ "$stop_asked" = 0 ] || [ "$requeue_asked" = 1 ]; }; then
-        requeue_after_crash "$crash" training && return 0
+        requeue_after_crash "$crash" training "$status" && return 0
     fi
     remove_local_data
     [ "$stop_asked" = 1 ] && [ "$status" = "$PREEMPTED" ] && return "$PREEMPTED"
     job_log "training failed with exit status $status; not requeued (see $attempt_log)" | tee -a "$attempt_log"
     return "$status"
+}
+
+# run_complete STATUS CRASH OUT: a result.json that parses and names the run of config.yaml (not a
+# file that merely exists: a crash can leave an empty or torn one), after a clean exit or a rank's
+# crash: one after it was written (in MPI's teardown) does not undo it.
+run_complete() {
+    { [ "$1" = 0 ] || [ -n "$2" ]; } && "$PYTHON" -m hvd_ba status --complete "$3" >/dev/null 2>&1
+}
+
+# run_folder_full STATUS LOG: the ranks' exit status for a full or read-only run folder; horovodrun
+# reports 1 for any rank's status, so the ranks' one line in LOG tells it too.
+run_folder_full() {
+    [ "$1" = "$DISK_FULL" ] \
+        || grep -qE "hvd_ba: rank [0-9]+: run folder .*(no space left on device|disk quota exceeded|read-only file system|is full)" "$2"
+}
+
+# stopped_with_checkpoint STATUS REQUEUE_ASKED OUT: the ranks stopped with a checkpoint after USR1.
+# srun and mpirun pass the ranks' 75 on; horovodrun reports 1 for it, so the signal counts too. A
+# stop before any training (config check, staging) requeues as well: nothing was lost.
+stopped_with_checkpoint() {
+    [ "$2" = 1 ] && { [ "$1" = "$PREEMPTED" ] || [ -e "$3/checkpoints/latest" ]; }
 }
 
 # requeue_job: scontrol requeue on this job; says so when Slurm refuses (a job submitted with
@@ -319,12 +385,13 @@ requeue_job() {
     return 1
 }
 
-# requeue_after_crash SIGNAL WHAT: requeues the job after a rank's crash during WHAT (staging,
-# training) while it has crash requeues left; each is counted by a line in attempt-<n>.crash
+# requeue_after_crash SIGNAL WHAT [STATUS]: requeues the job after a rank's crash during WHAT (staging,
+# training; STATUS: the step's exit status, default $status) while it has crash requeues left; each is counted by a line in attempt-<n>.crash
 # (appended: an attempt number that repeated would not reset the count), and a crash that cannot
 # be counted (the log folder full or read-only) is not requeued: a requeue that could repeat
 # without end is worse than a job that ends. A requeue that Slurm refuses is not counted.
 requeue_after_crash() {
+    local status=${3:-$status}
     local crashes; crashes=$(cat "$log_dir"/attempt-*.crash 2>/dev/null | wc -l)
     if [ "$crashes" -ge "$CRASH_REQUEUES" ]; then
         job_log "a rank crashed during $2 ($1, exit $status) after $crashes crash requeue(s)" \
