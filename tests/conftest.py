@@ -1,32 +1,67 @@
-import os
-import subprocess
-import sys
+"""The suite's tiers, their time limits, and the fixtures that several modules share. Helpers that
+tests call live in helpers.py (imported first: it pins the suite to the CPU)."""
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+import helpers  # noqa: F401  (the CPU pinning happens at its import, before any test module's)
 
-# The suite means the CPU (its references, tolerances and timings are CPU ones): every process it
-# starts, and this one, sees no GPU, so that it passes on a GPU machine too. Tests that need the
-# GPU are marked `gpu` and give their subprocesses GPU_ENV (the machine's own setting).
-GPU_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
-GPU_ENV = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | (
-    {"CUDA_VISIBLE_DEVICES": GPU_VISIBLE} if GPU_VISIBLE is not None else {})
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Each test carries exactly one tier (a module's `pytestmark` where the file is one tier); the limit
+# is each test's wall time in seconds (pytest-timeout) unless it asks for its own with
+# @pytest.mark.timeout(seconds): a hang fails naming the test instead of eating CI's time.
+TIERS = {
+    "unit": ("in-process: no launcher, no CLI run (the quick tier, before every commit)", 120),
+    "integration": ("launches processes: horovodrun, torchrun, mpirun, CLI runs, setup.sh", 600),
+    "crash": ("the crash harness: a kill at every file operation of a run, then its resume", 1200),
+    "slurm": ("the local Slurm (cluster/local_slurm.sh): root, runs alone", 900),
+}
 
 
 def pytest_configure(config):
+    for name, (what, _) in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: tier: {what}")
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU; skipped where none is")
 
 
-def has_gpu() -> bool:
-    import shutil
+def pytest_collection_modifyitems(config, items):
+    wrong = []
+    for item in items:
+        tiers = [m.name for m in item.iter_markers() if m.name in TIERS]
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {tiers or 'no tier'}")
+            continue
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIERS[tiers[0]][1]))
+    if wrong:
+        raise pytest.UsageError("each test needs exactly one tier marker (" + ", ".join(TIERS) + "):\n  "
+                                + "\n  ".join(wrong))
 
-    if shutil.which("nvidia-smi") is None:
-        return False
-    r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, env=GPU_ENV)
-    return r.returncode == 0 and "GPU" in r.stdout
+
+# What a `unit` test must not start: the interpreter (the CLI, a rank), a launcher, a shell.
+# Libraries' own helpers (ctypes' ldconfig look-up) stay allowed.
+LAUNCHES = {"python", "python3", "horovodrun", "torchrun", "mpirun", "mpiexec", "srun", "sbatch", "bash", "sh"}
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_process(request, monkeypatch):
+    """A `unit` test that starts a process (the CLI, a launcher, a shell) fails naming it: it
+    belongs to the integration tier."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import os
+    import subprocess
+    import sys
+
+    init = subprocess.Popen.__init__
+
+    def refuse(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        program = os.path.basename(str(argv[0]).split()[0]) if argv else ""
+        if program in LAUNCHES or str(argv[0]) == sys.executable:
+            raise AssertionError(f"a unit test started a process ({argv!r}): mark it integration")
+        init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +72,3 @@ def small_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "small"
     make_dataset(root, num_classes=4, train_per_class=48, val_per_class=12, seed=1)
     return root
-
-
-def run_cli(*args, timeout=120, env_extra=None, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "hvd_ba", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=kwargs.pop("cwd", ROOT), env=env, **kwargs)
-

@@ -8,18 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_cli
 from hvd_ba.theory.hessian import AnalysisMode, BatchKind, batch_hvp, top_eigenvalue
-from hvd_ba.launch.demo import horovodrun_command
+from hvd_ba.launchers import horovodrun_command
 from hvd_ba.models import GhostBatchNorm2d
 from hvd_ba.train.records import read_jsonl
-from test_horovod import ENV
+from helpers import ENV, ROOT, run_cli
 
 
 def operator(matrix):
     return lambda v: [matrix @ v[0]]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["lanczos", "power"])
 @pytest.mark.parametrize("eigenvalues", [[5.0, 2.0, -1.0, 0.5], [1.0, -6.0, 0.2, 0.0], [3.0, 3.0 - 1e-2, 1.0, 1.0]])
 def test_the_top_algebraic_eigenvalue_is_found(method, eigenvalues):
@@ -31,6 +31,7 @@ def test_the_top_algebraic_eigenvalue_is_found(method, eigenvalues):
     assert value == pytest.approx(max(eigenvalues), rel=1e-4, abs=1e-9) and products > 1
 
 
+@pytest.mark.unit
 def test_lanczos_finds_a_small_top_above_a_large_negative_bulk():
     """The case of a network near a flat minimum, where power iteration's stopping rule fails: a
     top of 1e-3 over eigenvalues down to -2 in 400 dimensions."""
@@ -54,6 +55,7 @@ class FixedBatches:
         return self.x[part * per:(part + 1) * per], self.y[part * per:(part + 1) * per]
 
 
+@pytest.mark.unit
 def test_hessian_vector_products_and_lambda_match_the_explicit_hessian():
     """A small conv net with ghost BN in training mode (float64): HVPs equal central differences
     of the gradient, and the top eigenvalue from power iteration equals that of the explicit
@@ -100,6 +102,7 @@ def test_hessian_vector_products_and_lambda_match_the_explicit_hessian():
         assert torch.equal(b, before[n]), n
 
 
+@pytest.mark.integration
 def test_two_ranks_give_the_answers_of_one_process(small_data, tmp_path):
     # A fixed number of power iterations (tol 0), so both compute the same sequence of vectors.
     common = ["--config", "demo", "--batches", "2", "--unique", "8", "--parts", "2", "--method", "power", "--tol", "0",
@@ -127,6 +130,7 @@ RUN = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_si
        "optim.warmup_epochs=0", "run.max_steps_per_epoch=6", "run.log_every=1", "data.manifest_dir=null"]
 
 
+@pytest.mark.integration
 def test_lambda_tracking_records_and_leaves_training_untouched(small_data, tmp_path):
     runs = {}
     for name, extra in (("plain", []), ("tracked", ["--track-lambda-every", "3"])):
@@ -171,6 +175,7 @@ def test_lambda_tracking_records_and_leaves_training_untouched(small_data, tmp_p
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
+@pytest.mark.unit
 def test_reference_gradient_is_the_full_split_or_a_disjoint_sample():
     from hvd_ba.theory.analyze import reference_batches
     from hvd_ba.config import ConfigError

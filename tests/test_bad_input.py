@@ -4,6 +4,8 @@ text) are counted and replaced; nothing crashes."""
 import io
 import shutil
 
+import pytest
+
 import numpy as np
 import torch
 from PIL import Image
@@ -11,6 +13,8 @@ from PIL import Image
 from hvd_ba.config import load_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_train_loader
+
+pytestmark = pytest.mark.unit
 
 COLOUR = (200, 40, 90)  # a solid colour: every crop of a supported file must show it
 

@@ -4,9 +4,10 @@ import re
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 
+@pytest.mark.integration
 def test_bench_loader_prints_stage_costs_and_ratios(tmp_path):
     r = run_cli("bench", "loader", "--copies", "1,2", "--images", "18", "--size", "64", "--workers", "1", "--batch", "4",
                 "--corpus", str(tmp_path / "photos"), timeout=300)
@@ -22,6 +23,7 @@ def test_bench_loader_prints_stage_costs_and_ratios(tmp_path):
     assert all(float(v) > 0 for v in m.groups())
 
 
+@pytest.mark.unit
 def test_ring_allreduce_model_and_projection():
     from hvd_ba.bench.scaling import project, ring_allreduce_s
 
@@ -53,6 +55,7 @@ def test_ring_allreduce_model_and_projection():
     assert abs(p["efficiency"] - 0.032 / (0.032 + p["allreduce_s"])) < 1e-12
 
 
+@pytest.mark.integration
 def test_bench_scaling_measures_both_backends_and_projects(tmp_path):
     """Real horovodrun -np 2 over Gloo and MPI and torchrun (torch.distributed over Gloo) at
     M = 1, 2: the breakdowns side by side, the measured overlap, and the projection using it."""
@@ -99,6 +102,7 @@ def test_bench_scaling_measures_both_backends_and_projects(tmp_path):
     assert f"{100 * hidden:.0f}% of the allreduce hidden behind the backward pass (measured" in r.stdout
 
 
+@pytest.mark.integration
 def test_bench_gpu_reduced_form_on_cpu(tmp_path):
     """No CUDA here: the reduced form, the same measurements (ceiling, loader- and device-fed)."""
     out = tmp_path / "gpu.json"

@@ -1,10 +1,13 @@
-"""The single entry point: help on every command, one-line errors with exit status 2."""
+"""The single entry point: help on every command, one-line errors with exit status 2. What needs
+no process of its own runs in this one (helpers.cli); a `unit` test that launched anything would
+fail (conftest.py), which is how "nothing was launched" is checked there."""
 import pytest
 
-from conftest import run_cli
+from helpers import cli, run_cli
 from hvd_ba.__main__ import COMMANDS
 
 
+@pytest.mark.integration
 def test_top_level_help_lists_commands():
     r = run_cli("--help")
     assert r.returncode == 0
@@ -12,19 +15,22 @@ def test_top_level_help_lists_commands():
         assert name in r.stdout
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_help(command):
-    r = run_cli(command, "--help")
+    r = cli(command, "--help")
     assert r.returncode == 0, r.stderr
     assert f"hvd_ba {command}" in r.stdout
 
 
+@pytest.mark.unit
 def test_unknown_command_is_one_line_exit_2():
-    r = run_cli("trian")
+    r = cli("trian")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["hvd_ba: unknown command 'trian' (choose from: train, demo, make-data, plan, hosts, settings, stage, analyze, plot, status, sweep, doctor, bench)"]
 
 
+@pytest.mark.integration
 def test_missing_data_directory_is_one_line_exit_2(tmp_path):
     missing = tmp_path / "nope"
     r = run_cli("train", "--config", "demo", "--set", f"data.path={missing}", f"run.out_dir={tmp_path / 'run'}")
@@ -34,13 +40,15 @@ def test_missing_data_directory_is_one_line_exit_2(tmp_path):
     assert str(missing / "train") in lines[0] and "data.path" in lines[0]
 
 
+@pytest.mark.unit
 def test_bad_config_value_stops_demo_before_launch(tmp_path, small_data):
-    r = run_cli("demo", "--data", str(small_data), "--out", str(tmp_path / "run"), "--set", "data.copies=-1")
+    r = cli("demo", "--data", str(small_data), "--out", str(tmp_path / "run"), "--set", "data.copies=-1")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["hvd_ba demo: error: config key 'data.copies': must be >= 1, got -1"]
     assert "horovodrun" not in r.stdout  # nothing was launched
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["train", "demo"])
 @pytest.mark.parametrize("settings, line", [
     (["model.arch=resnet5"], "config key 'model.arch': must be one of ('resnet50', 'mobilenet', 'alexnet', "
@@ -62,6 +70,7 @@ def test_a_model_the_nets_cannot_build_is_refused_before_any_rank_starts(tmp_pat
     assert "horovodrun" not in r.stdout and not out.exists()  # nothing launched, no run folder
 
 
+@pytest.mark.integration
 def test_make_data_writes_imagenet_layout(tmp_path):
     r = run_cli("make-data", str(tmp_path / "d"), "--classes", "3", "--train-per-class", "4", "--val-per-class", "2")
     assert r.returncode == 0, r.stderr
@@ -71,8 +80,9 @@ def test_make_data_writes_imagenet_layout(tmp_path):
     assert str(train[0]) == "train/n90000000/n90000000_00000.JPEG"
 
 
+@pytest.mark.unit
 def test_plan_prints_the_paper_figures_for_32_ranks():
-    r = run_cli("plan", "--config", "resnet50", "--ranks", "32")
+    r = cli("plan", "--config", "resnet50", "--ranks", "32")
     assert r.returncode == 0, r.stderr
     for line in ("unique batch: 64 per rank, 2048 global; copies M = 4",
                  "samples per step: 256 per rank, 8192 global",
@@ -81,3 +91,23 @@ def test_plan_prints_the_paper_figures_for_32_ranks():
                  "(linear per iteration), then x0.1 at epochs 30, 60, 80 of 90",
                  "steps per epoch: 625 (those of unique batch 2048)"):
         assert line in r.stdout, line
+
+
+def takes_set(command) -> bool:
+    return any("--set" in action.option_strings for action in COMMANDS[command][0]()._actions)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", [c for c in sorted(COMMANDS) if takes_set(c)])
+def test_repeated_set_flags_accumulate_and_the_later_value_wins(command):
+    """`--set a --set b` keeps both (a second flag used to replace the first without a word), on
+    every command that takes --set; and of one key given twice the later value wins, over the
+    preset's."""
+    sets = ["--set", "data.copies=2", "--set", "data.unique_batch=8", "model.ghost_size=8", "--set", "data.copies=3"]
+    required = {"plan": ["--ranks", "2"], "analyze": ["lambda-max"]}.get(command, [])
+    args, _ = COMMANDS[command][0]().parse_known_args([*required, *sets])
+    assert args.set == ["data.copies=2", "data.unique_batch=8", "model.ghost_size=8", "data.copies=3"]
+    r = cli("plan", "--config", "demo", "--ranks", "2", *sets)
+    assert r.returncode == 0, r.stderr
+    assert "unique batch: 8 per rank, 16 global; copies M = 3" in r.stdout
+    assert "ghost BN: 3 groups of 8 per rank (split)" in r.stdout

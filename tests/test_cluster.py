@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from hvd_ba.cluster import (HostListError, check_tasks, expand_hostlist, expand_tasks_per_node, horovod_hosts,
                             launch_rank, mpi_hostfile, slots, Launch, launch_info, rank_share,
                             loader_split, oversubscribed, compact, settings_words, rank_cores,
@@ -25,10 +25,12 @@ from hvd_ba.cluster import (HostListError, check_tasks, expand_hostlist, expand_
     ("n[1-2],n[2-3]", ["n1", "n2", "n2", "n3"]),  # Slurm keeps duplicates too
     (" n[1-2] ", ["n1", "n2"]),
 ])
+@pytest.mark.unit
 def test_host_lists_expand_as_scontrol_show_hostnames(text, hosts):
     assert expand_hostlist(text) == hosts
 
 
+@pytest.mark.unit
 def test_a_large_list_expands_in_order():
     hosts = expand_hostlist("c[0001-1000]")
     assert len(hosts) == 1000 and hosts[0] == "c0001" and hosts[-1] == "c1000"
@@ -46,6 +48,7 @@ def test_a_large_list_expands_in_order():
     ("", "empty"),
     ("n 1", "not a host name"),
 ])
+@pytest.mark.unit
 def test_bad_host_lists_name_the_problem(text, words):
     with pytest.raises(HostListError, match=re.escape(words)):
         expand_hostlist(text)
@@ -54,16 +57,19 @@ def test_bad_host_lists_name_the_problem(text, words):
 @pytest.mark.parametrize("text, counts", [
     ("4", [4]), ("2(x3)", [2, 2, 2]), ("2(x3),1", [2, 2, 2, 1]), ("1,3(x2),8", [1, 3, 3, 8]),
 ])
+@pytest.mark.unit
 def test_tasks_per_node(text, counts):
     assert expand_tasks_per_node(text) == counts
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["", "2x3", "2(3)", "0", "a", "2(x0)"])
 def test_bad_tasks_per_node(text):
     with pytest.raises(HostListError):
         expand_tasks_per_node(text)
 
 
+@pytest.mark.unit
 def test_slots_pair_hosts_with_counts_and_check_the_task_count():
     host_slots = slots("gpu[01-03]", "4(x2),2")
     assert host_slots == [("gpu01", 4), ("gpu02", 4), ("gpu03", 2)]
@@ -77,6 +83,7 @@ def test_slots_pair_hosts_with_counts_and_check_the_task_count():
         slots("gpu[01-03]", "4,2")
 
 
+@pytest.mark.integration
 def test_hosts_command_reads_the_slurm_environment(monkeypatch):
     env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)"}
     r = run_cli("hosts", "--np", "4", env_extra=env)
@@ -114,11 +121,13 @@ HOROVODRUN_RANK_3 = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_LOCALID": 
     ({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, Launch("alone", 0, 1, 0, 1)),
     ({}, Launch("alone", 0, 1, 0, 1)),
 ])
+@pytest.mark.unit
 def test_launch_info_asks_the_launcher_that_started_the_process(env, expected):
     assert launch_info(env) == expected
     assert launch_info(env).mpi == (expected.launcher in ("mpirun", "mpi") or "PMIX_RANK" in env)
 
 
+@pytest.mark.unit
 def test_launch_rank_is_launch_infos_rank_and_world(monkeypatch):
     for key in list(os.environ):
         if key.startswith(("HOROVOD_", "OMPI_", "PMI", "SLURM_", "MPI_")):
@@ -137,6 +146,7 @@ def test_launch_rank_is_launch_infos_rank_and_world(monkeypatch):
     (HOROVODRUN_RANK_3, 1, None),
     ({}, 0, None),
 ])
+@pytest.mark.unit
 def test_horovods_local_rank_is_checked_against_the_launcher_that_started_the_rank(env, horovod_local_rank, problem):
     from hvd_ba.dist import local_rank_problem
 
@@ -155,10 +165,12 @@ def test_horovods_local_rank_is_checked_against_the_launcher_that_started_the_ra
     ([0, 1, 2, 3, 4, 5, 6, 7], 0, 2, 2, None),  # wider than the node's allocation (ssh, no cgroup): left
     ([0, 1, 2], 0, 1, None, None),     # alone: keeps all
 ])
+@pytest.mark.unit
 def test_rank_share(mask, local_rank, local_size, per_task, share):
     assert rank_share(mask, local_rank, local_size, per_task) == share
 
 
+@pytest.mark.unit
 def test_rank_cores_counts_an_unbound_shared_mask_once_per_rank():
     assert rank_cores([0, 1], 2, None) == 1       # horovodrun -np 2 on a 2-core laptop
     assert rank_cores([0, 1, 2, 3], 1, None) == 4
@@ -167,6 +179,7 @@ def test_rank_cores_counts_an_unbound_shared_mask_once_per_rank():
     assert rank_cores(list(range(8)), 2, 2) == 2  # a shared mask left wide: its share, at most per task
 
 
+@pytest.mark.unit
 def test_a_slice_of_the_mask_is_whole_cores(tmp_path):
     """Hyperthreads: CPUs 0-3 are the first threads of cores 0-3, CPUs 4-7 their siblings; two
     ranks of 4 CPUs each get two whole cores, not one the first threads and one the siblings."""
@@ -179,6 +192,7 @@ def test_a_slice_of_the_mask_is_whole_cores(tmp_path):
     assert core_order([3, 1, 2], str(tmp_path / "missing")) == [1, 2, 3]
 
 
+@pytest.mark.unit
 def test_mpiruns_ranks_take_the_per_task_count_job_sh_passes():
     """The ranks mpirun's node daemon forks carry the daemon step's SLURM_CPUS_PER_TASK (all the
     node's cores); job.sh passes the job's own as HVD_BA_CPUS_PER_TASK."""
@@ -197,10 +211,12 @@ def test_mpiruns_ranks_take_the_per_task_count_job_sh_passes():
     (4, 0, 3, False, (1, 3)),      # workers given: threads get what is left
     (1, 1, 1, False, (1, 1)),      # both given: kept (and warned about)
 ])
+@pytest.mark.unit
 def test_threads_and_workers_derive_from_the_cores(cores, threads, workers, gpu, split):
     assert loader_split(cores, threads, workers, gpu) == split
 
 
+@pytest.mark.unit
 def test_a_rank_short_of_cores_gets_one_warning_line():
     assert oversubscribed(0, "n1", [0, 1], 1, 1, 2) is None
     line = oversubscribed(3, "n2", [0], 1, 1, 2)
@@ -210,6 +226,7 @@ def test_a_rank_short_of_cores_gets_one_warning_line():
     assert compact([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
+@pytest.mark.integration
 def test_settings_words_keep_brackets_and_never_glob(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.x=1").write_text("")  # a file a glob of 'data.*' would find
@@ -224,6 +241,7 @@ def test_settings_words_keep_brackets_and_never_glob(tmp_path, monkeypatch):
     assert r.returncode == 0 and r.stdout.split("\0")[:-1] == settings_words(text)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("env", [SRUN_RANK_3, MPIRUN_RANK_3, HOROVODRUN_RANK_3], ids=["srun", "mpirun", "horovodrun"])
 def test_the_second_rank_of_a_node_picks_the_second_gpu(env):
     """Rank 3 is local rank 1 on its node under every launcher (mpirun's ranks carry an inherited

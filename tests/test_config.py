@@ -6,6 +6,8 @@ import yaml
 
 from hvd_ba.config import ConfigError, check_paths, load_config
 
+pytestmark = pytest.mark.unit
+
 
 def test_default_preset_is_the_paper_recipe():
     cfg = load_config("resnet50")

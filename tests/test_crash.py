@@ -12,18 +12,16 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
 from hvd_ba.train.checkpoint import checkpoint_dir, save_checkpoint
 from hvd_ba.fsio import DiskFull, read_records, trim_records
-from test_horovod import ENV, launch, read_jsonl, train_command
-from test_resume import kill_tree
-from test_runs import ONE_EPOCH, no_process_left, train_alone
+from helpers import ENV, ONE_EPOCH, ROOT, kill_tree, launch, no_process_left, read_jsonl, train_alone, train_command
 
 SHORT = ["data.workers=0", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=2",
          "optim.warmup_epochs=0.5", "run.max_steps_per_epoch=2", "run.log_every=1", "run.checkpoint_every=1",
          "run.threads=1", "data.manifest_dir=null"]
 
 
+@pytest.mark.crash
 def test_a_kill_at_every_file_operation_resumes_to_the_same_end(small_data, tmp_path):
     """Every write, fsync, rename and unlink of a 4-step run (config, records, checkpoints,
     latest, model, rank and result files), each in turn: SIGKILL there (a write after half its
@@ -44,6 +42,7 @@ def test_a_kill_at_every_file_operation_resumes_to_the_same_end(small_data, tmp_
         assert any(name in f for f in files), name
 
 
+@pytest.mark.crash
 def test_a_kill_at_the_first_epoch_end_checkpoint_and_its_records_resumes(small_data, tmp_path):
     """Checkpoints at epoch ends only (run.checkpoint_every=null, the presets' default): a kill at
     each operation of the run's first checkpoint (its write, fsyncs, renames, `latest`) and of the
@@ -65,6 +64,7 @@ def test_a_kill_at_the_first_epoch_end_checkpoint_and_its_records_resumes(small_
     assert ops[-1].startswith("write") and ops[-1].endswith("metrics.csv"), ops
 
 
+@pytest.mark.crash
 def test_a_kill_during_the_resume_of_a_crashed_run(small_data, tmp_path):
     """Two crashed states, each resumed with the resume itself killed at each of its operations
     before its first step, then resumed again: the same end. Killed mid-append of epoch 1's
@@ -88,6 +88,7 @@ def test_a_kill_during_the_resume_of_a_crashed_run(small_data, tmp_path):
     assert any(op.startswith("write") and op.endswith("/metrics.jsonl") for op in restored), restored
 
 
+@pytest.mark.crash
 def test_kills_at_the_checkpoint_writes_of_a_two_rank_run(small_data, tmp_path):
     settings = [*SHORT, "run.max_steps_per_epoch=3", "run.checkpoint_every=2", "run.threads=0"]
     reference = tmp_path / "reference"
@@ -120,6 +121,7 @@ def test_kills_at_the_checkpoint_writes_of_a_two_rank_run(small_data, tmp_path):
     print(f"two-rank crash points covered: {len(points)} (rank 0 killed at each write/fsync/rename of a checkpoint)")
 
 
+@pytest.mark.integration
 def test_a_torn_last_record_is_cut_off_on_resume(small_data, tmp_path, caplog):
     out = tmp_path / "run"
     r = train_alone(small_data, out, [*SHORT, "run.checkpoint_every=null"])
@@ -140,6 +142,7 @@ def test_a_torn_last_record_is_cut_off_on_resume(small_data, tmp_path, caplog):
             json.loads(line)  # every line whole again
 
 
+@pytest.mark.unit
 def test_trim_keeps_whole_records_and_rewrites_only_on_change(tmp_path):
     path = tmp_path / "steps.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n')
@@ -152,6 +155,7 @@ def test_trim_keeps_whole_records_and_rewrites_only_on_change(tmp_path):
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
+@pytest.mark.integration
 def test_a_full_disk_stops_with_one_line_and_keeps_the_resume_point(small_data, tmp_path):
     out = tmp_path / "run"
     io_log = tmp_path / "io.log"
@@ -177,6 +181,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_resume_point(small_data, 
     assert json.loads((out / "result.json").read_text())["steps"] == 4
 
 
+@pytest.mark.unit
 def test_a_checkpoint_that_will_not_fit_is_not_started(tmp_path, monkeypatch):
     import hvd_ba.train.checkpoint as ckpt
 
@@ -187,6 +192,7 @@ def test_a_checkpoint_that_will_not_fit_is_not_started(tmp_path, monkeypatch):
     assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["ckpt-000000001.pt", "latest"]
 
 
+@pytest.mark.integration
 def test_two_jobs_on_one_folder(small_data, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(train_command("gloo", small_data, out, settings=[*ONE_EPOCH, "optim.epochs=50"]),
@@ -217,6 +223,7 @@ def test_two_jobs_on_one_folder(small_data, tmp_path):
     assert not (out / ".lock").exists()  # given up at the end
 
 
+@pytest.mark.integration
 def test_a_lock_from_another_host_is_honoured_until_stale(small_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -230,6 +237,7 @@ def test_a_lock_from_another_host_is_honoured_until_stale(small_data, tmp_path):
     assert re.search(r"breaking the lock of .*: its heartbeat is 10\d\d s old", r.stdout + r.stderr)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage", ["empty class folder", "class mismatch"])
 def test_data_layout_errors_are_one_line(damage, small_data, tmp_path):
     data = tmp_path / "data"
@@ -247,6 +255,7 @@ def test_data_layout_errors_are_one_line(damage, small_data, tmp_path):
     assert not re.search(r"\[\d\]<std(out|err)>:Traceback", r.stdout + r.stderr)
 
 
+@pytest.mark.integration
 def test_two_concurrent_starts_on_one_folder(small_data, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set", f"data.path={small_data}",
@@ -261,6 +270,7 @@ def test_two_concurrent_starts_on_one_folder(small_data, tmp_path):
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]  # one run, not two mixed
 
 
+@pytest.mark.integration
 def test_a_lock_left_by_an_earlier_attempt_of_the_same_slurm_job(small_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -285,6 +295,7 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.integration
 def test_a_full_file_system_start_to_finish(small_data, small_fs):
     """On a real full tmpfs: the second checkpoint does not fit (one line, 74, the first stays);
     a restart on the still-full disk says so in one line (a dead writer's half file removed

@@ -2,6 +2,7 @@
 on the training device (here the CPU; CI has no GPU). Same draws, same distributions, same pixels
 (up to resampling noise) as the loader path."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -15,6 +16,7 @@ from hvd_ba.data.augment import TrainPreset, image_rng
 from hvd_ba.data.copies import make_copies
 
 
+@pytest.mark.unit
 def test_device_crops_match_the_loader_copies(small_data):
     """Same files, same (seed, epoch, index): the device path's crops equal the CPU path's crops
     up to resampling noise, flips and lighting offsets included, in the same copy-major order."""
@@ -40,6 +42,7 @@ def test_device_crops_match_the_loader_copies(small_data):
     assert (a[0] - c[0]).abs().mean() > 3 * diff[0] + 1
 
 
+@pytest.mark.unit
 def test_canvas_boxes_are_the_cpu_draws(small_data):
     """The device path draws its boxes with the same calls and generator as the CPU path, so the
     crop-parameter distribution is the preset's; the canvas is bounded and the boxes follow it."""
@@ -58,6 +61,7 @@ def test_canvas_boxes_are_the_cpu_draws(small_data):
     assert item["flips"].tolist() == [d[1] for d in draws]
 
 
+@pytest.mark.unit
 def test_device_box_statistics_match_torchvision():
     """Area fraction and aspect of the boxes a device batch carries (mapped back to the source
     image) against torchvision's RandomResizedCrop.get_params on the same image size."""
@@ -83,6 +87,7 @@ def test_device_box_statistics_match_torchvision():
         assert np.abs(np.quantile(ours, [0.1, 0.5, 0.9]) - np.quantile(theirs, [0.1, 0.5, 0.9])).max() < 0.05
 
 
+@pytest.mark.unit
 def test_device_loader_sends_one_decoded_image_per_file(small_data):
     """Through the real loader (a worker process): B canvases and M*B boxes per batch, the same
     files and labels as the loader path, and the crops come out at augment.size."""
@@ -98,6 +103,7 @@ def test_device_loader_sends_one_decoded_image_per_file(small_data):
         assert y["files"] == x["files"] == 4
 
 
+@pytest.mark.unit
 def test_make_copies_and_canvas_copies_draw_alike(small_data):
     """Lighting offsets and flips come from the same draws in both paths."""
     path = sorted((small_data / "train").rglob("*.JPEG"))[1]
@@ -109,6 +115,7 @@ def test_make_copies_and_canvas_copies_draw_alike(small_data):
     np.testing.assert_array_equal(lighting, item["lighting"])
 
 
+@pytest.mark.integration
 def test_two_ranks_train_with_device_augmentation(small_data, tmp_path):
     """horovodrun -np 2 with augment.where=device: ranks in lockstep, and the same run as the
     loader path up to resampling noise (the same files, boxes, flips and offsets)."""

@@ -1,8 +1,12 @@
 """The training step's input handling and the models it builds."""
 import torch
 
+import pytest
+
 from hvd_ba.train.engine import TrainState, normalize
 from hvd_ba.models import build_model
+
+pytestmark = pytest.mark.unit
 
 
 def test_normalize_permutes_converts_lights_and_normalises():

@@ -2,9 +2,13 @@
 import re
 import tomllib
 
+import pytest
+
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
+
+pytestmark = pytest.mark.unit
 
 PIN = re.compile(r"^\s*(?:#\s*)?-\s*([A-Za-z0-9_.-]+)==(\S+)\s*$")
 

@@ -10,13 +10,12 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
 from hvd_ba.train.devices import DeviceError, gpu_index, nccl_problem, shared_gpus
-from test_horovod import ENV, launch, read_jsonl, train_command
-from test_resume import RUN, kill_tree, wait_for_step
+from helpers import ENV, ROOT, RUN, kill_tree, launch, read_jsonl, run_cli, train_command, wait_for_step
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("switch", ["run.channels_last=true", "run.compile=true"])
 def test_channels_last_and_compile_train_resume_and_keep_ranks_identical(switch, small_data, tmp_path):
     """Measured before: channels_last stopped every run at start-up (Horovod refuses the
@@ -36,6 +35,7 @@ def test_channels_last_and_compile_train_resume_and_keep_ranks_identical(switch,
     assert json.loads((out / "result.json").read_text())["val_top1"] is not None
 
 
+@pytest.mark.integration
 def test_fp16_resume_gives_every_rank_the_checkpoints_grad_scale(small_data, tmp_path):
     """Before: only rank 0 loaded the GradScaler state, the others restarted at 65536, so their
     gradients were scaled differently and the weights drifted apart."""
@@ -56,6 +56,7 @@ def test_fp16_resume_gives_every_rank_the_checkpoints_grad_scale(small_data, tmp
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
 
 
+@pytest.mark.unit
 def test_gpu_index_follows_the_launcher():
     assert gpu_index(local_rank=3, device_count=8, visible=None) == 3
     assert gpu_index(local_rank=3, device_count=1, visible="5") == 0  # Slurm gave the task its own GPU
@@ -64,6 +65,7 @@ def test_gpu_index_follows_the_launcher():
         gpu_index(local_rank=4, device_count=4, visible="0,1,2,3")
 
 
+@pytest.mark.unit
 def test_two_ranks_on_one_gpu_and_a_horovod_without_nccl_are_refused():
     assert shared_gpus([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")]) is None  # same UUID, other host
     message = shared_gpus([("n1", "GPU-a"), ("n1", "GPU-a"), ("n2", "GPU-c")])
@@ -72,6 +74,7 @@ def test_two_ranks_on_one_gpu_and_a_horovod_without_nccl_are_refused():
     assert nccl_problem(uses_cuda=True, nccl_built=True) is None and nccl_problem(False, False) is None
 
 
+@pytest.mark.integration
 def test_model_pt_is_saved_on_the_cpu(small_data, tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", "--config", "demo", "--set", f"data.path={small_data}", f"run.out_dir={out}", *RUN,
@@ -81,6 +84,7 @@ def test_model_pt_is_saved_on_the_cpu(small_data, tmp_path):
     assert all(t.device.type == "cpu" for t in state.values())
 
 
+@pytest.mark.integration
 def test_doctor_reports_and_survives_a_broken_horovod(tmp_path):
     r = run_cli("doctor", "--config", "demo")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -94,6 +98,7 @@ def test_doctor_reports_and_survives_a_broken_horovod(tmp_path):
     assert "FAIL horovod  horovod does not import (ImportError: libhorovod_torch.so: undefined symbol)" in r.stdout
 
 
+@pytest.mark.integration
 def test_doctor_warns_when_threads_and_workers_exceed_the_cores():
     if shutil.which("taskset") is None:
         pytest.skip("taskset not installed")
@@ -102,6 +107,7 @@ def test_doctor_warns_when_threads_and_workers_exceed_the_cores():
     assert "1 of the node's" in r.stdout and "WARN threads  run.threads 1 + data.workers 2 on 1 cores" in r.stdout
 
 
+@pytest.mark.integration
 def test_doctor_under_horovodrun_prints_every_rank_once(tmp_path):
     from hvd_ba.launchers import horovodrun_path
 
@@ -110,6 +116,7 @@ def test_doctor_under_horovodrun_prints_every_rank_once(tmp_path):
     assert r.stdout.count("== rank 0 on") == 1 and r.stdout.count("== rank 1 on") == 1, r.stdout[-3000:]
 
 
+@pytest.mark.integration
 def test_the_gpu_check_imports_and_builds_its_configs_without_pyyaml():
     """cluster/gpu_check.sh runs where only torch is installed: PyYAML is imported only where a
     file or a --set value is read or written, never on the GPU check's way (an `import yaml` at
@@ -142,6 +149,7 @@ def test_the_gpu_check_imports_and_builds_its_configs_without_pyyaml():
     assert r.returncode == 0 and r.stdout.strip() == "yaml is blocked", r.stdout + r.stderr[-3000:]
 
 
+@pytest.mark.integration
 def test_gpu_check_reduced_form_runs_with_only_torch(tmp_path):
     """cluster/gpu_check.sh where only torch and torchvision are installed: Horovod, PyYAML, tqdm
     and scikit-image made unimportable. The reduced (CPU) form; every part runs."""
@@ -164,9 +172,10 @@ def test_gpu_check_reduced_form_runs_with_only_torch(tmp_path):
         (1, "loader"), (1, "device"), (2, "loader"), (2, "device")}
 
 
+@pytest.mark.integration
 @pytest.mark.gpu
 def test_gpu_check_full_form_on_a_gpu(tmp_path):
-    from conftest import GPU_ENV, has_gpu
+    from helpers import GPU_ENV, has_gpu
 
     if not has_gpu():
         pytest.skip("no GPU on this machine")
@@ -179,6 +188,7 @@ def test_gpu_check_full_form_on_a_gpu(tmp_path):
     assert result["checkpoint_resume"]["abs_diff"] < 1e-4
 
 
+@pytest.mark.unit
 def test_bn_statistics_are_averaged_in_one_grouped_allreduce(monkeypatch):
     """Before: two blocking allreduces per BN layer (106 for ResNet-50) at every evaluation and checkpoint."""
     from hvd_ba import dist
@@ -209,6 +219,7 @@ def test_bn_statistics_are_averaged_in_one_grouped_allreduce(monkeypatch):
     assert torch.equal(model.bn1.running_var, before + 1)  # the averages are written back
 
 
+@pytest.mark.unit
 def test_a_training_step_does_not_read_the_device(monkeypatch):
     """Losses and correct counts stay tensors; the loop reads them at log lines and agreements only."""
     from hvd_ba.config import load_config
@@ -234,6 +245,7 @@ def test_a_training_step_does_not_read_the_device(monkeypatch):
     assert 0 < float(meter.totals[0]) / (3 * 64) < 5 and 0 <= float(meter.totals[1]) <= 3 * 64
 
 
+@pytest.mark.unit
 def test_select_device_stops_every_rank_with_the_same_line(monkeypatch):
     """8 ranks on a 4-GPU node: ranks 4-7 cannot have a GPU; every rank (the fine ones too) raises
     the same message after one gather, instead of the failing ranks leaving the others hung."""

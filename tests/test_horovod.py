@@ -1,36 +1,12 @@
 """Real multi-rank runs: `horovodrun -np 2` over Gloo and over MPI."""
 import json
-import os
 import subprocess
 
 import pytest
 
-from conftest import ROOT
-from hvd_ba.launchers import horovodrun_command
-from hvd_ba.train.records import read_jsonl
+from helpers import ENV, ROOT, launch, read_jsonl, short_run, train_command
 
-TRAIN_SETTINGS = [
-    "data.copies=2", "data.unique_batch=8", "data.workers=1", "model.ghost_size=16",
-    "optim.epochs=10", "optim.warmup_epochs=0", "optim.base_lr=0.32", "optim.milestones=[]",
-    "run.log_every=4", "run.record_reads=true",
-    # near-fixed crops: the loss must fall within a few dozen steps on 192 images
-    "augment.scale=[0.9, 1.0]", "augment.hflip=0.0",
-]
-
-
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "120"}
-
-
-def train_command(controller: str, data, out, extra=(), preset="demo", settings=None) -> list[str]:
-    """`horovodrun -np 2 ... python -m hvd_ba train`, built as the demo builds it."""
-    settings = TRAIN_SETTINGS if settings is None else settings
-    return horovodrun_command(2, controller, ["--config", preset, "--set", f"data.path={data}",
-                                              f"run.out_dir={out}", *settings, *extra])
-
-
-def launch(controller: str, data, out, extra=(), preset="demo", settings=None) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(controller, data, out, extra, preset, settings), capture_output=True,
-                          text=True, timeout=400, env=ENV, cwd=ROOT)
+pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
@@ -75,17 +51,14 @@ def test_two_ranks_train_in_lockstep_on_disjoint_shards(controller, small_data, 
 
 
 def test_failing_rank_stops_the_job(small_data, tmp_path):
-    """A rank that raises ends the whole job with a traceback naming the rank, not a hang."""
-    r = launch("gloo", small_data, tmp_path / "run", extra=["model.arch=nope"])
-    assert r.returncode != 0
-    assert "hvd_ba: rank" in r.stdout + r.stderr and "unknown architecture 'nope'" in r.stdout + r.stderr
-
-
-def short_run(data, out, *extra):
-    settings = ["optim.epochs=1", "run.max_steps_per_epoch=6", *extra]
-    r = launch("gloo", data, out, extra=settings)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return read_jsonl(out / "metrics.jsonl"), [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    """A rank that raises (here rank 0: an I/O error, EIO, at its first file operation, the write
+    of config.yaml) ends the whole job with a traceback naming the rank, not a hang."""
+    r = subprocess.run(train_command("gloo", small_data, tmp_path / "run"), capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env={**ENV, "HVD_BA_FAIL_AT": "1:EIO", "HVD_BA_CRASH_RANK": "0"})
+    output = r.stdout + r.stderr
+    assert r.returncode != 0, output[-3000:]
+    assert "hvd_ba: rank 0 failed:" in output and "Traceback" in output, output[-3000:]
+    assert "OSError: [Errno 5] Input/output error" in output, output[-3000:]
 
 
 def test_bytes_read_per_rank_do_not_depend_on_m(small_data, tmp_path):

@@ -4,7 +4,11 @@ import os
 import stat
 import subprocess
 
-from conftest import ROOT
+import pytest
+
+from helpers import ROOT
+
+pytestmark = pytest.mark.integration
 
 JOB_SH = ROOT / "slurm" / "job.sh"
 

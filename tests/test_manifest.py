@@ -8,6 +8,8 @@ import pytest
 from hvd_ba.data import manifest
 from hvd_ba.data.manifest import StaleManifest, load_index, manifest_path, read_manifest
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def data(small_data, tmp_path):

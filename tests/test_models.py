@@ -9,6 +9,8 @@ from torch import nn
 
 from hvd_ba.models import GhostBatchNorm2d, build_model, parameter_groups, use_ghost_batch_norm
 
+pytestmark = pytest.mark.unit
+
 
 def test_ghost_bn_equals_one_forward_per_group():
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 from hvd_ba.config import ConfigError, load_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.pipeline import make_train_loader
-from test_horovod import short_run
+from helpers import short_run
 
 
 def step_batches(data, copies_on, copies, world=2, steps=2):
@@ -29,6 +29,7 @@ def samples_of(batches):
     return out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("copies", [2, 4])
 def test_both_placements_make_the_very_same_samples(copies, small_data):
     ba, ra = step_batches(small_data, "rank", copies), step_batches(small_data, "ranks", copies)
@@ -50,6 +51,7 @@ def test_both_placements_make_the_very_same_samples(copies, small_data):
                 assert len(b["labels"]) == len(b["samples"]) == 8 * copies
 
 
+@pytest.mark.unit
 def test_a_broken_file_is_replaced_alike_under_both_placements(small_data, tmp_path):
     """The replacement of an unreadable file is BA's (the next file of its BA owner's shard), so
     the two placements still make the same samples; the broken file is counted once."""
@@ -70,6 +72,7 @@ def test_a_broken_file_is_replaced_alike_under_both_placements(small_data, tmp_p
     assert sum(len(r[0]["bad"]) for r in ra) == sum(len(r[0]["bad"]) for r in ba) == 1
 
 
+@pytest.mark.unit
 def test_copies_on_ranks_is_refused_with_static_shards_or_device_crops():
     with pytest.raises(ConfigError, match=r"data.copies_on.*static shards.*data.shard=global"):
         load_config("demo", ["data.copies_on=ranks", "data.shard=static"])
@@ -79,6 +82,7 @@ def test_copies_on_ranks_is_refused_with_static_shards_or_device_crops():
         load_config("demo", ["data.copies_on=nodes"])
 
 
+@pytest.mark.integration
 def test_reads_grow_m_fold_under_repeated_augmentation_and_not_under_ba(small_data, tmp_path):
     """horovodrun -np 2, 6 steps of 8 unique images per rank: BA reads 48 files per rank at any
     M; RA at M = 4 reads each copy's file: 4 x 48, the same samples seen."""

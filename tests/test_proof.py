@@ -1,87 +1,48 @@
-"""The proof that 2 ranks equal 1: Horovod BA steps against one process that averages the
-per-rank losses itself, with ghost BN applied per rank and per group; and exact evaluation."""
+"""The proof that 2 ranks equal 1: BA steps of Horovod and of torch.distributed against one
+process that averages the per-rank losses itself, with ghost BN applied per rank and per group;
+and exact evaluation."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import ROOT
 from hvd_ba.config import load_config
 from hvd_ba.data.manifest import load_index
-from hvd_ba.data.pipeline import make_eval_loader, make_train_loader
-from hvd_ba.train.engine import evaluate, lr_at, normalize, train_step
-from hvd_ba.train.run import build_state
-from test_horovod import launch, read_jsonl
-
-# Peak LR 0.05 (0.8 x 16 / 256): at 0.1 the third step of this data order is ill-conditioned (the
-# loss jumps from 1.30 to 2.11) and amplifies the fp32 rounding difference of summing the ghost
-# groups' gradients in one backward or two (1e-6 after 2 steps) to 7e-4.
-PROOF = ["data.workers=0", "data.copies=4", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=1",
-         "optim.warmup_epochs=0.5", "optim.base_lr=0.8", "optim.momentum=0.9", "optim.nesterov=true",
-         "run.record_reads=false", "augment.scale=[0.25, 1.0]", "augment.hflip=0.5"]
+from hvd_ba.data.pipeline import make_train_loader
+from hvd_ba.train.engine import lr_at, train_step
+from helpers import (OTHER_SUMMATION, PROOF, assert_evaluation_equals_one_process, fresh_state, launch, run_reference,
+                     torchrun)
 
 
-def fresh_state(cfg, num_classes, steps_per_epoch, world):
-    """The state every rank starts from (Horovod is not initialised here: no collective runs)."""
-    return build_state(cfg, num_classes, torch.device("cpu"), world, steps_per_epoch)
-
-
-def reference_parameters(data: str, settings: list[str], out: str) -> None:
-    """One process that averages the two ranks' losses itself (ghost BN per rank and per group),
-    with the ranks' intra-op thread count (cores / local ranks); saves its parameters to `out`.
-    Run in a fresh process: a process whose thread pool once ran with another count sums the
-    convolutions' gradients in another order, and the rounding difference grows over the steps."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-    cfg = load_config("demo", [f"data.path={data}", "data.manifest_dir=null", *settings])
-    index = load_index(data, "train", None)
-    loaders = [make_train_loader(index, cfg, rank, 2) for rank in (0, 1)]
-    state = fresh_state(cfg, 4, len(loaders[0]), world=2)
-    model, opt = state.model, state.optimizer
-    model.train()
-    steps = 0
-    for step, batches in enumerate(zip(*loaders)):
-        lr = lr_at(step, state, cfg.optim)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad()
-        for batch in batches:  # each rank's batch on its own: ghost BN per rank, per group of 16
-            loss = F.cross_entropy(model(normalize(batch, state)), batch["labels"])
-            (loss / 2).backward()  # Horovod averages the two ranks' gradients
-        opt.step()
-        steps += 1
-    torch.save({"steps": steps, "params": {n: p.detach() for n, p in model.named_parameters()}}, out)
-
-
-def run_reference(data, settings: list[str], ref_file) -> dict:
-    """reference_parameters in a fresh process (see there); its saved steps and parameters."""
-    code = f"import test_proof; test_proof.reference_parameters({str(data)!r}, {settings!r}, {str(ref_file)!r})"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(ref_file, weights_only=True)
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("steps, ghost_impl", [(1, "split"), (3, "split"), (3, "accumulate")])
-def test_two_ranks_equal_one_process(steps, ghost_impl, small_data, tmp_path):
+def test_two_ranks_of_either_backend_equal_one_process(steps, ghost_impl, small_data, tmp_path):
+    """Horovod's and DDP's averaged gradients each give the single-process reference's parameters,
+    and each other's."""
     settings = [*PROOF, f"run.max_steps_per_epoch={steps}", f"model.ghost_impl={ghost_impl}"]
-    out = tmp_path / "run"
-    r = launch("gloo", small_data, out, extra=settings)
+    r = launch("gloo", small_data, tmp_path / "horovod", extra=settings)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    trained = torch.load(out / "model.pt", weights_only=True)
+    r = torchrun(small_data, tmp_path / "torch", settings)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 ranks on cpu (torch, gloo)" in r.stdout + r.stderr
     reference = run_reference(small_data, settings, tmp_path / "reference.pt")
     assert reference["steps"] == steps
     cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *settings])
     initial = fresh_state(cfg, 4, 1, 2).model.state_dict()
-    for name, p in reference["params"].items():
-        assert torch.allclose(trained[name], p, atol=1e-5, rtol=0), (name, float((trained[name] - p).abs().max()))
-    moved = sum(float((trained[n] - initial[n]).abs().max()) > 1e-3 for n in reference["params"])
-    assert moved > 10  # the parameters really changed, so the equality above is not trivial
+    trained = {b: torch.load(tmp_path / b / "model.pt", weights_only=True) for b in ("horovod", "torch")}
+    for backend, params in trained.items():
+        for name, p in reference["params"].items():
+            assert torch.allclose(params[name], p, atol=OTHER_SUMMATION, rtol=0), \
+                (backend, name, float((params[name] - p).abs().max()))
+        moved = sum(float((params[n] - initial[n]).abs().max()) > 1e-3 for n in reference["params"])
+        assert moved > 10, backend  # the parameters really changed, so the equality above is not trivial
+        ranks = [json.loads((tmp_path / backend / f"rank{i}.json").read_text()) for i in (0, 1)]
+        assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] and ranks[0]["steps"] == steps, backend
+    for name in reference["params"]:
+        assert torch.allclose(trained["torch"][name], trained["horovod"][name], atol=OTHER_SUMMATION, rtol=0), name
 
 
+@pytest.mark.unit
 def test_split_and_accumulate_ghost_bn_give_the_same_step(small_data):
     cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *PROOF])
     index = load_index(small_data, "train", None)
@@ -99,6 +60,7 @@ def test_split_and_accumulate_ghost_bn_give_the_same_step(small_data):
         assert torch.allclose(s1[name].float(), s2[name].float(), atol=1e-5), name
 
 
+@pytest.mark.unit
 def test_copies_do_not_change_lr_or_steps_per_epoch(small_data):
     index = load_index(small_data, "train", None)
     figures = {}
@@ -112,22 +74,9 @@ def test_copies_do_not_change_lr_or_steps_per_epoch(small_data):
     assert figures[1][0] == (4 * 48 // 2) // 8
 
 
+@pytest.mark.integration
 def test_two_rank_evaluation_equals_one_process(small_data, tmp_path):
     out = tmp_path / "run"
     r = launch("gloo", small_data, out, extra=[*PROOF, "run.max_steps_per_epoch=4"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_evaluation_equals_one_process(small_data, out)
-
-
-def assert_evaluation_equals_one_process(small_data, out) -> None:
-    """The last evaluation of the 2-rank run in `out` equals one process evaluating its model.pt."""
-    record = read_jsonl(out / "metrics.jsonl")[-1]
-    cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *PROOF])
-    state = fresh_state(cfg, 4, 1, 1)
-    state.model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    single = evaluate(state, make_eval_loader(load_index(small_data, "val", None), cfg, 0, 1))
-    assert single["val_images"] == record["val_images"] == 48
-    assert single["val_correct"] == record["val_correct"]
-    assert single["val_top5"] == record["val_top5"]
-    assert single["val_loss"] == pytest.approx(record["val_loss"], rel=1e-5)
-    assert json.loads((out / "result.json").read_text())["val_top1"] == record["val_top1"]

@@ -12,29 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint, save_checkpoint
 from hvd_ba.data.manifest import _folder_state, load_index, manifest_path, write_manifest
-from test_horovod import ENV, launch, read_jsonl, train_command
-from test_resume import NO_COLLECTIVE_BUT_STEPS, RUN, kill_tree, loader_workers, rank_process, wait_for_step
+from helpers import (ENV, NO_COLLECTIVE_BUT_STEPS, ONE_EPOCH, ROOT, RUN, gone, kill_tree, launch, loader_workers,
+                     no_process_left, rank_process, read_jsonl, read_steps, run_cli, snapshot, train_alone,
+                     train_command, wait_for_step)
 
-ONE_EPOCH = [*RUN, "optim.epochs=1"]
-
-
-def train_alone(data, out, settings, extra=(), timeout=180, env_extra=None):
-    """One rank started without a launcher (Horovod of size 1)."""
-    return run_cli("train", "--config", "demo", "--set", f"data.path={data}", f"run.out_dir={out}", *settings, *extra,
-                   timeout=timeout, env_extra=env_extra)
-
-
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
+@pytest.mark.integration
 def test_fresh_start_over_a_run_is_refused_and_overwrite_moves_it_aside(small_data, tmp_path):
     out = tmp_path / "run"
     r = train_alone(small_data, out, ONE_EPOCH)
@@ -62,6 +49,7 @@ def test_fresh_start_over_a_run_is_refused_and_overwrite_moves_it_aside(small_da
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
+@pytest.mark.unit
 def test_pruning_removes_only_this_runs_checkpoints_and_latest_names_a_file(tmp_path):
     def save(run_id, step):
         return save_checkpoint(tmp_path, {"step": step, "run_id": run_id, "model": {"w": torch.zeros(2)}}, keep=2)
@@ -83,6 +71,7 @@ def test_pruning_removes_only_this_runs_checkpoints_and_latest_names_a_file(tmp_
     assert not (folder / "ckpt-000000006.pt").exists() and (folder / "ckpt-000000243.pt").exists()
 
 
+@pytest.mark.integration
 def test_demo_run_twice_goes_to_a_fresh_folder(small_data, tmp_path):
     quick = ["optim.epochs=1", "optim.warmup_epochs=0", "optim.milestones=[]", "run.max_steps_per_epoch=3",
              "data.workers=0", "data.unique_batch=8", "data.copies=2", "model.ghost_size=16"]
@@ -99,6 +88,7 @@ def test_demo_run_twice_goes_to_a_fresh_folder(small_data, tmp_path):
     assert r.returncode == 2 and "already holds a run" in r.stderr and "run.resume=auto" in r.stderr
 
 
+@pytest.mark.integration
 def test_resume_refuses_a_changed_schedule_or_data_order_in_one_line(small_data, tmp_path):
     out = tmp_path / "run"
     r = launch("gloo", small_data, out, settings=ONE_EPOCH)  # 2 ranks x 8 unique images
@@ -124,13 +114,7 @@ def test_resume_refuses_a_changed_schedule_or_data_order_in_one_line(small_data,
     assert snapshot(out) == before  # nothing trained, nothing rewritten
 
 
-def read_steps(out):
-    """step -> (sorted global files, lr), from reads.jsonl and steps.jsonl (run.log_every=1)."""
-    files = {r["step"]: sorted(i for part in r["files"] for i in part) for r in read_jsonl(out / "reads.jsonl")}
-    lrs = {s["step"]: s["lr"] for s in read_jsonl(out / "steps.jsonl")}
-    return files, lrs
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("worlds", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks_reads_the_same_files_at_the_same_lr(worlds, small_data, tmp_path):
     """Killed mid-epoch on one number of ranks, resumed on another with the unique global batch
@@ -169,6 +153,7 @@ def test_resume_on_another_number_of_ranks_reads_the_same_files_at_the_same_lr(w
     assert [m["unique_images"] for m in epochs] == [6 * 16, 6 * 16]  # the resumed epoch counted whole
 
 
+@pytest.mark.integration
 def test_a_complete_run_stays_complete(small_data, tmp_path):
     out = tmp_path / "run"
     stop_file = tmp_path / "STOP"
@@ -204,13 +189,7 @@ def test_a_complete_run_stays_complete(small_data, tmp_path):
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
-def gone(process: psutil.Process) -> bool:
-    try:
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
+@pytest.mark.integration
 def test_a_slow_checkpoint_write_is_not_a_stall(small_data, tmp_path):
     """Rank 0's checkpoint write (its fsyncs) takes 27 s, longer than 1.25 x run.stall_timeout
     (20 s), within run.checkpoint_timeout: both ranks wait for it (rank 1 in the broadcast that
@@ -227,6 +206,7 @@ def test_a_slow_checkpoint_write_is_not_a_stall(small_data, tmp_path):
     assert json.loads((out / "result.json").read_text())["world"] == 2
 
 
+@pytest.mark.integration
 def test_a_checkpoint_write_that_never_returns_ends_the_job_naming_its_timeout(small_data, tmp_path):
     out = tmp_path / "run"
     r = train_alone(small_data, out, [*ONE_EPOCH, "run.checkpoint_every=null", "run.checkpoint_timeout=3"],
@@ -237,10 +217,7 @@ def test_a_checkpoint_write_that_never_returns_ends_the_job_naming_its_timeout(s
         r.stderr[-3000:]
 
 
-def no_process_left(out):
-    return not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("phase,rank,signame,everyone", [("indexes", 0, "SIGUSR1", False),
                                                           ("resume", 1, "SIGTERM", False),
                                                           ("indexes", 0, "SIGTERM", True)])
@@ -275,6 +252,7 @@ def test_a_signal_during_start_up_ends_the_job_with_75(phase, rank, signame, eve
     assert no_process_left(out)
 
 
+@pytest.mark.integration
 def test_ranks_that_see_different_data_stop_before_the_first_step(small_data, tmp_path):
     """A stale manifest on one node (emulated: rank 1 has its own cache with 2 files missing)."""
     cache = tmp_path / "manifests"
@@ -292,6 +270,7 @@ def test_ranks_that_see_different_data_stop_before_the_first_step(small_data, tm
     assert not (out / "steps.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_a_stalled_loader_worker_ends_the_job_within_the_timeout(small_data, tmp_path):
     out = tmp_path / "run"
     timeout = 12
@@ -315,6 +294,7 @@ def test_a_stalled_loader_worker_ends_the_job_within_the_timeout(small_data, tmp
     assert no_process_left(out) and gone(worker[0])  # the stopped worker too
 
 
+@pytest.mark.integration
 def test_a_stopped_rank_ends_the_job_through_the_other_ranks_watchdog(small_data, tmp_path):
     out = tmp_path / "run"
     timeout = 12
@@ -350,6 +330,7 @@ def make_format_1(path, out):
     return folder / path.name
 
 
+@pytest.mark.integration
 def test_format_1_checkpoints_resume_at_an_epoch_end_and_are_refused_mid_epoch(small_data, tmp_path):
     source = tmp_path / "source"
     r = train_alone(small_data, source, [*RUN, "optim.epochs=1"])  # checkpoints at steps 4 and 6 (epoch end)
@@ -371,6 +352,7 @@ def test_format_1_checkpoints_resume_at_an_epoch_end_and_are_refused_mid_epoch(s
     assert mid.is_file()
 
 
+@pytest.mark.integration
 def test_resume_without_a_checkpoint_never_retrains_over_a_runs_records(small_data, tmp_path):
     out = tmp_path / "run"
     r = train_alone(small_data, out, ONE_EPOCH)
@@ -386,6 +368,7 @@ def test_resume_without_a_checkpoint_never_retrains_over_a_runs_records(small_da
     assert "run.overwrite=true" in r.stderr and snapshot(out) == before
 
 
+@pytest.mark.integration
 def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(small_data, tmp_path):
     out = tmp_path / "run"
     settings = [*RUN, "run.keep_checkpoints=10"]
@@ -400,6 +383,7 @@ def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(small_data,
     assert sorted(p.name for p in folder.glob("ckpt-*")) == [f"ckpt-0000000{s:02d}.pt" for s in (2, 4, 6, 8, 10, 12)]
 
 
+@pytest.mark.integration
 def test_overwrite_of_a_symlinked_folder_and_of_the_working_directory(small_data, tmp_path):
     real, link = tmp_path / "scratch" / "run", tmp_path / "run"
     real.parent.mkdir()
@@ -419,6 +403,7 @@ def test_overwrite_of_a_symlinked_folder_and_of_the_working_directory(small_data
         "aside from here: choose another run.out_dir; nothing was started"]
 
 
+@pytest.mark.integration
 def test_a_stop_signal_while_a_stopped_rank_exits_keeps_its_75(small_data, tmp_path):
     """srun --kill-on-bad-exit and mpirun end the other tasks with SIGTERM as soon as one rank has
     exited 75; a rank still leaving (its checkpoint written, the interpreter shutting down) must

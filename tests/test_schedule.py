@@ -4,6 +4,8 @@ import pytest
 from hvd_ba.config import peak_lr
 from hvd_ba.train.lr_schedule import learning_rate
 
+pytestmark = pytest.mark.unit
+
 
 def test_linear_scaling_uses_unique_batch():
     assert peak_lr(0.1, 256) == pytest.approx(0.1)

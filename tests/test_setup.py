@@ -4,7 +4,11 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+
+from helpers import ROOT
+
+pytestmark = pytest.mark.integration
 
 SETUP = ROOT / "cluster" / "setup.sh"
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from hvd_ba.train.records import read_jsonl
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm needs root (apt, daemons that run jobs)")
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm needs root (apt, daemons that run jobs)")]
 
 LOCAL_SLURM = ROOT / "cluster/local_slurm.sh"
 SLURM_DIR = os.environ.get("HVD_BA_SLURM_DIR", "/var/lib/hvd_ba-slurm")
@@ -58,7 +58,10 @@ def slurm_cmd(action, **env):
 
 @pytest.fixture(scope="module")
 def slurm():
-    """The private Slurm: started here unless it runs already (then left running at the end)."""
+    """The private Slurm: started here unless it runs already (then left running at the end).
+    Its teardown checks, after every job of the module, that /etc/hosts, /etc/slurm and
+    /etc/munge are as they were, that every Slurm or munge daemon that ran before still runs, and
+    that ours live in the private folder."""
     before = host_state()
     ours = set(slurm_cmd("owned").stdout.split())
     r = slurm_cmd("start")
@@ -67,6 +70,12 @@ def slurm():
     assert r.returncode == 0, r.stdout + r.stderr
     started = set(slurm_cmd("owned").stdout.split())
     yield {"before": before, "daemons": started}
+    after = host_state()
+    assert after["files"] == before["files"]
+    for pid, cmdline in before["daemons"].items():
+        assert after["daemons"].get(pid) == cmdline, f"daemon {pid} ({cmdline}) was stopped or replaced"
+    for pid in slurm_cmd("owned").stdout.split():  # ours now (a test may have restarted them)
+        assert SLURM_DIR in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
     if not ours:
         cgroup = slurm_cmd("cgroup").stdout.strip()
         slurm_cmd("stop")
@@ -501,16 +510,3 @@ def test_a_job_left_by_a_killed_run_does_not_come_back_allocated(slurm, tmp_path
     assert r.returncode == 0, r.stdout + r.stderr
     assert "idle" in r.stdout and job not in subprocess.run(["squeue", "-h"], capture_output=True, text=True,
                                                              env=env).stdout
-
-
-def test_zz_the_hosts_own_files_and_daemons_are_untouched(slurm):
-    """Last in this file: after every job above, /etc/hosts, /etc/slurm and /etc/munge are as
-    they were, and every Slurm or munge daemon that ran before still runs; ours live in the
-    private folder."""
-    after = host_state()
-    before = slurm["before"]
-    assert after["files"] == before["files"]
-    for pid, cmdline in before["daemons"].items():
-        assert after["daemons"].get(pid) == cmdline, f"daemon {pid} ({cmdline}) was stopped or replaced"
-    for pid in slurm_cmd("owned").stdout.split():  # ours now (a test above restarted them)
-        assert SLURM_DIR in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")

@@ -8,12 +8,13 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, run_cli
 from hvd_ba.config import load_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.staged import rank_files
 from hvd_ba.launch.stage import RECORD_DIR
-from test_horovod import ENV, train_command
+from helpers import ENV, ROOT, run_cli, train_command
+
+pytestmark = pytest.mark.integration
 
 STATIC = ["data.shard=static", "data.unique_batch=8"]
 

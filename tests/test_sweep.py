@@ -3,7 +3,11 @@ import csv
 import json
 import re
 
-from conftest import run_cli
+import pytest
+
+from helpers import run_cli
+
+pytestmark = pytest.mark.integration
 
 TINY = ["model.ghost_size=8", "data.unique_batch=8", "data.workers=1", "optim.epochs=2", "optim.warmup_epochs=0",
         "run.max_steps_per_epoch=2", "run.checkpoint_every=1", "run.log_every=1"]

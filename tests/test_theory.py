@@ -7,6 +7,8 @@ import pytest
 from hvd_ba.theory.theorem import (batch_hessians, lambda_bar, lambda_max, mean_square, random_dataset, second_moment_radius, sgd,
                            single_batch_dataset, stability_threshold)
 
+pytestmark = pytest.mark.unit
+
 BATCHES = (1, 2, 4, 8, 16)
 
 

@@ -1,6 +1,7 @@
 """run.backend=torch: torch.distributed (Gloo) with DistributedDataParallel, launched by
-`torchrun --nproc_per_node 2`: the proof, exact evaluation, resume across backends, the faults,
-set-up without Horovod, and the refusals."""
+`torchrun --nproc_per_node 2`: exact evaluation, resume across backends, the stall watchdog,
+set-up without Horovod, and the refusals (the proof that 2 ranks equal 1 is in test_proof.py, the
+faults that both backends share in test_resume.py)."""
 import json
 import os
 import re
@@ -9,87 +10,21 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
-import torch
 
-from conftest import ROOT
 from hvd_ba import dist
 from hvd_ba.cluster import Launch, RendezvousError, launch_info, rendezvous
 from hvd_ba.config import ConfigError, load_config
 from hvd_ba.train.checkpoint import find_checkpoint
-from test_horovod import ENV, launch, read_jsonl, train_command
-from test_proof import PROOF, assert_evaluation_equals_one_process, fresh_state, run_reference
-from test_resume import NO_COLLECTIVE_BUT_STEPS, RUN, kill_tree, wait_for_step
+from helpers import (ENV, NO_COLLECTIVE_BUT_STEPS, OTHER_SUMMATION, PROOF, ROOT, RUN, TORCH,
+                     assert_evaluation_equals_one_process, assert_same_run, kill_tree, launch, no_process_left,
+                     rank_process, read_jsonl, read_steps, run_backend, start, torch_command, torchrun, train_alone,
+                     wait_for_step)
 
-TORCH = ["run.backend=torch"]
-
-
-def torch_command(data, out, settings, ranks=2) -> list[str]:
-    """`torchrun --standalone --nproc_per_node 2 -m hvd_ba train ...` (torchrun of this Python)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
-            "hvd_ba", "train", "--config", "demo", "--set", f"data.path={data}", f"run.out_dir={out}", *TORCH,
-            *settings]
+# ------------------------------------------------------------------------------- evaluation
 
 
-def torchrun(data, out, settings, env=None, timeout=400) -> subprocess.CompletedProcess:
-    return subprocess.run(torch_command(data, out, settings), capture_output=True, text=True, timeout=timeout,
-                          env=env or ENV, cwd=ROOT)
-
-
-def start(data, out, settings) -> subprocess.Popen:
-    return subprocess.Popen(torch_command(data, out, settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, cwd=ROOT)
-
-
-def torch_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
-    """The training process of `rank` under torchrun (RANK in its environment)."""
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                line = p.cmdline()  # torchrun starts `python -u -m hvd_ba ...`
-                if "torch.distributed.run" not in line and "hvd_ba" in line[1:4] and p.environ().get("RANK") == str(rank):
-                    return p
-            except psutil.NoSuchProcess:
-                continue
-        time.sleep(0.1)
-    raise TimeoutError(f"rank {rank} not found")
-
-
-def no_process_left(out) -> bool:
-    return not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
-
-
-# ------------------------------------------------------------------------------- the proof
-
-
-@pytest.mark.parametrize("steps, ghost_impl", [(1, "split"), (3, "split"), (3, "accumulate")])
-def test_torch_ranks_equal_one_process_and_horovod(steps, ghost_impl, small_data, tmp_path):
-    """DDP's averaged gradients give the single-process reference's parameters (to 1e-5), and,
-    for the 3-step runs, those of the same run under Horovod."""
-    settings = [*PROOF, f"run.max_steps_per_epoch={steps}", f"model.ghost_impl={ghost_impl}"]
-    r = torchrun(small_data, tmp_path / "torch", settings)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "2 ranks on cpu (torch, gloo)" in r.stdout + r.stderr
-    trained = torch.load(tmp_path / "torch" / "model.pt", weights_only=True)
-    reference = run_reference(small_data, settings, tmp_path / "reference.pt")
-    assert reference["steps"] == steps
-    for name, p in reference["params"].items():
-        assert torch.allclose(trained[name], p, atol=1e-5, rtol=0), (name, float((trained[name] - p).abs().max()))
-    cfg = load_config("demo", [f"data.path={small_data}", "data.manifest_dir=null", *settings])
-    initial = fresh_state(cfg, 4, 1, 2).model.state_dict()
-    assert sum(float((trained[n] - initial[n]).abs().max()) > 1e-3 for n in reference["params"]) > 10
-    ranks = [json.loads((tmp_path / "torch" / f"rank{i}.json").read_text()) for i in (0, 1)]
-    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] and ranks[0]["steps"] == steps
-    if steps == 3:
-        h = launch("gloo", small_data, tmp_path / "horovod", extra=settings)
-        assert h.returncode == 0, h.stdout[-3000:] + h.stderr[-3000:]
-        horovod = torch.load(tmp_path / "horovod" / "model.pt", weights_only=True)
-        for name in reference["params"]:
-            assert torch.allclose(trained[name], horovod[name], atol=1e-5, rtol=0), name
-
-
+@pytest.mark.integration
 def test_torch_two_rank_evaluation_equals_one_process(small_data, tmp_path):
     out = tmp_path / "run"
     r = torchrun(small_data, out, [*PROOF, "run.max_steps_per_epoch=4"])
@@ -102,20 +37,16 @@ def test_torch_two_rank_evaluation_equals_one_process(small_data, tmp_path):
 CROSS = [*RUN, "optim.epochs=1", "run.checkpoint_every=null", "run.sync_every=2"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("first, second", [("horovod", "torch"), ("torch", "horovod")])
 def test_a_checkpoint_resumes_under_the_other_backend_at_the_exact_step(first, second, small_data, tmp_path):
     """A run stopped at an agreed step (its stop file) and resumed under the other backend gives
     the per-step losses and parameters of an uninterrupted run."""
-    def command(backend, out, settings):
-        return torch_command(small_data, out, settings) if backend == "torch" else \
-            train_command("gloo", small_data, out, settings=settings)
-
     whole = tmp_path / "whole"
-    r = subprocess.run(command(second, whole, CROSS), capture_output=True, text=True, timeout=400, env=ENV, cwd=ROOT)
+    r = run_backend(second, small_data, whole, CROSS)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out, stop_file = tmp_path / "run", tmp_path / "stop"
-    proc = subprocess.Popen(command(first, out, [*CROSS, f"run.stop_file={stop_file}"]), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    proc = start(first, small_data, out, [*CROSS, f"run.stop_file={stop_file}"])
     wait_for_step(out, 1, proc)
     stop_file.touch()  # after the start: an older one is a stale file of an earlier attempt
     output, _ = proc.communicate(timeout=120)
@@ -124,85 +55,22 @@ def test_a_checkpoint_resumes_under_the_other_backend_at_the_exact_step(first, s
     stopped = payload["step"]
     assert 2 <= stopped < 6 and [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, stopped + 1))
     stop_file.unlink()
-    r = subprocess.run(command(second, out, [*CROSS, "run.resume=auto"]), capture_output=True, text=True,
-                       timeout=400, env=ENV, cwd=ROOT)
+    r = run_backend(second, small_data, out, [*CROSS, "run.resume=auto"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr
-    resumed, uninterrupted = read_jsonl(out / "steps.jsonl"), read_jsonl(whole / "steps.jsonl")
-    assert [s["step"] for s in resumed] == [s["step"] for s in uninterrupted] == list(range(1, 7))
-    for a, b in zip(resumed, uninterrupted):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
-    mine, theirs = (torch.load(d / "model.pt", weights_only=True) for d in (out, whole))
-    for name, value in theirs.items():
-        if value.is_floating_point():
-            assert torch.allclose(mine[name], value, atol=1e-5, rtol=0), name
+    assert_same_run(out, whole, steps=6, atol=OTHER_SUMMATION)  # the steps before the stop summed by the other backend
 
 
 # ------------------------------------------------------------------------------ faults
 
 
-@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
-def test_torch_preemption_of_one_rank_stops_all_at_one_step_with_75(signame, small_data, tmp_path):
-    out = tmp_path / "run"
-    proc = start(small_data, out, [*RUN, "optim.epochs=20", "run.checkpoint_every=null", "run.sync_every=2"])
-    wait_for_step(out, 3, proc)
-    t0 = time.time()
-    torch_rank(proc, 1).send_signal(getattr(signal, signame))
-    output, _ = proc.communicate(timeout=60)
-    assert time.time() - t0 < 30
-    stops = re.findall(r"\[rank (\d)\] stopped at step (\d+)", output)
-    assert sorted(r for r, _ in stops) == ["0", "1"] and len({s for _, s in stops}) == 1, output[-3000:]
-    # torchrun itself exits 1 when any rank fails; it reports each rank's own status
-    assert proc.returncode != 0 and len(re.findall(r"exitcode\s*:\s*75 ", output)) == 2, output[-3000:]
-    _, payload = find_checkpoint("auto", out)
-    assert payload["step"] == read_jsonl(out / "steps.jsonl")[-1]["step"] == int(stops[0][1]) >= 3
-    assert f"[rank 1] stop requested ({signame})" in output
-    r = torchrun(small_data, out, [*RUN, "run.resume=auto"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 13))
-
-
-def test_torch_killed_run_resumes_step_exactly(small_data, tmp_path):
-    """SIGKILL of the whole torchrun tree mid-epoch, then run.resume=auto: the same per-step
-    losses and final parameters as an uninterrupted run."""
-    whole = tmp_path / "whole"
-    r = torchrun(small_data, whole, RUN)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path / "run"
-    proc = start(small_data, out, RUN)
-    wait_for_step(out, 5, proc)
-    kill_tree(proc)
-    r = torchrun(small_data, out, [*RUN, "run.resume=auto"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    resumed, uninterrupted = read_jsonl(out / "steps.jsonl"), read_jsonl(whole / "steps.jsonl")
-    assert [s["step"] for s in resumed] == [s["step"] for s in uninterrupted] == list(range(1, 13))
-    for a, b in zip(resumed, uninterrupted):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
-    mine, theirs = (torch.load(d / "model.pt", weights_only=True) for d in (out, whole))
-    assert all(torch.allclose(mine[k], v, atol=1e-5, rtol=0) for k, v in theirs.items() if v.is_floating_point())
-
-
-def test_torch_dead_rank_ends_the_job_within_seconds_naming_it(small_data, tmp_path):
-    out = tmp_path / "run"
-    proc = start(small_data, out, [*RUN, "optim.epochs=20"])
-    wait_for_step(out, 2, proc)
-    t0 = time.time()
-    torch_rank(proc, 1).send_signal(signal.SIGKILL)
-    output, _ = proc.communicate(timeout=90)
-    seconds = time.time() - t0
-    print(f"dead rank -> job exit: {seconds:.1f} s")
-    assert proc.returncode != 0 and seconds < 30, (seconds, output[-3000:])
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", output), output[-3000:]  # torchrun
-    time.sleep(1)
-    assert no_process_left(out)
-
-
+@pytest.mark.integration
 def test_torch_stopped_rank_ends_the_job_through_the_other_ranks_watchdog(small_data, tmp_path):
     out = tmp_path / "run"
     timeout = 12
-    proc = start(small_data, out, [*RUN, *NO_COLLECTIVE_BUT_STEPS, "optim.epochs=50", f"run.stall_timeout={timeout}"])
+    proc = start("torch", small_data, out, [*RUN, *NO_COLLECTIVE_BUT_STEPS, "optim.epochs=50", f"run.stall_timeout={timeout}"])
     wait_for_step(out, 3, proc)
-    torch_rank(proc, 1).send_signal(signal.SIGSTOP)
+    rank_process(proc, 1, "torch").send_signal(signal.SIGSTOP)
     t0 = time.time()
     output, _ = proc.communicate(timeout=120)
     seconds = time.time() - t0
@@ -218,18 +86,6 @@ def test_torch_stopped_rank_ends_the_job_through_the_other_ranks_watchdog(small_
     assert no_process_left(out)
 
 
-def test_torch_non_finite_loss_stops_with_the_step(small_data, tmp_path):
-    out = tmp_path / "run"
-    r = torchrun(small_data, out, [*RUN, "optim.base_lr=1e9", "optim.warmup_epochs=0"])
-    assert r.returncode != 0
-    assert "non-finite loss at step" in r.stdout + r.stderr
-    steps = read_jsonl(out / "steps.jsonl")
-    assert steps == [] or all(s["step"] < 12 for s in steps)
-    saved = find_checkpoint("auto", out)
-    if saved is not None:  # a checkpoint written before the fault holds finite weights
-        assert all(torch.isfinite(t).all() for t in saved[1]["model"].values() if t.is_floating_point())
-
-
 # ------------------------------------------------------------- without Horovod; refusals
 
 
@@ -241,6 +97,7 @@ def no_horovod_env(tmp_path) -> dict:
     return {**ENV, "PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
 
 
+@pytest.mark.integration
 def test_the_torch_backend_trains_where_horovod_does_not_import(small_data, tmp_path):
     env = no_horovod_env(tmp_path)
     check = subprocess.run([sys.executable, "-c", "import horovod"], capture_output=True, text=True, env=env)
@@ -262,6 +119,7 @@ def test_the_torch_backend_trains_where_horovod_does_not_import(small_data, tmp_
     assert r.returncode == 0 and "not needed: run.backend=torch" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.integration
 def test_a_backend_started_by_the_other_backends_launcher_is_one_line(small_data, tmp_path):
     r = launch("gloo", small_data, tmp_path / "a", extra=TORCH)
     assert r.returncode != 0
@@ -274,6 +132,7 @@ def test_a_backend_started_by_the_other_backends_launcher_is_one_line(small_data
     assert len(lines) == 1 and "run.backend=horovod, but torchrun started this rank" in lines[0], r.stderr[-2000:]
 
 
+@pytest.mark.unit
 def test_torch_backend_config_refusals_name_the_key(small_data):
     with pytest.raises(ConfigError, match=r"optim.adasum.*no torch.distributed counterpart"):
         load_config("demo", [*TORCH, "optim.adasum=true"])
@@ -283,6 +142,7 @@ def test_torch_backend_config_refusals_name_the_key(small_data):
         load_config("demo", ["run.backend=nccl"])
 
 
+@pytest.mark.unit
 def test_rendezvous_from_torchrun_slurm_and_open_mpi_variables():
     srun = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
             "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "1",
@@ -311,6 +171,7 @@ def test_rendezvous_from_torchrun_slurm_and_open_mpi_variables():
         rendezvous(launch_info(spread), spread)
 
 
+@pytest.mark.unit
 def test_the_backend_that_commands_without_a_training_config_join():
     """analyze, doctor and bench breakdown under a launcher: HVD_BA_BACKEND (job.sh sets it)
     first, then the launcher's kind; a rank alone joins none."""
@@ -359,6 +220,7 @@ print(json.dumps(counts))
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sync_every_pass", [False, True])
 def test_ghost_bn_accumulation_allreduces_once_per_step_under_ddp(sync_every_pass, small_data):
     """DDP's comm hook counts the allreduced buckets: the accumulate form (2 forward/backward
@@ -376,18 +238,17 @@ def test_ghost_bn_accumulation_allreduces_once_per_step_under_ddp(sync_every_pas
         assert accumulate == split, counts
 
 
+@pytest.mark.integration
 def test_torch_resume_on_another_number_of_ranks_reads_the_same_files_at_the_same_lr(small_data, tmp_path):
     """Killed mid-epoch on 2 torch ranks, resumed on 1 (no process group) with the unique global
     batch kept: every step reads the files and uses the LR of an uninterrupted 2-rank run."""
-    from test_runs import read_steps, train_alone
-
     settings = {w: [*RUN, f"data.unique_batch={16 // w}", "run.record_reads=true"] for w in (1, 2)}
     reference = tmp_path / "reference"
     r = torchrun(small_data, reference, settings[2])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref_files, ref_lrs = read_steps(reference)
     out = tmp_path / "run"
-    proc = start(small_data, out, settings[2])
+    proc = start("torch", small_data, out, settings[2])
     wait_for_step(out, 9, proc)
     kill_tree(proc)
     assert find_checkpoint("auto", out)[1]["world"] == 2
