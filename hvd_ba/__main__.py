@@ -15,14 +15,15 @@ DEFAULT_DEMO_DATA = "data/demo"
 def _config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--config", default=default_preset,
                    help=f"preset name shipped in hvd_ba/configs or a YAML path (default: {default_preset})")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                   help="dotted overrides, e.g. --set data.copies=8 optim.epochs=30")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                   help="dotted overrides, e.g. --set data.copies=8 optim.epochs=30; --set may be repeated, and of one "
+                        "key given twice the later value wins")
 
 
 def parser_train() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hvd_ba train",
-        description="One rank of a BA training run; start it once per rank with horovodrun, srun or mpirun, e.g. "
+        description="One rank of a BA training run; start it once per rank with horovodrun, srun or mpirun (run.backend=horovod) or torchrun, srun or mpirun (run.backend=torch), e.g. "
                     "horovodrun -np 2 -H localhost:2 --gloo python -m hvd_ba train --config demo --set data.path=DIR")
     _config_args(p, "resnet50")
     p.add_argument("--track-lambda-every", type=int, default=None, metavar="N",
@@ -341,7 +342,7 @@ def parser_doctor() -> argparse.ArgumentParser:
                     "launcher every rank checks and rank 0 prints the table. Exit 1 when a problem would make a run "
                     "fail or crawl.")
     p.add_argument("--config", default=None, help="a preset or YAML path to check the run's budget against")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="dotted overrides")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE", help="dotted overrides")
     return p
 
 
@@ -364,7 +365,7 @@ def parser_sweep() -> argparse.ArgumentParser:
     p.add_argument("--also", action="append", default=[], metavar="'SECTION.KEY=V ...'",
                    help="one more point outside the product, e.g. 'data.copies=1 data.unique_batch=32'")
     p.add_argument("--seeds", default="0,1,2", help="run.seed values of every point (default: 0,1,2)")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="overrides of every cell")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE", help="overrides of every cell")
     p.add_argument("--np", type=int, default=2, help="ranks per cell (default: 2)")
     p.add_argument("--launcher", choices=("auto", "horovodrun", "srun"), default="auto",
                    help="auto: srun inside a Slurm allocation, else horovodrun (default: auto)")
@@ -385,7 +386,7 @@ def cmd_sweep(args) -> int:
 
 
 COMMANDS = {
-    "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun/srun/mpirun)"),
+    "train": (parser_train, cmd_train, "one rank of a training run (under horovodrun, torchrun, srun or mpirun)"),
     "demo": (parser_demo, cmd_demo, "make demo data and train on it with horovodrun -np 2"),
     "make-data": (parser_make_data, cmd_make_data, "write the synthetic ImageNet-layout JPEG dataset"),
     "plan": (parser_plan, cmd_plan, "print the derived figures of a config on N ranks, without training"),
