@@ -23,7 +23,8 @@ def _config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
 def parser_train() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hvd_ba train",
-        description="One rank of a BA training run; start it once per rank with horovodrun, srun or mpirun (run.backend=horovod) or torchrun, srun or mpirun (run.backend=torch), e.g. "
+        description="One rank of a BA training run; start it once per rank with horovodrun, srun or mpirun "
+                    "(run.backend=horovod) or torchrun, srun or mpirun (run.backend=torch), e.g. "
                     "horovodrun -np 2 -H localhost:2 --gloo python -m hvd_ba train --config demo --set data.path=DIR")
     _config_args(p, "resnet50")
     p.add_argument("--track-lambda-every", type=int, default=None, metavar="N",
