@@ -2,8 +2,7 @@
 # Set up hvd_ba in the active Python (system, venv or conda env): OpenMPI and build tools,
 # torch + torchvision, mpi4py, Horovod 0.28.1 patched and built against that torch (the wheel is
 # cached), the project itself, and pillow-simd last. Idempotent: a second run installs nothing
-# that is present (each part is checked first and skipped), but still calls pip for Horovod's
-# build dependencies (a no-op when they are installed) and verifies the result.
+# that is present (each part is checked first and skipped) and only verifies the result.
 #
 #   bash cluster/setup.sh            # PYTHON=/path/to/python to choose the interpreter
 #
@@ -113,7 +112,11 @@ else
   step "pip install requirements" "$PY" -m pip install -r "$CACHE/req-plain.txt"
 fi
 # Horovod's own runtime and build dependencies (its build runs without isolation).
-step "pip install build deps" "$PY" -m pip install wheel setuptools packaging psutil cloudpickle
+if "$PY" -c 'import wheel, setuptools, packaging, psutil, cloudpickle' 2>/dev/null; then
+  say "wheel setuptools packaging psutil cloudpickle: present"
+else
+  step "pip install build deps" "$PY" -m pip install wheel setuptools packaging psutil cloudpickle
+fi
 
 # ---------------------------------------------------------------- 3. horovod
 # The GPU flavour (NCCL) where this node has a GPU (or HVD_BA_GPU=1, e.g. on a login node; 0: CPU

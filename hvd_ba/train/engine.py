@@ -44,7 +44,7 @@ class TrainState:
     progress: "EpochProgress | None" = None  # the running epoch's sums (carried by mid-epoch checkpoints)
     watchdog: object = None  # hvd_ba.train.stop.Watchdog: told of every step's progress
     run_id: str | None = None
-    plan: dict | None = None  # train/run_dir.py: run_plan: what the data order and LR depend on
+    plan: dict | None = None  # train/resume.py: run_plan: what the data order and LR depend on
     legacy_checkpoints: bool = False  # resumed from a checkpoint without run id: prune those too
 
 
