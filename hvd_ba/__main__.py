@@ -116,7 +116,8 @@ def cmd_plan(args) -> int:
 def cmd_train(args) -> int:
     # Preemption signals are caught from here on (before torch and Horovod are imported): one
     # during start-up ends the rank with 75, the last checkpoint staying the resume point.
-    from hvd_ba.train.stop import PREEMPTED_EXIT_CODE, Preempted, ignore_stop_signals, install_stop_handlers
+    from hvd_ba.train.stop import (PREEMPTED_EXIT_CODE, Preempted, ignore_stop_signals, install_stop_handlers,
+                                   leave_now)
 
     install_stop_handlers()
     try:
@@ -132,7 +133,10 @@ def cmd_train(args) -> int:
               file=sys.stderr)
         ignore_stop_signals()
         return PREEMPTED_EXIT_CODE
-    return main_rank(cfg, track_lambda)  # the run gets the lambda tracker from here: train/ needs no theory/
+    code = main_rank(cfg, track_lambda)  # the run gets the lambda tracker from here: train/ needs no theory/
+    if code == PREEMPTED_EXIT_CODE:  # stopped with its checkpoint: out within horovodrun's grace after Ctrl-C
+        leave_now(code)
+    return code
 
 
 def cmd_demo(args) -> int:

@@ -157,3 +157,34 @@ def test_stop_agreed_at_an_epochs_last_step_finishes_that_epoch(small_data, tmp_
     assert r.returncode == 0, r.stdout[-3000:]
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
     assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 13))
+
+
+def test_ctrl_c_under_horovodrun_checkpoints_and_every_rank_exits_75(small_data, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to horovodrun's process group. horovodrun sends its ranks
+    SIGTERM and kills them (137) after 5 s; they agree on a stop, checkpoint and leave with their
+    own 75 before that. The run resumes to its end."""
+    import os
+    import subprocess
+
+    from helpers import ENV, ROOT, backend_command
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(backend_command("horovod", small_data, out, [*RUN, "optim.epochs=20"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    wait_for_step(out, 3, proc)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    seconds = time.time() - t0
+    statuses = re.findall(r"exit with status code (-?\d+)", output)
+    assert statuses and set(statuses) == {"75"}, (statuses, output[-3000:])  # never killed: no 137
+    assert proc.returncode == 1  # horovodrun's own report of a failed rank, as slurm/job.sh reads it
+    stops = re.findall(r"\[rank (\d)\] stopped at step (\d+)", output)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({step for _, step in stops}) == 1, output[-3000:]
+    assert seconds < 20, seconds  # horovodrun's grace is 5 s; measured about 1.5 s on a loaded 2-core machine
+    _, payload = find_checkpoint("auto", out)
+    assert payload["step"] == read_jsonl(out / "steps.jsonl")[-1]["step"] == int(stops[0][1])
+    r = run_backend("horovod", small_data, out, [*RUN, "run.resume=auto"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 13))

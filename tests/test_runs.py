@@ -433,3 +433,39 @@ def test_a_stop_signal_while_a_stopped_rank_exits_keeps_its_75(small_data, tmp_p
     output.append(proc.stdout.read())
     assert proc.wait() == 75, "".join(output)[-3000:]
     assert sent > 0
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_the_demo_prints_where_it_stopped_and_the_resume_command(small_data, tmp_path):
+    """Ctrl-C (SIGINT to the demo's process group: the demo and horovodrun): the ranks checkpoint
+    and exit 75, the demo waits for horovodrun and ends with one line, the stop step, the run
+    folder and the command that resumes it; no traceback of its own. That command finishes the run."""
+    import shlex
+
+    out = tmp_path / "out"
+    quick = ["optim.epochs=6", "optim.warmup_epochs=0", "optim.milestones=[]", "run.max_steps_per_epoch=3",
+             "data.workers=0", "data.unique_batch=8", "data.copies=2", "model.ghost_size=16", "run.log_every=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "hvd_ba", "demo", "--data", str(small_data), "--out", str(out),
+                             "--set", *quick], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=tmp_path, start_new_session=True)
+    wait_for_step(out, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    statuses = re.findall(r"exit with status code (-?\d+)", stdout)
+    assert statuses and set(statuses) == {"75"}, stdout[-3000:]
+    step = find_checkpoint("auto", out)[1]["step"]
+    assert step < 18
+    lines = [line for line in stderr.splitlines() if line.startswith("demo:")]
+    assert len(lines) == 1 and lines == stderr.strip().splitlines()[-1:], stderr[-3000:]
+    assert f"stopped at step {step} (run folder {out})" in lines[0]
+    # horovodrun's own report of a failed rank is a traceback of horovodrun's; none is ours
+    assert stderr.count("Traceback") == stderr.count("bin/horovodrun\", line"), stderr[-3000:]
+    command = shlex.split(lines[0].split("resume it with: ", 1)[1])
+    assert command[:4] == ["python", "-m", "hvd_ba", "demo"] and command[-1] == "run.resume=auto"
+    r = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=ENV, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "resumed from" in r.stdout, r.stdout[-2000:]
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 19))
+    assert json.loads((out / "result.json").read_text())["steps"] == 18

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,54 @@ def choose_out_dir(args) -> str:
     return out
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+
+
+def resume_command(args, out: str) -> str:
+    """The demo command that continues the run in `out`: this one's own arguments, --out, and
+    run.resume=auto (the user's --set values too: a resume refuses a changed schedule or batch)."""
+    import shlex
+
+    from hvd_ba.__main__ import DEFAULT_DEMO_DATA
+
+    words = ["python", "-m", "hvd_ba", "demo", "--out", out]
+    if args.data != DEFAULT_DEMO_DATA:
+        words += ["--data", args.data]
+    if args.np != 2:
+        words += ["--np", str(args.np)]
+    if args.controller != "gloo":
+        words += ["--controller", args.controller]
+    if args.config != "demo":
+        words += ["--config", args.config]
+    kept = [s for s in args.set if not s.startswith(("run.resume=", "run.overwrite=", "run.out_dir="))]
+    words += ["--set", *kept, "run.resume=auto"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def interrupted(args, launcher: subprocess.Popen, out: str) -> int:
+    """Ctrl-C during training: wait for horovodrun (its ranks checkpoint and exit within its 5 s
+    grace; a second Ctrl-C does not cut that short), then one line: where the run stopped and the
+    command that resumes it."""
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGINT)  # the same request, for a Ctrl-C that reached this process alone
+    while True:
+        try:
+            launcher.wait()
+            break
+        except KeyboardInterrupt:
+            continue
+    from hvd_ba.train.checkpoint import find_checkpoint
+
+    try:
+        saved = find_checkpoint("auto", Path(out))
+    except Exception:  # a damaged folder: the line must come out whatever
+        saved = None
+    where = f"at step {saved[1]['step']}" if saved else "before its first checkpoint"
+    print(f"demo: interrupted; the run stopped {where} (run folder {out}); resume it with: "
+          f"{resume_command(args, out)}", file=sys.stderr, flush=True)
+    return INTERRUPTED_EXIT_CODE
+
+
 def run_demo(args) -> int:
     t0 = time.time()
     data = Path(args.data)
@@ -49,7 +98,11 @@ def run_demo(args) -> int:
     check_paths(cfg)
     cmd = horovodrun_command(args.np, args.controller, ["--config", args.config, "--set", *overrides])
     print("demo: " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd)
+    launcher = subprocess.Popen(cmd)
+    try:
+        rc = launcher.wait()
+    except KeyboardInterrupt:  # Ctrl-C: horovodrun had it too; its ranks checkpoint and exit 75
+        return interrupted(args, launcher, cfg.run.out_dir)
     wall = time.time() - t0
     result_path = Path(cfg.run.out_dir) / "result.json"
     if rc != 0 or not result_path.is_file():
