@@ -182,6 +182,17 @@ def wait_for_step(out, step, proc, timeout=240) -> int:
     raise TimeoutError(f"step {step} not reached")
 
 
+def side_by_side(*calls):
+    """Run the zero-argument callables two at a time (this machine's 2 cores) and return their
+    results in order. For independent runs whose outcome does not depend on the load (their
+    thread counts are fixed by their settings or their CPU mask, not by the time they take): most
+    of a short run is start-up and shut-down latency, which two runs overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
 # ------------------------------------------------------------------------------ processes
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every process under it, and wait until all are gone (a killed

@@ -12,7 +12,7 @@ from hvd_ba.theory.hessian import AnalysisMode, BatchKind, batch_hvp, top_eigenv
 from hvd_ba.launchers import horovodrun_command
 from hvd_ba.models import GhostBatchNorm2d
 from hvd_ba.train.records import read_jsonl
-from helpers import ENV, ROOT, run_cli
+from helpers import ENV, ROOT, run_cli, side_by_side
 
 
 def operator(matrix):
@@ -110,12 +110,13 @@ def test_two_ranks_give_the_answers_of_one_process(small_data, tmp_path):
               "--threads", "1",  # float32 reductions depend on the thread count; this batch is sensitive
               "--set", f"data.path={small_data}", "model.ghost_size=16", "model.zero_init_residual=false",
               "data.manifest_dir=null", "augment.size=32"]
-    one = run_cli("analyze", "lambda-max", *common, "--out", str(tmp_path / "one.json"), timeout=600)
-    assert one.returncode == 0, one.stderr
     cmd = horovodrun_command(2, "gloo", [*common, "--out", str(tmp_path / "two.json")])
     cmd[cmd.index("train")] = "analyze"
     cmd.insert(cmd.index("analyze") + 1, "lambda-max")
-    two = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    one, two = side_by_side(  # independent, each with its thread count fixed
+        lambda: run_cli("analyze", "lambda-max", *common, "--out", str(tmp_path / "one.json"), timeout=600),
+        lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT))
+    assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert b["ranks"] == 2 and a["ranks"] == 1
@@ -132,13 +133,15 @@ RUN = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_si
 
 @pytest.mark.integration
 def test_lambda_tracking_records_and_leaves_training_untouched(small_data, tmp_path):
-    runs = {}
-    for name, extra in (("plain", []), ("tracked", ["--track-lambda-every", "3"])):
-        out = tmp_path / name
-        r = run_cli("train", "--config", "demo", *extra, "--set", f"data.path={small_data}", f"run.out_dir={out}",
-                    *RUN, timeout=600)
+    runs = {"plain": tmp_path / "plain", "tracked": tmp_path / "tracked"}
+
+    def train(name, *extra):
+        return run_cli("train", "--config", "demo", *extra, "--set", f"data.path={small_data}",
+                       f"run.out_dir={runs[name]}", *RUN, timeout=600)
+
+    # independent runs with the same thread count (from the same CPU mask), side by side
+    for r in side_by_side(lambda: train("plain"), lambda: train("tracked", "--track-lambda-every", "3")):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        runs[name] = out
     losses = {n: [s["loss"] for s in read_jsonl(out / "steps.jsonl")] for n, out in runs.items()}
     assert losses["plain"] == losses["tracked"] and len(losses["plain"]) == 6
     records = read_jsonl(runs["tracked"] / "lambda.jsonl")

@@ -13,7 +13,7 @@ import torch
 
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
 from helpers import (BACKENDS, RUN, assert_same_epochs, assert_same_run, kill_tree, launch, no_process_left,
-                     rank_process, read_jsonl, run_backend, start, wait_for_step)
+                     rank_process, read_jsonl, run_backend, side_by_side, start, wait_for_step)
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +25,17 @@ def test_killed_run_resumes_step_exactly(backend, small_data, tmp_path):
     RNG of each rank draws every step): the RNG states come back, and no loader iterator draws from
     them (the loaders have their own generators)."""
     run = [*RUN, "model.dropout=0.3"]
-    reference = tmp_path / "reference"
-    r = run_backend(backend, small_data, reference, run)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-    out = tmp_path / "killed"
+    reference, out = tmp_path / "reference", tmp_path / "killed"
     kill_at = random.Random().randint(3, 10)
-    proc = start(backend, small_data, out, run)
-    reached = wait_for_step(out, kill_at, proc)
-    kill_tree(proc)  # SIGKILL the launcher and every rank: no chance to clean up
+
+    def killed():
+        proc = start(backend, small_data, out, run)
+        reached = wait_for_step(out, kill_at, proc)
+        kill_tree(proc)  # SIGKILL the launcher and every rank: no chance to clean up
+        return reached
+
+    r, reached = side_by_side(lambda: run_backend(backend, small_data, reference, run), killed)  # independent runs
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     saved = find_checkpoint("auto", out)
     assert saved is not None and saved[1]["step"] <= reached
 

@@ -18,8 +18,9 @@ import torch
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint, save_checkpoint
 from hvd_ba.data.manifest import _folder_state, load_index, manifest_path, write_manifest
 from helpers import (ENV, NO_COLLECTIVE_BUT_STEPS, ONE_EPOCH, ROOT, RUN, gone, kill_tree, launch, loader_workers,
-                     no_process_left, rank_process, read_jsonl, read_steps, run_cli, snapshot, train_alone,
-                     train_command, wait_for_step)
+                     no_process_left, rank_process, read_jsonl, read_steps, run_cli, side_by_side, snapshot,
+                     train_alone, train_command, wait_for_step)
+
 
 @pytest.mark.integration
 def test_fresh_start_over_a_run_is_refused_and_overwrite_moves_it_aside(small_data, tmp_path):
@@ -122,21 +123,23 @@ def test_resume_on_another_number_of_ranks_reads_the_same_files_at_the_same_lr(w
     per_rank = {1: 16, 2: 8}
     settings = {w: [*RUN, f"data.unique_batch={per_rank[w]}", "run.record_reads=true"] for w in (1, 2)}
     reference = tmp_path / "reference"
-    r = launch("gloo", small_data, reference, settings=settings[2])
+    out, first, then = tmp_path / "run", *worlds
+
+    def killed():
+        if first == 2:
+            proc = subprocess.Popen(train_command("gloo", small_data, out, settings=settings[2]),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+        else:
+            proc = subprocess.Popen([sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set",
+                                     f"data.path={small_data}", f"run.out_dir={out}", *settings[1]],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+        wait_for_step(out, 9, proc)
+        kill_tree(proc)
+
+    r, _ = side_by_side(lambda: launch("gloo", small_data, reference, settings=settings[2]), killed)  # independent
     assert r.returncode == 0, r.stdout[-3000:]
     ref_files, ref_lrs = read_steps(reference)
     assert sorted(ref_files) == sorted(ref_lrs) == list(range(1, 13))
-
-    out, first, then = tmp_path / "run", *worlds
-    if first == 2:
-        proc = subprocess.Popen(train_command("gloo", small_data, out, settings=settings[2]), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
-    else:
-        proc = subprocess.Popen([sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set",
-                                 f"data.path={small_data}", f"run.out_dir={out}", *settings[1]],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
-    wait_for_step(out, 9, proc)
-    kill_tree(proc)
     saved = find_checkpoint("auto", out)[1]
     assert 2 <= saved["step"] <= 9 and saved["world"] == first
 

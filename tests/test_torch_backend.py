@@ -18,8 +18,8 @@ from hvd_ba.config import ConfigError, load_config
 from hvd_ba.train.checkpoint import find_checkpoint
 from helpers import (ENV, NO_COLLECTIVE_BUT_STEPS, OTHER_SUMMATION, PROOF, ROOT, RUN, TORCH,
                      assert_evaluation_equals_one_process, assert_same_run, kill_tree, launch, no_process_left,
-                     rank_process, read_jsonl, read_steps, run_backend, start, torch_command, torchrun, train_alone,
-                     wait_for_step)
+                     rank_process, read_jsonl, read_steps, run_backend, side_by_side, start, torch_command, torchrun,
+                     train_alone, wait_for_step)
 
 # ------------------------------------------------------------------------------- evaluation
 
@@ -42,15 +42,18 @@ CROSS = [*RUN, "optim.epochs=1", "run.checkpoint_every=null", "run.sync_every=2"
 def test_a_checkpoint_resumes_under_the_other_backend_at_the_exact_step(first, second, small_data, tmp_path):
     """A run stopped at an agreed step (its stop file) and resumed under the other backend gives
     the per-step losses and parameters of an uninterrupted run."""
-    whole = tmp_path / "whole"
-    r = run_backend(second, small_data, whole, CROSS)
+    whole, out, stop_file = tmp_path / "whole", tmp_path / "run", tmp_path / "stop"
+
+    def stopped_run():
+        proc = start(first, small_data, out, [*CROSS, f"run.stop_file={stop_file}"])
+        wait_for_step(out, 1, proc)
+        stop_file.touch()  # after the start: an older one is a stale file of an earlier attempt
+        output, _ = proc.communicate(timeout=120)
+        return proc.returncode, output
+
+    r, (code, output) = side_by_side(lambda: run_backend(second, small_data, whole, CROSS), stopped_run)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out, stop_file = tmp_path / "run", tmp_path / "stop"
-    proc = start(first, small_data, out, [*CROSS, f"run.stop_file={stop_file}"])
-    wait_for_step(out, 1, proc)
-    stop_file.touch()  # after the start: an older one is a stale file of an earlier attempt
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "stopped at step" in output, output[-3000:]
+    assert code != 0 and "stopped at step" in output, output[-3000:]
     _, payload = find_checkpoint("auto", out)
     stopped = payload["step"]
     assert 2 <= stopped < 6 and [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, stopped + 1))
@@ -243,14 +246,16 @@ def test_torch_resume_on_another_number_of_ranks_reads_the_same_files_at_the_sam
     """Killed mid-epoch on 2 torch ranks, resumed on 1 (no process group) with the unique global
     batch kept: every step reads the files and uses the LR of an uninterrupted 2-rank run."""
     settings = {w: [*RUN, f"data.unique_batch={16 // w}", "run.record_reads=true"] for w in (1, 2)}
-    reference = tmp_path / "reference"
-    r = torchrun(small_data, reference, settings[2])
+    reference, out = tmp_path / "reference", tmp_path / "run"
+
+    def killed():
+        proc = start("torch", small_data, out, settings[2])
+        wait_for_step(out, 9, proc)
+        kill_tree(proc)
+
+    r, _ = side_by_side(lambda: torchrun(small_data, reference, settings[2]), killed)  # independent runs
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref_files, ref_lrs = read_steps(reference)
-    out = tmp_path / "run"
-    proc = start("torch", small_data, out, settings[2])
-    wait_for_step(out, 9, proc)
-    kill_tree(proc)
     assert find_checkpoint("auto", out)[1]["world"] == 2
     r = train_alone(small_data, out, [*TORCH, *settings[1], "run.resume=auto"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
