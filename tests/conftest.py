@@ -13,7 +13,7 @@ TIERS = {
     "unit": ("in-process: no launcher, no CLI run (the quick tier, before every commit)", 120),
     "integration": ("launches processes: horovodrun, torchrun, mpirun, CLI runs, setup.sh", 600),
     "crash": ("the crash harness: a kill at every file operation of a run, then its resume", 1200),
-    "slurm": ("the local Slurm (cluster/local_slurm.sh): root, runs alone", 900),
+    "slurm": ("the local Slurm (cluster/local_slurm.sh): root, runs alone", 1200),
 }
 
 
@@ -37,31 +37,59 @@ def pytest_collection_modifyitems(config, items):
                                 + "\n  ".join(wrong))
 
 
-# What a `unit` test must not start: the interpreter (the CLI, a rank), a launcher, a shell.
-# Libraries' own helpers (ctypes' ldconfig look-up) stay allowed.
-LAUNCHES = {"python", "python3", "horovodrun", "torchrun", "mpirun", "mpiexec", "srun", "sbatch", "bash", "sh"}
+# What a `unit` test must not start through subprocess or os.system: the interpreter (the CLI, a
+# rank), a launcher, a shell, also behind a wrapper (env, taskset, nice, timeout). Libraries' own
+# helpers (ctypes' ldconfig look-up) stay allowed, and so do the DataLoader's worker processes
+# (multiprocessing: the loader's machinery, not a launch).
+LAUNCHES = {"horovodrun", "torchrun", "mpirun", "mpiexec", "srun", "sbatch", "bash", "sh", "dash", "zsh"}
+
+
+def launches(command) -> bool:
+    """Whether a command line (a list, or a string for a shell) starts the interpreter, a
+    launcher or a shell anywhere in it."""
+    import os
+    import re
+    import shlex
+    import sys
+
+    if isinstance(command, (str, bytes)):
+        text = os.fsdecode(command)
+        try:
+            words = shlex.split(text)
+        except ValueError:
+            words = text.split()
+    else:
+        words = [os.fsdecode(w) if isinstance(w, bytes) else str(w) for w in command]
+    python = {os.path.realpath(sys.executable), sys.executable}
+    return any(w in python or os.path.realpath(w) in python or os.path.basename(w) in LAUNCHES
+               or re.fullmatch(r"python[\d.]*", os.path.basename(w)) for w in words)
 
 
 @pytest.fixture(autouse=True)
 def unit_tests_start_no_process(request, monkeypatch):
-    """A `unit` test that starts a process (the CLI, a launcher, a shell) fails naming it: it
-    belongs to the integration tier."""
+    """A `unit` test that starts the interpreter, a launcher or a shell (subprocess, os.system,
+    os.popen) fails naming the command: it belongs to the integration tier."""
     if request.node.get_closest_marker("unit") is None:
         return
     import os
     import subprocess
-    import sys
 
     init = subprocess.Popen.__init__
 
-    def refuse(self, args, *rest, **kwargs):
-        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
-        program = os.path.basename(str(argv[0]).split()[0]) if argv else ""
-        if program in LAUNCHES or str(argv[0]) == sys.executable:
-            raise AssertionError(f"a unit test started a process ({argv!r}): mark it integration")
+    def refuse(command):
+        raise AssertionError(f"a unit test started a process ({command!r}): mark it integration")
+
+    def guarded_popen(self, args, *rest, **kwargs):
+        if launches(args) or (kwargs.get("shell") and isinstance(args, (str, bytes)))\
+                or (kwargs.get("executable") is not None and launches([kwargs["executable"]])):
+            refuse(args)
         init(self, args, *rest, **kwargs)
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    def guarded_system(command):
+        refuse(command)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_popen)
+    monkeypatch.setattr(os, "system", guarded_system)
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,10 @@ def cli(*args) -> subprocess.CompletedProcess:
 
     from hvd_ba.__main__ import main
 
+    import faulthandler
+
+    if not faulthandler.is_enabled():  # main() would enable it on the StringIO below, which has no fd
+        faulthandler.enable()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -189,8 +193,11 @@ def side_by_side(*calls):
     of a short run is start-up and shut-down latency, which two runs overlap."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
         return list(pool.map(lambda call: call(), calls))
+    finally:  # a failure or the test's time limit does not wait for the other call (it cleans up itself)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------ processes

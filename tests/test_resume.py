@@ -7,7 +7,6 @@ import re
 import signal
 import time
 
-import psutil
 import pytest
 import torch
 
@@ -30,9 +29,10 @@ def test_killed_run_resumes_step_exactly(backend, small_data, tmp_path):
 
     def killed():
         proc = start(backend, small_data, out, run)
-        reached = wait_for_step(out, kill_at, proc)
-        kill_tree(proc)  # SIGKILL the launcher and every rank: no chance to clean up
-        return reached
+        try:
+            return wait_for_step(out, kill_at, proc)
+        finally:
+            kill_tree(proc)  # SIGKILL the launcher and every rank: no chance to clean up
 
     r, reached = side_by_side(lambda: run_backend(backend, small_data, reference, run), killed)  # independent runs
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -42,9 +42,12 @@ def test_killed_run_resumes_step_exactly(backend, small_data, tmp_path):
     r = run_backend(backend, small_data, out, [*run, "run.resume=auto"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from {saved[0]}" in r.stdout + r.stderr, kill_at
-    assert_same_run(out, reference, steps=12)
-    # each epoch's metrics cover the whole epoch, the resumed one too (its partial sums were saved)
-    assert_same_epochs(out, reference)
+    try:
+        assert_same_run(out, reference, steps=12)
+        # each epoch's metrics cover the whole epoch, the resumed one too (its partial sums were saved)
+        assert_same_epochs(out, reference)
+    except AssertionError as err:
+        raise AssertionError(f"killed at step {kill_at}: {err}") from None
     kept = sorted(p.name for p in checkpoint_dir(out).glob("ckpt-*.pt"))
     assert kept == ["ckpt-000000010.pt", "ckpt-000000012.pt"]  # the newest 2
 
@@ -125,8 +128,8 @@ def test_dead_rank_ends_the_job_instead_of_hanging(backend, small_data, tmp_path
         assert "Process 1 exit with status code" in output, output[-3000:]
     else:
         assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", output), output[-3000:]
-    psutil.wait_procs([p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])],
-                      timeout=10)
+    if backend == "torch":
+        time.sleep(1)  # torchrun returns once its children are signalled, not reaped
     assert no_process_left(out)
 
 

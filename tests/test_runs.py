@@ -133,8 +133,10 @@ def test_resume_on_another_number_of_ranks_reads_the_same_files_at_the_same_lr(w
             proc = subprocess.Popen([sys.executable, "-m", "hvd_ba", "train", "--config", "demo", "--set",
                                      f"data.path={small_data}", f"run.out_dir={out}", *settings[1]],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
-        wait_for_step(out, 9, proc)
-        kill_tree(proc)
+        try:
+            wait_for_step(out, 9, proc)
+        finally:
+            kill_tree(proc)
 
     r, _ = side_by_side(lambda: launch("gloo", small_data, reference, settings=settings[2]), killed)  # independent
     assert r.returncode == 0, r.stdout[-3000:]

@@ -70,16 +70,18 @@ def slurm():
     assert r.returncode == 0, r.stdout + r.stderr
     started = set(slurm_cmd("owned").stdout.split())
     yield {"before": before, "daemons": started}
-    after = host_state()
-    assert after["files"] == before["files"]
-    for pid, cmdline in before["daemons"].items():
-        assert after["daemons"].get(pid) == cmdline, f"daemon {pid} ({cmdline}) was stopped or replaced"
-    for pid in slurm_cmd("owned").stdout.split():  # ours now (a test may have restarted them)
-        assert SLURM_DIR in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
-    if not ours:
-        cgroup = slurm_cmd("cgroup").stdout.strip()
-        slurm_cmd("stop")
-        assert not cgroup or not os.path.exists(cgroup), f"stop left the private cpu cgroup {cgroup}"
+    try:
+        after = host_state()
+        assert after["files"] == before["files"]
+        for pid, cmdline in before["daemons"].items():
+            assert after["daemons"].get(pid) == cmdline, f"daemon {pid} ({cmdline}) was stopped or replaced"
+        for pid in slurm_cmd("owned").stdout.split():  # ours now (a test may have restarted them)
+            assert SLURM_DIR in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    finally:  # stopped even where a check above failed
+        if not ours:
+            cgroup = slurm_cmd("cgroup").stdout.strip()
+            slurm_cmd("stop")
+            assert not cgroup or not os.path.exists(cgroup), f"stop left the private cpu cgroup {cgroup}"
 
 
 def submit(script, data, out, *overrides, layout="2x1", exact=False, **env) -> str:

@@ -13,6 +13,7 @@ TINY = ["model.ghost_size=8", "data.unique_batch=8", "data.workers=1", "optim.ep
         "run.max_steps_per_epoch=2", "run.checkpoint_every=1", "run.log_every=1"]
 
 
+@pytest.mark.timeout(1500)  # its runs' own limit is 900 s, and it resumes after them
 def test_a_tiny_sweep_runs_resumes_and_reports(small_data, tmp_path):
     out, report = tmp_path / "sweep", tmp_path / "docs" / "ba-report.md"
     args = ["sweep", "--grid", "data.copies=1,2", "--grid", "data.copies_on=rank,ranks", "--seeds", "0,1",

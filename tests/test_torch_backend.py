@@ -46,9 +46,13 @@ def test_a_checkpoint_resumes_under_the_other_backend_at_the_exact_step(first, s
 
     def stopped_run():
         proc = start(first, small_data, out, [*CROSS, f"run.stop_file={stop_file}"])
-        wait_for_step(out, 1, proc)
-        stop_file.touch()  # after the start: an older one is a stale file of an earlier attempt
-        output, _ = proc.communicate(timeout=120)
+        try:
+            wait_for_step(out, 1, proc)
+            stop_file.touch()  # after the start: an older one is a stale file of an earlier attempt
+            output, _ = proc.communicate(timeout=120)
+        except BaseException:
+            kill_tree(proc)
+            raise
         return proc.returncode, output
 
     r, (code, output) = side_by_side(lambda: run_backend(second, small_data, whole, CROSS), stopped_run)
@@ -250,8 +254,10 @@ def test_torch_resume_on_another_number_of_ranks_reads_the_same_files_at_the_sam
 
     def killed():
         proc = start("torch", small_data, out, settings[2])
-        wait_for_step(out, 9, proc)
-        kill_tree(proc)
+        try:
+            wait_for_step(out, 9, proc)
+        finally:
+            kill_tree(proc)
 
     r, _ = side_by_side(lambda: torchrun(small_data, reference, settings[2]), killed)  # independent runs
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
