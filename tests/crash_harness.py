@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402  (imported before any fork: each run only forks)
 
+from hvd_ba.cluster import usable_cores  # noqa: E402
 from hvd_ba.config import load_config  # noqa: E402
 from hvd_ba.fsio import read_records  # noqa: E402
 
@@ -127,7 +128,7 @@ def main() -> int:
                         "at each of its operations before its first step")
     # A run is mostly start-up and shutdown latency (about 3.5 s, under 1 s of it computing): two
     # per core keep the cores busy (measured on 2 cores, 8 points: 60 s one at a time, 26 s four).
-    p.add_argument("--jobs", type=int, default=2 * len(os.sched_getaffinity(0)),
+    p.add_argument("--jobs", type=int, default=2 * usable_cores(),
                    help="crash points run at once (default: two per core of this process; each run uses one thread)")
     p.add_argument("--set", dest="settings", nargs="*", default=[])
     args = p.parse_args()

@@ -327,12 +327,13 @@ def reference_parameters(data: str, settings: list[str], out: str) -> None:
     import torch
     import torch.nn.functional as F
 
+    from hvd_ba.cluster import usable_cores
     from hvd_ba.config import load_config
     from hvd_ba.data.manifest import load_index
     from hvd_ba.data.pipeline import make_train_loader
     from hvd_ba.train.engine import lr_at, normalize
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))
+    torch.set_num_threads(max(1, usable_cores() // 2))
     cfg = load_config("demo", [f"data.path={data}", "data.manifest_dir=null", *settings])
     index = load_index(data, "train", None)
     loaders = [make_train_loader(index, cfg, rank, 2) for rank in (0, 1)]
