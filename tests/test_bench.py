@@ -80,6 +80,7 @@ def test_bench_scaling_measures_both_backends_and_projects(tmp_path):
             assert o["parameter_spread_local"] > 1e-4 and o["parameter_spread_distributed"] < 1e-6, o
             assert m["allreduce_s_per_mb"] == pytest.approx(m["seconds_per_step"]["allreduce"]
                                                             / (m["wire_bytes_per_step"] / 1e6))
+        assert one["allreduce_fit"] == two["allreduce_fit"]  # one launch per backend measured both M
         assert one["wire_bytes_per_step"] == two["wire_bytes_per_step"] > 1e6  # the model's gradients, fp32
         assert two["bytes_per_sample"] * 2 == one["bytes_per_sample"]  # M copies: half the bytes per sample
         assert two["bytes_per_unique_image"] == one["bytes_per_unique_image"]

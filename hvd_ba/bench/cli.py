@@ -92,7 +92,8 @@ def _breakdown_args(p) -> None:
     p.add_argument("--model", default="small_resnet", help="arch (default: small_resnet)")
     p.add_argument("--size", type=int, default=64, help="crop side, px (default: 64)")
     p.add_argument("--unique-batch", type=int, default=16, help="unique images per rank per step (default: 16)")
-    p.add_argument("--copies", type=int, default=4, help="M (default: 4)")
+    p.add_argument("--copies", default="4", help="M (default: 4); breakdown: several, comma-separated, are measured "
+                                                 "in turn in one launch")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--workers", type=int, default=1, help="loader processes per rank (default: 1)")

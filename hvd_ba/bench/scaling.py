@@ -39,6 +39,7 @@ DEFAULT_LATENCY_US = 10.0  # assumed: per ring step (software + network)
 
 
 def run_breakdown(args) -> int:
+    """One launch measures every M of --copies in turn (one start-up, one allreduce fit, shared)."""
     from hvd_ba import dist
     from hvd_ba.cluster import launch_info
     from hvd_ba.train.devices import select_device
@@ -47,36 +48,50 @@ def run_breakdown(args) -> int:
     dist.init(backend=args.backend or dist.launched_backend(launch_info()) or "horovod")
     rank, world = dist.rank(), dist.size()
     device = select_device()  # the training's choice (set_device, one GPU per rank, NCCL checked)
-    loader, cfg = breakdown_loader(args, rank, world)
-    model = build_model(args.model, 1000, preset_ghost_size()).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    dist.broadcast_state(model, opt, optimizer_state=False)
-    wire_bytes = sum(p.numel() for p in model.parameters() if p.requires_grad) * (2 if args.fp16_allreduce else 4)
-    per_step, x, labels = time_phases(args, loader, model, opt, device, *channel_stats(cfg.augment, device))
-    overlap = measure_overlap(model, opt, x, labels, args, device, per_step["allreduce"]) if world > 1 else None
-    link = allreduce_fit(world, device=device) if world > 1 else None
-    result = {"world": world, "copies": args.copies, "unique_batch": args.unique_batch,
-              "samples_per_rank": derive(cfg, world).samples_per_rank, "model": args.model, "size": args.size,
-              "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
-              "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
-              "overlap": overlap, "backend": dist.backend(), "controller": dist.controller()}
-    if rank == 0:
-        print(json.dumps(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+    results, link = [], None
+    for copies in copies_values(args.copies):
+        loader, cfg = breakdown_loader(args, copies, rank, world)
+        model = build_model(args.model, 1000, preset_ghost_size()).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        dist.broadcast_state(model, opt, optimizer_state=False)
+        wire_bytes = sum(p.numel() for p in model.parameters() if p.requires_grad) * (2 if args.fp16_allreduce else 4)
+        per_step, x, labels = time_phases(args, loader, model, opt, device, *channel_stats(cfg.augment, device))
+        overlap = measure_overlap(model, opt, x, labels, args, device, per_step["allreduce"]) if world > 1 else None
+        if link is None and world > 1:  # the link does not depend on M: fitted once
+            link = allreduce_fit(world, device=device)
+        results.append({"world": world, "copies": copies, "unique_batch": args.unique_batch,
+                        "samples_per_rank": derive(cfg, world).samples_per_rank, "model": args.model,
+                        "size": args.size, "wire_bytes_per_step": wire_bytes, "fp16_allreduce": args.fp16_allreduce,
+                        "seconds_per_step": per_step, "step_s": sum(per_step.values()), "allreduce_fit": link,
+                        "overlap": overlap, "backend": dist.backend(), "controller": dist.controller()})
+        if rank == 0:
+            print(json.dumps(results[-1]), flush=True)
+    if rank == 0 and args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     dist.shutdown()
     return 0
 
 
-def breakdown_loader(args, rank: int, world: int):
-    """This rank's loader over the photo corpus (rank 0 makes the corpus first) and its config."""
+def copies_values(text) -> list[int]:
+    """--copies: one M or several, comma-separated ("1,2,4")."""
+    try:
+        values = [int(c) for c in str(text).split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"bench: --copies {text!r}: give M as positive integers, comma-separated (e.g. 1,2,4)")
+    return values
+
+
+def breakdown_loader(args, copies: int, rank: int, world: int):
+    """This rank's loader at M = copies over the photo corpus (rank 0 makes the corpus first) and its config."""
     from hvd_ba import dist
 
     if rank == 0:
         corpus(args.corpus, args.unique_batch * world * (args.warmup + args.steps))
     dist.barrier("corpus")
     root = corpus(args.corpus, 0)
-    return loader_for(root, args.copies, args.unique_batch, args.size, args.workers, "loader",
+    return loader_for(root, copies, args.unique_batch, args.size, args.workers, "loader",
                       args.warmup + args.steps, rank, world)
 
 
@@ -267,7 +282,7 @@ def run_scaling(args) -> int:
     print(f"bench scaling: {args.np} ranks per backend ({', '.join(BACKEND_LABELS[b] for b in backends)}), {args.model} "
           f"at {args.size} px, {args.unique_batch} unique images per rank per step, M = {copies_list}, {args.steps} "
           "timed steps", flush=True)
-    measured = [measure_breakdown(args, backend, m) for backend in backends for m in copies_list]
+    measured = [r for backend in backends for r in measure_breakdown(args, backend, copies_list)]
     print_breakdowns(args, measured, copies_list)
     print_side_by_side(measured)
     overlap, overlap_source = overlap_option, "assumed" if overlap_option else "none assumed"
@@ -313,13 +328,15 @@ def overlap_setting(text: str) -> float | None:
     return value
 
 
-def measure_breakdown(args, backend: str, m: int) -> dict:
-    """`bench breakdown` at M = m under a real `horovodrun -np N --<gloo|mpi>`, or (torch)
-    `torchrun --nproc_per_node N` with torch.distributed; its rank 0's figures."""
+def measure_breakdown(args, backend: str, copies_list: list[int]) -> list[dict]:
+    """`bench breakdown` at every M of copies_list, in one launch, under a real
+    `horovodrun -np N --<gloo|mpi>`, or (torch) `torchrun --nproc_per_node N` with
+    torch.distributed; its rank 0's figures, one per M."""
+    copies = ",".join(map(str, copies_list))
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "breakdown.json"
         rank_args = [*(["--backend", "torch"] if backend == "torch" else []), "--model", args.model, "--size",
-                     str(args.size), "--unique-batch", str(args.unique_batch), "--copies", str(m), "--steps",
+                     str(args.size), "--unique-batch", str(args.unique_batch), "--copies", copies, "--steps",
                      str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers), "--threads",
                      str(args.threads), "--corpus", args.corpus, "--json", str(target),
                      *(["--fp16-allreduce"] if args.fp16_allreduce else [])]
@@ -332,13 +349,15 @@ def measure_breakdown(args, backend: str, m: int) -> dict:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
         if done.returncode or not target.exists():
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"bench scaling: the {backend} run at M={m} failed ({done.returncode})")
-        r = json.loads(target.read_text())
-    r["backend"] = backend
-    s = r["seconds_per_step"]
-    print(f"  {BACKEND_LABELS[backend]} M={m}: step {1000 * r['step_s']:.0f} ms, allreduce {1000 * s['allreduce']:.0f} "
-          f"ms, {100 * r['overlap']['hidden_fraction']:.0f}% of it hidden in training", flush=True)
-    return r
+            raise SystemExit(f"bench scaling: the {backend} run at M={copies} failed ({done.returncode})")
+        results = json.loads(target.read_text())
+    for r in results:
+        r["backend"] = backend
+        s = r["seconds_per_step"]
+        print(f"  {BACKEND_LABELS[backend]} M={r['copies']}: step {1000 * r['step_s']:.0f} ms, allreduce "
+              f"{1000 * s['allreduce']:.0f} ms, {100 * r['overlap']['hidden_fraction']:.0f}% of it hidden in training",
+              flush=True)
+    return results
 
 
 def print_side_by_side(measured: list[dict]) -> None:
