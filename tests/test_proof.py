@@ -18,7 +18,8 @@ from helpers import (OTHER_SUMMATION, PROOF, assert_evaluation_equals_one_proces
 @pytest.mark.parametrize("steps, ghost_impl", [(1, "split"), (3, "split"), (3, "accumulate")])
 def test_two_ranks_of_either_backend_equal_one_process(steps, ghost_impl, small_data, tmp_path):
     """Horovod's and DDP's averaged gradients each give the single-process reference's parameters,
-    and each other's."""
+    and each other's; and (3 steps, split) the Horovod run's last evaluation equals one process
+    evaluating its model.pt."""
     settings = [*PROOF, f"run.max_steps_per_epoch={steps}", f"model.ghost_impl={ghost_impl}"]
     r = launch("gloo", small_data, tmp_path / "horovod", extra=settings)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -40,6 +41,8 @@ def test_two_ranks_of_either_backend_equal_one_process(steps, ghost_impl, small_
         assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] and ranks[0]["steps"] == steps, backend
     for name in reference["params"]:
         assert torch.allclose(trained["torch"][name], trained["horovod"][name], atol=OTHER_SUMMATION, rtol=0), name
+    if (steps, ghost_impl) == (3, "split"):  # exact evaluation: one process evaluating this run's model.pt
+        assert_evaluation_equals_one_process(small_data, tmp_path / "horovod")
 
 
 @pytest.mark.unit
@@ -72,11 +75,3 @@ def test_copies_do_not_change_lr_or_steps_per_epoch(small_data):
         figures[m] = (len(loader), [lr_at(s, state, cfg.optim) for s in range(0, 200, 7)])
     assert figures[1] == figures[4]
     assert figures[1][0] == (4 * 48 // 2) // 8
-
-
-@pytest.mark.integration
-def test_two_rank_evaluation_equals_one_process(small_data, tmp_path):
-    out = tmp_path / "run"
-    r = launch("gloo", small_data, out, extra=[*PROOF, "run.max_steps_per_epoch=4"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert_evaluation_equals_one_process(small_data, out)
