@@ -100,3 +100,29 @@ def small_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "small"
     make_dataset(root, num_classes=4, train_per_class=48, val_per_class=12, seed=1)
     return root
+
+
+# One completed run of helpers.ONE_EPOCH (6 steps, checkpoints at steps 2, 4 and 6, the newest 2
+# kept), built once for the tests that only start from a finished run (refused resumes, a fresh
+# start over it, start-up signals, a corrupted checkpoint). A test reads it, or copies it
+# (shutil.copytree into its tmp_path) before it launches into it or changes it.
+@pytest.fixture(scope="session")
+def two_rank_run(small_data, tmp_path_factory) -> Path:
+    """A completed 2-rank Horovod (Gloo, horovodrun) run of ONE_EPOCH."""
+    from helpers import ONE_EPOCH, launch
+
+    out = tmp_path_factory.mktemp("two_rank_run") / "run"
+    r = launch("gloo", small_data, out, settings=ONE_EPOCH)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def one_rank_run(small_data, tmp_path_factory) -> Path:
+    """A completed run of ONE_EPOCH by one rank started without a launcher (helpers.train_alone)."""
+    from helpers import ONE_EPOCH, train_alone
+
+    out = tmp_path_factory.mktemp("one_rank_run") / "run"
+    r = train_alone(small_data, out, ONE_EPOCH)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out
