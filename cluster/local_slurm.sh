@@ -184,6 +184,11 @@ MinJobAge=3600
 KillWait=30
 JobRequeue=1
 SchedulerType=sched/backfill
+# A job that becomes eligible when its BeginTime passes (a requeued job) starts at the next
+# periodic scheduling pass, no event starts it: the tests' requeued jobs waited 0-30 s after their
+# start time (the default bf_interval=30; 14 s on average), and with bf_interval=1 alone up to the
+# main loop's 60 s (the backfill loop skipped them). A pass every second costs nothing here.
+SchedulerParameters=sched_interval=1,bf_interval=1
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 1)) CPUs=$CPUS_PER_NODE CoresPerSocket=$CPUS_PER_NODE ThreadsPerCore=1 RealMemory=$MEM_PER_NODE State=UNKNOWN

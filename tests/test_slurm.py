@@ -117,23 +117,31 @@ def scancel(*args):
     subprocess.run(["scancel", *args], check=True, env={**os.environ, "SLURM_CONF": SLURM_CONF})
 
 
+# A requeued job's new start, moved earlier by wait_done(hurry_requeue=True): seconds after the
+# test saw it pending. Not 0: see wait_done.
+HURRY_S = 3
+
+
 def wait_done(job_id, timeout=420, hurry_requeue=False) -> dict:
     """The job's final fields. hurry_requeue: Slurm holds a requeued job for about 2 minutes
-    (Reason=BeginTime; measured here: 142 s); the test moves its start to 10 s from now to save
-    most of that wait. Not to now: slurmd revoked the first run's credential, and a credential
-    issued within the same second counts as revoked too ("Killing non-startable batch job: Job
-    credential revoked", seen once in CI when the start was moved to now)."""
+    (Reason=BeginTime, the credential lifetime: measured here, 142 s); the test moves its start to
+    HURRY_S seconds from now to save that wait (the private Slurm's scheduling pass, every second
+    there, then starts it: measured, 3.3 s from the requeue to the next start). Not to now: slurmd revoked the first run's credential at the requeue, and a
+    credential issued within the same second counts as revoked too ("Killing non-startable batch
+    job: Job credential revoked", seen once in CI when the start was moved to now). The requeue,
+    and so the revocation, came before the test saw the job pending: a start HURRY_S > 0 seconds
+    later is a later second."""
     deadline = time.time() + timeout
     hurried = set()  # the restart counts whose start was moved (each requeue of the job once)
     while time.time() < deadline:
         fields = job_fields(job_id)
         if (hurry_requeue and fields.get("Restarts") not in hurried and fields.get("JobState") == "PENDING"
                 and fields.get("Reason") == "BeginTime"):
-            scontrol("update", f"JobId={job_id}", "StartTime=now+10")
+            scontrol("update", f"JobId={job_id}", f"StartTime=now+{HURRY_S}")
             hurried.add(fields.get("Restarts"))
         if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return fields
-        time.sleep(1)
+        time.sleep(0.25)
     scancel(job_id)
     raise TimeoutError(f"job {job_id} still {job_fields(job_id).get('JobState')} after {timeout} s")
 
