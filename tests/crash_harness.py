@@ -13,6 +13,19 @@ config.yaml), then resumed again. Usage (the tests call it):
     python tests/crash_harness.py DATA WORKDIR [--points 1,5,9 | --span FIRST,LAST] --set SETTINGS...
 
 Prints one JSON line: {"operations": N, "covered": [...], "failures": [...]}.
+
+With --plan FILE (a JSON list of scenarios, each {"name", "settings", and "points", "span" or
+"resume_crashes" as above}) it runs several scenarios at once: one uninterrupted reference per
+distinct settings, shared by the scenarios that have them, and every crash point of every
+scenario in one pool; it prints one JSON line {NAME: the scenario's report, ...} (or {"error"}).
+
+The parent imports everything a run imports (torch, torchvision through hvd_ba.train.run,
+horovod.torch) before its first fork, and runs no torch operation before the references end:
+a run's child then starts in well under a second instead of importing for 5 s of CPU. The crash
+injection is unchanged by this: hvd_ba/fsio.py reads HVD_BA_CRASH_AT and HVD_BA_IO_LOG from the
+environment at each operation (the child sets them after the fork), its operation count starts at
+0 in every child (the parent performs no counted operation), and the run's own start (backend
+init, run folder, model, loaders) all happens in the child, which is SIGKILLed as before.
 """
 from __future__ import annotations
 
@@ -29,6 +42,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402  (imported before any fork: each run only forks)
 
+from hvd_ba.train.run import main_rank  # noqa: E402,F401  (torchvision too: imported once, here)
+
+try:  # the Horovod backend's module (its library loads here; hvd.init() runs in each child)
+    import horovod.torch  # noqa: E402,F401
+except ImportError:  # the child then reports it as a run would
+    pass
+
 from hvd_ba.cluster import usable_cores  # noqa: E402
 from hvd_ba.config import load_config  # noqa: E402
 from hvd_ba.fsio import read_records  # noqa: E402
@@ -44,8 +64,6 @@ def run_child(data: str, out: Path, settings: list[str], env: dict, log: Path) -
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.environ.update(env)
-            from hvd_ba.train.run import main_rank
-
             cfg = load_config("demo", [f"data.path={data}", f"run.out_dir={out}", *settings])
             code = main_rank(cfg)
         except BaseException:
@@ -126,6 +144,8 @@ def main() -> int:
     p.add_argument("--resume-crashes", default=None, metavar="K",
                    help="crash at operation K (or at the first write of the file named K), then crash the resume "
                         "at each of its operations before its first step")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="a JSON list of scenarios ({name, settings, points|span|resume_crashes}) run in one pool")
     # A run is mostly start-up and shutdown latency (about 3.5 s, under 1 s of it computing): two
     # per core keep the cores busy (measured on 2 cores, 8 points: 60 s one at a time, 26 s four).
     p.add_argument("--jobs", type=int, default=2 * usable_cores(),
@@ -135,92 +155,147 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-    reference = work / "reference"
-    io_log = work / "reference-io.log"
-    code = run_child(args.data, reference, args.settings, {"HVD_BA_IO_LOG": str(io_log)}, work / "reference.log")
-    if code != 0:
-        print(json.dumps({"error": f"reference run exited {code}", "log": (work / "reference.log").read_text()[-3000:]}))
+    if args.plan:
+        scenarios = json.loads(Path(args.plan).read_text())
+    else:
+        scenarios = [{"name": "", "settings": args.settings, "points": args.points, "span": args.span,
+                      "resume_crashes": args.resume_crashes}]
+    reports = run_scenarios(args.data, work, scenarios, args.jobs)
+    if not args.plan:
+        reports = reports.get("", reports)
+    print(json.dumps(reports))
+    if "error" in reports:
         return 1
-    operations = io_log.read_text().splitlines()
-    expected = outcome(reference)
-    if args.resume_crashes is not None:
-        return resume_crashes(args, work, operations, expected)
-    points = [int(x) for x in args.points.split(",")] if args.points else range(1, len(operations) + 1)
-    if args.span:
-        first, last = args.span.split(",")
-        paths = [op.split(" ", 2)[2] for op in operations]
-        start = next(i for i, path in enumerate(paths) if first in path)
-        end = next(i for i in range(start, len(paths)) if last in paths[i])
-        points = range(start + 1, end + 2)
+    return 0 if all(not r.get("failures") and "error" not in r for r in reports.values()) else 1
 
-    def crash_and_resume(k: int) -> dict:
-        out, log = work / f"crash-{k}", work / f"crash-{k}.log"
-        code = run_child(args.data, out, args.settings, {"HVD_BA_CRASH_AT": str(k)}, log)
-        op = operations[k - 1].split(" ", 1)[1]
+
+def run_scenarios(data: str, work: Path, scenarios: list[dict], jobs: int) -> dict:
+    """Every scenario's report by name ({"error": ...} when a reference or a first crash failed).
+    One reference per distinct settings (the references side by side), then the first crashes of
+    the resume scenarios side by side, then every crash point of every scenario in one pool."""
+    # ---- the uninterrupted references
+    distinct = []
+    for sc in scenarios:
+        if sc["settings"] not in distinct:
+            distinct.append(sc["settings"])
+    named = len(distinct) > 1
+
+    def reference_dir(i: int) -> Path:
+        return work / (f"reference-{i}" if named else "reference")
+
+    def run_reference(i: int) -> dict:
+        ref = reference_dir(i)
+        io_log, log = ref.with_name(ref.name + "-io.log"), ref.with_name(ref.name + ".log")
+        code = run_child(data, ref, distinct[i], {"HVD_BA_IO_LOG": str(io_log)}, log)
+        if code != 0:
+            return {"error": f"reference run exited {code}", "log": log.read_text()[-3000:]}
+        return {}
+
+    for failed in in_parallel(range(len(distinct)), run_reference, jobs):
+        if failed:
+            return failed
+    operations = [reference_dir(i).with_name(reference_dir(i).name + "-io.log").read_text().splitlines()
+                  for i in range(len(distinct))]
+    expected = [outcome(reference_dir(i)) for i in range(len(distinct))]
+
+    # ---- each scenario's folder, reference and points; the resume scenarios' first crashes
+    plans = []  # (scenario, its folder, index of its reference)
+    for sc in scenarios:
+        base = work / sc["name"] if sc["name"] else work
+        base.mkdir(parents=True, exist_ok=True)
+        plans.append((sc, base, distinct.index(sc["settings"])))
+    firsts = []  # (scenario index, K): a first crash of a resume scenario
+    for s, (sc, base, ref) in enumerate(plans):
+        for name in (sc.get("resume_crashes") or "").split(",") if sc.get("resume_crashes") else []:
+            name, _, nth = name.partition("#")  # NAME#N: the N-th write of that file
+            writes = [i + 1 for i, op in enumerate(operations[ref])
+                      if op.split()[1] == "write" and op.split()[2].endswith("/" + name)]
+            firsts.append((s, int(name) if name.isdigit() else writes[int(nth or 1) - 1]))
+
+    def first_crash(index: int) -> dict:
+        """Crash at K; then a copy of that state resumed with the operations logged (the probe)."""
+        s, k = firsts[index]
+        sc, base, _ = plans[s]
+        crashed = base / f"crash-{k}"
+        code = run_child(data, crashed, sc["settings"], {"HVD_BA_CRASH_AT": str(k)}, base / f"crash-{k}.log")
         if code != -signal.SIGKILL:
-            return {"point": k, "op": op, "why": f"the crash run exited {code}, not killed"}
-        code = run_child(args.data, out, [*args.settings, "run.resume=auto"], {}, log)
-        why = f"the resumed run exited {code}" if code != 0 else compare(expected, outcome(out))
-        if why:
-            return {"point": k, "op": op, "why": why, "log": log.read_text()[-1500:]}
-        shutil.rmtree(out)
-        return {"point": k, "op": op}
-
-    results = in_parallel(list(points), crash_and_resume, args.jobs)
-    covered = [r for r in results if "why" not in r]
-    failures = [r for r in results if "why" in r]
-    print(json.dumps({"operations": len(operations), "covered": covered, "failures": failures}))
-    return 0 if not failures else 1
-
-
-def resume_crashes(args, work: Path, operations: list[str], expected: dict) -> int:
-    """For each first crash K (comma-separated: an operation number, the first write of the file
-    so named, or NAME#N its N-th write): crash at K; then the resume of that state is itself crashed at each of its
-    operations before its first step's record, and resumed again: it must still end as the
-    reference. All the series' points run in one pool."""
-    resume = [*args.settings, "run.resume=auto"]
-    series = []  # (k, the crashed folder, the resume's operations)
-    for name in args.resume_crashes.split(","):
-        name, _, nth = name.partition("#")  # NAME#N: the N-th write of that file
-        writes = [i + 1 for i, op in enumerate(operations)
-                  if op.split()[1] == "write" and op.split()[2].endswith("/" + name)]
-        k = int(name) if name.isdigit() else writes[int(nth or 1) - 1]
-        crashed = work / f"crash-{k}"
-        code = run_child(args.data, crashed, args.settings, {"HVD_BA_CRASH_AT": str(k)}, work / f"crash-{k}.log")
-        if code != -signal.SIGKILL:
-            print(json.dumps({"error": f"the crash run at {k} exited {code}"}))
-            return 1
-        probe, probe_log = work / f"probe-{k}", work / f"probe-{k}-io.log"
+            return {"error": f"the crash run at {k} exited {code}"}
+        probe, probe_log = base / f"probe-{k}", base / f"probe-{k}-io.log"
         shutil.copytree(crashed, probe)
-        run_child(args.data, probe, resume, {"HVD_BA_IO_LOG": str(probe_log)}, work / f"probe-{k}.log")
-        series.append((k, crashed, probe_log.read_text().splitlines()))
+        run_child(data, probe, [*sc["settings"], "run.resume=auto"], {"HVD_BA_IO_LOG": str(probe_log)},
+                  base / f"probe-{k}.log")
+        return {"ops": probe_log.read_text().splitlines()}
 
-    def crash_resume_and_resume(index: int) -> dict:
-        k, crashed, ops, j = points[index]
-        out, log = work / f"double-{k}-{j}", work / f"double-{k}-{j}.log"
-        shutil.copytree(crashed, out)
-        code = run_child(args.data, out, resume, {"HVD_BA_CRASH_AT": str(j)}, log)
-        op = ops[j - 1].split(" ", 1)[1]
+    series = in_parallel(range(len(firsts)), first_crash, jobs)
+    for s, sc_series in enumerate(series):
+        if "error" in sc_series:
+            return {plans[firsts[s][0]][0]["name"]: {"error": sc_series["error"]}}
+
+    # ---- every crash point of every scenario, in one pool
+    tasks = []  # (scenario index, kind, K, J): "once" crash at K; "double" crash at K, its resume at J
+    for s, (sc, base, ref) in enumerate(plans):
+        if sc.get("resume_crashes"):
+            for (fs, k), probe in zip(firsts, series):
+                if fs != s:
+                    continue
+                ops = probe["ops"]
+                first_step = next(i for i, op in enumerate(ops)
+                                  if op.split()[2].endswith("steps.jsonl") and op.split()[1] == "write")
+                tasks += [(s, "double", k, j) for j in range(1, first_step + 1)]
+            continue
+        ops = operations[ref]
+        points = [int(x) for x in str(sc["points"]).split(",")] if sc.get("points") else range(1, len(ops) + 1)
+        if sc.get("span"):
+            first, last = sc["span"].split(",")
+            paths = [op.split(" ", 2)[2] for op in ops]
+            start = next(i for i, path in enumerate(paths) if first in path)
+            end = next(i for i in range(start, len(paths)) if last in paths[i])
+            points = range(start + 1, end + 2)
+        tasks += [(s, "once", k, None) for k in points]
+    probes = {(fs, k): probe["ops"] for (fs, k), probe in zip(firsts, series)}
+
+    def crash_and_resume(index: int) -> dict:
+        s, kind, k, j = tasks[index]
+        sc, base, ref = plans[s]
+        resume = [*sc["settings"], "run.resume=auto"]
+        if kind == "once":
+            out, log = base / f"crash-{k}", base / f"crash-{k}.log"
+            code = run_child(data, out, sc["settings"], {"HVD_BA_CRASH_AT": str(k)}, log)
+            op = operations[ref][k - 1].split(" ", 1)[1]
+            if code != -signal.SIGKILL:
+                return {"point": k, "op": op, "why": f"the crash run exited {code}, not killed"}
+            code = run_child(data, out, resume, {}, log)
+            why = f"the resumed run exited {code}" if code != 0 else compare(expected[ref], outcome(out))
+            if why:
+                return {"point": k, "op": op, "why": why, "log": log.read_text()[-1500:]}
+            shutil.rmtree(out)
+            return {"point": k, "op": op}
+        # the resume of the state crashed at K, itself crashed at its operation J, then resumed again
+        out, log = base / f"double-{k}-{j}", base / f"double-{k}-{j}.log"
+        shutil.copytree(base / f"crash-{k}", out)
+        code = run_child(data, out, resume, {"HVD_BA_CRASH_AT": str(j)}, log)
+        op = probes[(s, k)][j - 1].split(" ", 1)[1]
         if code != -signal.SIGKILL:
             return {"first_crash": k, "point": j, "op": op, "why": f"the crashed resume exited {code}"}
-        code = run_child(args.data, out, resume, {}, log)
-        why = f"the second resume exited {code}" if code != 0 else compare(expected, outcome(out))
+        code = run_child(data, out, resume, {}, log)
+        why = f"the second resume exited {code}" if code != 0 else compare(expected[ref], outcome(out))
         if why:
             return {"first_crash": k, "point": j, "op": op, "why": why, "log": log.read_text()[-1500:]}
         shutil.rmtree(out)
         return {"first_crash": k, "point": j, "op": op}
 
-    points = []
-    for k, crashed, ops in series:
-        first_step = next(i for i, op in enumerate(ops) if op.split()[2].endswith("steps.jsonl") and op.split()[1] == "write")
-        points += [(k, crashed, ops, j) for j in range(1, first_step + 1)]
-    results = in_parallel(range(len(points)), crash_resume_and_resume, args.jobs)
-    covered = [r for r in results if "why" not in r]
-    failures = [r for r in results if "why" in r]
-    print(json.dumps({"first_crashes": [{"point": k, "op": operations[k - 1]} for k, _, _ in series],
-                      "covered": covered, "failures": failures}))
-    return 0 if not failures else 1
+    results = in_parallel(range(len(tasks)), crash_and_resume, jobs)
+    reports = {}
+    for s, (sc, base, ref) in enumerate(plans):
+        mine = [r for (ts, *_), r in zip(tasks, results) if ts == s]
+        report = {"covered": [r for r in mine if "why" not in r], "failures": [r for r in mine if "why" in r]}
+        if sc.get("resume_crashes"):
+            report = {"first_crashes": [{"point": k, "op": operations[ref][k - 1]} for fs, k in firsts if fs == s],
+                      **report}
+        else:
+            report = {"operations": len(operations[ref]), **report}
+        reports[sc["name"]] = report
+    return reports
 
 
 if __name__ == "__main__":

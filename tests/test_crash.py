@@ -22,15 +22,42 @@ SHORT = ["data.workers=0", "data.copies=2", "data.unique_batch=8", "model.ghost_
          "run.threads=1", "data.manifest_dir=null"]
 
 
+# The crash harness's scenarios, by the test that checks each: the harness runs those of the tests
+# selected in one process (one reference per distinct settings: "every" and "resume" share one) and
+# one pool, each run a fork of its warm parent (tests/crash_harness.py).
+HARNESS_SCENARIOS = {
+    "test_a_kill_at_every_file_operation_resumes_to_the_same_end": {"name": "every", "settings": SHORT},
+    "test_a_kill_at_the_first_epoch_end_checkpoint_and_its_records_resumes": {
+        "name": "epoch_end", "settings": [*SHORT, "run.checkpoint_every=null"], "span": "ckpt-,metrics.csv"},
+    "test_a_kill_during_the_resume_of_a_crashed_run": {
+        "name": "resume", "settings": SHORT, "resume_crashes": "metrics.jsonl,steps.jsonl#3"},
+}
+HARNESS_LIMIT = 1200  # s, the harness's run (each test's limit adds 120 s to it: the first one waits for it)
+
+
+@pytest.fixture(scope="module")
+def harness_reports(request, small_data, tmp_path_factory):
+    """Each selected harness scenario's report by name (a missing one: the harness's error)."""
+    selected = {item.originalname for item in request.session.items} & HARNESS_SCENARIOS.keys()
+    plan = [scenario for test, scenario in HARNESS_SCENARIOS.items() if test in selected]
+    work = tmp_path_factory.mktemp("crash")
+    (work / "plan.json").write_text(json.dumps(plan))
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(work / "runs"),
+                        "--plan", str(work / "plan.json")], capture_output=True, text=True, timeout=HARNESS_LIMIT,
+                       cwd=ROOT)
+    lines = r.stdout.strip().splitlines()
+    reports = json.loads(lines[-1]) if lines else {"error": f"the harness exited {r.returncode}: {r.stderr[-3000:]}"}
+    return {scenario["name"]: reports.get(scenario["name"], reports) for scenario in plan}
+
+
 @pytest.mark.crash
-def test_a_kill_at_every_file_operation_resumes_to_the_same_end(small_data, tmp_path):
+@pytest.mark.timeout(HARNESS_LIMIT + 120)
+def test_a_kill_at_every_file_operation_resumes_to_the_same_end(harness_reports):
     """Every write, fsync, rename and unlink of a 4-step run (config, records, checkpoints,
     latest, model, rank and result files), each in turn: SIGKILL there (a write after half its
     bytes), resume with run.resume=auto, and end with the same per-step losses, epochs, result
     and parameters as the uninterrupted run."""
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(tmp_path),
-                        "--set", *SHORT], capture_output=True, text=True, timeout=900, cwd=ROOT)
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    report = harness_reports["every"]
     assert report.get("failures") == [], json.dumps(report.get("failures") or report)[:4000]
     ops = [c["op"].split()[0] for c in report["covered"]]
     print(f"crash points covered: {len(ops)} of {report['operations']} operations "
@@ -44,18 +71,15 @@ def test_a_kill_at_every_file_operation_resumes_to_the_same_end(small_data, tmp_
 
 
 @pytest.mark.crash
-def test_a_kill_at_the_first_epoch_end_checkpoint_and_its_records_resumes(small_data, tmp_path):
+@pytest.mark.timeout(HARNESS_LIMIT + 120)
+def test_a_kill_at_the_first_epoch_end_checkpoint_and_its_records_resumes(harness_reports):
     """Checkpoints at epoch ends only (run.checkpoint_every=null, the presets' default): a kill at
     each operation of the run's first checkpoint (its write, fsyncs, renames, `latest`) and of the
     epoch's records after it, then run.resume=auto: the same end as the uninterrupted run.
     Measured before the fix (the epoch recorded before its checkpoint): a kill inside that first
     checkpoint left 1 epoch recorded and no checkpoint, and every resume was refused (found by a
     Slurm job whose rank 0 segfaulted there)."""
-    settings = [*SHORT, "run.checkpoint_every=null"]
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(tmp_path),
-                        "--span", "ckpt-,metrics.csv", "--set", *settings], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    report = harness_reports["epoch_end"]
     assert report.get("failures") == [], json.dumps(report.get("failures") or report)[:4000]
     ops = [c["op"] for c in report["covered"]]
     print(f"first epoch-end crash points covered: {len(ops)}")
@@ -66,16 +90,14 @@ def test_a_kill_at_the_first_epoch_end_checkpoint_and_its_records_resumes(small_
 
 
 @pytest.mark.crash
-def test_a_kill_during_the_resume_of_a_crashed_run(small_data, tmp_path):
+@pytest.mark.timeout(HARNESS_LIMIT + 120)
+def test_a_kill_during_the_resume_of_a_crashed_run(harness_reports):
     """Two crashed states, each resumed with the resume itself killed at each of its operations
     before its first step, then resumed again: the same end. Killed mid-append of epoch 1's
     metrics (after its checkpoint): the resume cuts the torn line, restores the epoch's record
     from the checkpoint, rebuilds metrics.csv, rewrites config.yaml. Killed mid-append of step
     3's record (after step 2's checkpoint): the resume cuts steps.jsonl back to step 2."""
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_harness.py"), str(small_data), str(tmp_path),
-                        "--resume-crashes", "metrics.jsonl,steps.jsonl#3", "--set", *SHORT], capture_output=True,
-                       text=True, timeout=900, cwd=ROOT)
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    report = harness_reports["resume"]
     assert report.get("failures") == [], json.dumps(report.get("failures") or report)[:4000]
     metrics_first, steps_first = (c["point"] for c in report["first_crashes"])
     for first, names in ((metrics_first, ("metrics.jsonl", "metrics.csv", "config.yaml")),
