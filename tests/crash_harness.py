@@ -8,9 +8,10 @@ between forks, and the runs use run.threads=1), so one crash point costs two sho
 points (each in its own folder) run --jobs at a time, two per core by default. With
 --resume-crashes K[,K2...], the run crashed at K is resumed and that resume is itself crashed at each of
 its operations before its first step (trimming records, rebuilding metrics.csv, rewriting
-config.yaml), then resumed again. Usage (the tests call it):
+config.yaml), then resumed again. Usage:
 
     python tests/crash_harness.py DATA WORKDIR [--points 1,5,9 | --span FIRST,LAST] --set SETTINGS...
+    python tests/crash_harness.py DATA WORKDIR --plan SCENARIOS.json     (what tests/test_crash.py runs)
 
 Prints one JSON line: {"operations": N, "covered": [...], "failures": [...]}.
 
@@ -161,12 +162,9 @@ def main() -> int:
         scenarios = [{"name": "", "settings": args.settings, "points": args.points, "span": args.span,
                       "resume_crashes": args.resume_crashes}]
     reports = run_scenarios(args.data, work, scenarios, args.jobs)
-    if not args.plan:
-        reports = reports.get("", reports)
-    print(json.dumps(reports))
-    if "error" in reports:
-        return 1
-    return 0 if all(not r.get("failures") and "error" not in r for r in reports.values()) else 1
+    ok = "error" not in reports and all(not r.get("failures") and "error" not in r for r in reports.values())
+    print(json.dumps(reports if args.plan else reports.get("", reports)))
+    return 0 if ok else 1
 
 
 def run_scenarios(data: str, work: Path, scenarios: list[dict], jobs: int) -> dict:
