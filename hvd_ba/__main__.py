@@ -8,6 +8,7 @@ import os
 import sys
 
 from hvd_ba.config import ConfigError
+from hvd_ba.flags import int_in, m_values, non_negative_int, positive_float, positive_int
 
 DEFAULT_DEMO_DATA = "data/demo"
 
@@ -27,7 +28,7 @@ def parser_train() -> argparse.ArgumentParser:
                     "(run.backend=horovod) or torchrun, srun or mpirun (run.backend=torch), e.g. "
                     "horovodrun -np 2 -H localhost:2 --gloo python -m hvd_ba train --config demo --set data.path=DIR")
     _config_args(p, "resnet50")
-    p.add_argument("--track-lambda-every", type=int, default=None, metavar="N",
+    p.add_argument("--track-lambda-every", type=positive_int, default=None, metavar="N",
                    help="record lambda_max of plain/BA/large batches every N steps (run.track_lambda_every)")
     return p
 
@@ -42,7 +43,7 @@ def parser_demo() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DEMO_DATA, help=f"demo dataset folder (default: {DEFAULT_DEMO_DATA})")
     p.add_argument("--out", default=None,
                    help=f"run directory (default: {DEFAULT_DEMO_RUN}, or {DEFAULT_DEMO_RUN}-<n> when that holds a run)")
-    p.add_argument("--np", type=int, default=2, help="number of ranks (default: 2)")
+    p.add_argument("--np", type=positive_int, default=2, help="number of ranks (default: 2)")
     p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo", help="Horovod controller (default: gloo)")
     _config_args(p, "demo")
     return p
@@ -52,11 +53,11 @@ def parser_make_data() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvd_ba make-data",
                                 description="Write a small ImageNet-layout JPEG dataset: DIR/{train,val}/<class>/*.JPEG.")
     p.add_argument("dir", help="output folder")
-    p.add_argument("--classes", type=int, default=10, help="number of classes, at most 10 (default: 10)")
-    p.add_argument("--train-per-class", type=int, default=260, help="training images per class (default: 260)")
-    p.add_argument("--val-per-class", type=int, default=50, help="validation images per class (default: 50)")
+    p.add_argument("--classes", type=int_in(1, 10), default=10, help="number of classes, at most 10 (default: 10)")
+    p.add_argument("--train-per-class", type=positive_int, default=260, help="training images per class (default: 260)")
+    p.add_argument("--val-per-class", type=positive_int, default=50, help="validation images per class (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes (default: 0)")
-    p.add_argument("--workers", type=int, default=2, help="processes used to render (default: 2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="processes used to render (default: 2)")
     p.add_argument("--photos", action="store_true",
                    help="instead: a real-photo set, 8 classes of crops of scikit-image's sample photographs "
                         "(--train-per-class, --val-per-class, --seed apply)")
@@ -79,8 +80,8 @@ def parser_plan() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvd_ba plan",
                                 description="Print the figures a run derives from its config (batches, ghost groups, "
                                             "peak LR, steps per epoch) for a number of ranks, without training.")
-    p.add_argument("--ranks", type=int, required=True, help="number of Horovod ranks (GPUs)")
-    p.add_argument("--train-images", type=int, default=None,
+    p.add_argument("--ranks", type=positive_int, required=True, help="number of Horovod ranks (GPUs)")
+    p.add_argument("--train-images", type=positive_int, default=None,
                    help="training images (default: those of data.path/train when it exists, else 1,281,167 "
                         "as in ImageNet-1k)")
     p.add_argument("--show-config", action="store_true", help="also print the resolved config as YAML")
@@ -167,7 +168,7 @@ def parser_hosts() -> argparse.ArgumentParser:
                    help="Slurm host list, e.g. 'node[01-04,07]' (default: $SLURM_JOB_NODELIST)")
     p.add_argument("--tasks-per-node", default=os.environ.get("SLURM_TASKS_PER_NODE"),
                    help="slots per host, e.g. '4(x2),2' (default: $SLURM_TASKS_PER_NODE)")
-    p.add_argument("--np", type=int, default=None, help="check that this many tasks fit in the slots")
+    p.add_argument("--np", type=positive_int, default=None, help="check that this many tasks fit in the slots")
     p.add_argument("--format", choices=("horovod", "hostfile", "lines", "rendezvous"), default="horovod",
                    help="horovod: host:n,host:n; hostfile: 'host slots=n' lines; lines: one host per line; "
                         "rendezvous: host:port where torch.distributed ranks meet (the first host, a port from "
@@ -229,7 +230,7 @@ def parser_stage() -> argparse.ArgumentParser:
     _config_args(p, "resnet50")
     p.add_argument("--dest", default=None, help="node-local folder, e.g. $SLURM_TMPDIR/imagenet "
                                                 "(default: config key data.local_path)")
-    p.add_argument("--threads", type=int, default=8, help="copy threads per rank (default: 8)")
+    p.add_argument("--threads", type=positive_int, default=8, help="copy threads per rank (default: 8)")
     p.add_argument("--trust-size", action="store_true",
                    help="trust a file already present when its size is the manifest's (fast; only for a folder nobody "
                         "else can write). Default: trust it only when it hashes as this rank's last stage record says")
@@ -256,22 +257,22 @@ def parser_analyze() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run directory: its config.yaml and checkpoint (default: latest)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file inside --run (default: the latest valid)")
     _config_args(p, "demo")
-    p.add_argument("--batches", type=int, default=4, help="batches per kind, K (default: 4)")
-    p.add_argument("--unique", type=int, default=None,
+    p.add_argument("--batches", type=positive_int, default=4, help="batches per kind, K (default: 4)")
+    p.add_argument("--unique", type=positive_int, default=None,
                    help="unique images per batch, B (default: data.unique_batch x the run's ranks)")
-    p.add_argument("--copies", type=int, default=None, help="lambda-max: M of the BA kind (default: data.copies)")
-    p.add_argument("--copies-list", default="1,2,4,8", help="grad-variance: the M values (default: 1,2,4,8)")
-    p.add_argument("--reference-images", type=int, default=0,
+    p.add_argument("--copies", type=positive_int, default=None, help="lambda-max: M of the BA kind (default: data.copies)")
+    p.add_argument("--copies-list", type=m_values, default="1,2,4,8", help="grad-variance: the M values (default: 1,2,4,8)")
+    p.add_argument("--reference-images", type=non_negative_int, default=0,
                    help="grad-variance: images in the reference gradient; 0: the whole training split, the full "
                         "gradient (default: 0)")
-    p.add_argument("--parts", type=int, default=None,
+    p.add_argument("--parts", type=positive_int, default=None,
                    help="forward passes (own BN statistics) per batch; a multiple of the ranks (default: ranks)")
     p.add_argument("--method", choices=("lanczos", "power"), default="lanczos",
                    help="top eigenvalue by Lanczos (ARPACK; 10 vectors of memory) or power iteration (default: lanczos)")
-    p.add_argument("--tol", type=float, default=1e-3, help="eigenvalue: relative tolerance (default: 1e-3)")
-    p.add_argument("--max-iter", type=int, default=300,
+    p.add_argument("--tol", type=positive_float, default=1e-3, help="eigenvalue: relative tolerance (default: 1e-3)")
+    p.add_argument("--max-iter", type=positive_int, default=300,
                    help="eigenvalue: about this many Hessian-vector products at most (default: 300)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: this rank's share of its CPU mask)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: this rank's share of its CPU mask)")
     p.add_argument("--out", default=None, help="JSON output (default: RUN/analysis/<what>-step<N>.json)")
     return p
 
@@ -307,10 +308,30 @@ def cmd_plot(args) -> int:
 def parser_status() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvd_ba status",
                                 description="What a run folder holds: its run id, whether it is complete (a result.json "
-                                            "that parses and names the run), its newest checkpoint, its lock.")
+                                            "that parses and names the run), its newest checkpoint, its lock. Exit "
+                                            f"status: {STATUS_COMPLETE} complete, {STATUS_INCOMPLETE} not complete "
+                                            f"(run.resume=auto continues it), {STATUS_NO_RUN} no run there (a missing "
+                                            "folder, a file, or a folder that holds no run).")
     p.add_argument("run", help="run directory (run.out_dir)")
-    p.add_argument("--complete", action="store_true", help="only the exit status: 0 when complete, 1 otherwise")
+    p.add_argument("--complete", action="store_true",
+                   help="only the exit status: 0 when complete, 1 otherwise (a missing folder or one without a run "
+                        "also says so on stderr)")
     return p
+
+
+STATUS_COMPLETE, STATUS_INCOMPLETE, STATUS_NO_RUN = 0, 1, 3
+
+
+def no_run_reason(out) -> str | None:
+    """Why `out` holds no run (one line), or None when it does: a run folder has config.yaml or
+    result.json (what a run writes first and last)."""
+    if not out.exists():
+        return f"no run at '{out}': no such folder"
+    if not out.is_dir():
+        return f"no run at '{out}': a file, not a run folder"
+    if not (out / "config.yaml").is_file() and not (out / "result.json").is_file():
+        return f"no run at '{out}': the folder holds no config.yaml or result.json"
+    return None
 
 
 def cmd_status(args) -> int:
@@ -319,9 +340,13 @@ def cmd_status(args) -> int:
     from hvd_ba.train.run_dir import LOCK, is_complete, read_lock, read_result, read_run_id
 
     out = Path(args.run)
+    missing = no_run_reason(out)
+    if missing:
+        print(f"hvd_ba status: {missing}", file=sys.stderr)
+        return STATUS_INCOMPLETE if args.complete else STATUS_NO_RUN
     complete = is_complete(out)
     if args.complete:
-        return 0 if complete else 1
+        return STATUS_COMPLETE if complete else STATUS_INCOMPLETE
     from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
     from hvd_ba.fsio import read_records
 
@@ -335,7 +360,7 @@ def cmd_status(args) -> int:
     holder, age = read_lock(out / LOCK)
     lock = f"held by host {holder.get('host')}, pid {holder.get('pid')}, heartbeat {age:.0f} s ago" if holder else "-"
     print(f"lock: {lock}")
-    return 0
+    return STATUS_COMPLETE if complete else STATUS_INCOMPLETE
 
 
 def parser_doctor() -> argparse.ArgumentParser:
@@ -371,11 +396,11 @@ def parser_sweep() -> argparse.ArgumentParser:
                    help="one more point outside the product, e.g. 'data.copies=1 data.unique_batch=32'")
     p.add_argument("--seeds", default="0,1,2", help="run.seed values of every point (default: 0,1,2)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE", help="overrides of every cell")
-    p.add_argument("--np", type=int, default=2, help="ranks per cell (default: 2)")
+    p.add_argument("--np", type=positive_int, default=2, help="ranks per cell (default: 2)")
     p.add_argument("--launcher", choices=("auto", "horovodrun", "srun"), default="auto",
                    help="auto: srun inside a Slurm allocation, else horovodrun (default: auto)")
     p.add_argument("--out", default="runs/sweep", help="sweep folder: cells/, sweep.json, tables, plots")
-    p.add_argument("--cell-timeout", type=float, default=3600, help="seconds a cell may run (default: 3600)")
+    p.add_argument("--cell-timeout", type=positive_float, default=3600, help="seconds a cell may run (default: 3600)")
     p.add_argument("--report", default=None, help="also write the BA report (Markdown) here, e.g. docs/ba-report.md")
     return p
 

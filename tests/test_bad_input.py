@@ -84,3 +84,130 @@ def test_hundred_odd_files_in_a_real_dataset(small_data, tmp_path):
         mean = copies.float().mean(dim=(0, 1, 2))
         assert torch.allclose(mean, torch.tensor(supported[name], dtype=torch.float), atol=4), (name, mean)
     assert not broken & set(seen)  # no broken file reached a batch
+
+
+# ------------------------------------------------------------------ every command's bad input
+def damaged_files(folder) -> dict:
+    """Files a user may hand us as a checkpoint: truncated, text, empty, a pickle that runs code
+    when unpickled without weights_only, a torch file of another kind, a folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = io.BytesIO()
+    torch.save({"format": 2, "model": {"w": torch.zeros(64, 64)}}, good)
+    files = {"truncated": good.getvalue()[: len(good.getvalue()) // 2], "text": b"not a checkpoint\n" * 10,
+             "empty": b""}
+    for name, data in files.items():
+        (folder / f"{name}.pt").write_bytes(data)
+
+    # os.system("touch code-ran") when unpickled, as pickle.dumps of such an object writes it
+    (folder / "code.pt").write_bytes(b"cos\nsystem\n(S'touch " + str(folder / "code-ran").encode() + b"'\ntR.")
+    torch.save([1, 2, 3], folder / "list.pt")
+    (folder / "a-folder.pt").mkdir(exist_ok=True)
+    return {"truncated": "truncated, damaged or not a torch file", "text": "truncated, damaged or not a torch file",
+            "empty": "truncated, damaged or not a torch file",
+            "code": "holds Python objects other than tensors and plain types (refused unloaded, nothing in it was run)",
+            "list": "not an hvd_ba checkpoint of format 1 or 2", "a-folder": "a folder, not a checkpoint file",
+            "missing": "no such file"}
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_why_and_runs_no_code(tmp_path):
+    from hvd_ba.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+
+    for name, reason in damaged_files(tmp_path).items():
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(tmp_path / f"{name}.pt")
+        assert reason in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+    assert not (tmp_path / "code-ran").exists()
+    # run.resume=auto skips a damaged newest checkpoint (with a warning) rather than failing
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "ckpt-000000002.pt").write_bytes((tmp_path / "truncated.pt").read_bytes())
+    assert find_checkpoint("auto", tmp_path / "run") is None
+
+
+def usage_aside(stderr: str) -> list[str]:
+    """stderr without argparse's usage lines (the usage line and its indented continuations)."""
+    lines, in_usage = [], False
+    for line in stderr.splitlines():
+        if line.startswith("usage:"):
+            in_usage = True
+            continue
+        if in_usage and line.startswith(" "):
+            continue
+        in_usage = False
+        lines.append(line)
+    return lines
+
+
+def bad_input_table(tmp):
+    """(command line, exit status, what the one line says): every command of `python -m hvd_ba
+    --help` with bad flags or files. A new command joins the table (test_the_table_covers...)."""
+    files = tmp / "files"
+    damaged_files(files)
+    (tmp / "empty").mkdir()
+    (tmp / "a-file").write_text("x")
+    return [
+        (["train", "--config", "nope"], 2, "config file 'nope' not found"),
+        (["train", "--track-lambda-every", "0"], 2, "argument --track-lambda-every: '0' is not a positive integer"),
+        (["demo", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
+        (["demo", "--controller", "ucx"], 2, "argument --controller: invalid choice: 'ucx'"),
+        (["make-data", str(tmp / "md"), "--classes", "0"], 2, "argument --classes: '0' is not an integer from 1 to 10"),
+        (["make-data", str(tmp / "md"), "--classes", "11"], 2, "'11' is not an integer from 1 to 10"),
+        (["make-data", str(tmp / "md"), "--train-per-class", "-1"], 2, "'-1' is not a positive integer"),
+        (["plan", "--ranks", "0"], 2, "argument --ranks: '0' is not a positive integer"),
+        (["plan", "--ranks", "2", "--config", "nope"], 2, "config file 'nope' not found"),
+        (["plan", "--ranks", "2", "--set", "data.copies=0"], 2, "data.copies"),
+        (["hosts", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
+        (["hosts", "n[1-"], 2, "unrecognized arguments: n[1-"),
+        (["settings", "a=[1,"], 2, "'a=[1,' opens a '[' or '{' that is never closed"),
+        (["stage", "--threads", "0"], 2, "argument --threads: '0' is not a positive integer"),
+        (["analyze", "lambda-max", "--run", str(tmp / "run"), "--checkpoint", str(files / "truncated.pt")], 2,
+         f"--checkpoint '{files / 'truncated.pt'}': truncated, damaged or not a torch file"),
+        (["analyze", "lambda-max", "--run", str(tmp / "run"), "--checkpoint", str(files / "code.pt")], 2,
+         "holds Python objects other than tensors"),
+        (["analyze", "lambda-max", "--run", str(tmp / "nope")], 2, f"run directory '{tmp / 'nope'}' has no valid checkpoint"),
+        (["analyze", "grad-variance", "--copies-list", "1,0"], 2, "argument --copies-list: '1,0': give M as positive"),
+        (["analyze", "lambda-max", "--tol", "-1"], 2, "argument --tol: '-1' is not a positive number"),
+        (["plot", str(tmp / "nope")], 2, f"run directory '{tmp / 'nope'}' does not exist"),
+        (["plot", str(tmp / "empty")], 2, "nothing to plot"),
+        (["status", str(tmp / "nope")], 3, f"no run at '{tmp / 'nope'}': no such folder"),
+        (["status", str(tmp / "empty")], 3, "the folder holds no config.yaml or result.json"),
+        (["status", str(tmp / "a-file")], 3, "a file, not a run folder"),
+        (["status", "--complete", str(tmp / "nope")], 1, "no such folder"),
+        (["sweep", "--grid", "x"], 2, "--grid 'x': expected section.key=v1,v2,..."),
+        (["sweep", "--np", "0", "--grid", "data.copies=1"], 2, "argument --np: '0' is not a positive integer"),
+        (["sweep", "--cell-timeout", "0", "--grid", "data.copies=1"], 2, "argument --cell-timeout: '0' is not a positive"),
+        (["doctor", "--config", "nope"], 2, "config file 'nope' not found"),
+        (["bench", "loader", "--copies", "0", "--images", "8"], 2, "argument --copies: '0': give M as positive integers"),
+        (["bench", "loader", "--images", "0"], 2, "argument --images: '0' is not a positive integer"),
+        (["bench", "gpu", "--where", "cpu"], 2, "argument --where: 'cpu': give loader, device or loader,device"),
+        (["bench", "gpu", "--model", "resnet5"], 2, "argument --model: invalid choice: 'resnet5'"),
+        (["bench", "breakdown", "--copies", "1,x"], 2, "argument --copies: '1,x'"),
+        (["bench", "scaling", "--bandwidths-gbit", "10,x"], 2, "argument --bandwidths-gbit: '10,x': give positive numbers"),
+        (["bench", "scaling", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
+        (["bench", "scaling", "--overlap", "2"], 2, "argument --overlap: '2': give none, measured or a fraction in [0, 1]"),
+        (["bench", "scaling", "--backends", "gloo,nccl"], 2, "argument --backends: 'gloo,nccl': nccl unknown"),
+    ]
+
+
+def test_every_commands_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, monkeypatch):
+    """In this process (the unit tier's guard fails the test if a command starts any process):
+    each case exits with its status and prints one line (argparse's usage aside), no traceback,
+    and leaves no folder it would have written."""
+    from helpers import cli
+
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for args, status, line in bad_input_table(tmp_path):
+        r = cli(*args)
+        lines = usage_aside(r.stderr)
+        assert r.returncode == status and len(lines) == 1 and line in lines[0], (args, r.returncode, r.stderr)
+        assert "Traceback" not in r.stdout + r.stderr, args
+    assert not (tmp_path / "md").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "files" / "code-ran").exists()
+
+
+def test_the_table_covers_every_command(tmp_path):
+    from hvd_ba.__main__ import COMMANDS
+
+    covered = {args[0] for args, _, _ in bad_input_table(tmp_path)}
+    assert covered == set(COMMANDS), set(COMMANDS) ^ covered

@@ -28,6 +28,7 @@ from hvd_ba.bench.corpus import corpus, loader_for
 from hvd_ba.bench.gpu import preset_ghost_size, resnet50_gpu_rate, sync
 from hvd_ba.config import derive
 from hvd_ba.data.model_input import channel_stats, normalize
+from hvd_ba.flags import SCALING_BACKENDS
 from hvd_ba.launchers import horovodrun_command, torchrun_command
 from hvd_ba.models import build_model
 
@@ -72,15 +73,9 @@ def run_breakdown(args) -> int:
     return 0
 
 
-def copies_values(text) -> list[int]:
-    """--copies: one M or several, comma-separated ("1,2,4")."""
-    try:
-        values = [int(c) for c in str(text).split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise SystemExit(f"bench: --copies {text!r}: give M as positive integers, comma-separated (e.g. 1,2,4)")
-    return values
+def copies_values(text: str) -> list[int]:
+    """--copies: one M or several, comma-separated ("1,2,4"; checked by the command line)."""
+    return [int(c) for c in str(text).split(",")]
 
 
 def breakdown_loader(args, copies: int, rank: int, world: int):
@@ -271,14 +266,10 @@ def resnet50_gradient_bytes() -> int:
 def run_scaling(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    copies_list = [int(c) for c in args.copies_list.split(",")]
-    corpus(args.corpus, args.unique_batch * args.np * (args.warmup + args.steps))
-    backends = args.backends.split(",")
-    unknown = [b for b in backends if b not in BACKEND_LABELS]
-    if unknown:
-        raise SystemExit(f"bench scaling: --backends {args.backends!r}: {', '.join(unknown)} unknown (choose from "
-                         f"{', '.join(BACKEND_LABELS)})")
+    copies_list = copies_values(args.copies_list)
+    backends = args.backends.split(",")  # checked by the command line (hvd_ba.flags.scaling_backends)
     overlap_option = overlap_setting(args.overlap)
+    corpus(args.corpus, args.unique_batch * args.np * (args.warmup + args.steps))
     print(f"bench scaling: {args.np} ranks per backend ({', '.join(BACKEND_LABELS[b] for b in backends)}), {args.model} "
           f"at {args.size} px, {args.unique_batch} unique images per rank per step, M = {copies_list}, {args.steps} "
           "timed steps", flush=True)
@@ -310,22 +301,15 @@ def run_scaling(args) -> int:
     return 0
 
 
-BACKEND_LABELS = {"gloo": "horovod/gloo", "mpi": "horovod/mpi", "torch": "torch/gloo"}
+BACKEND_LABELS = dict(zip(SCALING_BACKENDS, ("horovod/gloo", "horovod/mpi", "torch/gloo")))
 
 
 def overlap_setting(text: str) -> float | None:
-    """--overlap: none -> 0.0, a number in [0, 1], measured -> None (taken from the run)."""
+    """--overlap (checked by the command line, hvd_ba.flags.overlap): none -> 0.0, a number in
+    [0, 1], measured -> None (taken from the run)."""
     if text == "measured":
         return None
-    if text == "none":
-        return 0.0
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise SystemExit(f"bench scaling: --overlap {text!r}: give none, measured or a fraction in [0, 1]")
-    return value
+    return 0.0 if text == "none" else float(text)
 
 
 def measure_breakdown(args, backend: str, copies_list: list[int]) -> list[dict]:

@@ -108,12 +108,15 @@ def measure_grad_variance(model, batches: Batches, unique: int, copies_list: lis
 
 def load_analysis_target(args) -> tuple[Config, torch.nn.Module, dict]:
     """Config, model (weights from the checkpoint, or fresh) and facts of the run being analysed."""
-    from hvd_ba.train.checkpoint import find_checkpoint
+    from hvd_ba.train.checkpoint import CheckpointError, find_checkpoint
 
     payload = None
     if args.run:
         run = Path(args.run)
-        found = find_checkpoint(args.checkpoint or "auto", run)
+        try:
+            found = find_checkpoint(args.checkpoint or "auto", run)
+        except CheckpointError as err:
+            raise ConfigError(f"--checkpoint '{args.checkpoint}': {err}") from None
         if found is None:
             raise FileNotFoundError(f"run directory '{run}' has no valid checkpoint")
         path, payload = found

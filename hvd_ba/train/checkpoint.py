@@ -11,13 +11,15 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from hvd_ba import __version__, dist, fsio
-from hvd_ba.config import Config
+from hvd_ba.config import Config, ConfigError
 from hvd_ba.fsio import DiskFull
 from hvd_ba.train.engine import TrainState, average_bn_statistics
 from hvd_ba.train.records import RECORD_FILES
@@ -159,10 +161,41 @@ def newest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[0] if found else None
 
 
+class CheckpointError(ConfigError):
+    """A file that is not a loadable hvd_ba checkpoint; the message is one line: the reason. A bad
+    input like a bad config value (the commands exit 2)."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """The payload of the checkpoint at `path`, loaded with weights_only (a file carrying code is
+    refused unexecuted). CheckpointError with one line for a missing file, a folder, a truncated
+    or foreign file, one that would run code, or another format."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("no such file")
+    if path.is_dir():
+        raise CheckpointError("a folder, not a checkpoint file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"cannot be read ({err.strerror or err})") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):  # weights_only met a class or a call: refused, never executed
+            raise CheckpointError("it holds Python objects other than tensors and plain types (refused unloaded, "
+                                  "nothing in it was run); not an hvd_ba checkpoint") from None
+        said = [line for line in str(err).splitlines() if "Unsupported" in line] or ["UnpicklingError"]
+        raise CheckpointError(f"truncated, damaged or not a torch file ({said[0].strip()[:120]})") from None
+    except Exception as err:  # RuntimeError, EOFError, KeyError, OSError (EINVAL)... for a damaged file
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]
+        raise CheckpointError(f"truncated, damaged or not a torch file ({type(err).__name__}"
+                              f"{': ' + first if first else ''})") from None
     if not isinstance(payload, dict) or payload.get("format") not in (1, FORMAT):
-        raise ValueError(f"not an hvd_ba checkpoint of format 1 or {FORMAT}")
+        raise CheckpointError(f"not an hvd_ba checkpoint of format 1 or {FORMAT}")
     return payload
 
 

@@ -1,0 +1,93 @@
+"""The command-line flags' own checks (argparse types): a bad value stops the command before any
+work with argparse's usage line and one line naming the flag and the value."""
+from __future__ import annotations
+
+import argparse
+
+
+def _number(text: str, kind, lowest, strict: bool, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < lowest or (strict and value == lowest) or value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 0, True, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, 0, False, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, 0.0, True, "a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, 0.0, False, "a number >= 0")
+
+
+def m_values(text: str) -> str:
+    """M values, comma-separated positive integers ("1,4,8"); kept as the text the benches split."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give M as positive integers, comma-separated (e.g. 1,4,8)")
+    return text
+
+
+def positive_numbers(text: str) -> str:
+    """Comma-separated positive numbers ("10,100,400"); kept as the text the bench splits."""
+    try:
+        ok = all(float(p) > 0 for p in text.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers, comma-separated (e.g. 10,100,400)")
+    return text
+
+
+def places(text: str) -> str:
+    """--where: loader, device or both, comma-separated."""
+    if not text or not set(text.split(",")) <= {"loader", "device"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: give loader, device or loader,device")
+    return text
+
+
+def int_in(lowest: int, highest: int):
+    """An integer in [lowest, highest]."""
+    def check(text: str) -> int:
+        value = _number(text, int, lowest, False, f"an integer from {lowest} to {highest}")
+        if value > highest:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer from {lowest} to {highest}")
+        return value
+    return check
+
+
+
+SCALING_BACKENDS = ("gloo", "mpi", "torch")  # bench scaling: Horovod's two controllers, torch.distributed
+
+
+def scaling_backends(text: str) -> str:
+    """bench scaling --backends: some of gloo, mpi, torch, comma-separated."""
+    unknown = [b for b in text.split(",") if b not in SCALING_BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(unknown) or 'an empty name'} unknown (choose from "
+                                         f"{', '.join(SCALING_BACKENDS)})")
+    return text
+
+
+def overlap(text: str) -> str:
+    """bench scaling --overlap: none, measured, or a fraction in [0, 1]."""
+    if text in ("none", "measured"):
+        return text
+    try:
+        ok = 0.0 <= float(text) <= 1.0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: give none, measured or a fraction in [0, 1]")
+    return text
