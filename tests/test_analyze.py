@@ -127,8 +127,10 @@ def test_two_ranks_give_the_answers_of_one_process(small_data, tmp_path):
         assert a["kinds"][name]["lambda_max"] > 0
 
 
-RUN = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=1",
-       "optim.warmup_epochs=0", "run.max_steps_per_epoch=6", "run.log_every=1", "data.manifest_dir=null"]
+# no loader process and one torch thread: the two runs side by side fill the 2 cores, not oversubscribe them
+RUN = ["data.workers=0", "run.threads=1", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16",
+       "optim.epochs=1", "optim.warmup_epochs=0", "run.max_steps_per_epoch=6", "run.log_every=1",
+       "data.manifest_dir=null"]
 
 
 @pytest.mark.integration

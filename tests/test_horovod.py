@@ -85,7 +85,7 @@ def test_static_shards_are_owned_for_the_whole_run(small_data, tmp_path):
 def test_resnet50_paper_preset_runs_a_few_steps(small_data, tmp_path):
     """The paper's ResNet-50 preset (M = 4, ghost BN of 64, zero-init residual gammas) at 64 px."""
     out = tmp_path / "r50"
-    settings = ["data.unique_batch=16", "data.workers=1", "augment.size=64", "augment.eval_resize=73",
+    settings = ["data.unique_batch=16", "data.workers=0", "augment.size=64", "augment.eval_resize=73",
                 "augment.eval_crop=64", "optim.epochs=1", "optim.warmup_epochs=1", "run.max_steps_per_epoch=2", "run.log_every=1"]
     r = launch("gloo", small_data, out, preset="resnet50", settings=settings)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -211,7 +211,7 @@ def test_a_source_that_changed_since_its_listing_is_an_error(shared, tmp_path):
     assert r.returncode == 2 and "the dataset manifest says" in r.stderr and "rank 0" in r.stderr
 
 
-RUN = ["data.workers=1", "data.copies=2", "model.ghost_size=16", "optim.epochs=1", "optim.warmup_epochs=0",
+RUN = ["data.workers=0", "data.copies=2", "model.ghost_size=16", "optim.epochs=1", "optim.warmup_epochs=0",
        "run.max_steps_per_epoch=4", "data.manifest_dir=null", *STATIC]
 
 

@@ -5,14 +5,14 @@ import re
 
 import pytest
 
-from helpers import run_cli
+from helpers import cli, run_cli
 
-pytestmark = pytest.mark.integration
 
-TINY = ["model.ghost_size=8", "data.unique_batch=8", "data.workers=1", "optim.epochs=2", "optim.warmup_epochs=0",
+TINY = ["model.ghost_size=8", "data.unique_batch=8", "data.workers=0", "optim.epochs=2", "optim.warmup_epochs=0",
         "run.max_steps_per_epoch=2", "run.checkpoint_every=1", "run.log_every=1"]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(1500)  # its runs' own limit is 900 s, and it resumes after them
 def test_a_tiny_sweep_runs_resumes_and_reports(small_data, tmp_path):
     out, report = tmp_path / "sweep", tmp_path / "docs" / "ba-report.md"
@@ -71,11 +71,13 @@ def test_a_tiny_sweep_runs_resumes_and_reports(small_data, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["seeds"] == [1, 2]
 
 
+@pytest.mark.unit
 def test_a_bad_grid_is_one_line_before_any_run(small_data, tmp_path):
+    """In this process: the unit tier's guard fails the test if the sweep starts any process."""
     out = tmp_path / "sweep"
-    r = run_cli("sweep", "--grid", "data.copies=2,x", "--set", f"data.path={small_data}", *TINY, "--out", str(out))
+    r = cli("sweep", "--grid", "data.copies=2,x", "--set", f"data.path={small_data}", *TINY, "--out", str(out))
     assert r.returncode == 2 and r.stderr.strip() == (
         "hvd_ba sweep: error: cell copies=x,seed=0: config key 'data.copies': expected an integer, got 'x'")
-    r = run_cli("sweep", "--grid", "data.copis=2", "--set", f"data.path={small_data}", *TINY, "--out", str(out))
+    r = cli("sweep", "--grid", "data.copis=2", "--set", f"data.path={small_data}", *TINY, "--out", str(out))
     assert r.returncode == 2 and "unknown config key 'data.copis'" in r.stderr
     assert not out.exists()  # nothing ran, nothing was written
