@@ -25,7 +25,7 @@ from hvd_ba.cluster import (RendezvousError, bind_rank, compact, cores_per_task,
 from hvd_ba.config import Config, derive, manifest_cache, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.model_input import channel_stats
-from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, start_worker_server
+from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, release_loader_resources, start_worker_server
 from hvd_ba.data.staged import check_staged, rank_files
 from hvd_ba.fsio import DiskFull
 from hvd_ba.models import build_model, parameter_groups
@@ -431,4 +431,5 @@ def _leave(message: str | None, status: int):
         print(message, file=sys.stderr, flush=True)
     sys.stderr.flush()
     release_held_lock()
+    release_loader_resources()
     os._exit(status)
