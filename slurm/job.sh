@@ -184,8 +184,10 @@ run_job() {
     sets=(data.path="$DATA" run.out_dir="$OUT" run.resume=auto run.stop_file="$stop_file")
     CRASH_REQUEUES=${CRASH_REQUEUES:-1}
     check_crash_requeues "$CRASH_REQUEUES" || return 2
+    check_launcher "$LAUNCHER" || return 2
     BACKEND=${BACKEND:-horovod}
     check_backend "$BACKEND" "$LAUNCHER" || return 2
+    check_stage "$STAGE" "$LOCAL_DATA" || return 2
     export HVD_BA_BACKEND=$BACKEND  # the backend that analyze, doctor and bench join under a launcher
     add_overrides "$@" || return 2
     log_attempt_start
@@ -243,6 +245,27 @@ on_signal() {
 check_crash_requeues() {
     case "$1" in
         ''|*[!0-9]*|????*) job_log "error: CRASH_REQUEUES='$1': a whole number of requeues after a crash, 0 to 999 (0: none)"; return 2 ;;
+    esac
+}
+
+# check_launcher LAUNCHER: one of the four this script drives.
+check_launcher() {
+    case "$1" in
+        srun|horovodrun|mpirun|torchrun) ;;
+        *) job_log "error: LAUNCHER='$1' (choose srun, horovodrun, mpirun or torchrun)"; return 2 ;;
+    esac
+}
+
+# check_stage STAGE LOCAL_DATA: STAGE is 0 or 1; with 1, LOCAL_DATA is an absolute path (it may
+# name '$SLURMD_NODENAME', expanded on each task).
+check_stage() {
+    case "$1" in
+        0) ;;
+        1) case "$2" in
+               /*|'$'*) ;;
+               *) job_log "error: LOCAL_DATA='$2': an absolute path on each node's local disk (STAGE=1)"; return 2 ;;
+           esac ;;
+        *) job_log "error: STAGE='$1' (0: read DATA where it is, 1: copy each rank's shard to LOCAL_DATA first)"; return 2 ;;
     esac
 }
 

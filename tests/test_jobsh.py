@@ -221,3 +221,24 @@ run_job; echo "rc=$?"
     assert results == {"abc": ("rc=2", True, False), "-1": ("rc=2", True, False), "1000": ("rc=2", True, False),
                        "": ("rc=2", False, True), "0": ("rc=2", False, True), "999": ("rc=2", False, True)}, results
     assert not (tmp_path / "out" / "steps.jsonl").exists()
+
+
+def test_the_scripts_variables_are_checked_in_one_line_each(tmp_path):
+    """LAUNCHER, BACKEND, STAGE, LOCAL_DATA, CRASH_REQUEUES: a bad value is one line and status 2,
+    checked in this order before anything else of the job runs."""
+    cases = [("LAUNCHER=ssh", "error: LAUNCHER='ssh' (choose srun, horovodrun, mpirun or torchrun)"),
+             ("check_backend gpu srun", "error: BACKEND='gpu' (choose horovod or torch)"),
+             ("check_backend torch horovodrun", "error: BACKEND=torch runs under LAUNCHER=srun, mpirun or torchrun"),
+             ("check_stage yes /x", "error: STAGE='yes' (0: read DATA where it is, 1: copy each rank's shard"),
+             ("check_stage 1 local", "error: LOCAL_DATA='local': an absolute path on each node's local disk"),
+             ("check_crash_requeues -1", "error: CRASH_REQUEUES='-1': a whole number of requeues")]
+    for command, line in cases:
+        if command.startswith("LAUNCHER="):
+            command = f"{command}; check_launcher \"$LAUNCHER\""
+        r = bash(f"attempt_log='{tmp_path}/attempt.log'\n{command}\necho status=$?", tmp_path)
+        said = [x for x in (r.stdout + r.stderr).splitlines() if "error:" in x]
+        assert r.stdout.strip().splitlines()[-1] == "status=2" and len(said) == 1 and line in said[0], (command, r.stdout + r.stderr)
+    for command in ("check_launcher torchrun", "check_stage 0 ''", "check_stage 1 '$SLURMD_NODENAME/x'",
+                    "check_stage 1 /tmp/x", "check_crash_requeues 0"):
+        r = bash(f"attempt_log='{tmp_path}/attempt.log'\n{command}\necho status=$?", tmp_path)
+        assert r.stdout.strip().splitlines()[-1] == "status=0", (command, r.stdout + r.stderr)
