@@ -4,6 +4,7 @@ as an uninterrupted run; a preempted rank stops all at one step with a checkpoin
 ends the job; a non-finite loss stops it; checkpoints survive crashes."""
 import random
 import re
+import shutil
 import signal
 import time
 
@@ -11,51 +12,54 @@ import pytest
 import torch
 
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
-from helpers import (BACKENDS, RUN, assert_same_epochs, assert_same_run, kill_tree, launch, no_process_left,
-                     rank_process, read_jsonl, run_backend, side_by_side, start, wait_for_step)
+from helpers import (BACKENDS, RUN, assert_same_epochs, assert_same_run, kill_tree, launch,
+                     no_process_left, rank_process, read_jsonl, run_backend, side_by_side, start, wait_for_step)
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_killed_run_resumes_step_exactly(backend, small_data, tmp_path):
+def test_killed_run_resumes_step_exactly(small_data, tmp_path):
     """SIGKILL of the whole launcher tree mid-epoch, then run.resume=auto: the same per-step
-    losses, epoch records and final parameters as an uninterrupted run. With dropout (the global
-    RNG of each rank draws every step): the RNG states come back, and no loader iterator draws from
-    them (the loaders have their own generators)."""
+    losses, epoch records and final parameters as an uninterrupted run, under each backend (their
+    runs two at a time). With dropout (the global RNG of each rank draws every step): the RNG
+    states come back, and no loader iterator draws from them (the loaders have their own
+    generators)."""
     run = [*RUN, "model.dropout=0.3"]
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    kill_at = random.Random().randint(3, 10)
+    kill_at = {backend: random.Random().randint(3, 10) for backend in BACKENDS}
 
-    def killed():
+    def killed_and_resumed(backend):
+        """The run killed at its step: the step reached, its checkpoint; then its resume."""
+        out = tmp_path / f"killed-{backend}"
         proc = start(backend, small_data, out, run)
         try:
-            return wait_for_step(out, kill_at, proc)
+            reached = wait_for_step(out, kill_at[backend], proc)
         finally:
             kill_tree(proc)  # SIGKILL the launcher and every rank: no chance to clean up
+        saved = find_checkpoint("auto", out)
+        return reached, saved, run_backend(backend, small_data, out, [*run, "run.resume=auto"])
 
-    r, reached = side_by_side(lambda: run_backend(backend, small_data, reference, run), killed)  # independent runs
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    saved = find_checkpoint("auto", out)
-    assert saved is not None and saved[1]["step"] <= reached
+    # independent runs: each backend's killed run and its resume, and its uninterrupted reference
+    *killed, ref_horovod, ref_torch = side_by_side(
+        *[lambda b=b: killed_and_resumed(b) for b in BACKENDS],
+        *[lambda b=b: run_backend(b, small_data, tmp_path / f"reference-{b}", run) for b in BACKENDS])
+    for backend, ref, (reached, saved, r) in zip(BACKENDS, (ref_horovod, ref_torch), killed):
+        out, reference = tmp_path / f"killed-{backend}", tmp_path / f"reference-{backend}"
+        assert ref.returncode == 0, backend + "\n" + ref.stdout[-3000:] + ref.stderr[-3000:]
+        assert saved is not None and saved[1]["step"] <= reached, backend
+        assert r.returncode == 0, backend + "\n" + r.stdout[-3000:] + r.stderr[-3000:]
+        assert f"resumed from {saved[0]}" in r.stdout + r.stderr, (backend, kill_at[backend])
+        try:
+            assert_same_run(out, reference, steps=12)
+            # each epoch's metrics cover the whole epoch, the resumed one too (its partial sums were saved)
+            assert_same_epochs(out, reference)
+        except AssertionError as err:
+            raise AssertionError(f"{backend}, killed at step {kill_at[backend]}: {err}") from None
+        kept = sorted(p.name for p in checkpoint_dir(out).glob("ckpt-*.pt"))
+        assert kept == ["ckpt-000000010.pt", "ckpt-000000012.pt"], backend  # the newest 2
 
-    r = run_backend(backend, small_data, out, [*run, "run.resume=auto"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"resumed from {saved[0]}" in r.stdout + r.stderr, kill_at
-    try:
-        assert_same_run(out, reference, steps=12)
-        # each epoch's metrics cover the whole epoch, the resumed one too (its partial sums were saved)
-        assert_same_epochs(out, reference)
-    except AssertionError as err:
-        raise AssertionError(f"killed at step {kill_at}: {err}") from None
-    kept = sorted(p.name for p in checkpoint_dir(out).glob("ckpt-*.pt"))
-    assert kept == ["ckpt-000000010.pt", "ckpt-000000012.pt"]  # the newest 2
 
-
-def test_corrupt_latest_checkpoint_is_skipped(small_data, tmp_path, caplog):
-    out = tmp_path / "run"
-    r = launch("gloo", small_data, out, settings=[*RUN, "optim.epochs=1"])
-    assert r.returncode == 0, r.stdout[-3000:]
+def test_corrupt_latest_checkpoint_is_skipped(small_data, two_rank_run, tmp_path, caplog):
+    out = shutil.copytree(two_rank_run, tmp_path / "run")  # a completed 2-rank Horovod run of [*RUN, "optim.epochs=1"]
     folder = checkpoint_dir(out)
     assert (folder / "latest").read_text() == "ckpt-000000006.pt"
     newest = folder / "ckpt-000000006.pt"
@@ -77,35 +81,53 @@ def test_corrupt_latest_checkpoint_is_skipped(small_data, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
-def test_preemption_signal_on_one_rank_stops_all_with_a_checkpoint(signame, backend, small_data, tmp_path):
-    out = tmp_path / "run"
-    proc = start(backend, small_data, out, [*RUN, "optim.epochs=20", "run.checkpoint_every=null", "run.sync_every=2"])
-    wait_for_step(out, 3, proc)
-    t0 = time.time()
-    rank_process(proc, 1, backend).send_signal(getattr(signal, signame))  # Slurm signals one task; all must stop
-    output, _ = proc.communicate(timeout=60)
-    assert time.time() - t0 < 30, "the stop must come within the grace time"
-    assert proc.returncode != 0
-    # both ranks stopped at the same step
-    stops = re.findall(r"\[rank (\d)\] stopped at step (\d+)", output)
-    assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({step for _, step in stops}) == 1, output[-3000:]
-    if backend == "horovod":
-        # The first to exit gave the preemption status 75. horovodrun then terminates the other
-        # rank's `sh -c` wrapper, which may report 143 although the rank itself had finished (srun
-        # and mpirun see 75 from every task).
-        statuses = re.findall(r"exit with status code (-?\d+)", output)
-        assert statuses[0] == "75" and set(statuses) <= {"75", "143"}, statuses
-        assert "143" not in statuses or "Terminating remaining workers after failure of Process" in output
-    else:  # torchrun itself exits 1 when any rank fails; it reports each rank's own status
-        assert len(re.findall(r"exitcode\s*:\s*75 ", output)) == 2, output[-3000:]
-    assert f"[rank 1] stop requested ({signame})" in output
-    path, payload = find_checkpoint("auto", out)
-    last = read_jsonl(out / "steps.jsonl")[-1]["step"]
-    assert payload["step"] == last == int(stops[0][1]) >= 3  # the checkpoint is at the step where all stopped
-    r = run_backend(backend, small_data, out, [*RUN, "run.resume=auto"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 13))
+def test_preemption_signal_on_one_rank_stops_all_with_a_checkpoint(backend, small_data, tmp_path):
+    """SIGUSR1 and SIGTERM (two jobs side by side): each signal to one rank stops all ranks at one
+    step with a checkpoint there, within the grace time, and the run resumes to its end."""
+
+    def preempted(signame):
+        """The job whose rank 1 gets `signame`: its seconds from the signal to its end, its status
+        and output, then the resume's result."""
+        out = tmp_path / signame
+        proc = start(backend, small_data, out, [*RUN, "optim.epochs=20", "run.checkpoint_every=null",
+                                                "run.sync_every=2"])
+        try:
+            wait_for_step(out, 3, proc)
+            t0 = time.time()
+            # Slurm signals one task; all must stop
+            rank_process(proc, 1, backend).send_signal(getattr(signal, signame))
+            output, _ = proc.communicate(timeout=60)
+            seconds = time.time() - t0
+        except BaseException:
+            if proc.poll() is None:  # (a launcher already gone was reaped: nothing of it to kill)
+                kill_tree(proc)
+            raise
+        path, payload = find_checkpoint("auto", out)
+        last = read_jsonl(out / "steps.jsonl")[-1]["step"]
+        return seconds, proc.returncode, output, payload["step"], last, \
+            run_backend(backend, small_data, out, [*RUN, "run.resume=auto"])
+
+    for signame, (seconds, code, output, saved, last, r) in zip(
+            ["SIGUSR1", "SIGTERM"], side_by_side(lambda: preempted("SIGUSR1"), lambda: preempted("SIGTERM"))):
+        assert seconds < 30, ("the stop must come within the grace time", signame)
+        assert code != 0, signame
+        # both ranks stopped at the same step
+        stops = re.findall(r"\[rank (\d)\] stopped at step (\d+)", output)
+        assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({step for _, step in stops}) == 1, \
+            (signame, output[-3000:])
+        if backend == "horovod":
+            # The first to exit gave the preemption status 75. horovodrun then terminates the other
+            # rank's `sh -c` wrapper, which may report 143 although the rank itself had finished (srun
+            # and mpirun see 75 from every task).
+            statuses = re.findall(r"exit with status code (-?\d+)", output)
+            assert statuses[0] == "75" and set(statuses) <= {"75", "143"}, (signame, statuses)
+            assert "143" not in statuses or "Terminating remaining workers after failure of Process" in output, signame
+        else:  # torchrun itself exits 1 when any rank fails; it reports each rank's own status
+            assert len(re.findall(r"exitcode\s*:\s*75 ", output)) == 2, (signame, output[-3000:])
+        assert f"[rank 1] stop requested ({signame})" in output
+        assert saved == last == int(stops[0][1]) >= 3, signame  # the checkpoint is at the step where all stopped
+        assert r.returncode == 0, signame + "\n" + r.stdout[-3000:] + r.stderr[-3000:]
+        assert [s["step"] for s in read_jsonl(tmp_path / signame / "steps.jsonl")] == list(range(1, 13)), signame
 
 
 # How long the launcher takes to end the job after a rank's SIGKILL: torchrun sees its child die;
@@ -113,37 +135,55 @@ def test_preemption_signal_on_one_rank_stops_all_with_a_checkpoint(signame, back
 DEAD_RANK_SECONDS = {"horovod": 60, "torch": 30}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dead_rank_ends_the_job_instead_of_hanging(backend, small_data, tmp_path):
-    out = tmp_path / "run"
-    proc = start(backend, small_data, out, [*RUN, "optim.epochs=20"])
-    wait_for_step(out, 2, proc)
-    t0 = time.time()
-    rank_process(proc, 1, backend).send_signal(signal.SIGKILL)
-    output, _ = proc.communicate(timeout=90)
-    seconds = time.time() - t0
-    print(f"dead rank -> job exit: {seconds:.1f} s")
-    assert proc.returncode != 0 and seconds < DEAD_RANK_SECONDS[backend], (seconds, output[-3000:])
-    if backend == "horovod":  # the launcher names the lost rank
-        assert "Process 1 exit with status code" in output, output[-3000:]
-    else:
-        assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", output), output[-3000:]
-    if backend == "torch":
-        time.sleep(1)  # torchrun returns once its children are signalled, not reaped
-    assert no_process_left(out)
+def test_dead_rank_ends_the_job_instead_of_hanging(small_data, tmp_path):
+    """Under each backend (two jobs side by side, each mostly waiting for its launcher), a rank
+    killed mid-run ends the job within its launcher's time, the launcher names the lost rank, and
+    no process is left."""
+
+    def dead_rank(backend):
+        """The job of `backend` whose rank 1 is SIGKILLed: its seconds to its end, its status and
+        output, and whether no process of it is left (under torchrun: 1 s later)."""
+        out = tmp_path / backend
+        proc = start(backend, small_data, out, [*RUN, "optim.epochs=20"])
+        try:
+            wait_for_step(out, 2, proc)
+            t0 = time.time()
+            rank_process(proc, 1, backend).send_signal(signal.SIGKILL)
+            output, _ = proc.communicate(timeout=90)
+            seconds = time.time() - t0
+        except BaseException:
+            if proc.poll() is None:  # (a launcher already gone was reaped: nothing of it to kill)
+                kill_tree(proc)
+            raise
+        if backend == "torch":
+            time.sleep(1)  # torchrun returns once its children are signalled, not reaped
+        return seconds, proc.returncode, output, no_process_left(out)
+
+    for backend, (seconds, code, output, none_left) in zip(
+            BACKENDS, side_by_side(*[lambda b=b: dead_rank(b) for b in BACKENDS])):
+        print(f"{backend}: dead rank -> job exit: {seconds:.1f} s")
+        assert code != 0 and seconds < DEAD_RANK_SECONDS[backend], (backend, seconds, output[-3000:])
+        if backend == "horovod":  # the launcher names the lost rank
+            assert "Process 1 exit with status code" in output, output[-3000:]
+        else:
+            assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", output), output[-3000:]
+        assert none_left, backend
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_loss_stops_with_the_step(backend, small_data, tmp_path):
-    out = tmp_path / "run"
-    r = run_backend(backend, small_data, out, [*RUN, "optim.base_lr=1e9", "optim.warmup_epochs=0"])
-    assert r.returncode != 0
-    assert "non-finite loss at step" in r.stdout + r.stderr
-    steps = read_jsonl(out / "steps.jsonl")
-    saved = find_checkpoint("auto", out)
-    if saved is not None:  # a checkpoint written before the fault holds finite weights
-        assert all(torch.isfinite(t).all() for t in saved[1]["model"].values() if t.is_floating_point())
-    assert steps == [] or all(s["step"] < 12 for s in steps)
+def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):
+    """Under each backend (two jobs side by side): a non-finite loss stops the run at its step; a
+    checkpoint written before the fault holds finite weights."""
+    setting = [*RUN, "optim.base_lr=1e9", "optim.warmup_epochs=0"]
+    results = side_by_side(*[lambda b=b: run_backend(b, small_data, tmp_path / b, setting) for b in BACKENDS])
+    for backend, r in zip(BACKENDS, results):
+        out = tmp_path / backend
+        assert r.returncode != 0, backend
+        assert "non-finite loss at step" in r.stdout + r.stderr, backend
+        steps = read_jsonl(out / "steps.jsonl")
+        saved = find_checkpoint("auto", out)
+        if saved is not None:  # a checkpoint written before the fault holds finite weights
+            assert all(torch.isfinite(t).all() for t in saved[1]["model"].values() if t.is_floating_point()), backend
+        assert steps == [] or all(s["step"] < 12 for s in steps), backend
 
 
 def test_stop_agreed_at_an_epochs_last_step_finishes_that_epoch(small_data, tmp_path):

@@ -38,34 +38,48 @@ CROSS = [*RUN, "optim.epochs=1", "run.checkpoint_every=null", "run.sync_every=2"
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("first, second", [("horovod", "torch"), ("torch", "horovod")])
-def test_a_checkpoint_resumes_under_the_other_backend_at_the_exact_step(first, second, small_data, tmp_path):
+def test_a_checkpoint_resumes_under_the_other_backend_at_the_exact_step(small_data, tmp_path):
     """A run stopped at an agreed step (its stop file) and resumed under the other backend gives
-    the per-step losses and parameters of an uninterrupted run."""
-    whole, out, stop_file = tmp_path / "whole", tmp_path / "run", tmp_path / "stop"
+    the per-step losses and parameters of an uninterrupted run: horovod -> torch and torch ->
+    horovod, their runs two at a time."""
+    pairs = [("horovod", "torch"), ("torch", "horovod")]
 
-    def stopped_run():
+    def stopped_and_resumed(first, second):
+        """The run of `first` stopped by its stop file: its status and output, its checkpoint's
+        step and its recorded steps; then its resume under `second`."""
+        out, stop_file = tmp_path / f"{first}-then-{second}", tmp_path / f"stop-{first}"
         proc = start(first, small_data, out, [*CROSS, f"run.stop_file={stop_file}"])
         try:
             wait_for_step(out, 1, proc)
             stop_file.touch()  # after the start: an older one is a stale file of an earlier attempt
             output, _ = proc.communicate(timeout=120)
         except BaseException:
-            kill_tree(proc)
+            if proc.poll() is None:  # (a launcher already gone was reaped: nothing of it to kill)
+                kill_tree(proc)
             raise
-        return proc.returncode, output
+        _, payload = find_checkpoint("auto", out)
+        steps = [s["step"] for s in read_jsonl(out / "steps.jsonl")]
+        stop_file.unlink()
+        return proc.returncode, output, payload["step"], steps, \
+            run_backend(second, small_data, out, [*CROSS, "run.resume=auto"])
 
-    r, (code, output) = side_by_side(lambda: run_backend(second, small_data, whole, CROSS), stopped_run)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert code != 0 and "stopped at step" in output, output[-3000:]
-    _, payload = find_checkpoint("auto", out)
-    stopped = payload["step"]
-    assert 2 <= stopped < 6 and [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, stopped + 1))
-    stop_file.unlink()
-    r = run_backend(second, small_data, out, [*CROSS, "run.resume=auto"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resumed from" in r.stdout + r.stderr
-    assert_same_run(out, whole, steps=6, atol=OTHER_SUMMATION)  # the steps before the stop summed by the other backend
+    *stops, whole_torch, whole_horovod = side_by_side(
+        *[lambda f=f, s=s: stopped_and_resumed(f, s) for f, s in pairs],
+        lambda: run_backend("torch", small_data, tmp_path / "whole-torch", CROSS),
+        lambda: run_backend("horovod", small_data, tmp_path / "whole-horovod", CROSS))
+    for r in (whole_torch, whole_horovod):
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for (first, second), (code, output, stopped, steps, r) in zip(pairs, stops):
+        where = f"{first} -> {second}"
+        assert code != 0 and "stopped at step" in output, (where, output[-3000:])
+        assert 2 <= stopped < 6 and steps == list(range(1, stopped + 1)), (where, stopped, steps)
+        assert r.returncode == 0, where + "\n" + r.stdout[-3000:] + r.stderr[-3000:]
+        assert "resumed from" in r.stdout + r.stderr, where
+        try:  # the steps before the stop summed by the other backend
+            assert_same_run(tmp_path / f"{first}-then-{second}", tmp_path / f"whole-{second}", steps=6,
+                            atol=OTHER_SUMMATION)
+        except AssertionError as err:
+            raise AssertionError(f"{where}: {err}") from None
 
 
 # ------------------------------------------------------------------------------ faults
