@@ -307,6 +307,8 @@ def _resolve_preset(name: str) -> Path:
         path = path.with_suffix(".yaml")
     if path.is_file():
         return path
+    if Path(name).is_dir():
+        raise ConfigError(f"config file '{name}': a folder, not a YAML file")
     shipped = CONFIG_DIR / path.name
     if shipped.is_file():
         return shipped
@@ -324,6 +326,10 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}': not valid YAML ({err})".replace("\n", " ")) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}': not a text file (UTF-8 YAML expected)") from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}': cannot be read ({err.strerror or err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}': expected a mapping of sections")
     raw.pop("run_id", None)  # a run's config.yaml used as a preset: the id belongs to that run

@@ -147,6 +147,9 @@ def bad_input_table(tmp):
     damaged_files(files)
     (tmp / "empty").mkdir()
     (tmp / "a-file").write_text("x")
+    (tmp / "binary.yaml").write_bytes(b"\x00\xff\xfe not text")
+    (tmp / "foreign").mkdir()
+    (tmp / "foreign" / "metrics.jsonl").write_text('{"epoch": 1}\n')
     return [
         (["train", "--config", "nope"], 2, "config file 'nope' not found"),
         (["train", "--track-lambda-every", "0"], 2, "argument --track-lambda-every: '0' is not a positive integer"),
@@ -158,6 +161,8 @@ def bad_input_table(tmp):
         (["plan", "--ranks", "0"], 2, "argument --ranks: '0' is not a positive integer"),
         (["plan", "--ranks", "2", "--config", "nope"], 2, "config file 'nope' not found"),
         (["plan", "--ranks", "2", "--set", "data.copies=0"], 2, "data.copies"),
+        (["plan", "--ranks", "2", "--config", str(tmp / "binary.yaml")], 2, "not a text file (UTF-8 YAML expected)"),
+        (["plan", "--ranks", "2", "--config", str(tmp / "empty")], 2, f"config file '{tmp / 'empty'}': a folder"),
         (["hosts", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
         (["hosts", "n[1-"], 2, "unrecognized arguments: n[1-"),
         (["settings", "a=[1,"], 2, "'a=[1,' opens a '[' or '{' that is never closed"),
@@ -171,6 +176,7 @@ def bad_input_table(tmp):
         (["analyze", "lambda-max", "--tol", "-1"], 2, "argument --tol: '-1' is not a positive number"),
         (["plot", str(tmp / "nope")], 2, f"run directory '{tmp / 'nope'}' does not exist"),
         (["plot", str(tmp / "empty")], 2, "nothing to plot"),
+        (["plot", str(tmp / "foreign")], 2, "metrics.jsonl' record 1: not a record of hvd_ba's (no train_top1)"),
         (["status", str(tmp / "nope")], 3, f"no run at '{tmp / 'nope'}': no such folder"),
         (["status", str(tmp / "empty")], 3, "the folder holds no config.yaml or result.json"),
         (["status", str(tmp / "a-file")], 3, "a file, not a run folder"),

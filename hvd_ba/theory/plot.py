@@ -35,7 +35,8 @@ def _kind_color(name: str, index: int) -> str:
 
 
 def plot_training(run: Path, out: Path) -> Path | None:
-    steps, epochs = read_jsonl(run / "steps.jsonl"), read_jsonl(run / "metrics.jsonl")
+    steps = read_jsonl(run / "steps.jsonl", needs=("step", "loss", "lr"))
+    epochs = read_jsonl(run / "metrics.jsonl", needs=("epoch", "train_top1"))
     if not steps and not epochs:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -61,7 +62,7 @@ def plot_lambda_tracks(runs: list[Path], out: Path) -> Path | None:
     """One run: lambda_max against step for each batch kind, 2/lr dashed. Several runs (--compare):
     each run's own training batch kind against epochs (runs of different batch sizes take different
     steps per epoch), each with its 2/lr."""
-    tracks = [(run, read_jsonl(run / "lambda.jsonl")) for run in runs]
+    tracks = [(run, read_jsonl(run / "lambda.jsonl", needs=("step", "kinds", "two_over_lr"))) for run in runs]
     tracks = [(run, records) for run, records in tracks if records]
     if not tracks:
         return None

@@ -48,9 +48,18 @@ def state_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The whole records of a JSONL file (a torn last line, left by a crash, is skipped)."""
-    return fsio.read_records(path)
+def read_jsonl(path: Path, needs: tuple = ()) -> list[dict]:
+    """The whole records of a JSONL file (a torn last line, left by a crash, is skipped). `needs`:
+    the keys every record must hold; a record that is not an object or lacks one is a ConfigError
+    naming the file and the line (a file not written by hvd_ba, or by another version)."""
+    from hvd_ba.config import ConfigError
+
+    records = fsio.read_records(path)
+    for line, record in enumerate(records, 1):
+        missing = [key for key in needs if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise ConfigError(f"'{path}' record {line}: not a record of hvd_ba's (no {', '.join(missing)})")
+    return records
 
 
 def truncate_records(out: Path, step: int, epoch: int) -> None:

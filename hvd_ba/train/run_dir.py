@@ -49,7 +49,7 @@ def read_run_id(out: str | Path) -> str | None:
         raw = yaml.safe_load((out / "config.yaml").read_text())
         if isinstance(raw, dict) and raw.get("run_id"):
             return str(raw["run_id"])
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # missing, unreadable, not text, not YAML
         pass
     result = read_result(out)
     return result.get("run_id") if result else None
