@@ -279,6 +279,34 @@ def needs_one_scheduling_group(launcher, layout):
                     "starve each other on shared cores")
 
 
+# Per-node staging (STAGE=1, LOCAL_DATA per node, kept) is checked on the preemption jobs of these
+# launchers and layouts (SLURM_EXACT=1, as the staging jobs had it): each attempt stages (the second
+# verifies the first's copies by hash) and trains from the node's copy. Before, two jobs of their
+# own (test_per_node_staging_under_mpirun[2x1, 2x2], ..._with_two_ranks_per_node_under_horovodrun).
+STAGED_PER_NODE = {("mpirun", "2x1"), ("mpirun", "2x2"), ("horovodrun", "2x2")}
+
+
+def assert_staged_per_node(out, local, world, launcher, log):
+    """Each rank staged its static shard into its node's own private folder (0700), under mpirun
+    the totals gathered, and the training read the copies (no bad file)."""
+    records = sorted(p.relative_to(local).parts[0] + "/" + p.name for p in local.rglob(f"rank*-of{world}.json"))
+    if launcher == "horovodrun":
+        # horovodrun runs every rank on n1 here (no ssh): all four stage into n1's folder, disjoint files.
+        expected = [f"n1/rank{r}-of{world}.json" for r in range(world)]
+    else:
+        # Open MPI started one daemon per node through srun: each node's ranks staged into the
+        # node's own private folder, and mpi4py gathered the totals.
+        expected = {2: ["n1/rank0-of2.json", "n2/rank1-of2.json"],
+                    4: ["n1/rank0-of4.json", "n1/rank1-of4.json", "n2/rank2-of4.json", "n2/rank3-of4.json"]}[world]
+    assert records == expected, log[-3000:]
+    for node in sorted({record.split("/")[0] for record in expected}):
+        assert (local / node).stat().st_mode & 0o777 == 0o700
+    if launcher == "mpirun":  # mpi4py gathered the totals (horovodrun's ranks print their own lines only)
+        assert f"stage: all {world} ranks: 240 files" in log
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert metrics[-1]["bad_files"] == 0 and metrics[-1]["files_read"] > 0
+
+
 @pytest.mark.parametrize("launcher, layout, backend", [
     ("horovodrun", "2x2", "horovod"), ("srun", "2x1", "horovod"), ("mpirun", "2x1", "horovod"),
     ("srun", "2x1", "torch"), ("torchrun", "2x2", "torch"), ("srun", "2x2", "horovod"), ("mpirun", "2x2", "horovod")])
@@ -290,10 +318,14 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
     torchrun: one per node, started by srun)."""
     needs_one_scheduling_group(launcher, layout)
     out = tmp_path / "run"
+    local = tmp_path / "local"
     world, per_task = (4, 1) if layout == "2x2" else (2, 2)
     epochs = 6 if layout == "2x2" else 3  # 36 steps: long enough for the signal to land before the end
-    job = submit("cpu.sbatch", small_data, out, f"optim.epochs={epochs}", layout=layout, exact=True,
-                 LAUNCHER=launcher, BACKEND=backend)
+    staged = (launcher, layout) in STAGED_PER_NODE
+    stage_overrides = ["data.manifest_dir=null"] if staged else []
+    stage_env = dict(STAGE="1", LOCAL_DATA=f"{local}/$SLURMD_NODENAME", KEEP_LOCAL_DATA="1") if staged else {}
+    job = submit("cpu.sbatch", small_data, out, f"optim.epochs={epochs}", *stage_overrides, layout=layout, exact=True,
+                 LAUNCHER=launcher, BACKEND=backend, **stage_env)
     wait_for_steps(out, job)
     scancel("--signal=USR1", "--batch", job)
     fields = wait_done(job, timeout=600, hurry_requeue=True)
@@ -327,6 +359,8 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
     assert json.loads((out / "result.json").read_text())["world"] == world
     assert f"ranks on cpu ({backend}, " in second and f"backend {backend}" in second
     assert_cores(out, world, per_task, second)
+    if staged:
+        assert_staged_per_node(out, local, world, launcher, log)
     if layout == "2x1":
         # With SLURM_EXACT=1 each rank and its loader worker had its 2 cores, in both attempts:
         # the checks of test_each_rank_gets_its_cores_where_the_site_sets_slurm_exact for srun and mpirun.
@@ -337,46 +371,6 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
         told = re.findall(r"hvd_ba: warning: rank (\d) on host \S+ \(cores \d\): run.threads 1 \+ data.workers 1 "
                           r"exceed its 1 cores", attempt)
         assert sorted(told) == ["0", "1", "2", "3"], attempt[-3000:]
-
-
-@pytest.mark.parametrize("launcher, layout", [("mpirun", "2x1"), ("mpirun", "2x2")])
-def test_per_node_staging_under_mpirun(slurm, small_data, tmp_path, launcher, layout):
-    needs_one_scheduling_group(launcher, layout)
-    out = tmp_path / "run"
-    local = tmp_path / "local"
-    world = 4 if layout == "2x2" else 2
-    job = submit("cpu.sbatch", small_data, out, "optim.epochs=1", "data.manifest_dir=null", layout=layout, exact=True,
-                 LAUNCHER=launcher, STAGE="1", LOCAL_DATA=f"{local}/$SLURMD_NODENAME", KEEP_LOCAL_DATA="1")
-    fields = wait_done(job, timeout=600)
-    log = slurm_log(out)
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
-    # Open MPI started one daemon per node through srun: each node's ranks staged into the
-    # node's own private folder, and mpi4py gathered the totals.
-    records = sorted(p.relative_to(local).parts[0] + "/" + p.name for p in local.rglob(f"rank*-of{world}.json"))
-    expected = {2: ["n1/rank0-of2.json", "n2/rank1-of2.json"],
-                4: ["n1/rank0-of4.json", "n1/rank1-of4.json", "n2/rank2-of4.json", "n2/rank3-of4.json"]}[world]
-    assert records == expected, log[-3000:]
-    for node in ("n1", "n2"):
-        assert (local / node).stat().st_mode & 0o777 == 0o700
-    assert f"stage: all {world} ranks: 240 files" in log
-    metrics = read_jsonl(out / "metrics.jsonl")
-    assert metrics[-1]["bad_files"] == 0 and metrics[-1]["files_read"] > 0
-    assert_cores(out, world, 4 // world, log)
-
-
-def test_per_node_staging_with_two_ranks_per_node_under_horovodrun(slurm, small_data, tmp_path):
-    """horovodrun runs every rank on n1 here (no ssh): all four stage into n1's folder, disjoint files."""
-    out = tmp_path / "run"
-    local = tmp_path / "local"
-    job = submit("cpu.sbatch", small_data, out, "optim.epochs=1", "data.manifest_dir=null", layout="2x2", exact=True,
-                 LAUNCHER="horovodrun", STAGE="1", LOCAL_DATA=f"{local}/$SLURMD_NODENAME", KEEP_LOCAL_DATA="1")
-    fields = wait_done(job)
-    log = slurm_log(out)
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-4000:]
-    records = sorted(p.relative_to(local).parts[0] + "/" + p.name for p in local.rglob("rank*-of4.json"))
-    assert records == ["n1/rank0-of4.json", "n1/rank1-of4.json", "n1/rank2-of4.json", "n1/rank3-of4.json"]
-    assert (local / "n1").stat().st_mode & 0o777 == 0o700
-    assert_cores(out, 4, 1, log)
 
 
 def test_default_staging_folder_is_private_and_removed_at_the_end(slurm, small_data, tmp_path):
