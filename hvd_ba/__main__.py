@@ -92,7 +92,7 @@ def parser_plan() -> argparse.ArgumentParser:
 def cmd_plan(args) -> int:
     from hvd_ba.config import load_config
     from hvd_ba.config import manifest_cache
-    from hvd_ba.train.run import derived_figures
+    from hvd_ba.train.figures import derived_figures
 
     cfg = load_config(args.config, args.set)
     if args.ranks < 1:

@@ -111,3 +111,20 @@ def test_repeated_set_flags_accumulate_and_the_later_value_wins(command):
     assert r.returncode == 0, r.stderr
     assert "unique batch: 8 per rank, 16 global; copies M = 3" in r.stdout
     assert "ghost BN: 3 groups of 8 per rank (split)" in r.stdout
+
+
+@pytest.mark.integration
+def test_plan_imports_no_torch(small_data):
+    """slurm/job.sh runs `plan --show-config` before every attempt: in about 0.2 s without torch
+    (importing torch and torchvision costs 5-7 CPU-s on a 2-core machine)."""
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT
+
+    code = ("import sys; from hvd_ba.__main__ import main; "
+            f"code = main(['plan', '--show-config', '--ranks', '2', '--config', 'demo', '--set', 'data.path={small_data}']); "
+            "assert code == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert r.returncode == 0 and "resolved config:" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "192 training images" in r.stdout  # it listed data.path's train/ split

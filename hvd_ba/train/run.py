@@ -33,7 +33,7 @@ from hvd_ba.train.agreement import StepHooks
 from hvd_ba.train.checkpoint import newest_checkpoint, write_checkpoint
 from hvd_ba.train.devices import select_device
 from hvd_ba.train.engine import TrainState, evaluate, train_one_epoch
-from hvd_ba.train.lr_schedule import describe_warmup
+from hvd_ba.train.figures import derived_figures
 from hvd_ba.train.records import (RECORD_FILES, StepRecords, read_jsonl, record_epoch, state_digest,
                                   tensorboard_writer)
 from hvd_ba.train.resume import Placement, claim_run_dir, index_digest, resume, run_plan
@@ -42,24 +42,6 @@ from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempt
                                ignore_stop_signals, install_stop_handlers, pause_point)
 
 log = logging.getLogger("hvd_ba")
-
-
-def derived_figures(cfg: Config, world: int, train_files: int) -> list[str]:
-    """What a run derives from its config (config.derive), printed by plan and at a run's start."""
-    f, o = derive(cfg, world, train_files), cfg.optim
-    ghost = (f"{f.ghost_groups} groups of {f.ghost_size} per rank ({cfg.model.ghost_impl})" if f.ghost_size
-             else "off (plain BN over the rank's batch)")
-    return [
-        f"unique batch: {f.unique_batch} per rank, {f.unique_global} global; copies M = {f.copies}",
-        f"samples per step: {f.samples_per_rank} per rank, {f.samples_global} global",
-        f"ghost BN: {ghost}",
-        f"peak LR: {f.peak_lr:.4g} = {o.base_lr:g} x {f.unique_global} / {o.reference_batch} (M does not change it), "
-        f"{describe_warmup(f.peak_lr, o)}, then "
-        + ("cosine" if o.schedule == "cosine" else
-           f"x{o.decay:g} at epochs {', '.join(f'{e:g}' for e in o.milestones)}" if o.milestones else "constant")
-        + f" of {o.epochs}",
-        f"steps per epoch: {f.steps_per_epoch} (those of unique batch {f.unique_global})",
-    ]
 
 
 def setup_logging() -> None:
