@@ -8,7 +8,7 @@ import os
 import sys
 
 from hvd_ba.config import ConfigError
-from hvd_ba.flags import int_in, m_values, non_negative_int, positive_float, positive_int
+from hvd_ba.flags import int_in, m_values, non_negative_float, non_negative_int, positive_float, positive_int
 
 DEFAULT_DEMO_DATA = "data/demo"
 
@@ -269,7 +269,7 @@ def parser_analyze() -> argparse.ArgumentParser:
                    help="forward passes (own BN statistics) per batch; a multiple of the ranks (default: ranks)")
     p.add_argument("--method", choices=("lanczos", "power"), default="lanczos",
                    help="top eigenvalue by Lanczos (ARPACK; 10 vectors of memory) or power iteration (default: lanczos)")
-    p.add_argument("--tol", type=positive_float, default=1e-3, help="eigenvalue: relative tolerance (default: 1e-3)")
+    p.add_argument("--tol", type=non_negative_float, default=1e-3, help="eigenvalue: relative tolerance (default: 1e-3)")
     p.add_argument("--max-iter", type=positive_int, default=300,
                    help="eigenvalue: about this many Hessian-vector products at most (default: 300)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: this rank's share of its CPU mask)")

@@ -307,11 +307,11 @@ def _resolve_preset(name: str) -> Path:
         path = path.with_suffix(".yaml")
     if path.is_file():
         return path
-    if Path(name).is_dir():
-        raise ConfigError(f"config file '{name}': a folder, not a YAML file")
     shipped = CONFIG_DIR / path.name
     if shipped.is_file():
         return shipped
+    if Path(name).is_dir():  # after the presets: a folder runs/demo beside a user must not hide `demo`
+        raise ConfigError(f"config file '{name}': a folder, not a YAML file")
     known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"config file '{name}' not found (shipped presets: {known})")
 

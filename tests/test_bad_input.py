@@ -173,7 +173,7 @@ def bad_input_table(tmp):
          "holds Python objects other than tensors"),
         (["analyze", "lambda-max", "--run", str(tmp / "nope")], 2, f"run directory '{tmp / 'nope'}' has no valid checkpoint"),
         (["analyze", "grad-variance", "--copies-list", "1,0"], 2, "argument --copies-list: '1,0': give M as positive"),
-        (["analyze", "lambda-max", "--tol", "-1"], 2, "argument --tol: '-1' is not a positive number"),
+        (["analyze", "lambda-max", "--tol", "-1"], 2, "argument --tol: '-1' is not a number >= 0"),
         (["plot", str(tmp / "nope")], 2, f"run directory '{tmp / 'nope'}' does not exist"),
         (["plot", str(tmp / "empty")], 2, "nothing to plot"),
         (["plot", str(tmp / "foreign")], 2, "metrics.jsonl' record 1: not a record of hvd_ba's (no train_top1)"),
@@ -213,6 +213,18 @@ def test_every_commands_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, monk
         assert "Traceback" not in r.stdout + r.stderr, args
     assert not (tmp_path / "md").exists() and not (tmp_path / "data").exists()
     assert not (tmp_path / "files" / "code-ran").exists()
+    # a folder named like a preset (runs/demo is the demo's own run folder) does not hide the preset
+    (tmp_path / "demo").mkdir()
+    assert cli("plan", "--ranks", "1", "--config", "demo").returncode == 0
+    # a run folder whose `latest` is not text and whose only checkpoint lacks its step: status
+    # reads it as a run without a resume point (not complete: 1), no traceback
+    run = tmp_path / "damaged-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("run_id: r1\n")
+    (run / "checkpoints" / "latest").write_bytes(b"\xff\xfe")
+    torch.save({"format": 2, "model": {}}, run / "checkpoints" / "ckpt-000000003.pt")
+    r = cli("status", str(run))
+    assert r.returncode == 1 and "resume point: -" in r.stdout and "Traceback" not in r.stdout + r.stderr, r
 
 
 @pytest.mark.unit
@@ -227,7 +239,8 @@ def test_the_table_covers_every_command(tmp_path):
 def test_an_early_exit_with_loader_workers_prints_only_its_line(small_data, tmp_path):
     """A full disk at the checkpoint of step 4 (ENOSPC injected at its write) with a loader worker:
     exit 74 and the one line, no resource tracker warning of leaked semaphores after it (before:
-    "There appear to be 22 leaked semaphore objects"). The same for a bad run.resume file."""
+    "There appear to be 22 leaked semaphore objects"). The same for a truncated run.resume file and
+    one that carries code (never run)."""
     from helpers import train_alone
 
     settings = ["data.workers=1", "data.copies=2", "data.unique_batch=8", "model.ghost_size=16", "optim.epochs=1",
@@ -241,10 +254,15 @@ def test_an_early_exit_with_loader_workers_prints_only_its_line(small_data, tmp_
     r = train_alone(small_data, tmp_path / "full", settings, env_extra={"HVD_BA_FAIL_AT": f"{k}:ENOSPC"})
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 74 and len(lines) == 1 and "no space left on device" in lines[0], r.stderr[-3000:]
-    damaged = tmp_path / "damaged.pt"
-    damaged.write_bytes((tmp_path / "first" / "checkpoints" / "ckpt-000000004.pt").read_bytes()[:5000])
-    r = train_alone(small_data, tmp_path / "resumed", [*settings, f"run.resume={damaged}"])
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
-    assert lines[0].startswith(f"hvd_ba: error: run.resume: cannot load '{damaged}' (truncated, damaged or not a "
-                               "torch file"), lines[0]
+    assert "leaked semaphore" not in r.stdout + r.stderr
+    truncated, code = tmp_path / "truncated.pt", tmp_path / "code.pt"
+    truncated.write_bytes((tmp_path / "first" / "checkpoints" / "ckpt-000000004.pt").read_bytes()[:5000])
+    code.write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "code-ran").encode() + b"'\ntR.")
+    for damaged, why in ((truncated, "truncated, damaged or not a torch file"),
+                         (code, "it holds Python objects other than tensors")):
+        r = train_alone(small_data, tmp_path / f"resumed-{damaged.stem}", [*settings, f"run.resume={damaged}"])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+        assert lines[0].startswith(f"hvd_ba: error: run.resume: cannot load '{damaged}' ({why}"), lines[0]
+        assert "leaked semaphore" not in r.stdout + r.stderr
+    assert not (tmp_path / "code-ran").exists()

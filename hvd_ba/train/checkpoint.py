@@ -147,8 +147,11 @@ def _candidates(folder: Path) -> list[Path]:
     """The checkpoint `latest` names first, then every other one, newest step first."""
     found = sorted((p for p in folder.iterdir() if NAME.match(p.name)), reverse=True) if folder.is_dir() else []
     pointer = folder / LATEST
-    if pointer.is_file():
-        named = folder / pointer.read_text().strip()
+    try:
+        named = folder / pointer.read_text().strip() if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):  # a damaged pointer: the newest step first, as without one
+        named = None
+    if named is not None:
         if named in found:
             found.remove(named)
             found.insert(0, named)
@@ -196,6 +199,10 @@ def load_checkpoint(path: str | Path) -> dict:
                               f"{': ' + first if first else ''})") from None
     if not isinstance(payload, dict) or payload.get("format") not in (1, FORMAT):
         raise CheckpointError(f"not an hvd_ba checkpoint of format 1 or {FORMAT}")
+    missing = [key for key in ("model", "step") if key not in payload]
+    if missing:
+        raise CheckpointError(f"an hvd_ba checkpoint without {', '.join(missing)} (damaged, or not written by "
+                              "hvd_ba train)")
     return payload
 
 
