@@ -126,6 +126,29 @@ def test_a_damaged_checkpoint_is_one_line_naming_why_and_runs_no_code(tmp_path):
     assert find_checkpoint("auto", tmp_path / "run") is None
 
 
+@pytest.mark.unit
+def test_a_damaged_manifest_is_listed_again(small_data, tmp_path, caplog):
+    """The manifest is a cache: a header that is not an object, one without classes, a row that is
+    not <file> <label> <size>: each is a warning naming the file, and the folder is listed again."""
+    import gzip
+    import json
+
+    from hvd_ba.data.manifest import load_index, manifest_path
+
+    good = load_index(small_data, "train", None)
+    path = manifest_path(small_data / "train", tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"version": 1, "root": str((small_data / "train").resolve()), "files": 1, "classes": list(good.classes)}
+    for text in ("[1]\n", json.dumps({"version": 1}) + "\n", json.dumps(header) + "\na.JPEG\tx\t7\n",
+                 json.dumps(header) + "\na.JPEG\t1\n"):
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+        caplog.clear()
+        index = load_index(small_data, "train", tmp_path, write=False)
+        assert index.paths == good.paths and index.labels == good.labels, text
+        assert f"manifest '{path}'" in caplog.text and "listing the folder again" in caplog.text, (text, caplog.text)
+
+
 def usage_aside(stderr: str) -> list[str]:
     """stderr without argparse's usage lines (the usage line and its indented continuations)."""
     lines, in_usage = [], False
@@ -148,6 +171,7 @@ def bad_input_table(tmp):
     (tmp / "empty").mkdir()
     (tmp / "a-file").write_text("x")
     (tmp / "binary.yaml").write_bytes(b"\x00\xff\xfe not text")
+    (tmp / "ds" / "train").mkdir(parents=True)
     (tmp / "foreign").mkdir()
     (tmp / "foreign" / "metrics.jsonl").write_text('{"epoch": 1}\n')
     return [
@@ -162,6 +186,8 @@ def bad_input_table(tmp):
         (["plan", "--ranks", "2", "--config", "nope"], 2, "config file 'nope' not found"),
         (["plan", "--ranks", "2", "--set", "data.copies=0"], 2, "data.copies"),
         (["plan", "--ranks", "2", "--config", str(tmp / "binary.yaml")], 2, "not a text file (UTF-8 YAML expected)"),
+        (["plan", "--ranks", "2", "--set", f"data.path={tmp / 'ds'}", f"data.manifest_dir={tmp / 'a-file'}"], 2,
+         f"config key 'data.manifest_dir': '{tmp / 'a-file'}' is a file, not a folder"),
         (["plan", "--ranks", "2", "--config", str(tmp / "empty")], 2, f"config file '{tmp / 'empty'}': a folder"),
         (["hosts", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
         (["hosts", "n[1-"], 2, "unrecognized arguments: n[1-"),

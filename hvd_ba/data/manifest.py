@@ -97,6 +97,8 @@ def read_manifest(path: Path, folder: Path) -> FileIndex:
             rows = [line.rstrip("\n").split("\t") for line in f]
     except (OSError, EOFError, ValueError) as err:
         raise StaleManifest(f"manifest '{path}' is unreadable ({err})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("classes"), list) or any(len(r) != 3 for r in rows):
+        raise StaleManifest(f"manifest '{path}' is not a manifest of this version")
     if header.get("version") != MANIFEST_VERSION or header.get("root") != str(folder.resolve()):
         raise StaleManifest(f"manifest '{path}' was made for '{header.get('root')}', not '{folder.resolve()}'")
     if len(rows) != header.get("files"):
@@ -104,10 +106,13 @@ def read_manifest(path: Path, folder: Path) -> FileIndex:
     classes = _class_folders(folder)
     if classes != header["classes"]:
         raise StaleManifest(f"manifest '{path}': the class folders of '{folder}' changed")
-    if _folder_state(folder, classes) != header["mtimes"]:
+    if _folder_state(folder, classes) != header.get("mtimes"):
         raise StaleManifest(f"manifest '{path}': files in '{folder}' were added, removed or renamed since it was made")
-    return FileIndex(str(folder), tuple(r[0] for r in rows), tuple(int(r[1]) for r in rows),
-                     tuple(int(r[2]) for r in rows), tuple(classes))
+    try:
+        labels, sizes = tuple(int(r[1]) for r in rows), tuple(int(r[2]) for r in rows)
+    except ValueError:
+        raise StaleManifest(f"manifest '{path}' has a row that is not <file> <label> <size>") from None
+    return FileIndex(str(folder), tuple(r[0] for r in rows), labels, sizes, tuple(classes))
 
 
 def load_index(root: str | Path, split: str, cache_dir: str | Path | None, write: bool = True) -> FileIndex:
@@ -117,6 +122,10 @@ def load_index(root: str | Path, split: str, cache_dir: str | Path | None, write
     if cache_dir is None:
         return scan_folder(folder)[0]
     path = manifest_path(folder, Path(cache_dir))
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        from hvd_ba.config import ConfigError
+
+        raise ConfigError(f"config key 'data.manifest_dir': '{cache_dir}' is a file, not a folder (null: no cache)")
     if path.is_file():
         try:
             return read_manifest(path, folder)
