@@ -149,6 +149,17 @@ def test_a_damaged_manifest_is_listed_again(small_data, tmp_path, caplog):
         assert f"manifest '{path}'" in caplog.text and "listing the folder again" in caplog.text, (text, caplog.text)
 
 
+@pytest.mark.unit
+def test_a_damaged_sweep_record_is_said_and_rewritten(tmp_path, capsys):
+    from hvd_ba.launch.sweep import make_cells, say_grid_changes
+
+    cells = make_cells([("data.copies", ["1", "2"])], [0], [])
+    for text in ('{"grid": ', '{"grid": 5, "seeds": [0]}', "[1]", '{"seeds": [0]}'):
+        (tmp_path / "sweep.json").write_text(text)
+        say_grid_changes(tmp_path, cells, {"set": [], "config": "demo"})
+        assert "does not read as a sweep's record (damaged or of another version)" in capsys.readouterr().out, text
+
+
 def usage_aside(stderr: str) -> list[str]:
     """stderr without argparse's usage lines (the usage line and its indented continuations)."""
     lines, in_usage = [], False
@@ -209,6 +220,8 @@ def bad_input_table(tmp):
         (["status", "--complete", str(tmp / "nope")], 1, "no such folder"),
         (["sweep", "--grid", "x"], 2, "--grid 'x': expected section.key=v1,v2,..."),
         (["sweep", "--np", "0", "--grid", "data.copies=1"], 2, "argument --np: '0' is not a positive integer"),
+        (["sweep", "--grid", "data.copies=2", "--launcher", "horovodrun", "--out", str(tmp / "a-file")], 2,
+         f"--out '{tmp / 'a-file'}': a file, not a folder"),
         (["sweep", "--cell-timeout", "0", "--grid", "data.copies=1"], 2, "argument --cell-timeout: '0' is not a positive"),
         (["doctor", "--config", "nope"], 2, "config file 'nope' not found"),
         (["bench", "loader", "--copies", "0", "--images", "8"], 2, "argument --copies: '0': give M as positive integers"),

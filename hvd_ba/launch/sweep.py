@@ -151,6 +151,8 @@ def run_sweep(args) -> int:
     check_cells(args.config, base, cells)
     refuse_stale_cells(args, base, out, cells)
     launcher = choose_launcher(args.launcher)
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out '{out}': a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     record = grid_record(args, grid, seeds, args.also)
     say_grid_changes(out, cells, record)
@@ -191,8 +193,13 @@ def say_grid_changes(out: Path, cells: list[Cell], record: dict) -> None:
     previous_file = out / "sweep.json"
     if not previous_file.exists():
         return
-    previous = json.loads(previous_file.read_text())
-    prev_cells = make_cells([(k, v) for k, v in previous["grid"]], previous["seeds"], previous.get("also", []))
+    try:
+        previous = json.loads(previous_file.read_text())
+        prev_cells = make_cells([(k, v) for k, v in previous["grid"]], previous["seeds"], previous.get("also", []))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, SweepError):  # torn, foreign, another version
+        print(f"sweep: {previous_file} does not read as a sweep's record (damaged or of another version); it is "
+              "rewritten for the cells asked now", flush=True)
+        return
     changes = grid_changes(cells, prev_cells)
     if changes or previous.get("set") != record["set"] or previous.get("config") != record["config"]:
         print(f"sweep: {out} held another grid: {changes or 'the same cells, other --config/--set'}; "
