@@ -185,6 +185,8 @@ def bad_input_table(tmp):
     (tmp / "ds" / "train").mkdir(parents=True)
     (tmp / "foreign").mkdir()
     (tmp / "foreign" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (tmp / "torn-analysis" / "analysis").mkdir(parents=True)
+    (tmp / "torn-analysis" / "analysis" / "lambda-max-step10.json").write_text('{"kinds": ')
     return [
         (["train", "--config", "nope"], 2, "config file 'nope' not found"),
         (["train", "--track-lambda-every", "0"], 2, "argument --track-lambda-every: '0' is not a positive integer"),
@@ -214,6 +216,8 @@ def bad_input_table(tmp):
         (["plot", str(tmp / "nope")], 2, f"run directory '{tmp / 'nope'}' does not exist"),
         (["plot", str(tmp / "empty")], 2, "nothing to plot"),
         (["plot", str(tmp / "foreign")], 2, "metrics.jsonl' record 1: not a record of hvd_ba's (no train_top1)"),
+        (["plot", str(tmp / "torn-analysis")], 2, "lambda-max-step10.json': not an analysis hvd_ba analyze wrote"),
+        (["plot", str(tmp / "torn-analysis"), "--out", str(tmp / "a-file")], 2, "is a file, not a folder"),
         (["status", str(tmp / "nope")], 3, f"no run at '{tmp / 'nope'}': no such folder"),
         (["status", str(tmp / "empty")], 3, "the folder holds no config.yaml or result.json"),
         (["status", str(tmp / "a-file")], 3, "a file, not a run folder"),

@@ -152,6 +152,18 @@ def plot_stability(out: Path, dim: int = 5, samples: int = 64, seed: int = 0) ->
     return _save(fig, out / "stability.png")
 
 
+def _analysis(plot, result: Path, out: Path) -> Path:
+    """plot(result, out) for an analysis JSON; a file that is torn or not an analysis of this
+    version is one line naming it (ConfigError)."""
+    from hvd_ba.config import ConfigError
+
+    try:
+        return plot(result, out)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ConfigError(f"'{result}': not an analysis hvd_ba analyze wrote ({type(err).__name__}: "
+                          f"{str(err)[:80]})") from None
+
+
 def run_plot(args) -> int:
     written = []
     runs = [Path(r) for r in args.runs]
@@ -159,14 +171,16 @@ def run_plot(args) -> int:
         if not run.is_dir():
             raise FileNotFoundError(f"run directory '{run}' does not exist")
         out = Path(args.out) if args.out else run / "plots"
+        if out.exists() and not out.is_dir():
+            raise FileNotFoundError(f"plot output '{out}' is a file, not a folder")
         out.mkdir(parents=True, exist_ok=True)
         written.append(plot_training(run, out))
         if not args.compare:
             written.append(plot_lambda_tracks([run], out))
         for result in sorted((run / "analysis").glob("lambda-max-*.json")):
-            written.append(plot_lambda_analysis(result, out))
+            written.append(_analysis(plot_lambda_analysis, result, out))
         for result in sorted((run / "analysis").glob("grad-variance-*.json")):
-            written.append(plot_grad_variance(result, out))
+            written.append(_analysis(plot_grad_variance, result, out))
     if args.compare and runs:
         out = Path(args.out) if args.out else runs[0] / "plots"
         written.append(plot_lambda_tracks(runs, out))
