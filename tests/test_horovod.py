@@ -1,6 +1,8 @@
 """Real multi-rank runs: `horovodrun -np 2` over Gloo and over MPI."""
+import importlib.util
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -110,3 +112,53 @@ def test_allreduce_options_keep_ranks_in_lockstep(controller, options, small_dat
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] and ranks[0]["steps"] == 4
+
+
+# A rank that stops on SIGTERM with 75 (its checkpoint written), under a shell that does not exec
+# it, as horovodrun runs each rank ("cd ...; env ... python ..."); the stop comes from the event
+# horovodrun sets on Ctrl-C or SIGTERM. Unpatched, 2 of 10 such stops returned 0.
+STOPPED_RANK = r'''
+import sys, threading
+from horovod.runner.common.util import safe_shell_exec
+RANK = ("cd / >/dev/null 2>&1; " + sys.executable + " -c 'import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\nprint(\"up\", flush=True)\ntime.sleep(60)'")
+codes = []
+for i in range(int(sys.argv[1])):
+    stop = threading.Event()
+    threading.Timer(0.6, stop.set).start()
+    codes.append(safe_shell_exec.execute(RANK, events=[stop], index=0))
+print("codes", *codes)
+'''
+
+
+def test_horovodrun_reports_each_stopped_ranks_own_status():
+    """cluster/patch_horovod.py: horovodrun's middleman reports the stopped rank's 75 every time
+    (unpatched, its terminate thread reaped the shell and Popen.wait() read 0, or froze the shell
+    between the rank's exit and its own: 137 after 5 s)."""
+    import time
+
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", STOPPED_RANK, "20"], capture_output=True, text=True, timeout=300,
+                       env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    codes = r.stdout.split("codes", 1)[1].split()
+    assert codes == ["75"] * 20, codes
+    assert time.time() - t0 < 20 * 0.6 + 60  # no 5 s grace spent on any stop
+
+
+def test_the_launcher_patch_is_applied_once_and_refuses_another_text(tmp_path):
+    spec = importlib.util.spec_from_file_location("patch_horovod", ROOT / "cluster" / "patch_horovod.py")
+    patch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patch)
+    installed = patch.target().read_text()
+    assert patch.MARKER in installed  # cluster/setup.sh applied it to this Horovod
+    unpatched = tmp_path / "safe_shell_exec.py"  # the installed text with the patch taken out: Horovod 0.28.1's
+    unpatched.write_text(installed.replace(patch.PATCHED, patch.ORIGINAL).replace(patch.PATCHED_TAIL, patch.ORIGINAL_TAIL))
+    assert patch.MARKER not in unpatched.read_text()
+    assert patch.main([str(unpatched)]) == 0
+    assert unpatched.read_text().count(patch.MARKER) == 1 and "def _exited_unreaped" in unpatched.read_text()
+    compile(unpatched.read_text(), str(unpatched), "exec")
+    assert patch.main([str(unpatched)]) == 0 and unpatched.read_text().count(patch.MARKER) == 1
+    other = tmp_path / "other.py"
+    other.write_text("def terminate_executor_shell_and_children(pid):\n    pass\n")
+    assert patch.main([str(other)]) == 1 and other.read_text().count("hvd_ba") == 0
