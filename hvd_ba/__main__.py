@@ -280,6 +280,10 @@ def parser_analyze() -> argparse.ArgumentParser:
 def cmd_analyze(args) -> int:
     from hvd_ba.theory.analyze import run_analysis
 
+    if args.checkpoint and not args.run:  # it would be ignored: the fresh model of --config measured instead
+        raise ConfigError(f"analyze --checkpoint '{args.checkpoint}' needs --run, the run folder whose config.yaml "
+                          "built it")
+
     return run_analysis(args)
 
 
@@ -354,7 +358,10 @@ def cmd_status(args) -> int:
     print(f"run id: {read_run_id(out) or '-'}")
     result = read_result(out)
     print(f"complete: {'yes, val top-1 %s' % result.get('val_top1') if complete else 'no'}")
-    print(f"epochs recorded: {len(read_records(out / 'metrics.jsonl'))}")
+    try:
+        print(f"epochs recorded: {len(read_records(out / 'metrics.jsonl'))}")
+    except OSError as err:  # a folder or an unreadable file in its place: said, the rest still shown
+        print(f"epochs recorded: - ({out / 'metrics.jsonl'}: {err.strerror or err})")
     found = find_checkpoint("auto", out) if checkpoint_dir(out).is_dir() else None
     print("resume point: " + (f"{found[0]} (step {found[1]['step']})" if found else "-"))
     holder, age = read_lock(out / LOCK)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 import os
 import re
 import shlex
@@ -47,6 +48,9 @@ def split_outside_brackets(text: str, max_depth: int | None = None) -> list[str]
     return items
 
 
+MAX_HOSTS = 100_000  # more nodes than the largest machines have: a typo, refused before it fills memory
+
+
 def _expand_group(body: str, whole: str) -> list[str]:
     """'01-04,07' -> ['01', '02', '03', '04', '07']."""
     values = []
@@ -61,6 +65,8 @@ def _expand_group(body: str, whole: str) -> list[str]:
         lo, hi = int(lo_text), int(hi_text)
         if hi < lo:
             raise HostListError(f"host list {whole!r}: range {part!r} runs backwards")
+        if hi - lo + 1 + len(values) > MAX_HOSTS:
+            raise HostListError(f"host list {whole!r}: [{body}] names more than {MAX_HOSTS} hosts")
         width = len(lo_text)
         values += [str(n).zfill(width) for n in range(lo, hi + 1)]
     return values
@@ -90,6 +96,8 @@ def expand_hostlist(text: str) -> list[str]:
                 if not re.fullmatch(r"[A-Za-z0-9._-]+", piece):
                     raise HostListError(f"host list {text!r}: {piece!r} in {item!r} is not a host name")
                 choices.append([piece])
+        if len(hosts) + math.prod(len(c) for c in choices) > MAX_HOSTS:
+            raise HostListError(f"host list {text!r} names more than {MAX_HOSTS} hosts")
         hosts += ["".join(combo) for combo in itertools.product(*choices)]
     return hosts
 
@@ -107,6 +115,8 @@ def expand_tasks_per_node(text: str) -> list[int]:
         n, repeat = int(m.group(1)), int(m.group(2) or 1)
         if n < 1 or repeat < 1:
             raise HostListError(f"tasks per node {text!r}: {part!r} gives no tasks")
+        if len(counts) + repeat > MAX_HOSTS:
+            raise HostListError(f"tasks per node {text!r}: more than {MAX_HOSTS} nodes")
         counts += [n] * repeat
     return counts
 

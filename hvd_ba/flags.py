@@ -3,6 +3,7 @@ work with argparse's usage line and one line naming the flag and the value."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _number(text: str, kind, lowest, strict: bool, what: str):
@@ -10,7 +11,7 @@ def _number(text: str, kind, lowest, strict: bool, what: str):
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if value < lowest or (strict and value == lowest) or value != value:
+    if not math.isfinite(value) or value < lowest or (strict and value == lowest):
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
 
@@ -42,7 +43,7 @@ def m_values(text: str) -> str:
 def positive_numbers(text: str) -> str:
     """Comma-separated positive numbers ("10,100,400"); kept as the text the bench splits."""
     try:
-        ok = all(float(p) > 0 for p in text.split(","))
+        ok = all(0 < float(p) < math.inf for p in text.split(","))
     except ValueError:
         ok = False
     if not ok:
@@ -65,7 +66,6 @@ def int_in(lowest: int, highest: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer from {lowest} to {highest}")
         return value
     return check
-
 
 
 SCALING_BACKENDS = ("gloo", "mpi", "torch")  # bench scaling: Horovod's two controllers, torch.distributed

@@ -4,6 +4,7 @@ counted and replaced; nothing crashes); damaged checkpoint files; a table of bad
 over every command (one line, a non-zero status, no traceback); early exits that print only
 their line."""
 import io
+import json
 import shutil
 
 import pytest
@@ -160,6 +161,24 @@ def test_a_damaged_sweep_record_is_said_and_rewritten(tmp_path, capsys):
         assert "does not read as a sweep's record (damaged or of another version)" in capsys.readouterr().out, text
 
 
+@pytest.mark.unit
+def test_a_damaged_staging_record_is_said_and_every_file_hashed_again(tmp_path, capsys):
+    from hvd_ba.launch.stage import previous_hashes
+
+    record = tmp_path / "rank0-of2.json"
+    assert previous_hashes(record) == {} and capsys.readouterr().err == ""  # none yet: nothing to say
+    record.write_text(json.dumps({"sha256": {"train/a/1.JPEG": "ab"}}))
+    assert previous_hashes(record) == {"train/a/1.JPEG": "ab"}
+    for damaged in ('{"sha256": {"train/a', '[1, 2]', '{"sha256": [1]}', '{"files": 3}'):
+        record.write_text(damaged)
+        assert previous_hashes(record) == {}, damaged
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{record} is damaged or not a staging record" in err, (damaged, err)
+    record.unlink()
+    record.mkdir()
+    assert previous_hashes(record) == {} and "is damaged" in capsys.readouterr().err
+
+
 def usage_aside(stderr: str) -> list[str]:
     """stderr without argparse's usage lines (the usage line and its indented continuations)."""
     lines, in_usage = [], False
@@ -192,6 +211,7 @@ def bad_input_table(tmp):
         (["train", "--track-lambda-every", "0"], 2, "argument --track-lambda-every: '0' is not a positive integer"),
         (["demo", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
         (["demo", "--controller", "ucx"], 2, "argument --controller: invalid choice: 'ucx'"),
+        (["demo", "--config", "nope"], 2, "config file 'nope' not found"),  # before the demo data is written
         (["make-data", str(tmp / "md"), "--classes", "0"], 2, "argument --classes: '0' is not an integer from 1 to 10"),
         (["make-data", str(tmp / "md"), "--classes", "11"], 2, "'11' is not an integer from 1 to 10"),
         (["make-data", str(tmp / "md"), "--train-per-class", "-1"], 2, "'-1' is not a positive integer"),
@@ -204,6 +224,8 @@ def bad_input_table(tmp):
         (["plan", "--ranks", "2", "--config", str(tmp / "empty")], 2, f"config file '{tmp / 'empty'}': a folder"),
         (["hosts", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
         (["hosts", "n[1-"], 2, "unrecognized arguments: n[1-"),
+        (["hosts", "--nodelist", "n[1-100000000]", "--tasks-per-node", "1"], 2, "names more than 100000 hosts"),
+        (["hosts", "--nodelist", "n[1-2]", "--tasks-per-node", "1(x100000000)"], 2, "more than 100000 nodes"),
         (["settings", "a=[1,"], 2, "'a=[1,' opens a '[' or '{' that is never closed"),
         (["stage", "--threads", "0"], 2, "argument --threads: '0' is not a positive integer"),
         (["analyze", "lambda-max", "--run", str(tmp / "run"), "--checkpoint", str(files / "truncated.pt")], 2,
@@ -213,6 +235,9 @@ def bad_input_table(tmp):
         (["analyze", "lambda-max", "--run", str(tmp / "nope")], 2, f"run directory '{tmp / 'nope'}' has no valid checkpoint"),
         (["analyze", "grad-variance", "--copies-list", "1,0"], 2, "argument --copies-list: '1,0': give M as positive"),
         (["analyze", "lambda-max", "--tol", "-1"], 2, "argument --tol: '-1' is not a number >= 0"),
+        (["analyze", "lambda-max", "--tol", "inf"], 2, "argument --tol: 'inf' is not a number >= 0"),
+        (["analyze", "lambda-max", "--checkpoint", str(files / "truncated.pt")], 2, "--checkpoint"
+         f" '{files / 'truncated.pt'}' needs --run"),
         (["plot", str(tmp / "nope")], 2, f"run directory '{tmp / 'nope'}' does not exist"),
         (["plot", str(tmp / "empty")], 2, "nothing to plot"),
         (["plot", str(tmp / "foreign")], 2, "metrics.jsonl' record 1: not a record of hvd_ba's (no train_top1)"),
@@ -230,10 +255,13 @@ def bad_input_table(tmp):
         (["doctor", "--config", "nope"], 2, "config file 'nope' not found"),
         (["bench", "loader", "--copies", "0", "--images", "8"], 2, "argument --copies: '0': give M as positive integers"),
         (["bench", "loader", "--images", "0"], 2, "argument --images: '0' is not a positive integer"),
+        (["bench", "loader", "--images", "8", "--corpus", str(tmp / "a-file")], 2,
+         f"--corpus '{tmp / 'a-file'}': {tmp / 'a-file'} is a file, not a folder"),
         (["bench", "gpu", "--where", "cpu"], 2, "argument --where: 'cpu': give loader, device or loader,device"),
         (["bench", "gpu", "--model", "resnet5"], 2, "argument --model: invalid choice: 'resnet5'"),
         (["bench", "breakdown", "--copies", "1,x"], 2, "argument --copies: '1,x'"),
         (["bench", "scaling", "--bandwidths-gbit", "10,x"], 2, "argument --bandwidths-gbit: '10,x': give positive numbers"),
+        (["bench", "scaling", "--bandwidths-gbit", "10,inf"], 2, "argument --bandwidths-gbit: '10,inf': give positive"),
         (["bench", "scaling", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
         (["bench", "scaling", "--overlap", "2"], 2, "argument --overlap: '2': give none, measured or a fraction in [0, 1]"),
         (["bench", "scaling", "--backends", "gloo,nccl"], 2, "argument --backends: 'gloo,nccl': nccl unknown"),
@@ -268,6 +296,10 @@ def test_every_commands_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, monk
     torch.save({"format": 2, "model": {}}, run / "checkpoints" / "ckpt-000000003.pt")
     r = cli("status", str(run))
     assert r.returncode == 1 and "resume point: -" in r.stdout and "Traceback" not in r.stdout + r.stderr, r
+    (run / "metrics.jsonl").mkdir()  # a folder where the epoch records go: said, the rest still shown
+    r = cli("status", str(run))
+    assert r.returncode == 1 and "epochs recorded: - (" in r.stdout and "Is a directory" in r.stdout, r
+    assert "Traceback" not in r.stdout + r.stderr and "lock: -" in r.stdout, r
 
 
 @pytest.mark.unit
@@ -301,11 +333,24 @@ def test_an_early_exit_with_loader_workers_prints_only_its_line(small_data, tmp_
     truncated, code = tmp_path / "truncated.pt", tmp_path / "code.pt"
     truncated.write_bytes((tmp_path / "first" / "checkpoints" / "ckpt-000000004.pt").read_bytes()[:5000])
     code.write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "code-ran").encode() + b"'\ntR.")
-    for damaged, why in ((truncated, "truncated, damaged or not a torch file"),
-                         (code, "it holds Python objects other than tensors")):
+    no_config = tmp_path / "no-config.pt"  # loads, but lacks what a resume reads (KeyError 'config' before)
+    payload = torch.load(tmp_path / "first" / "checkpoints" / "ckpt-000000004.pt", weights_only=True)
+    torch.save({key: value for key, value in payload.items() if key != "config"}, no_config)
+    for damaged, why in ((truncated, "cannot load '{}' (truncated, damaged or not a torch file"),
+                         (code, "cannot load '{}' (it holds Python objects other than tensors"),
+                         (no_config, "checkpoint '{}' holds no config or optimizer state")):
         r = train_alone(small_data, tmp_path / f"resumed-{damaged.stem}", [*settings, f"run.resume={damaged}"])
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
-        assert lines[0].startswith(f"hvd_ba: error: run.resume: cannot load '{damaged}' ({why}"), lines[0]
+        assert lines[0].startswith("hvd_ba: error: run.resume: " + why.format(damaged)), lines[0]
         assert "leaked semaphore" not in r.stdout + r.stderr
     assert not (tmp_path / "code-ran").exists()
+    # a data set with fewer files than one batch (a traceback from the sampler before)
+    from hvd_ba.data.synthetic import make_dataset
+
+    make_dataset(tmp_path / "tiny", num_classes=2, train_per_class=2, val_per_class=1, seed=1)
+    r = train_alone(tmp_path / "tiny", tmp_path / "tiny-run", settings)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert "config key 'data.path': its 4 training files over 1 ranks give fewer than one batch of " \
+           "data.unique_batch 8 per rank" in lines[0], lines[0]

@@ -327,6 +327,7 @@ def test_a_stalled_loader_worker_or_a_stopped_rank_ends_the_job_within_the_timeo
     message = re.search(r"hvd_ba: rank 1 on host \S+ stalled: no progress for \d+ s \(run.stall_timeout 12 s\) while "
                         r"waiting for its data loader \(the batch of step \d+ of epoch \d+: (\S+)", output)
     assert message and os.path.isfile(message.group(1).rstrip(",")), output[-3000:]
+    assert "leaked semaphore" not in output, output[-3000:]  # the watchdog's exit releases them too
 
     print(f"stopped rank -> job exit: {rank_seconds:.1f} s (run.stall_timeout {timeout} s)")
     assert rank_code != 0

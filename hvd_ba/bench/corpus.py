@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hvd_ba.config import Config, from_dict
+from hvd_ba.config import Config, ConfigError, from_dict
 from hvd_ba.data.synthetic import photo_crops, sample_photo
 
 CORPUS_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
@@ -36,6 +36,9 @@ def make_photo_corpus(root: Path, per_photo: int = 60, seed: int = 0) -> Path:
 def corpus(path: str, images: int) -> Path:
     """The bench photo corpus, grown to at least `images` files."""
     root = Path(os.path.expanduser(path))
+    for folder in (root, root / "train"):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--corpus '{path}': {folder} is a file, not a folder")
     if len(list((root / "train").rglob("*.JPEG"))) < images:
         print(f"bench: making the photo corpus in {root} ...", flush=True)
         make_photo_corpus(root, per_photo=-(-images // len(CORPUS_PHOTOS)))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from hvd_ba.cluster import loader_split, pid_alive, usable_cores
-from hvd_ba.config import steps_per_epoch
+from hvd_ba.config import ConfigError, steps_per_epoch
 from hvd_ba.data.augment import TrainPreset, eval_image
 from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, open_image, read_file
 from hvd_ba.data.manifest import FileIndex
@@ -87,9 +87,9 @@ class ShardSampler(torch.utils.data.Sampler):
         self.per_rank = num_files // world
         self.steps = steps_per_epoch(num_files, world, unique_batch, max_steps)
         if self.steps == 0:
-            raise ValueError(
-                f"{num_files} training files over {world} ranks give fewer than one batch of "
-                f"data.unique_batch {unique_batch} per rank"
+            raise ConfigError(
+                f"config key 'data.path': its {num_files} training files over {world} ranks give fewer than one "
+                f"batch of data.unique_batch {unique_batch} per rank (lower data.unique_batch, or use fewer ranks)"
             )
 
     def set_epoch(self, epoch: int) -> None:

@@ -84,17 +84,17 @@ def interrupted(args, launcher: subprocess.Popen, out: str) -> int:
 def run_demo(args) -> int:
     t0 = time.time()
     data = Path(args.data)
+    out = choose_out_dir(args)
+    overrides = [f"data.path={data}", f"run.out_dir={out}", *args.set]
+    cfg = load_config(args.config, overrides)  # fail here, once, before any data is written or rank started
+    if holds_run(out) and not (cfg.run.resume or cfg.run.overwrite):
+        claim_fresh(cfg, Path(out))  # raises the one-line refusal naming the choices
     if not (data / "train").is_dir() or not (data / "val").is_dir():
         from hvd_ba.data.synthetic import make_dataset
 
         print(f"demo: writing the demo dataset to {data} ...", flush=True)
         summary = make_dataset(data)
         print(f"demo: {summary['files']} JPEGs, {summary['bytes'] / 1e6:.1f} MB, in {time.time() - t0:.0f} s", flush=True)
-    out = choose_out_dir(args)
-    overrides = [f"data.path={data}", f"run.out_dir={out}", *args.set]
-    cfg = load_config(args.config, overrides)  # fail here, once, before any rank starts
-    if holds_run(out) and not (cfg.run.resume or cfg.run.overwrite):
-        claim_fresh(cfg, Path(out))  # raises the one-line refusal naming the choices
     check_paths(cfg)
     cmd = horovodrun_command(args.np, args.controller, ["--config", args.config, "--set", *overrides])
     print("demo: " + " ".join(cmd), flush=True)

@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -151,6 +152,22 @@ def remove_private(dest: Path) -> bool:
     return True
 
 
+def previous_hashes(record_path: Path) -> dict:
+    """The file hashes of this rank's last staging (so that files already there are checked against
+    them); a damaged or foreign record is said and ignored: every file is hashed again."""
+    if not record_path.exists():
+        return {}
+    try:
+        hashes = json.loads(record_path.read_text())["sha256"]
+        if isinstance(hashes, dict):
+            return hashes
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    print(f"stage: warning: {record_path} is damaged or not a staging record; every file is hashed again",
+          file=sys.stderr, flush=True)
+    return {}
+
+
 def run_stage(args) -> int:
     cfg = load_config(args.config, args.set)
     dest = args.dest or cfg.data.local_path
@@ -186,7 +203,7 @@ def run_stage(args) -> int:
         raise FileNotFoundError(f"stage: rank {rank}: {err.strerror}") from None
     pause_point("stage")
     record_path = dest / RECORD_DIR / f"rank{rank}-of{world}.json"
-    previous = json.loads(record_path.read_text())["sha256"] if record_path.is_file() else {}
+    previous = previous_hashes(record_path)
     try:
         done = stage_rank(source, dest, files, args.threads, args.trust_size, previous)
     except OSError as err:

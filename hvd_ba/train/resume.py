@@ -247,6 +247,9 @@ def _check_checkpoint(cfg: Config, payload: dict, path, out: Path, plan: dict) -
     if run_id and here and run_id != here:
         raise RunRefused(f"run.resume: checkpoint '{path}' belongs to run {run_id}, but run.out_dir '{out}' holds run "
                          f"{here}; resume into that run's own folder, or into an empty run.out_dir")
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("optimizer"), dict):
+        raise RunRefused(f"run.resume: checkpoint '{path}' holds no config or optimizer state (damaged, or not "
+                         "written by hvd_ba train); nothing was trained")
     saved_plan = payload.get("plan") or legacy_plan(payload)
     differences, resized = plan_differences(saved_plan, plan)
     differences += config_differences(payload["config"], cfg.to_dict())

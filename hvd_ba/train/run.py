@@ -22,7 +22,7 @@ import torch
 from hvd_ba import dist, fsio
 from hvd_ba.cluster import (RendezvousError, bind_rank, compact, cores_per_task, cpu_mask, launch_rank,
                             loader_split, oversubscribed, rank_cores)
-from hvd_ba.config import Config, derive, manifest_cache, save_config
+from hvd_ba.config import Config, ConfigError, derive, manifest_cache, save_config
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.model_input import channel_stats
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, release_loader_resources, start_worker_server
@@ -194,7 +194,10 @@ def build_run(cfg: Config) -> Run:
         train_index = dataclasses.replace(train_index, root=str(local / "train"))
         val_index = dataclasses.replace(val_index, root=str(local / "val"))
     num_classes = cfg.model.num_classes or len(train_index.classes)
-    train_loader = make_train_loader(train_index, loaders_cfg, rank, world)
+    try:
+        train_loader = make_train_loader(train_index, loaders_cfg, rank, world)
+    except ConfigError as err:  # too few files for one batch: every rank holds the same index and says it
+        raise RunRefused(str(err)) from None
     val_loader = make_eval_loader(val_index, loaders_cfg, rank, world)
     state = build_state(cfg, num_classes, device, world, len(train_loader))
     state.plan = run_plan(cfg, world, state.steps_per_epoch, len(train_index), digest, state.peak_lr)

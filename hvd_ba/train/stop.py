@@ -91,6 +91,15 @@ def leave_now(status: int) -> None:
     os._exit(status)
 
 
+def _release_loader_resources() -> None:
+    try:
+        from hvd_ba.data.pipeline import release_loader_resources
+
+        release_loader_resources()
+    except Exception:
+        pass
+
+
 def pause_point(phase: str) -> None:
     """Test hook: with HVD_BA_PAUSE_AT=<phase> (and HVD_BA_PAUSE_RANK, default any;
     HVD_BA_PAUSE_RESTART, a Slurm job's attempt, default every), print a line
@@ -169,6 +178,12 @@ class Watchdog:
                 child.kill()
             except Exception:
                 pass
+        # multiprocessing's own exit phase (semaphores unlinked), so that the resource tracker does
+        # not warn of leaked semaphores after the line above; in a thread of its own, given 2 s:
+        # whatever stalled the rank must not hold its exit too
+        release = threading.Thread(target=_release_loader_resources, daemon=True)
+        release.start()
+        release.join(2.0)
         sys.stdout.flush()
         try:
             from hvd_ba.train.run_dir import release_held_lock
