@@ -386,6 +386,8 @@ def parser_doctor() -> argparse.ArgumentParser:
 def cmd_doctor(args) -> int:
     from hvd_ba.launch.doctor import run_doctor
 
+    if args.set and not args.config:  # they would be dropped: without --config no run budget is checked
+        raise ConfigError("doctor --set: give --config too (the preset or YAML file the overrides apply to)")
     return run_doctor(args)
 
 
