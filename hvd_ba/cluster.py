@@ -55,7 +55,7 @@ def _expand_group(body: str, whole: str) -> list[str]:
     """'01-04,07' -> ['01', '02', '03', '04', '07']."""
     values = []
     for part in body.split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        m = re.fullmatch(r"(\d{1,18})(?:-(\d{1,18}))?", part.strip())
         if not m:
             raise HostListError(f"host list {whole!r}: {part!r} in [{body}] is not a number or a range lo-hi")
         lo_text, hi_text = m.group(1), m.group(2)
@@ -109,7 +109,7 @@ def expand_tasks_per_node(text: str) -> list[int]:
         raise HostListError("tasks per node is empty (is SLURM_TASKS_PER_NODE set? run inside a Slurm job)")
     counts = []
     for part in text.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        m = re.fullmatch(r"(\d{1,18})(?:\(x(\d{1,18})\))?", part.strip())
         if not m:
             raise HostListError(f"tasks per node {text!r}: {part!r} is not N or N(xK)")
         n, repeat = int(m.group(1)), int(m.group(2) or 1)

@@ -9,10 +9,11 @@ import math
 def _number(text: str, kind, lowest, strict: bool, what: str):
     try:
         value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if not math.isfinite(value) or value < lowest or (strict and value == lowest):
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        bad = not math.isfinite(value) or value < lowest or (strict and value == lowest)
+    except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
+        bad = True
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}{'...' if len(text) > 40 else ''} is not {what}") from None
     return value
 
 

@@ -212,6 +212,8 @@ def bad_input_table(tmp):
         (["train", "--set", "data.copies=2", "--set", "data.copies=x"], 2, "config key 'data.copies': expected an integer"),
         (["train", "--track-lambda-every", "0"], 2, "argument --track-lambda-every: '0' is not a positive integer"),
         (["demo", "--np", "0"], 2, "argument --np: '0' is not a positive integer"),
+        (["demo", "--np", "1" + "0" * 400], 2, "argument --np: '1000000000000000000000000000000000000000'... is not"),
+        (["hosts", "--nodelist", "n[1-" + "9" * 5000 + "]", "--tasks-per-node", "1"], 2, "is not a number or a range"),
         (["demo", "--controller", "ucx"], 2, "argument --controller: invalid choice: 'ucx'"),
         (["demo", "--config", "nope"], 2, "config file 'nope' not found"),  # before the demo data is written
         (["make-data", str(tmp / "md"), "--classes", "0"], 2, "argument --classes: '0' is not an integer from 1 to 10"),
@@ -360,5 +362,5 @@ def test_an_early_exit_with_loader_workers_prints_only_its_line(small_data, tmp_
     r = train_alone(tmp_path / "tiny", tmp_path / "tiny-run", settings)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
-    assert "config key 'data.path': its 4 training files over 1 ranks give fewer than one batch of " \
+    assert "config key 'data.path': its 4 training files over 1 rank give fewer than one batch of " \
            "data.unique_batch 8 per rank" in lines[0], lines[0]

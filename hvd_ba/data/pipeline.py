@@ -88,7 +88,8 @@ class ShardSampler(torch.utils.data.Sampler):
         self.steps = steps_per_epoch(num_files, world, unique_batch, max_steps)
         if self.steps == 0:
             raise ConfigError(
-                f"config key 'data.path': its {num_files} training files over {world} ranks give fewer than one "
+                f"config key 'data.path': its {num_files} training files over {world} rank{'s' * (world != 1)} give "
+                "fewer than one "
                 f"batch of data.unique_batch {unique_batch} per rank (lower data.unique_batch, or use fewer ranks)"
             )
 

@@ -301,15 +301,20 @@ def _load_resume_point(cfg: Config, state: TrainState, model: torch.nn.Module, o
         if found is None:
             return _nothing_to_resume(cfg, out, fresh_id) if cfg.run.resume else {"run_id": fresh_id}
         path, payload = found
-        run_id, resized = _check_checkpoint(cfg, payload, path, out, state.plan)
+        try:
+            run_id, resized = _check_checkpoint(cfg, payload, path, out, state.plan)
+        except (KeyError, TypeError, AttributeError) as err:  # a config or plan without what a resume reads
+            raise RunRefused(f"run.resume: checkpoint '{path}' lacks {err} in its config or plan (damaged, or not "
+                             "written by hvd_ba train); nothing was trained") from None
         try:
             model.load_state_dict(payload["model"])
             state.optimizer.load_state_dict(payload["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
+            if state.scaler is not None and payload.get("scaler") is not None:
+                state.scaler.load_state_dict(payload["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise RunRefused(f"run.resume: checkpoint '{path}' does not fit this model and optimizer "
-                             f"({str(err).splitlines()[0]}); nothing was trained") from None
-        if state.scaler is not None and payload["scaler"] is not None:
-            state.scaler.load_state_dict(payload["scaler"])
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); nothing was "
+                             "trained") from None
         if cfg.run.resume != "auto":
             _set_aside_later_checkpoints(out, payload["step"], run_id)
         meta = {key: payload.get(key) for key in ("step", "epoch", "step_in_epoch", "world", "rng", "partial",

@@ -38,8 +38,8 @@ from hvd_ba.train.records import (RECORD_FILES, StepRecords, read_jsonl, record_
                                   tensorboard_writer)
 from hvd_ba.train.resume import Placement, claim_run_dir, index_digest, resume, run_plan
 from hvd_ba.train.run_dir import RunRefused, read_result, release_held_lock
-from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopRequest, Watchdog,
-                               ignore_stop_signals, install_stop_handlers, pause_point)
+from hvd_ba.train.stop import (DISK_FULL_EXIT_CODE, PREEMPTED_EXIT_CODE, STALL_ENDING, Preempted, StopRequest,
+                               Watchdog, ignore_stop_signals, install_stop_handlers, pause_point)
 
 log = logging.getLogger("hvd_ba")
 
@@ -373,6 +373,8 @@ def main_rank(cfg: Config, track_lambda=None) -> int:
         _leave(None if getattr(err, "quiet", False) else f"hvd_ba: rank {dist.rank()}: {disk_full_line(cfg, err)}",
                DISK_FULL_EXIT_CODE)
     except BaseException as err:
+        if STALL_ENDING.is_set():  # the watchdog is ending this rank (exit 70) and has said why
+            time.sleep(60)
         if dist.another_rank_left(err):
             # A symptom, not a cause: another rank left first (or Horovod stopped a stall) and said why.
             if stop.requested:  # this rank was signalled too (srun signals every task): a preemption

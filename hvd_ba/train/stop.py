@@ -30,6 +30,11 @@ DISK_FULL_EXIT_CODE = 74  # EX_IOERR: the run folder is full (or read-only); fre
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+# Set by the watchdog as it ends the rank: an error the main thread meets from then on (its loader
+# workers killed under it) is a consequence, not news (see run.main_rank).
+STALL_ENDING = threading.Event()
+
+
 class Preempted(Exception):
     """A stop signal arrived during start-up: nothing to checkpoint, leave with exit 75."""
 
@@ -167,6 +172,7 @@ class Watchdog:
                 self._fire(idle, what, key, allowed)
 
     def _fire(self, idle: float, what, key: str, allowed: float) -> None:
+        STALL_ENDING.set()  # the main thread, woken by the workers' deaths below, leaves the exit to this thread
         try:
             what = what() if callable(what) else what
         except Exception as err:  # the message must come out whatever happens
