@@ -135,7 +135,10 @@ def cmd_train(args) -> int:
         ignore_stop_signals()
         return PREEMPTED_EXIT_CODE
     code = main_rank(cfg, track_lambda)  # the run gets the lambda tracker from here: train/ needs no theory/
-    if code == PREEMPTED_EXIT_CODE:  # stopped with its checkpoint: out within horovodrun's grace after Ctrl-C
+    if code in (0, PREEMPTED_EXIT_CODE):
+        # Done (or stopped with its checkpoint: out within horovodrun's grace after Ctrl-C): the exit
+        # hooks run, the interpreter's teardown does not. That teardown took seconds, and under
+        # torchrun a native library's thread once aborted the finished rank in it (exit -6).
         leave_now(code)
     return code
 

@@ -120,7 +120,7 @@ def test_allreduce_options_keep_ranks_in_lockstep(controller, options, small_dat
 # stop comes once the rank is up, from the event horovodrun sets on Ctrl-C or SIGTERM. Unpatched,
 # about 2 of 10 stops under dash returned 0, and every one under bash 137 (no checkpoint).
 STOPPED_RANK = r"""
-import subprocess, sys, threading
+import shlex, subprocess, sys, threading
 from horovod.runner.common.util import safe_shell_exec
 RANK = ("import signal, subprocess, sys, time\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
@@ -136,7 +136,7 @@ class Watch:  # the rank's output, as horovodrun forwards it: the stop once the 
     def flush(self):
         pass
 def main(how, times):
-    command = "cd / >/dev/null 2>&1; " + ("exec " if how == "exec" else "") + sys.executable + " -c " + repr(RANK)
+    command = "cd / >/dev/null 2>&1; " + ("exec " if how == "exec" else "") + sys.executable + " -c " + shlex.quote(RANK)
     codes = []
     for _ in range(times):
         stop = threading.Event()

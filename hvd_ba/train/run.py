@@ -366,6 +366,12 @@ def main_rank(cfg: Config, track_lambda=None) -> int:
         _leave(f"hvd_ba: rank {dist.rank()} stopped ({err}): nothing was trained since the last checkpoint, which "
                "stays the resume point", PREEMPTED_EXIT_CODE)
     except (dist.BackendError, RendezvousError) as err:  # before any collective: every rank knows it
+        if launch_rank()[0] != 0:
+            # Rank 0 says it: wait for it (the launcher's SIGTERM once rank 0 has left, at most 10 s),
+            # so that an early exit here does not get rank 0 stopped by the launcher before its line
+            deadline = time.time() + 10
+            while time.time() < deadline and not stop.requested:
+                time.sleep(0.05)
         _leave(f"hvd_ba: error: {err}" if launch_rank()[0] == 0 else None, 2)
     except RunRefused as err:  # every rank raises it after the same broadcast
         _leave(f"hvd_ba: error: {err}" if dist.is_primary() else None, 2)
