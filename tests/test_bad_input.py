@@ -64,7 +64,7 @@ def test_hundred_odd_files_in_a_real_dataset(small_data, tmp_path):
     index = load_index(data, "train", None)
     assert len(index) == 4 * 48 + 100
     cfg = load_config("demo", [f"data.path={data}", "data.manifest_dir=null", "data.workers=2", "data.copies=2",
-                               "data.unique_batch=73", "model.ghost_size=null"])
+                               "data.unique_batch=73", "model.ghost_size=null", "augment.size=64"])
     loader = make_train_loader(index, cfg, rank=0, world=1)
     loader.batch_sampler.set_epoch(0)
     bad, seen, files, samples = [], {}, 0, 0
