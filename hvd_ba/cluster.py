@@ -72,11 +72,17 @@ def _expand_group(body: str, whole: str) -> list[str]:
     return values
 
 
-def expand_hostlist(text: str) -> list[str]:
-    """Every host of a Slurm host list, in Slurm's order (duplicates kept, as Slurm does)."""
+def _given(text: str | None, what: str, variable: str) -> str:
+    """`text` stripped; HostListError naming the Slurm variable when it is empty."""
     text = (text or "").strip()
     if not text:
-        raise HostListError("host list is empty (is SLURM_JOB_NODELIST set? run inside a Slurm job)")
+        raise HostListError(f"{what} is empty (is {variable} set? run inside a Slurm job)")
+    return text
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Every host of a Slurm host list, in Slurm's order (duplicates kept, as Slurm does)."""
+    text = _given(text, "host list", "SLURM_JOB_NODELIST")
     hosts = []
     try:
         items = split_outside_brackets(text, max_depth=1)
@@ -104,9 +110,7 @@ def expand_hostlist(text: str) -> list[str]:
 
 def expand_tasks_per_node(text: str) -> list[int]:
     """SLURM_TASKS_PER_NODE (or SLURM_JOB_CPUS_PER_NODE) form '2(x3),1' -> [2, 2, 2, 1]."""
-    text = (text or "").strip()
-    if not text:
-        raise HostListError("tasks per node is empty (is SLURM_TASKS_PER_NODE set? run inside a Slurm job)")
+    text = _given(text, "tasks per node", "SLURM_TASKS_PER_NODE")
     counts = []
     for part in text.split(","):
         m = re.fullmatch(r"(\d{1,18})(?:\(x(\d{1,18})\))?", part.strip())

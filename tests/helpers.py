@@ -2,6 +2,7 @@
 the ranks' environment, the settings of the short runs, launching ranks (horovodrun, torchrun, one
 rank alone, the CLI), finding and killing their processes, and comparing a run with a reference
 under named tolerances."""
+import contextlib
 import json
 import os
 import signal
@@ -213,6 +214,27 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
     proc.wait(timeout=30)
     psutil.wait_procs(tree, timeout=30)
+
+
+@contextlib.contextmanager
+def killed_on_failure(proc: subprocess.Popen):
+    """The block's launcher tree is killed when the block fails (a launcher already gone was
+    reaped: nothing of it to kill)."""
+    try:
+        yield proc
+    except BaseException:
+        if proc.poll() is None:
+            kill_tree(proc)
+        raise
+
+
+def signalled(proc: subprocess.Popen, send, timeout: float) -> tuple[str, float]:
+    """send() (a signal to one of the job's processes), then the launcher's output to its end and
+    the seconds from the signal to that end."""
+    t0 = time.time()
+    send()
+    output, _ = proc.communicate(timeout=timeout)
+    return output, time.time() - t0
 
 
 def rank_process(proc: subprocess.Popen, rank: int, backend: str = "horovod") -> psutil.Process:

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint
-from helpers import (BACKENDS, RUN, assert_same_epochs, assert_same_run, kill_tree, launch,
-                     no_process_left, rank_process, read_jsonl, run_backend, side_by_side, start, wait_for_step)
+from helpers import (BACKENDS, RUN, assert_same_epochs, assert_same_run, kill_tree, killed_on_failure, launch,
+                     no_process_left, rank_process, read_jsonl, run_backend, side_by_side, signalled, start,
+                     wait_for_step)
 
 pytestmark = pytest.mark.integration
 
@@ -91,17 +92,11 @@ def test_preemption_signal_on_one_rank_stops_all_with_a_checkpoint(backend, smal
         out = tmp_path / signame
         proc = start(backend, small_data, out, [*RUN, "optim.epochs=20", "run.checkpoint_every=null",
                                                 "run.sync_every=2"])
-        try:
+        with killed_on_failure(proc):
             wait_for_step(out, 3, proc)
-            t0 = time.time()
             # Slurm signals one task; all must stop
-            rank_process(proc, 1, backend).send_signal(getattr(signal, signame))
-            output, _ = proc.communicate(timeout=60)
-            seconds = time.time() - t0
-        except BaseException:
-            if proc.poll() is None:  # (a launcher already gone was reaped: nothing of it to kill)
-                kill_tree(proc)
-            raise
+            output, seconds = signalled(proc, lambda: rank_process(proc, 1, backend).send_signal(
+                getattr(signal, signame)), 60)
         path, payload = find_checkpoint("auto", out)
         last = read_jsonl(out / "steps.jsonl")[-1]["step"]
         return seconds, proc.returncode, output, payload["step"], last, \
@@ -145,16 +140,9 @@ def test_dead_rank_ends_the_job_instead_of_hanging(small_data, tmp_path):
         output, and whether no process of it is left (under torchrun: 1 s later)."""
         out = tmp_path / backend
         proc = start(backend, small_data, out, [*RUN, "optim.epochs=20"])
-        try:
+        with killed_on_failure(proc):
             wait_for_step(out, 2, proc)
-            t0 = time.time()
-            rank_process(proc, 1, backend).send_signal(signal.SIGKILL)
-            output, _ = proc.communicate(timeout=90)
-            seconds = time.time() - t0
-        except BaseException:
-            if proc.poll() is None:  # (a launcher already gone was reaped: nothing of it to kill)
-                kill_tree(proc)
-            raise
+            output, seconds = signalled(proc, lambda: rank_process(proc, 1, backend).send_signal(signal.SIGKILL), 90)
         if backend == "torch":
             time.sleep(1)  # torchrun returns once its children are signalled, not reaped
         return seconds, proc.returncode, output, no_process_left(out)

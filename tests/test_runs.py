@@ -17,9 +17,9 @@ import torch
 
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint, save_checkpoint
 from hvd_ba.data.manifest import _folder_state, load_index, manifest_path, write_manifest
-from helpers import (ENV, NO_COLLECTIVE_BUT_STEPS, ONE_EPOCH, ROOT, RUN, cli, gone, kill_tree, launch,
-                     loader_workers, no_process_left, rank_process, read_jsonl, read_steps, run_cli, side_by_side,
-                     snapshot, train_alone, train_command, wait_for_step)
+from helpers import (ENV, NO_COLLECTIVE_BUT_STEPS, ONE_EPOCH, ROOT, RUN, cli, gone, kill_tree, killed_on_failure,
+                     launch, loader_workers, no_process_left, rank_process, read_jsonl, read_steps, run_cli,
+                     side_by_side, signalled, snapshot, train_alone, train_command, wait_for_step)
 
 
 @pytest.mark.integration
@@ -299,7 +299,7 @@ def test_a_stalled_loader_worker_or_a_stopped_rank_ends_the_job_within_the_timeo
         out = tmp_path / what
         proc = subprocess.Popen(train_command("gloo", small_data, out, settings=settings),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
-        try:
+        with killed_on_failure(proc):
             wait_for_step(out, 3, proc)
             if what == "worker":
                 target = loader_workers(rank_process(proc, 1))
@@ -307,14 +307,7 @@ def test_a_stalled_loader_worker_or_a_stopped_rank_ends_the_job_within_the_timeo
                 target = target[0]  # blocked as on a stalled file system
             else:
                 target = rank_process(proc, 1)  # a deadlocked or frozen rank
-            target.send_signal(signal.SIGSTOP)
-            t0 = time.time()
-            output, _ = proc.communicate(timeout=120)
-            seconds = time.time() - t0
-        except BaseException:
-            if proc.poll() is None:  # (a launcher already gone was reaped: nothing of it to kill)
-                kill_tree(proc)
-            raise
+            output, seconds = signalled(proc, lambda: target.send_signal(signal.SIGSTOP), 120)
         time.sleep(1)
         return proc.returncode, output, seconds, no_process_left(out) and gone(target)
 
