@@ -88,9 +88,9 @@ class ShardSampler(torch.utils.data.Sampler):
         self.steps = steps_per_epoch(num_files, world, unique_batch, max_steps)
         if self.steps == 0:
             raise ConfigError(
-                f"config key 'data.path': its {num_files} training files over {world} rank{'s' * (world != 1)} give "
-                "fewer than one "
-                f"batch of data.unique_batch {unique_batch} per rank (lower data.unique_batch, or use fewer ranks)"
+                f"config key 'data.path': its {num_files} training files over {world} rank{'s' * (world != 1)} "
+                f"give fewer than one batch of data.unique_batch {unique_batch} per rank (lower data.unique_batch, "
+                "or use fewer ranks)"
             )
 
     def set_epoch(self, epoch: int) -> None:
