@@ -146,7 +146,7 @@ def test_a_damaged_manifest_is_listed_again(small_data, tmp_path, caplog):
             f.write(text)
         caplog.clear()
         index = load_index(small_data, "train", tmp_path, write=False)
-        assert index.paths == good.paths and index.labels == good.labels, text
+        assert index.paths == good.paths and list(index.labels) == list(good.labels), text
         assert f"manifest '{path}'" in caplog.text and "listing the folder again" in caplog.text, (text, caplog.text)
 
 

@@ -1,7 +1,9 @@
 """The cached file index: built once, reused without listing, stale or foreign manifests detected."""
-import gzip
+import json
 import logging
 import shutil
+
+import numpy as np
 
 import pytest
 
@@ -55,12 +57,41 @@ def test_truncated_manifest_is_rejected(data, tmp_path):
     cache = tmp_path / "cache"
     load_index(data, "train", cache)
     path = manifest_path(data / "train", cache)
-    with gzip.open(path, "rt") as f:
-        lines = f.readlines()
-    with gzip.open(path, "wt") as f:
-        f.writelines(lines[:50])
+    rows = path.parent / json.loads(path.read_text())["rows"]
+    np.save(rows, np.load(rows)[:50])
     with pytest.raises(StaleManifest, match="truncated"):
+        read_manifest(path, data / "train")
+    rows.unlink()
+    with pytest.raises(StaleManifest, match="arrays are unreadable"):
         read_manifest(path, data / "train")
     path.write_bytes(b"garbage")
     with pytest.raises(StaleManifest, match="unreadable"):
         read_manifest(path, data / "train")
+
+
+def test_a_manifest_is_memory_mapped_and_pickled_by_name(data, tmp_path):
+    """A loader worker gets the index by file name: the pickle stays small whatever the index's size."""
+    import pickle
+
+    cache = tmp_path / "cache"
+    load_index(data, "train", cache)
+    index = load_index(data, "train", cache)
+    assert isinstance(index.rows, np.memmap) and isinstance(index.names, np.memmap)
+    blob = pickle.dumps(index)
+    assert len(blob) < 2000 + len(index.root), len(blob)
+    again = pickle.loads(blob)
+    assert again == index and again.paths[-1] == index.paths[-1] and list(again.labels) == list(index.labels)
+    listed = load_index(data, "train", None)  # not cached: arrays in memory, pickled whole
+    assert listed == index and listed.digest == index.digest and pickle.loads(pickle.dumps(listed)) == listed
+
+
+def test_the_digest_is_the_checkpoints_definition(data):
+    """A checkpoint records sha256 over `path<TAB>label<NEWLINE>` in order; the index keeps it."""
+    import hashlib
+
+    index = load_index(data, "train", None)
+    h = hashlib.sha256()
+    for path in sorted((data / "train").rglob("*.JPEG")):
+        rel = path.relative_to(data / "train").as_posix()
+        h.update(f"{rel}\t{index.classes.index(rel.split('/')[0])}\n".encode())
+    assert index.digest == h.hexdigest()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hvd_ba.train.checkpoint import checkpoint_dir, find_checkpoint, save_checkpoint
+from hvd_ba.data.index import FileIndex
 from hvd_ba.data.manifest import _folder_state, load_index, manifest_path, write_manifest
 from helpers import (ENV, NO_COLLECTIVE_BUT_STEPS, ONE_EPOCH, ROOT, RUN, cli, gone, kill_tree, killed_on_failure,
                      launch, loader_workers, no_process_left, rank_process, read_jsonl, read_steps, run_cli,
@@ -271,7 +272,7 @@ def test_ranks_that_see_different_data_stop_before_the_first_step(small_data, tm
     cache = tmp_path / "manifests"
     train = small_data / "train"
     full = load_index(small_data, "train", None)
-    stale = type(full)(full.root, full.paths[2:], full.labels[2:], full.sizes[2:], full.classes)
+    stale = FileIndex.from_lists(full.root, full.paths[2:], full.labels[2:], full.sizes[2:], full.classes)
     write_manifest(manifest_path(train, cache / "1"), stale, _folder_state(train, list(full.classes)))
     out = tmp_path / "run"
     r = launch("gloo", small_data, out, settings=[*ONE_EPOCH, f"data.manifest_dir={cache}/$HOROVOD_RANK"])

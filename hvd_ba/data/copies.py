@@ -30,6 +30,36 @@ def read_file(path: str) -> bytes:
         return f.read()
 
 
+class SampleReader:
+    """Sample i's bytes: its file (a folder), or one pread at its offset in its shard (a packed
+    folder, data/shards.py), each shard opened once per process and kept open."""
+
+    def __init__(self, index: FileIndex):
+        self.index, self._open = index, {}
+
+    def position(self, i: int) -> tuple[int, int]:
+        """Where sample i lies: (shard, offset) in a packed folder; reads sorted by it are sequential."""
+        row = self.index.rows[i]
+        return int(row["shard"]), int(row["offset"])
+
+    def read(self, i: int) -> bytes:
+        index = self.index
+        if not index.packed:
+            return read_file(os.path.join(index.root, index.name(i)))
+        row = index.rows[i]
+        shard, size = int(row["shard"]), int(row["size"])
+        fd = self._open.get(shard)
+        if fd is None:
+            fd = self._open[shard] = os.open(os.path.join(index.root, index.shards[shard]), os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(fd, size, int(row["offset"]))
+        if len(data) != size:
+            raise OSError(f"shard {index.shards[shard]} ends inside this sample ({len(data)} of {size} bytes)")
+        return data
+
+    def __getstate__(self):
+        return {"index": self.index, "_open": {}}  # descriptors stay with the process that opened them
+
+
 def open_image(data: bytes) -> Image.Image:
     """Parse the header only; decoding (and its errors) come later, at draft/convert/resize."""
     return Image.open(io.BytesIO(data))
@@ -65,24 +95,38 @@ class BATrainSet(torch.utils.data.Dataset):
 
     def __init__(self, index: FileIndex, copies: int, preset: TrainPreset, seed: int, canvas: int | None = None):
         self.index, self.copies, self.preset, self.seed = index, copies, preset, seed
-        self.canvas = canvas
+        self.canvas, self.reader = canvas, SampleReader(index)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def path(self, i: int) -> str:
-        return os.path.join(self.index.root, self.index.paths[i])
+    def __getitems__(self, keys: list) -> list[dict]:
+        """A batch's items: the files read first, in the order they lie in (sequential reads in
+        a packed folder's shards), then decoded in the batch's order."""
+        first = {}
+        for k in sorted(range(len(keys)), key=lambda k: self.reader.position(keys[k][0])):
+            try:
+                first[k] = self.reader.read(keys[k][0])
+            except OSError as err:
+                first[k] = err
+        return [self.item(key, first[k]) for k, key in enumerate(keys)]
 
     def __getitem__(self, key):
+        return self.item(key)
+
+    def item(self, key, first: bytes | OSError | None = None) -> dict:
         """key: (file, epoch, replacements) -> its M copies; (file, epoch, replacements, copy) ->
-        that one copy (data.copies_on=ranks)."""
+        that one copy (data.copies_on=ranks). first: the file's bytes (or the error reading it),
+        where read already."""
         i, epoch, replacements = key[:3]
         only = key[3] if len(key) > 3 else None
         bad, files, nbytes = [], 0, 0
         for j in (i, *replacements):
             files += 1
             try:
-                data = read_file(self.path(j))
+                data = self.reader.read(j) if j != i or first is None else first
+                if isinstance(data, OSError):
+                    raise data
                 nbytes += len(data)
                 img = open_image(data)
                 rng = image_rng(self.seed, epoch, j)
@@ -93,11 +137,11 @@ class BATrainSet(torch.utils.data.Dataset):
                     item = {"copies": copies, "lighting": lighting, "of": self.copies,
                             "copy_ids": [only] if only is not None else list(range(self.copies))}
             except Exception as err:  # PIL raises many types for broken files
-                bad.append(f"{self.path(j)} ({type(err).__name__}: {err})")
+                bad.append(f"{self.index.where(j)} ({type(err).__name__}: {err})")
                 continue
             # a broken file is counted (and logged) once, by the item that carries its copy 0
             bad = bad if only in (None, 0) else []
-            return {**item, "label": self.index.labels[j], "index": j, "files": files, "bytes": nbytes, "bad": bad}
+            return {**item, "label": int(self.index.labels[j]), "index": j, "files": files, "bytes": nbytes, "bad": bad}
         raise RuntimeError(f"{len(bad)} files in a row could not be decoded: " + "; ".join(bad))
 
 

@@ -26,7 +26,7 @@ import torch
 from hvd_ba.cluster import loader_split, pid_alive, usable_cores
 from hvd_ba.config import ConfigError, steps_per_epoch
 from hvd_ba.data.augment import TrainPreset, eval_image
-from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, open_image, read_file
+from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, SampleReader, open_image
 from hvd_ba.data.manifest import FileIndex
 
 WATCHDOG_PERIOD_S = 2.0
@@ -34,20 +34,19 @@ WATCHDOG_PERIOD_S = 2.0
 
 class EvalSet(torch.utils.data.Dataset):
     def __init__(self, index: FileIndex, resize: int, crop: int):
-        self.index, self.resize, self.crop = index, resize, crop
+        self.index, self.resize, self.crop, self.reader = index, resize, crop, SampleReader(index)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
-        path = os.path.join(self.index.root, self.index.paths[i])
-        data = read_file(path)
+        data = self.reader.read(i)
         try:
             image = eval_image(open_image(data), self.resize, self.crop)
         except Exception as err:
             # Evaluation must be exact: a broken validation file is an error, not a skip.
-            raise ValueError(f"cannot decode validation image '{path}': {err}") from None
-        return {"copies": [image], "lighting": np.zeros((1, 3), np.float32), "label": self.index.labels[i],
+            raise ValueError(f"cannot decode validation image '{self.index.where(i)}': {err}") from None
+        return {"copies": [image], "lighting": np.zeros((1, 3), np.float32), "label": int(self.index.labels[i]),
                 "index": i, "files": 1, "bytes": len(data), "bad": []}
 
 

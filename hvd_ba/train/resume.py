@@ -103,11 +103,8 @@ def claim_run_dir(cfg: Config, out: Path, started: float) -> str | None:
 # ------------------------------------------------------------- the plan a resume checks
 
 def index_digest(index) -> str:
-    """sha256 over the training index (relative paths and labels, in order)."""
-    h = hashlib.sha256()
-    for path, label in zip(index.paths, index.labels):
-        h.update(f"{path}\t{label}\n".encode())
-    return h.hexdigest()
+    """sha256 over the training index (relative paths and labels, in order; data/index.py)."""
+    return index.digest
 
 
 # The order in which global shards read the files (ShardSampler.shard); format-1 checkpoints
