@@ -91,7 +91,6 @@ def parser_plan() -> argparse.ArgumentParser:
 
 def cmd_plan(args) -> int:
     from hvd_ba.config import load_config
-    from hvd_ba.config import manifest_cache
     from hvd_ba.train.figures import derived_figures
 
     cfg = load_config(args.config, args.set)
@@ -100,9 +99,9 @@ def cmd_plan(args) -> int:
     if args.train_images is None:
         args.train_images = 1_281_167
         if cfg.data.path and os.path.isdir(os.path.join(cfg.data.path, "train")):
-            from hvd_ba.data.manifest import load_index
+            from hvd_ba.data.shards import load_split
 
-            args.train_images = len(load_index(cfg.data.path, "train", manifest_cache(cfg)))
+            args.train_images = len(load_split(cfg, "train", write=True))
     print(f"{cfg.model.arch} on {args.ranks} ranks, {args.train_images} training images:")
     for line in derived_figures(cfg, args.ranks, args.train_images):
         print("  " + line)
@@ -247,6 +246,18 @@ def cmd_stage(args) -> int:
     from hvd_ba.launch.stage import run_stage
 
     return run_stage(args)
+
+
+def parser_pack() -> argparse.ArgumentParser:
+    from hvd_ba.launch.pack import parser_pack as build
+
+    return build()
+
+
+def cmd_pack(args) -> int:
+    from hvd_ba.launch.pack import run_pack
+
+    return run_pack(args)
 
 
 def parser_analyze() -> argparse.ArgumentParser:
@@ -435,6 +446,7 @@ COMMANDS = {
     "hosts": (parser_hosts, cmd_hosts, "expand a Slurm host list into horovodrun's -H or an MPI hostfile"),
     "settings": (parser_settings, cmd_settings, "split a SETTINGS string into --set overrides (slurm/job.sh)"),
     "stage": (parser_stage, cmd_stage, "copy each rank's static shard to node-local disk (once per job)"),
+    "pack": (parser_pack, cmd_pack, "pack an ImageNet-layout folder into tar shards with a flat index (or --verify)"),
     "analyze": (parser_analyze, cmd_analyze, "lambda_max of batch Hessians, gradient variance against M"),
     "plot": (parser_plot, cmd_plot, "PNG plots of runs (curves, lambda tracks) and of analyses"),
     "status": (parser_status, cmd_status, "a run folder: run id, complete or not, resume point, lock"),

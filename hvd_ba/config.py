@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 LAYOUTS = ("copy-major", "sample-major")
 SHARDS = ("global", "static")
+FORMATS = ("auto", "folder", "shards")  # data.format
 AUGMENT_KINDS = ("random-resized-crop", "short-side-random-crop", "resize-random-crop")
 WORKER_STARTS = ("auto", "fork", "forkserver", "spawn")
 BACKENDS = ("horovod", "torch")  # run.backend (hvd_ba/dist.py)
@@ -93,7 +94,10 @@ TIMEOUT = within(0, WEEK_S, low_open=True, says=f"> 0 and at most 7 days ({WEEK_
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # ImageNet-layout root holding train/<class>/*.JPEG and val/<class>/*.JPEG
+    path: str | None = None  # ImageNet-layout root holding train/<class>/*.JPEG and val/<class>/*.JPEG, or a packed folder
+    # folder: data.path is an ImageNet-layout folder; shards: a folder written by `python -m hvd_ba pack`
+    # (tar shards + index, data/shards.py); auto: shards where data.path holds a pack's train.json
+    format: str = field(default="auto", metadata=one_of(FORMATS))
     copies: int = field(default=4, metadata=at_least(1))  # M: augmented copies made locally from each decoded image
     # Where the M copies of an image are made. rank: BA, all M on the rank that read the image,
     # from one read and one decode. ranks: repeated augmentation (DeiT's RASampler): each copy on
@@ -525,9 +529,18 @@ def check_paths(cfg: Config) -> None:
     if cfg.data.path is None:
         raise ConfigError("config key 'data.path': not set (the ImageNet-layout root with train/ and val/)")
     root = Path(cfg.data.path)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise ConfigError(f"config key 'data.path': data directory '{root / split}' does not exist{where()}")
+    if data_format(cfg) == "shards":
+        for split in ("train", "val"):
+            if not (root / f"{split}.json").is_file():
+                raise ConfigError(f"config key 'data.path': packed folder '{root}' has no {split}.json{where()} (an "
+                                  "unfinished pack? run `python -m hvd_ba pack` again to finish it)")
+        if cfg.data.local_path is not None:
+            raise ConfigError("config key 'data.local_path': staging a packed folder is not supported; train from "
+                              "data.path, or stage the folder it was packed from")
+    else:
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise ConfigError(f"config key 'data.path': data directory '{root / split}' does not exist{where()}")
     if cfg.data.local_path is not None:
         if cfg.data.shard != "static":
             raise ConfigError("config key 'data.local_path': a node-local copy holds static shards; "
@@ -591,6 +604,13 @@ def derive(cfg: Config, world: int, train_files: int | None = None) -> Derived:
         steps_per_epoch=None if train_files is None else steps_per_epoch(train_files, world, d.unique_batch,
                                                                           cfg.run.max_steps_per_epoch),
     )
+
+
+def data_format(cfg: Config) -> str:
+    """data.format resolved: `shards` where data.path is a packed folder (auto) or says so, else `folder`."""
+    if cfg.data.format != "auto":
+        return cfg.data.format
+    return "shards" if cfg.data.path and (Path(cfg.data.path) / "train.json").is_file() else "folder"
 
 
 def manifest_cache(cfg: Config) -> str | None:

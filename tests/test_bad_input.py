@@ -233,6 +233,13 @@ def bad_input_table(tmp):
         (["settings", "a=[1,"], 2, "'a=[1,' opens a '[' or '{' that is never closed"),
         (["settings", "a='x"], 2, "No closing quotation"),
         (["settings", "novalue"], 2, "'novalue' is not a section.key=value override"),
+        (["pack", "a", "b", "--shard-size", "0"], 2, "argument --shard-size: '0': a shard size between 1 byte and 1 PiB"),
+        (["pack", "a", "b", "--shard-size", "lots"], 2, "argument --shard-size: 'lots' is not a size (e.g. 1G"),
+        (["pack", str(tmp / "ds")], 2, "pack needs SRC and DST (or --verify DST)"),
+        (["pack", "--verify", str(tmp / "ds"), str(tmp / "pk")], 2, "--verify takes DST alone"),
+        (["pack", str(tmp / "empty"), str(tmp / "pk")], 1, "is not an ImageNet layout (SRC/train/<class>/<image>"),
+        (["pack", str(tmp / "ds"), str(tmp / "pk")], 1, "has no class folders"),
+        (["pack", "--verify", str(tmp / "empty")], 1, f"'{tmp / 'empty'}' is not a packed folder (no train.json"),
         (["stage", "--threads", "0"], 2, "argument --threads: '0' is not a positive integer"),
         (["stage"], 2, "stage: give --dest DIR (or config key 'data.local_path')"),
         (["stage", "--dest", str(tmp / "local"), "--config", "nope"], 2, "config file 'nope' not found"),
@@ -292,7 +299,7 @@ def test_every_commands_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, monk
         lines = usage_aside(r.stderr)
         assert r.returncode == status and len(lines) == 1 and line in lines[0], (args, r.returncode, r.stderr)
         assert "Traceback" not in r.stdout + r.stderr, args
-    assert not (tmp_path / "md").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "md").exists() and not (tmp_path / "data").exists() and not (tmp_path / "pk").exists()
     assert not (tmp_path / "files" / "code-ran").exists()
     # a folder named like a preset (runs/demo is the demo's own run folder) does not hide the preset
     (tmp_path / "demo").mkdir()

@@ -27,7 +27,7 @@ def test_every_command_has_help(command):
 def test_unknown_command_is_one_line_exit_2():
     r = cli("trian")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["hvd_ba: unknown command 'trian' (choose from: train, demo, make-data, plan, hosts, settings, stage, analyze, plot, status, sweep, doctor, bench)"]
+    assert r.stderr.strip().splitlines() == ["hvd_ba: unknown command 'trian' (choose from: train, demo, make-data, plan, hosts, settings, stage, pack, analyze, plot, status, sweep, doctor, bench)"]
 
 
 @pytest.mark.integration

@@ -90,6 +90,10 @@ class FileIndex:
 
     __hash__ = None
 
+    def moved(self, root: str) -> FileIndex:
+        """The same samples read from another folder (a node-local copy)."""
+        return FileIndex(root, self.classes, self.rows, self.names, self.digest, self.shards, self.files)
+
     def name(self, i: int) -> str:
         """Sample i's path relative to the split folder: `<class>/<file>`."""
         i = int(i)

@@ -34,8 +34,8 @@ import torch
 
 from hvd_ba import dist
 from hvd_ba.cluster import cores_per_task, cpu_mask, launch_info, rank_cores
-from hvd_ba.config import Config, ConfigError, derive, load_config, manifest_cache
-from hvd_ba.data.manifest import load_index
+from hvd_ba.config import Config, ConfigError, derive, load_config
+from hvd_ba.data.shards import load_split
 from hvd_ba.models import build_model
 from hvd_ba.theory.hessian import (AnalysisMode, Batches, BatchKind, local_parts, measure_lambda, part_loss,
                                    standard_kinds, trainable_params)
@@ -127,7 +127,7 @@ def load_analysis_target(args) -> tuple[Config, torch.nn.Module, dict]:
         source = "fresh model (seed %d)" % cfg.run.seed
     if cfg.data.path is None:
         raise ConfigError("config key 'data.path': not set (the batches are drawn from its train/ split)")
-    index = load_index(cfg.data.path, "train", manifest_cache(cfg), write=dist.is_primary())
+    index = load_split(cfg, "train", write=dist.is_primary())
     torch.manual_seed(cfg.run.seed)
     m = cfg.model
     model = build_model(m.arch, m.num_classes or len(index.classes), m.ghost_size, m.zero_init_residual, m.width, m.dropout)

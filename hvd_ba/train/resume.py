@@ -11,7 +11,6 @@ files with the same LR. Of the config, only what operates the run may change (MA
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time

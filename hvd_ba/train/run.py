@@ -22,8 +22,8 @@ import torch
 from hvd_ba import dist, fsio
 from hvd_ba.cluster import (RendezvousError, bind_rank, compact, cores_per_task, cpu_mask, launch_rank,
                             loader_split, oversubscribed, rank_cores)
-from hvd_ba.config import Config, ConfigError, derive, manifest_cache, save_config
-from hvd_ba.data.manifest import load_index
+from hvd_ba.config import Config, ConfigError, derive, save_config
+from hvd_ba.data.shards import load_split
 from hvd_ba.data.model_input import channel_stats
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, release_loader_resources, start_worker_server
 from hvd_ba.data.staged import check_staged, rank_files
@@ -55,17 +55,16 @@ def setup_logging() -> None:
 
 
 def load_indexes(cfg: Config):
-    """Rank 0 lists the splits (or finds their cached manifests fresh) and writes the manifests;
-    the other ranks then read them instead of listing the folders themselves. Then the ranks
-    agree: a rank whose index differs from rank 0's (a folder changed between listings, a stale
-    manifest on one node) stops every rank with a message naming it, before any step (a
-    different number of steps would hang a collective)."""
-    cache = manifest_cache(cfg)
+    """Rank 0 lists the splits (or finds their cached manifests fresh, or reads a packed folder's
+    indexes) and writes the manifests; the other ranks then read them instead of listing the
+    folders themselves. Then the ranks agree: a rank whose index differs from rank 0's (a folder
+    changed between listings, a stale manifest on one node) stops every rank with a message
+    naming it, before any step (a different number of steps would hang a collective)."""
     pause_point("indexes")
     error = None
     if dist.is_primary():
         try:
-            indexes = [load_index(cfg.data.path, split, cache) for split in ("train", "val")]
+            indexes = [load_split(cfg, split, True) for split in ("train", "val")]
         except (OSError, ValueError) as err:  # an empty class folder, no class folders, unreadable
             error = str(err)
     error = dist.broadcast_object(error, name="manifests")  # the others wait for rank 0's listing
@@ -74,7 +73,7 @@ def load_indexes(cfg: Config):
     mine = None
     if not dist.is_primary():
         try:
-            indexes = [load_index(cfg.data.path, split, cache, write=False) for split in ("train", "val")]
+            indexes = [load_split(cfg, split, False) for split in ("train", "val")]
         except (OSError, ValueError) as err:
             mine = f"rank {dist.rank()} on host {socket.gethostname()}: {err}"
     train, val = indexes if mine is None else (None, None)
@@ -191,8 +190,7 @@ def build_run(cfg: Config) -> Run:
                                + (f" (and {len(problems) - 1} more ranks)" if len(problems) > 1 else "")
                                + "; run `python -m hvd_ba stage` again; no rank trained")
         local = Path(cfg.data.local_path)
-        train_index = dataclasses.replace(train_index, root=str(local / "train"))
-        val_index = dataclasses.replace(val_index, root=str(local / "val"))
+        train_index, val_index = train_index.moved(str(local / "train")), val_index.moved(str(local / "val"))
     num_classes = cfg.model.num_classes or len(train_index.classes)
     try:
         train_loader = make_train_loader(train_index, loaders_cfg, rank, world)

@@ -118,15 +118,17 @@ def pause_point(phase: str) -> None:
         return
     wanted = os.environ.get("HVD_BA_PAUSE_RANK")
     from hvd_ba import dist
+    from hvd_ba.cluster import launch_rank
 
-    if wanted is not None and int(wanted) != dist.rank():
+    rank = dist.rank() if dist._hvd or dist._torch_world else launch_rank()[0]  # a tool's rank: its launcher's
+    if wanted is not None and int(wanted) != rank:
         return
     if os.environ.get("HVD_BA_PAUSE_FAULT") == "1":  # a native library's crash: a read of address 0
-        print(f"hvd_ba: rank {dist.rank()} faults at {phase}", flush=True)
+        print(f"hvd_ba: rank {rank} faults at {phase}", flush=True)
         import ctypes
 
         ctypes.string_at(0)
-    print(f"hvd_ba: rank {dist.rank()} paused at {phase}", flush=True)
+    print(f"hvd_ba: rank {rank} paused at {phase}", flush=True)
     deadline = time.time() + float(os.environ.get("HVD_BA_PAUSE_SECONDS", "60"))
     while time.time() < deadline:
         time.sleep(0.05)

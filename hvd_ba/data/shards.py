@@ -1,0 +1,170 @@
+"""Packed folders: a split's images in uncompressed POSIX (ustar) tar shards, with a flat index.
+
+A packed folder (written by `python -m hvd_ba pack`, hvd_ba/launch/pack.py) holds per split
+`<split>-000000.tar`, `<split>-000001.tar`, ... and the split's file index (data/index.py) as
+`<split>.json` with its two arrays. Member names are `<class>/<file>`, 512-byte ustar headers (no
+PAX records), so `tar -tf`, WebDataset and DALI read the shards too.
+
+The index lists the samples in the source folder's order (sorted classes, sorted files), so its
+digest is the folder's and sample i is the same image in both: a run from the shards draws the
+same files and crops at every step as a run from the folder (and may resume from the other's
+checkpoints). Only the shards' contents are in a seeded shuffled order, so each shard mixes all
+classes; each index row gives the sample's shard and the offset of its data there, and a sample is
+one pread. The member layout is fixed by the sizes alone (header, data padded to 512 bytes), so the
+whole index is known before a byte is written and each rank can write its shards alone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hvd_ba.data.index import FileIndex, IndexUnreadable, header_path, read_header, read_index
+
+log = logging.getLogger("hvd_ba")
+
+BLOCK = 512
+PACK_FORMAT = "hvd_ba-pack"
+PACK_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:06d}.tar"
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of one member (mtime 0, mode 0644: the same bytes on every pack)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    try:
+        block = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    except ValueError as err:  # a name that does not fit ustar's 100 + 155 bytes
+        raise ValueError(f"'{name}' cannot be a ustar member name ({err})") from None
+    if len(block) != BLOCK:
+        raise ValueError(f"'{name}': its tar header is {len(block)} bytes, not one block")
+    return block
+
+
+def padded(size) -> np.ndarray | int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+@dataclass
+class ShardPlan:
+    """Where every sample of a split goes: `order` (the samples in writing order), per sample its
+    shard and data offset, and per shard its first position in `order` and its size in bytes."""
+
+    order: np.ndarray
+    shard: np.ndarray
+    offset: np.ndarray
+    starts: np.ndarray
+    shard_bytes: np.ndarray
+
+    @property
+    def shards(self) -> int:
+        return len(self.shard_bytes)
+
+    def members(self, k: int) -> np.ndarray:
+        """The samples of shard k, in writing order."""
+        return self.order[self.starts[k]:self.starts[k + 1]]
+
+
+def plan_shards(sizes: np.ndarray, seed: int, target_bytes: int) -> ShardPlan:
+    """The seeded shuffled order cut into shards of about `target_bytes`: a member goes to shard
+    floor(its start in the whole stream / target_bytes), so shards differ from the target by at
+    most one member."""
+    n = len(sizes)
+    if n == 0:
+        raise ValueError("no samples to pack")
+    order = np.random.default_rng(seed).permutation(n)
+    member = BLOCK + padded(np.asarray(sizes, np.int64)[order])
+    start = np.concatenate([[0], np.cumsum(member)[:-1]])
+    # shard numbers without gaps (a member larger than the target would skip numbers)
+    _, shard_in_order = np.unique(start // max(int(target_bytes), 1), return_inverse=True)
+    starts = np.searchsorted(shard_in_order, np.arange(shard_in_order[-1] + 2))
+    first, last = starts[:-1], starts[1:] - 1
+    shard, offset = np.empty(n, np.int32), np.empty(n, np.int64)
+    shard[order] = shard_in_order
+    offset[order] = start - start[first][shard_in_order] + BLOCK
+    shard_bytes = start[last] + member[last] - start[first] + 2 * BLOCK  # two zero blocks end the archive
+    return ShardPlan(order, shard, offset, starts, shard_bytes)
+
+
+def packed_index(source: FileIndex, plan: ShardPlan, split: str, root: str) -> FileIndex:
+    """The packed folder's index of a split: the source's rows with each sample's shard and offset."""
+    rows = np.array(source.rows)
+    rows["shard"], rows["offset"] = plan.shard, plan.offset
+    shards = [shard_name(split, k) for k in range(plan.shards)]
+    return FileIndex(root, source.classes, rows, np.asarray(source.names), source.digest, shards)
+
+
+def is_packed(folder: str | Path) -> bool:
+    """Whether `folder` holds a packed training split (its index header)."""
+    return header_path(Path(folder), "train").is_file()
+
+
+def load_packed(folder: str | Path, split: str) -> FileIndex:
+    """A split of a packed folder, memory-mapped; FileNotFoundError naming what is wrong."""
+    folder = Path(folder)
+    path = header_path(folder, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"packed folder '{folder}' has no {split} index ({path.name}); an unfinished pack? "
+                                "run `python -m hvd_ba pack` again to finish it")
+    try:
+        header = read_header(path)
+        if header.get("format") != PACK_FORMAT:
+            raise IndexUnreadable(f"index '{path}' is not a pack's index")
+        index = read_index(path, str(folder), header)
+    except IndexUnreadable as err:
+        raise FileNotFoundError(f"packed folder '{folder}': {err}") from None
+    if not index.shards or len(index.shards) != len(header.get("shard_bytes", ())):
+        raise FileNotFoundError(f"packed folder '{folder}': index '{path}' names no shards")
+    for name, size in zip(index.shards, header["shard_bytes"]):
+        shard = folder / name
+        if not shard.is_file() or shard.stat().st_size != size:
+            raise FileNotFoundError(f"packed folder '{folder}': shard '{name}' is missing or not of the {size} bytes "
+                                    "its index records (`python -m hvd_ba pack --verify` checks every shard)")
+    index.header = header
+    return index
+
+
+def stale_source(header: dict) -> str | None:
+    """Why a pack's source folder has changed since it was packed (one stat per class folder),
+    or None (unchanged, or no longer there to compare)."""
+    source = Path(header.get("source") or "")
+    mtimes = header.get("source_mtimes") or {}
+    if not source.is_dir() or not mtimes:
+        return None
+    try:
+        now = {name: os.stat(source / name).st_mtime_ns for name in mtimes}
+        classes = sorted(e.name for e in os.scandir(source) if e.is_dir())
+    except OSError:
+        return f"class folders of '{source}' were removed or renamed"
+    if classes != sorted(mtimes):
+        return f"the class folders of '{source}' changed"
+    if now != mtimes:
+        changed = sorted(name for name in mtimes if now[name] != mtimes[name])
+        return f"files in '{source}' were added, removed or renamed since the pack ({len(changed)} class folders, " \
+               f"first {changed[0]})"
+    return None
+
+
+def load_split(cfg, split: str, write: bool) -> FileIndex:
+    """One split of data.path: a packed folder's index (memory-mapped; rank 0, `write`, says
+    when its source changed since the pack), or a folder's, from its manifest (cached if `write`)."""
+    from hvd_ba.config import data_format, manifest_cache
+    from hvd_ba.data.manifest import load_index
+
+    if data_format(cfg) == "shards":
+        index = load_packed(cfg.data.path, split)
+        why = stale_source(index.header) if write and split == "train" else None
+        if why:
+            log.warning("data.path '%s' is a stale pack: %s; training reads what was packed (pack again to take "
+                        "the changes)", cfg.data.path, why)
+        return index
+    return load_index(cfg.data.path, split, manifest_cache(cfg), write=write)

@@ -1,0 +1,307 @@
+"""`python -m hvd_ba pack SRC DST`: an ImageNet-layout folder into tar shards with a flat index
+(the format: hvd_ba/data/shards.py); `pack --verify DST` re-reads a packed folder.
+
+Parallel without a collective: every rank lists (or reads the cached manifest of) the source and
+computes the same plan; rank r writes shards r, r + world, ... Each shard is written to a
+temporary file, fsynced and renamed, then recorded (size and SHA-256) under DST/.pack-state/.
+A killed pack started again skips every recorded shard whose file still hashes as recorded,
+on any number of ranks. Rank 0 writes the indexes once every shard is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from hvd_ba.cluster import launch_rank
+from hvd_ba.config import ConfigError, DataConfig
+from hvd_ba.data.index import header_path, write_index
+from hvd_ba.data.manifest import _class_folders, _folder_state, load_index
+from hvd_ba.data.shards import (BLOCK, PACK_FORMAT, PACK_VERSION, SPLITS, load_packed, member_header, packed_index,
+                                plan_shards, shard_name)
+from hvd_ba.fsio import SPACE_ERRORS, atomic_write, free_bytes
+from hvd_ba.train.stop import pause_point
+
+STATE_DIR = ".pack-state"
+CHUNK_BYTES = 1 << 20
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class PackError(Exception):
+    """Why a pack stopped: one line; finished shards are kept."""
+
+
+def byte_size(text: str) -> int:
+    """'1G', '256M', '4096' -> bytes (powers of 1024), for --shard-size."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in UNITS and t[-1:] else ""
+    try:
+        value = float(t[:-1] if unit else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 1G, 256M, 1048576)") from None
+    if not 1 <= value * UNITS[unit] < 1 << 50:
+        raise argparse.ArgumentTypeError(f"'{text}': a shard size between 1 byte and 1 PiB")
+    return int(value * UNITS[unit])
+
+
+def parser_pack() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hvd_ba pack",
+        description="Pack an ImageNet-layout folder (SRC/{train,val}/<class>/<image>) into uncompressed tar shards "
+                    "with a flat index in DST, then train with --set data.path=DST. Start it once, or once per rank "
+                    "under srun, mpirun or horovodrun (each rank writes its own shards). A killed pack started again "
+                    "continues; `pack --verify DST` checks a packed folder.")
+    p.add_argument("src", nargs="?", help="the ImageNet-layout folder (not with --verify)")
+    p.add_argument("dst", help="the packed folder to write (or to check, with --verify)")
+    p.add_argument("--shard-size", type=byte_size, default=1 << 30, metavar="SIZE",
+                   help="about this many bytes per shard, e.g. 1G, 256M (default: 1G)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled order within the shards (default: 0)")
+    p.add_argument("--check-images", action="store_true",
+                   help="also decode every image and list those that do not decode (they are packed as they are; "
+                        "training counts and replaces them)")
+    p.add_argument("--verify", action="store_true", help="re-read DST: every shard's size and SHA-256, every member's "
+                                                         "name and size against the index")
+    return p
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    return ""
+
+
+def source_indexes(src: Path) -> dict:
+    """{split: (index, class-folder mtimes)} of the splits SRC has (train required), one line if
+    SRC is not an ImageNet layout."""
+    layout = f"'{src}' is not an ImageNet layout (SRC/train/<class>/<image>, SRC/val/<class>/<image>)"
+    if not (src / "train").is_dir():
+        raise PackError(f"{layout}: it has no train/ folder")
+    out = {}
+    for split in SPLITS:
+        folder = src / split
+        if not folder.is_dir():
+            continue
+        try:
+            state = _folder_state(folder, _class_folders(folder))
+            index = load_index(src, split, os.path.expanduser(DataConfig.manifest_dir), write=launch_rank()[0] == 0)
+        except (OSError, ValueError) as err:
+            raise PackError(f"{layout}: {err}") from None
+        out[split] = (index, state)
+    return out
+
+
+def check_plan(dst: Path, plan_record: dict) -> None:
+    """DST holds this pack (the same sources, seed and shard size) or none: recorded once."""
+    path = dst / STATE_DIR / "plan.json"
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            before = None
+        if before != plan_record:
+            raise PackError(f"'{dst}' holds a pack of another source, seed or shard size ({path}); pack into another "
+                            "folder, or delete it first")
+        return
+    atomic_write(path, json.dumps(plan_record, indent=1) + "\n")
+
+
+def shard_done(dst: Path, name: str, size: int) -> bool:
+    """Whether shard `name` was finished: its record exists and the file hashes as recorded."""
+    record, shard = dst / STATE_DIR / f"{name}.json", dst / name
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    if not shard.is_file() or shard.stat().st_size != size or done.get("bytes") != size:
+        return False
+    return sha256_of(shard) == done.get("sha256")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(src_split: Path, dst: Path, name: str, index, members, size: int, check_images: bool,
+                shard_number: int = 0) -> list[str]:
+    """Write one shard (temporary file, fsync, rename, then its record); returns the members that
+    do not decode (check_images). shard_number: the how-manieth of this rank's (a test hook's name)."""
+    from PIL import Image
+
+    for stale in (dst / STATE_DIR).glob(f"{name}.*.partial"):  # of a killed pack: this rank writes `name` now
+        stale.unlink(missing_ok=True)
+    tmp = dst / STATE_DIR / f"{name}.{socket.gethostname()}.{os.getpid()}.partial"
+    h, broken, written = hashlib.sha256(), [], 0
+    try:
+        with open(tmp, "wb") as out:
+            for n, i in enumerate(members):
+                if n == 1:
+                    pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
+                rel, want = index.name(i), int(index.sizes[i])
+                with open(src_split / rel, "rb") as f:
+                    data = f.read()
+                if len(data) != want:
+                    raise PackError(f"'{src_split / rel}' is {len(data)} bytes, its index says {want}: the source "
+                                    "changed while packing; pack again")
+                if check_images:
+                    try:
+                        with Image.open(io.BytesIO(data)) as img:
+                            img.load()
+                    except Exception as err:  # PIL raises many types for broken files
+                        broken.append(f"{src_split / rel} ({type(err).__name__}: {err})")
+                block = member_header(rel, want) + data + bytes(-want % BLOCK)
+                out.write(block)
+                h.update(block)
+                written += len(block)
+            end = bytes(2 * BLOCK)
+            out.write(end)
+            h.update(end)
+            written += len(end)
+            out.flush()
+            os.fsync(out.fileno())
+        if written != size:
+            raise PackError(f"shard {name}: wrote {written} bytes, the plan says {size}")
+        os.replace(tmp, dst / name)
+        atomic_write(dst / STATE_DIR / f"{name}.json", json.dumps({"bytes": size, "sha256": h.hexdigest()}) + "\n")
+    except OSError as err:
+        if err.errno in SPACE_ERRORS:
+            raise PackError(f"{SPACE_ERRORS[err.errno]} writing '{dst / name}'; the finished shards are kept: free "
+                            "space and run the same pack again to continue") from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return broken
+
+
+def run_pack(args) -> int:
+    if args.verify and args.src is not None:
+        raise ConfigError(f"--verify takes DST alone (got '{args.src}' and '{args.dst}')")
+    try:
+        return verify(Path(args.dst)) if args.verify else pack(args)
+    except PackError as err:
+        rank, world = launch_rank()
+        who = f" (rank {rank} of {world})" if world > 1 else ""
+        print(f"hvd_ba pack: error{who}: {err}", file=sys.stderr)
+        return 1
+
+
+def pack(args) -> int:
+    if args.src is None:
+        raise ConfigError("pack needs SRC and DST (or --verify DST)")
+    src, dst = Path(args.src), Path(args.dst)
+    rank, world = launch_rank()
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise PackError(f"DST '{dst}' lies inside SRC '{src}'; pack into another folder")
+    splits = source_indexes(src)
+    plans = {split: plan_shards(index.sizes, args.seed + k, args.shard_size)
+             for k, (split, (index, _)) in enumerate(splits.items())}
+    try:
+        (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PackError(f"cannot write to '{dst}' ({err.strerror})") from None
+    check_plan(dst, {"source": str(src.resolve()), "seed": args.seed, "shard_size": args.shard_size,
+                     "digests": {split: index.digest for split, (index, _) in splits.items()}})
+    work = [(split, k) for split, plan in plans.items() for k in range(plan.shards)]
+    mine = [(split, k) for n, (split, k) in enumerate(work) if n % world == rank]
+    todo = [(split, k) for split, k in mine
+            if not shard_done(dst, shard_name(split, k), int(plans[split].shard_bytes[k]))]
+    need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
+    free = free_bytes(dst)
+    if need > free:
+        raise PackError(f"'{dst}' has {human(free)} free; this rank's {len(todo)} unfinished shards need {human(need)}; "
+                        "free space (finished shards are kept) and pack again")
+    print(f"hvd_ba pack: rank {rank} of {world}: {len(mine) - len(todo)} of its {len(mine)} shards done, "
+          f"{len(todo)} to write ({human(need)})", flush=True)
+    started, written, broken = time.monotonic(), 0, []
+    for n, (split, k) in enumerate(todo, 1):
+        plan, (index, _) = plans[split], splits[split]
+        name, size = shard_name(split, k), int(plan.shard_bytes[k])
+        broken += write_shard(src / split, dst, name, index, plan.members(k), size, args.check_images, n)
+        written += size
+        rate = written / max(time.monotonic() - started, 1e-6)
+        print(f"hvd_ba pack: rank {rank}: {name} {human(size)} ({n}/{len(todo)}), {human(rate)}/s, "
+              f"about {(need - written) / rate:.0f} s left", flush=True)
+    for line in broken:
+        print(f"hvd_ba pack: does not decode (packed as it is): {line}", flush=True)
+    if rank == 0:
+        wait_for_shards(dst, work, plans)
+        for split, (index, state) in splits.items():
+            plan = plans[split]
+            names = [shard_name(split, k) for k in range(plan.shards)]
+            sums = [json.loads((dst / STATE_DIR / f"{n}.json").read_text())["sha256"] for n in names]
+            write_index(dst, split, packed_index(index, plan, split, str(dst)), {
+                "format": PACK_FORMAT, "pack_version": PACK_VERSION, "source": str((src / split).resolve()),
+                "source_digest": index.digest, "source_mtimes": state, "seed": args.seed,
+                "shard_size": args.shard_size, "shard_bytes": [int(b) for b in plan.shard_bytes],
+                "shard_sha256": sums})
+        total = sum(len(i) for i, _ in splits.values())
+        print(f"hvd_ba pack: {dst}: {total} samples in {len(work)} shards "
+              f"({', '.join(f'{s} {len(i)}' for s, (i, _) in splits.items())}); train with --set data.path={dst}",
+              flush=True)
+    return 0
+
+
+def wait_for_shards(dst: Path, work: list, plans: dict) -> None:
+    """Rank 0: until every shard is recorded (the other ranks write theirs)."""
+    said = time.monotonic()
+    while True:
+        missing = [shard_name(s, k) for s, k in work if not (dst / STATE_DIR / f"{shard_name(s, k)}.json").is_file()]
+        if not missing:
+            return
+        if time.monotonic() - said > 60:
+            print(f"hvd_ba pack: rank 0 waits for {len(missing)} shards of the other ranks (first {missing[0]})",
+                  flush=True)
+            said = time.monotonic()
+        time.sleep(0.5)
+
+
+def verify(dst: Path) -> int:
+    """Every shard's size and SHA-256 against the index header, every member's tar header against
+    the index row; one line per problem, exit 1 if any."""
+    import tarfile
+
+    problems, counts = [], []
+    splits = [s for s in SPLITS if header_path(dst, s).is_file()]
+    if not splits:
+        raise PackError(f"'{dst}' is not a packed folder (no train.json or val.json)")
+    for split in splits:
+        try:
+            index = load_packed(dst, split)
+        except FileNotFoundError as err:
+            problems.append(str(err))
+            continue
+        for name, want in zip(index.shards, index.header["shard_sha256"]):
+            if sha256_of(dst / name) != want:
+                problems.append(f"shard '{dst / name}' does not hash as its index records")
+        fds = {}
+        for i in range(len(index)):
+            shard, offset, size = int(index.rows["shard"][i]), int(index.rows["offset"][i]), int(index.sizes[i])
+            fd = fds.get(shard) or fds.setdefault(shard, os.open(dst / index.shards[shard], os.O_RDONLY))
+            try:
+                info = tarfile.TarInfo.frombuf(os.pread(fd, BLOCK, offset - BLOCK), "utf-8", "strict")
+            except (tarfile.HeaderError, ValueError) as err:
+                problems.append(f"{index.where(i)}: no tar header before its data ({err})")
+                continue
+            if info.name != index.name(i) or info.size != size:
+                problems.append(f"{index.where(i)}: the shard holds '{info.name}' ({info.size} bytes) there")
+        for fd in fds.values():
+            os.close(fd)
+        counts.append(f"{split}: {len(index)} samples in {len(index.shards)} shards")
+    for line in problems[:20]:
+        print(f"hvd_ba pack --verify: {line}", file=sys.stderr)
+    if problems:
+        print(f"hvd_ba pack --verify: {dst}: {len(problems)} problems", file=sys.stderr)
+        return 1
+    print(f"hvd_ba pack --verify: {dst}: every shard and member as indexed ({'; '.join(counts)})")
+    return 0
