@@ -98,6 +98,10 @@ class DataConfig:
     # folder: data.path is an ImageNet-layout folder; shards: a folder written by `python -m hvd_ba pack`
     # (tar shards + index, data/shards.py); auto: shards where data.path holds a pack's train.json
     format: str = field(default="auto", metadata=one_of(FORMATS))
+    # The labels of a flat val/ folder (as ImageNet's validation tar extracts, no class folders): the devkit
+    # (ILSVRC2012_devkit_t12.tar.gz or its folder), Kaggle's LOC_val_solution.csv, or `<file> <wnid>` lines
+    # (hvd_ba/data/imagenet.py). None: val/ has class folders.
+    val_labels: str | None = None
     copies: int = field(default=4, metadata=at_least(1))  # M: augmented copies made locally from each decoded image
     # Where the M copies of an image are made. rank: BA, all M on the rank that read the image,
     # from one read and one decode. ranks: repeated augmentation (DeiT's RASampler): each copy on

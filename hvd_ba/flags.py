@@ -92,3 +92,19 @@ def overlap(text: str) -> str:
     if not ok:
         raise argparse.ArgumentTypeError(f"{text!r}: give none, measured or a fraction in [0, 1]")
     return text
+
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """'1G', '256M', '4096' -> bytes (powers of 1024), for --shard-size."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in SIZE_UNITS and t[-1:] else ""
+    try:
+        value = float(t[:-1] if unit else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a size (e.g. 1G, 256M, 1048576)") from None
+    if not 1 <= value * SIZE_UNITS[unit] < 1 << 50:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}': a shard size between 1 byte and 1 PiB")
+    return int(value * SIZE_UNITS[unit])

@@ -8,6 +8,7 @@ from hvd_ba.bench.corpus import DEFAULT_CORPUS
 from hvd_ba.bench.gpu import RESNET50_ASSUMED_GPU_SAMPLES_PER_S
 from hvd_ba.bench.scaling import DEFAULT_BANDWIDTHS_GBIT, DEFAULT_LATENCY_US
 from hvd_ba.cluster import usable_cores
+from hvd_ba.flags import byte_size
 from hvd_ba.config import ARCHS
 from hvd_ba.flags import (m_values, non_negative_float, non_negative_int, overlap, places, positive_float, positive_int,
                           positive_numbers, scaling_backends)
@@ -18,6 +19,10 @@ def run_bench(args) -> int:
         from hvd_ba.bench.loader import run_loader_bench
 
         return run_loader_bench(args)
+    if args.what == "pack":
+        from hvd_ba.bench.pack import run_pack_bench
+
+        return run_pack_bench(args)
     if args.what == "gpu":
         from hvd_ba.bench.gpu import run_gpu_bench
 
@@ -38,6 +43,16 @@ def parser_bench() -> argparse.ArgumentParser:
     loader.add_argument("--size", type=positive_int, default=224, help="crop side, px (default: 224)")
     loader.add_argument("--batch", type=positive_int, default=64, help="samples per batch, both pipelines (default: 64)")
     loader.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if absent (default: {DEFAULT_CORPUS})")
+    loader.add_argument("--shards", action="store_true",
+                        help="also read the corpus packed into tar shards (python -m hvd_ba pack; packed once beside "
+                             "the corpus) and print the ratio of shards to folder")
+    pk = sub.add_parser("pack", help="pack's throughput against a plain sequential copy of the same bytes")
+    pk.add_argument("--images", type=positive_int, default=2000, help="photos packed (default: 2000, about 120 MB)")
+    pk.add_argument("--shard-size", type=byte_size, default=16 << 20, help="shard size (default: 16M)")
+    pk.add_argument("--rounds", type=positive_int, default=3, help="rounds of each, alternating (default: 3)")
+    pk.add_argument("--dest", default="~/.cache/hvd_ba", help="where both write (a scratch folder is made and removed "
+                                                                "there; default: ~/.cache/hvd_ba)")
+    pk.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if short (default: {DEFAULT_CORPUS})")
     add_parsers(sub)
     return p
 

@@ -33,12 +33,13 @@ def naive_loader(root: Path, copies: int, images: int, size: int, workers: int, 
                                        persistent_workers=False)
 
 
-def ba_loader(root: Path, copies: int, images: int, size: int, workers: int, batch: int):
+def ba_loader(root: Path, copies: int, images: int, size: int, workers: int, batch: int, index=None):
+    """index: read through this index (a packed folder's) instead of listing root/train."""
     from hvd_ba.data.manifest import load_index
     from hvd_ba.data.copies import BACollate, BATrainSet
     from hvd_ba.data.augment import TrainPreset
 
-    index = load_index(root, "train", None)
+    index = load_index(root, "train", None) if index is None else index
     dataset = BATrainSet(index, copies, TrainPreset(size=size), seed=0)
     unique = max(1, batch // copies)
     keys = [(i, 0, ()) for i in range(images)]
@@ -109,6 +110,25 @@ def stage_costs(root: Path, size: int, copies: int, repeats: int = 40) -> dict:
     return out
 
 
+def packed_corpus(root: Path):
+    """The corpus packed into tar shards beside it (once per corpus content), its train index."""
+    import contextlib
+    import io
+    import argparse
+
+    from hvd_ba.data.manifest import load_index
+    from hvd_ba.data.shards import load_packed
+    from hvd_ba.launch.pack import pack
+
+    digest = load_index(root, "train", None).digest
+    dst = root.parent / f"{root.name}-packed-{digest[:12]}"
+    if not (dst / "train.json").is_file():
+        print(f"bench: packing the corpus into {dst} ...", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            pack(argparse.Namespace(src=str(root), dst=str(dst), shard_size=64 << 20, seed=0, check_images=False))
+    return load_packed(dst, "train")
+
+
 def run_loader_bench(args) -> int:
     copies_list = [int(c) for c in args.copies.split(",")]
     root = corpus(args.corpus, args.images)
@@ -123,14 +143,28 @@ def run_loader_bench(args) -> int:
     print("\nper-sample cost of each stage (ms, one core, M = 4 for ours):")
     for key, ms in stage_costs(root, args.size, 4).items():
         print(f"  {key:<32} {ms:7.2f}")
+    packed = packed_corpus(root) if args.shards else None
+    if packed is not None:
+        for shard in packed.shards:  # in the page cache too
+            (Path(packed.root) / shard).read_bytes()
     rows = []
     for m in copies_list:
         naive, n_naive = samples_per_second(naive_loader(root, m, images, args.size, args.workers, batch))
         ours, n_ours = samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch))
         assert n_naive == n_ours == images * m, (n_naive, n_ours)
-        rows.append((m, naive / args.workers, ours / args.workers))
-    print(f"\n{'M':>3} {'naive samples/s/core':>22} {'hvd_ba samples/s/core':>22} {'ratio':>7}")
-    for m, naive, ours in rows:
-        print(f"{m:>3} {naive:>22.1f} {ours:>22.1f} {ours / naive:>7.2f}")
-    print("ratios (hvd_ba / naive): " + ", ".join(f"M={m}: {ours / naive:.2f}" for m, naive, ours in rows))
+        shards = None
+        if packed is not None:
+            shards, n_shards = samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch, packed))
+            assert n_shards == n_ours, (n_shards, n_ours)
+            shards /= args.workers
+        rows.append((m, naive / args.workers, ours / args.workers, shards))
+    extra = f" {'from shards':>12} {'shards/folder':>14}" if packed is not None else ""
+    print(f"\n{'M':>3} {'naive samples/s/core':>22} {'hvd_ba samples/s/core':>22} {'ratio':>7}{extra}")
+    for m, naive, ours, shards in rows:
+        tail = f" {shards:>12.1f} {shards / ours:>14.2f}" if shards is not None else ""
+        print(f"{m:>3} {naive:>22.1f} {ours:>22.1f} {ours / naive:>7.2f}{tail}")
+    print("ratios (hvd_ba / naive): " + ", ".join(f"M={m}: {ours / naive:.2f}" for m, naive, ours, _ in rows))
+    if packed is not None:
+        print("ratios (shards / folder): " + ", ".join(f"M={m}: {shards / ours:.2f}" for m, _, ours, shards in rows)
+              + " (goal >= 0.95)")
     return 0

@@ -102,6 +102,12 @@ class FileIndex:
         start = int(self.rows["name_end"][i - 1]) if i > 0 else 0
         return self.names[start:int(self.rows["name_end"][i])].tobytes().decode()
 
+    def names_buffer(self) -> bytes:
+        """Every name back to back (UTF-8), as bytes, made once: for loops over many samples (pack)."""
+        if getattr(self, "_names_bytes", None) is None:
+            self._names_bytes = self.names.tobytes()
+        return self._names_bytes
+
     @property
     def paths(self) -> Names:
         return Names(self)
@@ -133,6 +139,7 @@ class FileIndex:
     def __getstate__(self):
         # memory-mapped: pickled by file name, mapped again where unpickled (a loader worker)
         state = dict(self.__dict__)
+        state.pop("_names_bytes", None)
         if self.files:
             state["rows"] = state["names"] = None
         return state

@@ -30,7 +30,10 @@ def _class_folders(folder: Path) -> list[str]:
         raise FileNotFoundError(f"data directory '{folder}' does not exist")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
-        raise FileNotFoundError(f"data directory '{folder}' has no class folders")
+        flat = any(e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES) for e in os.scandir(folder))
+        raise FileNotFoundError(f"data directory '{folder}' has no class folders" + (
+            " but images: a flat validation folder takes its labels from data.val_labels (pack: --val-labels)"
+            if flat else ""))
     return classes
 
 

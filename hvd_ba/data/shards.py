@@ -38,7 +38,22 @@ def shard_name(split: str, k: int) -> str:
 
 
 def member_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header of one member (mtime 0, mode 0644: the same bytes on every pack)."""
+    """The 512-byte ustar header of one member: a regular file, mode 0644, mtime 0, owner 0/0, no
+    user or group name (the same bytes on every pack). Byte for byte what tarfile writes for such a
+    TarInfo (a test compares them); built here because tarfile takes ~0.1 ms per header, a quarter
+    of a pack's time at ImageNet's sizes. Names longer than ustar's 100-byte field go to tarfile
+    (its prefix split)."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100 or size >= 8 ** 11:
+        return _tarfile_header(name, size)
+    head = (encoded.ljust(100, b"\0") + b"0000644\0" + b"0000000\0" + b"0000000\0" + b"%011o\0" % size
+            + b"00000000000\0")
+    tail = b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155)  # no names, no device numbers
+    checksum = sum(head) + 8 * 32 + sum(tail)  # the checksum field counts as eight spaces
+    return (head + b"%06o\0 " % checksum + tail).ljust(BLOCK, b"\0")
+
+
+def _tarfile_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
     try:
@@ -167,4 +182,10 @@ def load_split(cfg, split: str, write: bool) -> FileIndex:
             log.warning("data.path '%s' is a stale pack: %s; training reads what was packed (pack again to take "
                         "the changes)", cfg.data.path, why)
         return index
+    if split == "val" and cfg.data.val_labels:
+        from hvd_ba.data.imagenet import flat_val_index
+        from hvd_ba.data.manifest import _class_folders
+
+        root = Path(cfg.data.path)
+        return flat_val_index(root / "val", cfg.data.val_labels, _class_folders(root / "train"))
     return load_index(cfg.data.path, split, manifest_cache(cfg), write=write)

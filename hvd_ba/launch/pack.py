@@ -19,35 +19,26 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from hvd_ba.cluster import launch_rank
 from hvd_ba.config import ConfigError, DataConfig
+from hvd_ba.data.imagenet import LabelsError, flat_val_index
 from hvd_ba.data.index import header_path, write_index
 from hvd_ba.data.manifest import _class_folders, _folder_state, load_index
 from hvd_ba.data.shards import (BLOCK, PACK_FORMAT, PACK_VERSION, SPLITS, load_packed, member_header, packed_index,
                                 plan_shards, shard_name)
+from hvd_ba.flags import byte_size
 from hvd_ba.fsio import SPACE_ERRORS, atomic_write, free_bytes
 from hvd_ba.train.stop import pause_point
 
 STATE_DIR = ".pack-state"
 CHUNK_BYTES = 1 << 20
-UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+BUFFER_BYTES = 8 << 20  # the shard file's write buffer
 
 
 class PackError(Exception):
     """Why a pack stopped: one line; finished shards are kept."""
-
-
-def byte_size(text: str) -> int:
-    """'1G', '256M', '4096' -> bytes (powers of 1024), for --shard-size."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in UNITS and t[-1:] else ""
-    try:
-        value = float(t[:-1] if unit else t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 1G, 256M, 1048576)") from None
-    if not 1 <= value * UNITS[unit] < 1 << 50:
-        raise argparse.ArgumentTypeError(f"'{text}': a shard size between 1 byte and 1 PiB")
-    return int(value * UNITS[unit])
 
 
 def parser_pack() -> argparse.ArgumentParser:
@@ -62,6 +53,9 @@ def parser_pack() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=byte_size, default=1 << 30, metavar="SIZE",
                    help="about this many bytes per shard, e.g. 1G, 256M (default: 1G)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled order within the shards (default: 0)")
+    p.add_argument("--val-labels", default=None, metavar="FILE",
+                   help="SRC/val is flat (as ImageNet's validation tar extracts): its labels from the devkit "
+                        "(ILSVRC2012_devkit_t12.tar.gz), Kaggle's LOC_val_solution.csv or '<file> <wnid>' lines")
     p.add_argument("--check-images", action="store_true",
                    help="also decode every image and list those that do not decode (they are packed as they are; "
                         "training counts and replaces them)")
@@ -78,7 +72,7 @@ def human(nbytes: float) -> str:
     return ""
 
 
-def source_indexes(src: Path) -> dict:
+def source_indexes(src: Path, val_labels: str | None = None) -> dict:
     """{split: (index, class-folder mtimes)} of the splits SRC has (train required), one line if
     SRC is not an ImageNet layout."""
     layout = f"'{src}' is not an ImageNet layout (SRC/train/<class>/<image>, SRC/val/<class>/<image>)"
@@ -90,8 +84,13 @@ def source_indexes(src: Path) -> dict:
         if not folder.is_dir():
             continue
         try:
-            state = _folder_state(folder, _class_folders(folder))
-            index = load_index(src, split, os.path.expanduser(DataConfig.manifest_dir), write=launch_rank()[0] == 0)
+            if split == "val" and val_labels:
+                state, index = {}, flat_val_index(folder, val_labels, out["train"][0].classes)
+            else:
+                state = _folder_state(folder, _class_folders(folder))
+                index = load_index(src, split, os.path.expanduser(DataConfig.manifest_dir), write=launch_rank()[0] == 0)
+        except LabelsError as err:
+            raise PackError(str(err)) from None
         except (OSError, ValueError) as err:
             raise PackError(f"{layout}: {err}") from None
         out[split] = (index, state)
@@ -143,28 +142,31 @@ def write_shard(src_split: Path, dst: Path, name: str, index, members, size: int
         stale.unlink(missing_ok=True)
     tmp = dst / STATE_DIR / f"{name}.{socket.gethostname()}.{os.getpid()}.partial"
     h, broken, written = hashlib.sha256(), [], 0
+    names, ends, sizes = index.names_buffer(), np.asarray(index.rows["name_end"]), np.asarray(index.sizes)
+    root = str(src_split)
     try:
-        with open(tmp, "wb") as out:
+        with open(tmp, "wb", buffering=BUFFER_BYTES) as out:
             for n, i in enumerate(members):
                 if n == 1:
                     pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
-                rel, want = index.name(i), int(index.sizes[i])
-                with open(src_split / rel, "rb") as f:
+                rel = names[int(ends[i - 1]) if i else 0:int(ends[i])].decode()
+                want, path = int(sizes[i]), os.path.join(root, rel)
+                with open(path, "rb") as f:
                     data = f.read()
                 if len(data) != want:
-                    raise PackError(f"'{src_split / rel}' is {len(data)} bytes, its index says {want}: the source "
-                                    "changed while packing; pack again")
+                    raise PackError(f"'{path}' is {len(data)} bytes, its index says {want}: the source changed "
+                                    "while packing; pack again")
                 if check_images:
                     try:
                         with Image.open(io.BytesIO(data)) as img:
                             img.load()
                     except Exception as err:  # PIL raises many types for broken files
-                        broken.append(f"{src_split / rel} ({type(err).__name__}: {err})")
-                block = member_header(rel, want) + data + bytes(-want % BLOCK)
-                out.write(block)
-                h.update(block)
-                written += len(block)
-            end = bytes(2 * BLOCK)
+                        broken.append(f"{path} ({type(err).__name__}: {err})")
+                for piece in (member_header(rel, want), data, bytes(-want % BLOCK)):
+                    out.write(piece)
+                    h.update(piece)
+                written += BLOCK + want + (-want % BLOCK)
+            end = bytes(2 * BLOCK)  # the end of the archive
             out.write(end)
             h.update(end)
             written += len(end)
@@ -173,7 +175,11 @@ def write_shard(src_split: Path, dst: Path, name: str, index, members, size: int
         if written != size:
             raise PackError(f"shard {name}: wrote {written} bytes, the plan says {size}")
         os.replace(tmp, dst / name)
-        atomic_write(dst / STATE_DIR / f"{name}.json", json.dumps({"bytes": size, "sha256": h.hexdigest()}) + "\n")
+        # not fsynced: a record lost in a crash only costs writing its shard again
+        record = dst / STATE_DIR / f"{name}.json"
+        record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+        record_tmp.write_text(json.dumps({"bytes": size, "sha256": h.hexdigest()}) + "\n")
+        os.replace(record_tmp, record)
     except OSError as err:
         if err.errno in SPACE_ERRORS:
             raise PackError(f"{SPACE_ERRORS[err.errno]} writing '{dst / name}'; the finished shards are kept: free "
@@ -203,7 +209,7 @@ def pack(args) -> int:
     rank, world = launch_rank()
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise PackError(f"DST '{dst}' lies inside SRC '{src}'; pack into another folder")
-    splits = source_indexes(src)
+    splits = source_indexes(src, getattr(args, "val_labels", None))
     plans = {split: plan_shards(index.sizes, args.seed + k, args.shard_size)
              for k, (split, (index, _)) in enumerate(splits.items())}
     try:

@@ -1,0 +1,149 @@
+"""ImageNet as it is distributed: the validation labels of a flat validation folder.
+
+The validation tar extracts to 50,000 files in one folder (`ILSVRC2012_val_00000001.JPEG`, ...)
+with no class folders; their labels come from one of:
+- the devkit (`ILSVRC2012_devkit_t12.tar.gz`, or its extracted folder):
+  `data/ILSVRC2012_validation_ground_truth.txt` gives, line k, the ILSVRC2012_ID of image k, and
+  `data/meta.mat` maps each ID to its WNID. The IDs are not in sorted-WNID order, and meta.mat also
+  lists internal synsets (num_children > 0), which are no class;
+- Kaggle's `LOC_val_solution.csv` (`ImageId,PredictionString`, the WNID first in the string);
+- a text file of `<file> <wnid>` lines.
+A label is then the position of its WNID among the training split's sorted class folders, as in
+the folder layout.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tarfile
+from pathlib import Path
+
+from hvd_ba.data.index import FileIndex
+
+GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+META = "data/meta.mat"
+
+
+class LabelsError(ValueError):
+    """A labels file that cannot be read or does not fit the data: the message names it."""
+
+
+def val_file_name(k: int) -> str:
+    """The k-th (1-based) validation image's file name."""
+    return f"ILSVRC2012_val_{k:08d}.JPEG"
+
+
+def _devkit_members(path: Path) -> tuple[bytes, bytes]:
+    """(ground truth, meta.mat) from the devkit's tar.gz or its extracted folder."""
+    if path.is_dir():
+        found = {}
+        for name in (GROUND_TRUTH, META):
+            hits = [p for p in (path / name, *path.glob(f"*/{name}")) if p.is_file()]
+            if not hits:
+                raise LabelsError(f"devkit '{path}' has no {name}")
+            found[name] = hits[0].read_bytes()
+        return found[GROUND_TRUTH], found[META]
+    try:
+        with tarfile.open(path) as tar:
+            members = {}
+            for m in tar:
+                for name in (GROUND_TRUTH, META):
+                    if m.isfile() and (m.name == name or m.name.endswith("/" + name)):
+                        members[name] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise LabelsError(f"devkit '{path}' is not a readable tar ({err})") from None
+    for name in (GROUND_TRUTH, META):
+        if name not in members:
+            raise LabelsError(f"devkit '{path}' has no {name}")
+    return members[GROUND_TRUTH], members[META]
+
+
+def devkit_labels(path: Path) -> dict[str, str]:
+    """{validation file name: WNID} from the devkit."""
+    import scipy.io
+
+    truth, meta = _devkit_members(path)
+    try:
+        synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+        wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise LabelsError(f"devkit '{path}': {META} is not the devkit's synset table ({err})") from None
+    labels = {}
+    for k, line in enumerate(truth.decode().split(), 1):
+        try:
+            labels[val_file_name(k)] = wnid_of[int(line)]
+        except (ValueError, KeyError):
+            raise LabelsError(f"devkit '{path}': line {k} of {GROUND_TRUTH} ({line!r}) is no leaf synset's "
+                              "ILSVRC2012_ID") from None
+    return labels
+
+
+def csv_labels(path: Path) -> dict[str, str]:
+    """{file name: WNID} from Kaggle's LOC_val_solution.csv."""
+    labels = {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise LabelsError(f"labels file '{path}': not Kaggle's LOC_val_solution.csv (header "
+                              f"ImageId,PredictionString; got {header})")
+        for n, row in enumerate(reader, 2):
+            if len(row) < 2 or not row[1].split():
+                raise LabelsError(f"labels file '{path}': line {n} has no WNID")
+            labels[f"{row[0].strip()}.JPEG"] = row[1].split()[0]
+    return labels
+
+
+def text_labels(path: Path) -> dict[str, str]:
+    """{file name: WNID} from `<file> <wnid>` lines."""
+    labels = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        words = line.split()
+        if not words:
+            continue
+        if len(words) != 2:
+            raise LabelsError(f"labels file '{path}': line {n} is not '<file> <wnid>': {line[:80]!r}")
+        labels[os.path.basename(words[0])] = words[1]
+    return labels
+
+
+def read_val_labels(path: str | Path) -> dict[str, str]:
+    """{validation file name: WNID} from a devkit (tar.gz or folder), a Kaggle CSV or a text file."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        raise LabelsError(f"labels file '{path}' does not exist")
+    try:
+        if path.is_dir() or path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            labels = devkit_labels(path)
+        elif path.suffix.lower() == ".csv":
+            labels = csv_labels(path)
+        else:
+            labels = text_labels(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise LabelsError(f"labels file '{path}' is unreadable ({getattr(err, 'strerror', None) or err})") from None
+    if not labels:
+        raise LabelsError(f"labels file '{path}' holds no labels")
+    return labels
+
+
+def flat_val_index(folder: Path, labels_path: str | Path, classes: tuple[str, ...] | list[str]) -> FileIndex:
+    """The index of a flat validation folder: every image of `folder` with its label from the
+    labels file, labels numbered by the training split's `classes`."""
+    from hvd_ba.data.manifest import IMAGE_SUFFIXES
+
+    labels = read_val_labels(labels_path)
+    files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"validation folder '{folder}' has no images (data.val_labels expects a flat folder)")
+    unlabelled = [f for f in files if f not in labels]
+    if unlabelled:
+        raise LabelsError(f"data.val_labels '{labels_path}' has no label for {len(unlabelled)} of the {len(files)} "
+                          f"images of '{folder}' (first: {unlabelled[0]})")
+    number = {wnid: k for k, wnid in enumerate(classes)}
+    foreign = sorted({labels[f] for f in files} - number.keys())
+    if foreign:
+        raise LabelsError(f"data.val_labels '{labels_path}' names {len(foreign)} classes that train/ lacks "
+                          f"(first: {foreign[0]})")
+    sizes = [os.stat(os.path.join(folder, f)).st_size for f in files]
+    return FileIndex.from_lists(str(folder), files, [number[labels[f]] for f in files], sizes, classes)

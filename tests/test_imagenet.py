@@ -1,0 +1,124 @@
+"""ImageNet as it is distributed, in miniature: a flat validation folder whose labels come from
+the devkit (ground truth + meta.mat, IDs not in WNID order, internal synsets among them), Kaggle's
+CSV or a text file; training and pack take it."""
+import io
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import cli
+from hvd_ba.config import load_config
+from hvd_ba.data.imagenet import LabelsError, flat_val_index, read_val_labels, val_file_name
+from hvd_ba.data.manifest import load_index
+from hvd_ba.data.pipeline import make_eval_loader
+from hvd_ba.data.shards import load_packed, load_split
+
+pytestmark = pytest.mark.unit
+
+# ILSVRC2012_IDs in an order that is not the sorted-WNID order, and an internal synset among them
+IDS = {"n90000002": 1, "n90000000": 2, "n90000003": 3, "n90000001": 4}
+INTERNAL = ("n99999999", 5)
+
+
+def write_devkit(path, truth_ids):
+    """A devkit tar.gz: data/ILSVRC2012_validation_ground_truth.txt and data/meta.mat."""
+    import scipy.io
+
+    rows = [(i, w, 0) for w, i in IDS.items()] + [(INTERNAL[1], INTERNAL[0], 2)]
+    synsets = np.zeros((len(rows), 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    for k, row in enumerate(rows):
+        synsets[k, 0] = row
+    meta = io.BytesIO()
+    scipy.io.savemat(meta, {"synsets": synsets})
+    truth = "".join(f"{i}\n" for i in truth_ids).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("data/ILSVRC2012_validation_ground_truth.txt", truth), ("data/meta.mat", meta.getvalue())):
+            info = tarfile.TarInfo(f"ILSVRC2012_devkit_t12/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def distributed(small_data, tmp_path_factory):
+    """small_data with val/ flattened as the validation tar extracts (shuffled, renamed
+    ILSVRC2012_val_<k>.JPEG), and its labels in the three forms. Returns (root, {name: wnid}, files)."""
+    root = tmp_path_factory.mktemp("imagenet") / "flat"
+    shutil.copytree(small_data / "train", root / "train")
+    (root / "val").mkdir()
+    images = sorted((small_data / "val").rglob("*.JPEG"))
+    order = np.random.default_rng(3).permutation(len(images))
+    truth = {}
+    for k, j in enumerate(order, 1):
+        shutil.copy(images[j], root / "val" / val_file_name(k))
+        truth[val_file_name(k)] = images[j].parent.name
+    files = {"devkit": write_devkit(root.parent / "ILSVRC2012_devkit_t12.tar.gz",
+                                    [IDS[truth[val_file_name(k)]] for k in range(1, len(images) + 1)])}
+    files["csv"] = root.parent / "LOC_val_solution.csv"
+    files["csv"].write_text("ImageId,PredictionString\n" + "".join(
+        f"{name[:-5]},{wnid} 10 20 200 220 {wnid} 1 2 30 40\n" for name, wnid in reversed(truth.items())))
+    files["text"] = root.parent / "val_labels.txt"
+    files["text"].write_text("".join(f"val/{name} {wnid}\n" for name, wnid in truth.items()))
+    return root, truth, files
+
+
+@pytest.mark.parametrize("form", ["devkit", "csv", "text"])
+def test_each_labels_form_gives_every_flat_image_its_class(distributed, small_data, form):
+    root, truth, files = distributed
+    assert read_val_labels(files[form]) == truth
+    classes = load_index(small_data, "train", None).classes
+    index = flat_val_index(root / "val", files[form], classes)
+    assert len(index) == len(truth) == 48
+    assert [classes[label] for label in index.labels] == [truth[name] for name in index.paths]
+
+
+def test_the_flat_folder_evaluates_the_images_of_the_class_folders(distributed, small_data):
+    """data.val_labels: the same (image, label) pairs as small_data's val/ with class folders."""
+    root, _, files = distributed
+    seen = {}
+    for data, extra in ((small_data, []), (root, [f"data.val_labels={files['devkit']}"])):
+        cfg = load_config("demo", ["data.workers=0", f"data.path={data}", *extra])
+        val = load_split(cfg, "val", False)
+        pairs = []
+        for batch in make_eval_loader(val, cfg, 0, 1):
+            pairs += [(img.numpy().tobytes(), int(label)) for img, label in zip(batch["images"], batch["labels"])]
+        seen[str(data)] = sorted(pairs)
+    assert seen[str(small_data)] == seen[str(root)] and len(seen[str(root)]) == 48
+
+
+def test_labels_that_do_not_fit_are_one_line_naming_the_file(distributed, tmp_path, small_data):
+    root, truth, files = distributed
+    classes = load_index(small_data, "train", None).classes
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"{n} {w}\n" for n, w in list(truth.items())[:-1]))
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("".join(f"{n} {'n12345678' if k == 5 else w}\n" for k, (n, w) in enumerate(truth.items())))
+    broken_csv = tmp_path / "bad.csv"
+    broken_csv.write_text("id,label\n")
+    wrong_devkit = write_devkit(tmp_path / "devkit.tar.gz", [INTERNAL[1]] * len(truth))
+    for path, says in ((short, "has no label for 1 of the 48 images"), (foreign, "names 1 classes that train/ lacks "
+                       "(first: n12345678)"), (broken_csv, "not Kaggle's LOC_val_solution.csv"),
+                       (wrong_devkit, "line 1 of data/ILSVRC2012_validation_ground_truth.txt ('5') is no leaf"),
+                       (tmp_path / "nope.csv", "does not exist")):
+        with pytest.raises(LabelsError) as err:
+            flat_val_index(root / "val", path, classes)
+        assert says in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_pack_takes_a_flat_validation_folder_and_training_reads_it(distributed, tmp_path):
+    root, truth, files = distributed
+    r = cli("pack", root, tmp_path / "packed", "--shard-size", "256K", "--val-labels", files["csv"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    val = load_packed(tmp_path / "packed", "val")
+    assert [val.classes[label] for label in val.labels] == [truth[name] for name in val.paths]
+    cfg = load_config("demo", ["data.workers=0", f"data.path={tmp_path / 'packed'}"])
+    flat = load_config("demo", ["data.workers=0", f"data.path={root}", f"data.val_labels={files['csv']}"])
+    for a, b in zip(make_eval_loader(load_split(cfg, "val", False), cfg, 0, 1),
+                    make_eval_loader(load_split(flat, "val", False), flat, 0, 1)):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+    r = cli("pack", root, tmp_path / "unlabelled", "--shard-size", "256K")
+    assert r.returncode == 1 and "is not an ImageNet layout" in r.stderr, r.stderr
+    assert "has no class folders but images: a flat validation folder takes its labels from" in r.stderr
