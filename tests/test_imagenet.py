@@ -122,3 +122,55 @@ def test_pack_takes_a_flat_validation_folder_and_training_reads_it(distributed, 
     r = cli("pack", root, tmp_path / "unlabelled", "--shard-size", "256K")
     assert r.returncode == 1 and "is not an ImageNet layout" in r.stderr, r.stderr
     assert "has no class folders but images: a flat validation folder takes its labels from" in r.stderr
+
+
+def write_archives(root, out):
+    """ILSVRC2012_img_train.tar (one uncompressed tar per class, flat members) and
+    ILSVRC2012_img_val.tar (flat) made from an extracted `root`, as ImageNet distributes them."""
+    train_tar, val_tar = out / "ILSVRC2012_img_train.tar", out / "ILSVRC2012_img_val.tar"
+    with tarfile.open(train_tar, "w", format=tarfile.GNU_FORMAT) as outer:
+        for cls in sorted((root / "train").iterdir(), reverse=True):  # not in sorted order inside the archive
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for image in sorted(cls.iterdir()):
+                    tar.add(image, arcname=image.name)
+            info = tarfile.TarInfo(f"{cls.name}.tar")
+            info.size = len(inner.getvalue())
+            outer.addfile(info, io.BytesIO(inner.getvalue()))
+    with tarfile.open(val_tar, "w") as tar:
+        for image in sorted((root / "val").iterdir(), reverse=True):
+            tar.add(image, arcname=image.name)
+    return train_tar, val_tar
+
+
+def test_pack_from_the_archives_equals_the_pack_of_the_extracted_folder(distributed, tmp_path):
+    """Indexed by their headers and read by offset, the archives give the extracted folder's index
+    (same digest) and, with the same seed and shard size, byte-identical shards."""
+    root, truth, files = distributed
+    train_tar, val_tar = write_archives(root, tmp_path)
+    r = cli("pack", "--from-tar", train_tar, "--val-tar", val_tar, "--val-labels", files["devkit"],
+            tmp_path / "from-tar", "--shard-size", "256K")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("pack", root, tmp_path / "from-folder", "--shard-size", "256K", "--val-labels", files["text"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for split in ("train", "val"):
+        a, b = load_packed(tmp_path / "from-tar", split), load_packed(tmp_path / "from-folder", split)
+        assert a.digest == b.digest and len(a) == len(b) > 0
+        assert a.header["shard_sha256"] == b.header["shard_sha256"]
+        assert a.header["source"] == str((train_tar if split == "train" else val_tar).resolve())
+    assert cli("pack", "--verify", tmp_path / "from-tar").returncode == 0
+
+
+def test_archives_that_do_not_fit_are_refused_in_one_line(distributed, tmp_path):
+    root, _, files = distributed
+    train_tar, val_tar = write_archives(root, tmp_path)
+    gz = tmp_path / "train.tar.gz"
+    with tarfile.open(gz, "w:gz") as tar:
+        tar.add(root / "train", arcname="train")
+    for args, says in ((["--from-tar", train_tar, "--val-tar", val_tar], "needs its labels: --val-labels"),
+                       (["--from-tar", gz], "is not an uncompressed tar"),
+                       (["--from-tar", val_tar], "holds images outside class tars or folders"),
+                       (["--from-tar", tmp_path / "nope.tar"], "does not exist")):
+        r = cli("pack", *args, tmp_path / "out")
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and says in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "out").exists()

@@ -147,3 +147,97 @@ def flat_val_index(folder: Path, labels_path: str | Path, classes: tuple[str, ..
                           f"(first: {foreign[0]})")
     sizes = [os.stat(os.path.join(folder, f)).st_size for f in files]
     return FileIndex.from_lists(str(folder), files, [number[labels[f]] for f in files], sizes, classes)
+
+
+# ------------------------------------------------------------------- the archives, not extracted
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + size) of an open binary file, as a seekable file (an inner tar)."""
+
+    def __init__(self, f, start: int, size: int):
+        super().__init__()
+        self._f, self._start, self._size, self._pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = {0: pos, 1: self._pos + pos, 2: self._size + pos}[whence]
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        data = os.pread(self._f.fileno(), n, self._start + self._pos) if n else b""
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def archive_members(path: Path) -> list[tuple[str, int, int]]:
+    """(name, size, data offset in `path`) of every image in an uncompressed tar, read by its
+    headers only (tarfile seeks past the data): ImageNet's training tar holds one tar per class
+    (`n01440764.tar` of `n01440764_10026.JPEG`, ...), named here `<class>/<file>`; a member
+    `<class>/<file>` is taken as it is, a flat member (the validation tar's) by its file name."""
+    from hvd_ba.data.manifest import IMAGE_SUFFIXES
+
+    out = []
+    try:
+        with open(path, "rb") as raw, open(path, "rb") as inner_raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                if m.name.endswith(".tar"):
+                    cls = Path(m.name).stem
+                    window = io.BufferedReader(_Window(inner_raw, m.offset_data, m.size), 1 << 16)
+                    with tarfile.open(fileobj=window, mode="r:") as inner:
+                        out += [(f"{cls}/{os.path.basename(im.name)}", im.size, m.offset_data + im.offset_data)
+                                for im in inner if im.isfile() and im.name.lower().endswith(IMAGE_SUFFIXES)]
+                elif m.name.lower().endswith(IMAGE_SUFFIXES):
+                    parts = m.name.strip("/").split("/")
+                    out.append(("/".join(parts[-2:]), m.size, m.offset_data))
+    except tarfile.ReadError as err:
+        raise LabelsError(f"'{path}' is not an uncompressed tar ({err})") from None
+    return out
+
+
+def archive_index(path: Path, classes: tuple[str, ...] | None = None,
+                  val_labels: str | Path | None = None) -> tuple[FileIndex, list[int]]:
+    """A split's index from its archive, in the order of the folder it would extract to (sorted
+    classes, sorted files: the same digest as that folder), and each sample's offset in the
+    archive. Training tar: classes from its members. Validation tar (flat): `classes` (the
+    training split's) and `val_labels`."""
+    members = sorted(archive_members(path))
+    if not members:
+        raise LabelsError(f"'{path}' holds no images")
+    names = [m[0] for m in members]
+    if len(set(names)) != len(names):
+        twice = next(a for a, b in zip(names, names[1:]) if a == b)
+        raise LabelsError(f"'{path}' holds '{twice}' twice")
+    if val_labels is None:
+        if any("/" not in n for n in names):
+            raise LabelsError(f"'{path}' holds images outside class tars or folders (a validation tar? give its "
+                              "labels: --val-labels)")
+        classes = tuple(sorted({n.split("/")[0] for n in names}))
+        number = {c: k for k, c in enumerate(classes)}
+        labels = [number[n.split("/")[0]] for n in names]
+    else:
+        wnids = read_val_labels(val_labels)
+        names = [n.rsplit("/", 1)[-1] for n in names]
+        unlabelled = [n for n in names if n not in wnids]
+        if unlabelled:
+            raise LabelsError(f"--val-labels '{val_labels}' has no label for {len(unlabelled)} of the {len(names)} "
+                              f"images of '{path}' (first: {unlabelled[0]})")
+        number = {c: k for k, c in enumerate(classes)}
+        foreign = sorted({wnids[n] for n in names} - number.keys())
+        if foreign:
+            raise LabelsError(f"--val-labels '{val_labels}' names {len(foreign)} classes that the training tar lacks "
+                              f"(first: {foreign[0]})")
+        labels = [number[wnids[n]] for n in names]
+    index = FileIndex.from_lists(str(path), names, labels, [m[1] for m in members], classes)
+    return index, [m[2] for m in members]

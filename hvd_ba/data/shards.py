@@ -153,6 +153,14 @@ def stale_source(header: dict) -> str | None:
     or None (unchanged, or no longer there to compare)."""
     source = Path(header.get("source") or "")
     mtimes = header.get("source_mtimes") or {}
+    if "archive" in mtimes:  # packed from ImageNet's archive: its size and mtime
+        try:
+            st = os.stat(mtimes["archive"])
+        except OSError:
+            return None
+        if (st.st_size, st.st_mtime_ns) != (mtimes.get("bytes"), mtimes.get("mtime_ns")):
+            return f"the archive '{mtimes['archive']}' changed since the pack"
+        return None
     if not source.is_dir() or not mtimes:
         return None
     try:

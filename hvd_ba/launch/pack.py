@@ -17,14 +17,15 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hvd_ba.cluster import launch_rank
 from hvd_ba.config import ConfigError, DataConfig
-from hvd_ba.data.imagenet import LabelsError, flat_val_index
-from hvd_ba.data.index import header_path, write_index
+from hvd_ba.data.imagenet import LabelsError, archive_index, flat_val_index
+from hvd_ba.data.index import FileIndex, header_path, write_index
 from hvd_ba.data.manifest import _class_folders, _folder_state, load_index
 from hvd_ba.data.shards import (BLOCK, PACK_FORMAT, PACK_VERSION, SPLITS, load_packed, member_header, packed_index,
                                 plan_shards, shard_name)
@@ -48,11 +49,16 @@ def parser_pack() -> argparse.ArgumentParser:
                     "with a flat index in DST, then train with --set data.path=DST. Start it once, or once per rank "
                     "under srun, mpirun or horovodrun (each rank writes its own shards). A killed pack started again "
                     "continues; `pack --verify DST` checks a packed folder.")
-    p.add_argument("src", nargs="?", help="the ImageNet-layout folder (not with --verify)")
+    p.add_argument("src", nargs="?", help="the ImageNet-layout folder (not with --verify or --from-tar)")
     p.add_argument("dst", help="the packed folder to write (or to check, with --verify)")
     p.add_argument("--shard-size", type=byte_size, default=1 << 30, metavar="SIZE",
                    help="about this many bytes per shard, e.g. 1G, 256M (default: 1G)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled order within the shards (default: 0)")
+    p.add_argument("--from-tar", default=None, metavar="TRAIN_TAR",
+                   help="pack ImageNet's training archive as distributed (ILSVRC2012_img_train.tar: one tar per class) "
+                        "without extracting it; give DST alone")
+    p.add_argument("--val-tar", default=None, metavar="VAL_TAR",
+                   help="with --from-tar: the validation archive (ILSVRC2012_img_val.tar, flat), with --val-labels")
     p.add_argument("--val-labels", default=None, metavar="FILE",
                    help="SRC/val is flat (as ImageNet's validation tar extracts): its labels from the devkit "
                         "(ILSVRC2012_devkit_t12.tar.gz), Kaggle's LOC_val_solution.csv or '<file> <wnid>' lines")
@@ -72,9 +78,31 @@ def human(nbytes: float) -> str:
     return ""
 
 
-def source_indexes(src: Path, val_labels: str | None = None) -> dict:
-    """{split: (index, class-folder mtimes)} of the splits SRC has (train required), one line if
-    SRC is not an ImageNet layout."""
+@dataclass
+class SplitSource:
+    """What a split is packed from: its index (in the order of the extracted folder), what tells
+    a changed source (class-folder mtimes, or the archive's size and mtime), where it lies, and
+    for an archive each sample's data offset in it."""
+
+    index: FileIndex
+    state: dict
+    location: str
+    offsets: np.ndarray | None = None
+
+    def read(self, i: int, name: str, size: int) -> bytes:
+        if self.offsets is None:
+            with open(os.path.join(self.location, name), "rb") as f:
+                return f.read()
+        if getattr(self, "_fd", None) is None:
+            self._fd = os.open(self.location, os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(self._fd, size, int(self.offsets[i]))
+
+    def where(self, name: str) -> str:
+        return os.path.join(self.location, name) if self.offsets is None else f"{self.location}:{name}"
+
+
+def folder_sources(src: Path, val_labels: str | None = None) -> dict[str, SplitSource]:
+    """The splits SRC has (train required), one line if SRC is not an ImageNet layout."""
     layout = f"'{src}' is not an ImageNet layout (SRC/train/<class>/<image>, SRC/val/<class>/<image>)"
     if not (src / "train").is_dir():
         raise PackError(f"{layout}: it has no train/ folder")
@@ -85,7 +113,7 @@ def source_indexes(src: Path, val_labels: str | None = None) -> dict:
             continue
         try:
             if split == "val" and val_labels:
-                state, index = {}, flat_val_index(folder, val_labels, out["train"][0].classes)
+                state, index = {}, flat_val_index(folder, val_labels, out["train"].index.classes)
             else:
                 state = _folder_state(folder, _class_folders(folder))
                 index = load_index(src, split, os.path.expanduser(DataConfig.manifest_dir), write=launch_rank()[0] == 0)
@@ -93,7 +121,30 @@ def source_indexes(src: Path, val_labels: str | None = None) -> dict:
             raise PackError(str(err)) from None
         except (OSError, ValueError) as err:
             raise PackError(f"{layout}: {err}") from None
-        out[split] = (index, state)
+        out[split] = SplitSource(index, state, str(folder.resolve()))
+    return out
+
+
+def archive_sources(train_tar: str, val_tar: str | None, val_labels: str | None) -> dict[str, SplitSource]:
+    """The splits from ImageNet's archives, indexed by their headers, not extracted."""
+    out = {}
+    for split, path in (("train", train_tar), ("val", val_tar)):
+        if path is None:
+            continue
+        path = Path(path).resolve()
+        if not path.is_file():
+            raise PackError(f"archive '{path}' does not exist")
+        try:
+            if split == "val" and not val_labels:
+                raise LabelsError(f"--val-tar '{path}' needs its labels: --val-labels (the devkit, "
+                                  "LOC_val_solution.csv or '<file> <wnid>' lines)")
+            index, offsets = archive_index(path, out["train"].index.classes if split == "val" else None,
+                                           val_labels if split == "val" else None)
+        except (LabelsError, OSError) as err:
+            raise PackError(str(err)) from None
+        st = path.stat()
+        out[split] = SplitSource(index, {"archive": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
+                                 str(path), np.asarray(offsets, np.int64))
     return out
 
 
@@ -132,7 +183,7 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(src_split: Path, dst: Path, name: str, index, members, size: int, check_images: bool,
+def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, check_images: bool,
                 shard_number: int = 0) -> list[str]:
     """Write one shard (temporary file, fsync, rename, then its record); returns the members that
     do not decode (check_images). shard_number: the how-manieth of this rank's (a test hook's name)."""
@@ -142,17 +193,16 @@ def write_shard(src_split: Path, dst: Path, name: str, index, members, size: int
         stale.unlink(missing_ok=True)
     tmp = dst / STATE_DIR / f"{name}.{socket.gethostname()}.{os.getpid()}.partial"
     h, broken, written = hashlib.sha256(), [], 0
+    index = source.index
     names, ends, sizes = index.names_buffer(), np.asarray(index.rows["name_end"]), np.asarray(index.sizes)
-    root = str(src_split)
     try:
         with open(tmp, "wb", buffering=BUFFER_BYTES) as out:
             for n, i in enumerate(members):
                 if n == 1:
                     pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
                 rel = names[int(ends[i - 1]) if i else 0:int(ends[i])].decode()
-                want, path = int(sizes[i]), os.path.join(root, rel)
-                with open(path, "rb") as f:
-                    data = f.read()
+                want, path = int(sizes[i]), source.where(rel)
+                data = source.read(i, rel, want)
                 if len(data) != want:
                     raise PackError(f"'{path}' is {len(data)} bytes, its index says {want}: the source changed "
                                     "while packing; pack again")
@@ -203,21 +253,32 @@ def run_pack(args) -> int:
 
 
 def pack(args) -> int:
-    if args.src is None:
-        raise ConfigError("pack needs SRC and DST (or --verify DST)")
-    src, dst = Path(args.src), Path(args.dst)
+    dst = Path(args.dst)
     rank, world = launch_rank()
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise PackError(f"DST '{dst}' lies inside SRC '{src}'; pack into another folder")
-    splits = source_indexes(src, getattr(args, "val_labels", None))
-    plans = {split: plan_shards(index.sizes, args.seed + k, args.shard_size)
-             for k, (split, (index, _)) in enumerate(splits.items())}
+    from_tar = getattr(args, "from_tar", None)
+    if from_tar:
+        if args.src is not None:
+            raise ConfigError(f"--from-tar packs the archives into DST: give DST alone (got '{args.src}' and "
+                              f"'{args.dst}')")
+        sources = archive_sources(from_tar, args.val_tar, args.val_labels)
+    else:
+        if args.src is None:
+            raise ConfigError("pack needs SRC and DST (or --from-tar TRAIN_TAR DST, or --verify DST)")
+        if getattr(args, "val_tar", None):
+            raise ConfigError("--val-tar goes with --from-tar")
+        src = Path(args.src)
+        if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+            raise PackError(f"DST '{dst}' lies inside SRC '{src}'; pack into another folder")
+        sources = folder_sources(src, getattr(args, "val_labels", None))
+    plans = {split: plan_shards(source.index.sizes, args.seed + k, args.shard_size)
+             for k, (split, source) in enumerate(sources.items())}
     try:
         (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise PackError(f"cannot write to '{dst}' ({err.strerror})") from None
-    check_plan(dst, {"source": str(src.resolve()), "seed": args.seed, "shard_size": args.shard_size,
-                     "digests": {split: index.digest for split, (index, _) in splits.items()}})
+    check_plan(dst, {"source": {split: source.location for split, source in sources.items()}, "seed": args.seed,
+                     "shard_size": args.shard_size,
+                     "digests": {split: source.index.digest for split, source in sources.items()}})
     work = [(split, k) for split, plan in plans.items() for k in range(plan.shards)]
     mine = [(split, k) for n, (split, k) in enumerate(work) if n % world == rank]
     todo = [(split, k) for split, k in mine
@@ -231,9 +292,9 @@ def pack(args) -> int:
           f"{len(todo)} to write ({human(need)})", flush=True)
     started, written, broken = time.monotonic(), 0, []
     for n, (split, k) in enumerate(todo, 1):
-        plan, (index, _) = plans[split], splits[split]
+        plan = plans[split]
         name, size = shard_name(split, k), int(plan.shard_bytes[k])
-        broken += write_shard(src / split, dst, name, index, plan.members(k), size, args.check_images, n)
+        broken += write_shard(sources[split], dst, name, plan.members(k), size, args.check_images, n)
         written += size
         rate = written / max(time.monotonic() - started, 1e-6)
         print(f"hvd_ba pack: rank {rank}: {name} {human(size)} ({n}/{len(todo)}), {human(rate)}/s, "
@@ -241,24 +302,24 @@ def pack(args) -> int:
     for line in broken:
         print(f"hvd_ba pack: does not decode (packed as it is): {line}", flush=True)
     if rank == 0:
-        wait_for_shards(dst, work, plans)
-        for split, (index, state) in splits.items():
+        wait_for_shards(dst, work)
+        for split, source in sources.items():
             plan = plans[split]
             names = [shard_name(split, k) for k in range(plan.shards)]
             sums = [json.loads((dst / STATE_DIR / f"{n}.json").read_text())["sha256"] for n in names]
-            write_index(dst, split, packed_index(index, plan, split, str(dst)), {
-                "format": PACK_FORMAT, "pack_version": PACK_VERSION, "source": str((src / split).resolve()),
-                "source_digest": index.digest, "source_mtimes": state, "seed": args.seed,
+            write_index(dst, split, packed_index(source.index, plan, split, str(dst)), {
+                "format": PACK_FORMAT, "pack_version": PACK_VERSION, "source": source.location,
+                "source_digest": source.index.digest, "source_mtimes": source.state, "seed": args.seed,
                 "shard_size": args.shard_size, "shard_bytes": [int(b) for b in plan.shard_bytes],
                 "shard_sha256": sums})
-        total = sum(len(i) for i, _ in splits.values())
+        total = sum(len(source.index) for source in sources.values())
         print(f"hvd_ba pack: {dst}: {total} samples in {len(work)} shards "
-              f"({', '.join(f'{s} {len(i)}' for s, (i, _) in splits.items())}); train with --set data.path={dst}",
-              flush=True)
+              f"({', '.join(f'{s} {len(source.index)}' for s, source in sources.items())}); train with "
+              f"--set data.path={dst}", flush=True)
     return 0
 
 
-def wait_for_shards(dst: Path, work: list, plans: dict) -> None:
+def wait_for_shards(dst: Path, work: list) -> None:
     """Rank 0: until every shard is recorded (the other ranks write theirs)."""
     said = time.monotonic()
     while True:
