@@ -1,5 +1,6 @@
 """`bench loader` runs end to end on real photos and prints its ratios (no speed threshold here:
 targets are judged from the benchmark's own output, not in unit tests)."""
+import json
 import re
 
 import pytest
@@ -10,17 +11,42 @@ from helpers import run_cli
 @pytest.mark.integration
 def test_bench_loader_prints_stage_costs_and_ratios(tmp_path):
     r = run_cli("bench", "loader", "--copies", "1,2", "--images", "18", "--size", "64", "--workers", "1", "--batch", "4",
-                "--corpus", str(tmp_path / "photos"), timeout=300)
+                "--corpus", str(tmp_path / "photos"), "--shards", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     files = list((tmp_path / "photos" / "train").rglob("*.JPEG"))
     assert len(files) == 18 and len({f.parent.name for f in files}) == 9  # 9 real photos, 2 cuts each
     for stage in ("naive decode", "ours decode (once, DCT-scaled)", "ours crop+resize", "naive ToTensor+Normalize"):
         assert re.search(rf"{re.escape(stage)}\s+\d+\.\d\d", out), stage
-    last = out.strip().splitlines()[-1]
-    m = re.fullmatch(r"ratios \(hvd_ba / naive\): M=1: (\d+\.\d\d), M=2: (\d+\.\d\d)", last)
-    assert m, last
+    naive, shards = out.strip().splitlines()[-2:]
+    m = re.fullmatch(r"ratios \(hvd_ba / naive\): M=1: (\d+\.\d\d), M=2: (\d+\.\d\d)", naive)
+    assert m, naive
     assert all(float(v) > 0 for v in m.groups())
+    m = re.fullmatch(r"ratios \(shards / folder\): M=1: (\d+\.\d\d), M=2: (\d+\.\d\d) \(goal >= 0.95\)", shards)
+    assert m and all(float(v) > 0 for v in m.groups()), shards
+    packed = list(tmp_path.glob("photos-packed-*/train-000000.tar"))
+    assert len(packed) == 1  # the corpus packed beside it, once
+
+
+@pytest.mark.integration
+def test_bench_pack_and_startup_print_their_ratios_and_figures(tmp_path):
+    r = run_cli("bench", "pack", "--images", "18", "--rounds", "2", "--shard-size", "256K", "--corpus",
+                str(tmp_path / "photos"), "--dest", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert sum(line.startswith("  round ") for line in lines) == 2, r.stdout
+    assert re.fullmatch(r"ratio \(pack / plain copy\): \d+\.\d\d \(goal >= 0.8\)", lines[-1]), lines[-1]
+    assert not list(tmp_path.glob("bench-pack-*"))  # its scratch folder removed
+    figures = tmp_path / "startup.json"
+    r = run_cli("bench", "startup", "--entries", "3000", "--no-runs", "--dir", str(tmp_path / "startup"), "--json",
+                str(figures), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(figures.read_text())
+    assert [r["entries"] for r in rows.values()] == [2600, 3000, 3000], rows
+    assert all(r["worker_pss_mb"] > 10 and r["load_s"] >= 0 for r in rows.values()), rows
+    tree = tmp_path / "startup" / "tree-3000"
+    assert len(list((tree / "train").iterdir())) == 1000 and len(list((tree / "train").rglob("*.JPEG"))) == 3000
+    assert "folder (3000 files) against the demo: RSS" in r.stdout and "(goals: <= 60 MB, <= 5 s)" in r.stdout
 
 
 @pytest.mark.unit

@@ -19,6 +19,10 @@ def run_bench(args) -> int:
         from hvd_ba.bench.loader import run_loader_bench
 
         return run_loader_bench(args)
+    if args.what == "startup":
+        from hvd_ba.bench.startup import run_startup_bench
+
+        return run_startup_bench(args)
     if args.what == "pack":
         from hvd_ba.bench.pack import run_pack_bench
 
@@ -53,6 +57,9 @@ def parser_bench() -> argparse.ArgumentParser:
     pk.add_argument("--dest", default="~/.cache/hvd_ba", help="where both write (a scratch folder is made and removed "
                                                                 "there; default: ~/.cache/hvd_ba)")
     pk.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"photo corpus folder, made if short (default: {DEFAULT_CORPUS})")
+    from hvd_ba.bench.startup import add_parser as startup_parser
+
+    startup_parser(sub)
     add_parsers(sub)
     return p
 
