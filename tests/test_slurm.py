@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -200,6 +201,29 @@ def test_cpu_script_trains_on_two_nodes_with_srun(slurm, small_data, tmp_path):
     assert (job_dir / "attempt-0.exit").read_text().strip() == "0"
     assert "SLURM_JOB_NODELIST=n[1-2]" in (job_dir / "attempt-0.env").read_text()
     assert "epoch 2 done" in log and "\r" not in log  # plain lines in the Slurm log, no progress bar
+
+
+def test_pack_script_writes_the_shards_from_four_tasks_on_two_nodes(slurm, small_data, tmp_path):
+    """slurm/pack.sbatch: 2 nodes x 2 tasks, each task its own shards; the pack verifies."""
+    from hvd_ba.data.shards import load_packed
+
+    dst, log = tmp_path / "packed", tmp_path / "pack.out"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
+    environ.update({"SLURM_CONF": SLURM_CONF, "PYTHONPATH": str(ROOT), "SRC": str(small_data), "DST": str(dst),
+                    "SHARD_SIZE": "256K"})
+    r = subprocess.run(["sbatch", "--parsable", f"--output={log}", *LAYOUTS["2x2"], str(ROOT / "slurm" / "pack.sbatch")],
+                       capture_output=True, text=True, cwd=ROOT, env=environ, timeout=60)
+    assert r.returncode == 0, r.stderr
+    fields = wait_done(r.stdout.strip().split(";")[0])
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", text[-3000:]
+    for rank in range(4):
+        assert f"hvd_ba pack: rank {rank} of 4: 0 of its" in text, text[-3000:]
+    train = load_packed(dst, "train")
+    assert len(train) == 192 and len(load_packed(dst, "val")) == 48
+    verified = subprocess.run([sys.executable, "-m", "hvd_ba", "pack", "--verify", str(dst)], capture_output=True,
+                              text=True, cwd=ROOT, env=environ, timeout=120)
+    assert verified.returncode == 0, verified.stderr
 
 
 def start_sleeping_job(tmp_path) -> str:
