@@ -184,7 +184,7 @@ def sha256_of(path: Path) -> str:
 
 
 def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, check_images: bool,
-                shard_number: int = 0) -> list[str]:
+                shard_number: int = 0, bar=None) -> list[str]:
     """Write one shard (temporary file, fsync, rename, then its record); returns the members that
     do not decode (check_images). shard_number: the how-manieth of this rank's (a test hook's name)."""
     from PIL import Image
@@ -216,6 +216,8 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
                     out.write(piece)
                     h.update(piece)
                 written += BLOCK + want + (-want % BLOCK)
+                if bar is not None:
+                    bar.update(BLOCK + want + (-want % BLOCK))
             end = bytes(2 * BLOCK)  # the end of the archive
             out.write(end)
             h.update(end)
@@ -291,14 +293,18 @@ def pack(args) -> int:
     print(f"hvd_ba pack: rank {rank} of {world}: {len(mine) - len(todo)} of its {len(mine)} shards done, "
           f"{len(todo)} to write ({human(need)})", flush=True)
     started, written, broken = time.monotonic(), 0, []
+    bar = progress_bar(need, rank)
     for n, (split, k) in enumerate(todo, 1):
         plan = plans[split]
         name, size = shard_name(split, k), int(plan.shard_bytes[k])
-        broken += write_shard(sources[split], dst, name, plan.members(k), size, args.check_images, n)
+        broken += write_shard(sources[split], dst, name, plan.members(k), size, args.check_images, n, bar)
         written += size
         rate = written / max(time.monotonic() - started, 1e-6)
-        print(f"hvd_ba pack: rank {rank}: {name} {human(size)} ({n}/{len(todo)}), {human(rate)}/s, "
-              f"about {(need - written) / rate:.0f} s left", flush=True)
+        if bar is None:
+            print(f"hvd_ba pack: rank {rank}: {name} {human(size)} ({n}/{len(todo)}), {human(rate)}/s, "
+                  f"about {(need - written) / rate:.0f} s left", flush=True)
+    if bar is not None:
+        bar.close()
     for line in broken:
         print(f"hvd_ba pack: does not decode (packed as it is): {line}", flush=True)
     if rank == 0:
@@ -317,6 +323,17 @@ def pack(args) -> int:
               f"({', '.join(f'{s} {len(source.index)}' for s, source in sources.items())}); train with "
               f"--set data.path={dst}", flush=True)
     return 0
+
+
+def progress_bar(total: int, rank: int):
+    """A tqdm bar (bytes, MB/s, time left) where stdout is a terminal; None in a log (plain lines)."""
+    if not sys.stdout.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"pack rank {rank}", dynamic_ncols=True)
 
 
 def wait_for_shards(dst: Path, work: list) -> None:
