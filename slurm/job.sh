@@ -2,7 +2,7 @@
 #
 # The script sets, before sourcing this file:
 #   CONFIG      preset name or YAML path (python -m hvd_ba train --config)
-#   DATA        ImageNet-layout root on the shared file system (train/, val/)
+#   DATA        ImageNet-layout root on the shared file system (train/, val/), or a packed folder (pack)
 #   OUT         run directory on the shared file system (checkpoints, metrics, logs/)
 #   LAUNCHER    srun | horovodrun | mpirun | torchrun (torchrun: BACKEND=torch only)
 #   BACKEND     horovod (default) | torch: run.backend, how the ranks talk (hvd_ba/dist.py); torch
