@@ -98,7 +98,8 @@ def cmd_plan(args) -> int:
         raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
     if args.train_images is None:
         args.train_images = 1_281_167
-        if cfg.data.path and os.path.isdir(os.path.join(cfg.data.path, "train")):
+        if cfg.data.path and (os.path.isdir(os.path.join(cfg.data.path, "train"))
+                              or os.path.isfile(os.path.join(cfg.data.path, "train.json"))):
             from hvd_ba.data.shards import load_split
 
             args.train_images = len(load_split(cfg, "train", write=True))

@@ -60,12 +60,14 @@ def distributed(small_data, tmp_path_factory):
     files["csv"] = root.parent / "LOC_val_solution.csv"
     files["csv"].write_text("ImageId,PredictionString\n" + "".join(
         f"{name[:-5]},{wnid} 10 20 200 220 {wnid} 1 2 30 40\n" for name, wnid in reversed(truth.items())))
+    files["csv-bom"] = root.parent / "LOC_val_solution-bom.csv"  # as Excel saves it
+    files["csv-bom"].write_bytes(b"\xef\xbb\xbf" + files["csv"].read_bytes().replace(b"\n", b"\r\n"))
     files["text"] = root.parent / "val_labels.txt"
     files["text"].write_text("".join(f"val/{name} {wnid}\n" for name, wnid in truth.items()))
     return root, truth, files
 
 
-@pytest.mark.parametrize("form", ["devkit", "csv", "text"])
+@pytest.mark.parametrize("form", ["devkit", "csv", "csv-bom", "text"])
 def test_each_labels_form_gives_every_flat_image_its_class(distributed, small_data, form):
     root, truth, files = distributed
     assert read_val_labels(files[form]) == truth
@@ -164,13 +166,21 @@ def test_pack_from_the_archives_equals_the_pack_of_the_extracted_folder(distribu
 def test_archives_that_do_not_fit_are_refused_in_one_line(distributed, tmp_path):
     root, _, files = distributed
     train_tar, val_tar = write_archives(root, tmp_path)
+    whole = train_tar.read_bytes()
+    with tarfile.open(train_tar) as tar:
+        last = tar.getmembers()[-1]
+    cut_between, cut_inside = tmp_path / "cut-between.tar", tmp_path / "cut-inside.tar"
+    cut_between.write_bytes(whole[:last.offset])  # the last class tar lost at a member boundary
+    cut_inside.write_bytes(whole[:last.offset_data + 700])
     gz = tmp_path / "train.tar.gz"
     with tarfile.open(gz, "w:gz") as tar:
         tar.add(root / "train", arcname="train")
     for args, says in ((["--from-tar", train_tar, "--val-tar", val_tar], "needs its labels: --val-labels"),
                        (["--from-tar", gz], "is not an uncompressed tar"),
                        (["--from-tar", val_tar], "holds images outside class tars or folders"),
-                       (["--from-tar", tmp_path / "nope.tar"], "does not exist")):
+                       (["--from-tar", tmp_path / "nope.tar"], "does not exist"),
+                       (["--from-tar", cut_between], "is truncated: no end-of-archive blocks after its last member"),
+                       (["--from-tar", cut_inside], "is truncated or damaged")):
         r = cli("pack", *args, tmp_path / "out")
         assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and says in r.stderr, (args, r.stderr)
     assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hvd_ba.data import manifest
+from hvd_ba.data.index import mapped
 from hvd_ba.data.manifest import StaleManifest, load_index, manifest_path, read_manifest
 
 pytestmark = pytest.mark.unit
@@ -83,6 +84,16 @@ def test_a_manifest_is_memory_mapped_and_pickled_by_name(data, tmp_path):
     assert again == index and again.paths[-1] == index.paths[-1] and list(again.labels) == list(index.labels)
     listed = load_index(data, "train", None)  # not cached: arrays in memory, pickled whole
     assert listed == index and listed.digest == index.digest and pickle.loads(pickle.dumps(listed)) == listed
+    assert len(pickle.dumps(listed)) > 4 * len(blob)
+    private = mapped(listed)  # what training hands its workers: mapped from a private temporary folder
+    assert isinstance(private.rows, np.memmap) and len(pickle.dumps(private)) < 2000 + len(private.root)
+    assert private == listed and list(private.paths) == list(listed.paths)
+
+
+def test_the_first_listing_is_handed_on_mapped(data, tmp_path):
+    """The start that lists the folder (no manifest yet) returns the manifest it wrote, mapped."""
+    first = load_index(data, "train", tmp_path / "cache")
+    assert isinstance(first.rows, np.memmap) and first.files
 
 
 def test_the_digest_is_the_checkpoints_definition(data):

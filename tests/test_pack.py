@@ -136,8 +136,74 @@ def test_a_pack_refuses_a_folder_holding_another_pack(small_data, packed, tmp_pa
     dst = shutil.copytree(packed, tmp_path / "copy")
     r = cli("pack", small_data, dst, "--shard-size", "30K")
     assert r.returncode == 1 and "holds a pack of another source, seed or shard size" in r.stderr, r.stderr
+    import pickle
+
+    sent = pickle.dumps(load_packed(dst, "train"))  # as a running job's rank hands it to a new loader worker
+    header = (dst / "train.json").read_bytes()
     r = cli("pack", small_data, dst, "--shard-size", SMALL_SHARD)  # the same pack: all done, nothing written
     assert r.returncode == 0 and "0 to write" in r.stdout, r.stdout + r.stderr
+    assert (dst / "train.json").read_bytes() == header  # the index is not written again
+    assert len(pickle.loads(sent)) == 192  # its arrays are still there
+
+
+@pytest.mark.unit
+def test_plan_counts_a_packed_folders_images(packed):
+    r = cli("plan", "--ranks", "2", "--set", f"data.path={packed}")
+    assert r.returncode == 0 and "192 training images" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.unit
+def test_names_a_tar_cannot_hold_are_refused_before_anything_is_written(small_data, tmp_path):
+    for name, says in (("n90000001/" + "x" * 120 + ".JPEG", "a name of 135 bytes that a ustar tar header cannot hold"),
+                       (os.fsdecode(b"n90000001/caf\xe9.JPEG"), "a file name that is not UTF-8")):
+        src = shutil.copytree(small_data, tmp_path / "src", dirs_exist_ok=True)
+        victim = src / "train" / name
+        shutil.copy(src / "train" / "n90000001" / "n90000001_00000.JPEG", victim)
+        r = cli("pack", src, tmp_path / "out")
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and says in r.stderr, r.stderr
+        assert f"'{victim}'" in r.stderr and not (tmp_path / "out").exists(), r.stderr
+        if "UTF-8" in says:  # training from the folder reads it all the same
+            index = load_index(src, "train", None)
+            i = list(index.paths).index(name)
+            assert SampleReader(index).read(i) == victim.read_bytes()
+            assert len(index.digest) == 64
+        victim.unlink()
+
+
+@pytest.mark.unit
+def test_a_source_without_validation_images_is_refused(small_data, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_data / "train", src / "train")
+    r = cli("pack", src, tmp_path / "out")
+    assert r.returncode == 1 and "training needs a validation split too: SRC has no val/" in r.stderr, r.stderr
+
+
+@pytest.mark.unit
+def test_rank_0_stops_in_one_line_when_the_other_ranks_finish_no_shard(small_data, tmp_path, monkeypatch):
+    """Rank 0 of 2 alone (rank 1 died, and its launcher did not end rank 0): it writes its shards,
+    waits --patience seconds for rank 1's, then stops; its shards are kept."""
+    monkeypatch.setenv("HOROVOD_RANK", "0")
+    monkeypatch.setenv("HOROVOD_SIZE", "2")
+    r = cli("pack", small_data, tmp_path / "out", "--shard-size", SMALL_SHARD, "--patience", "1")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "(rank 0 of 2): rank 0 waited 1 s without another shard finished by the other ranks (9 missing" in r.stderr
+    assert len(list((tmp_path / "out").glob("*.tar"))) == 9 and not (tmp_path / "out" / "train.json").exists()
+
+
+@pytest.mark.unit
+def test_a_full_disk_at_the_index_is_one_line(small_data, tmp_path, monkeypatch):
+    from hvd_ba.launch import pack
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pack, "write_index", full)
+    r = cli("pack", small_data, tmp_path / "out", "--shard-size", SMALL_SHARD)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "no space left on device writing the train index in" in r.stderr and "the shards are kept" in r.stderr
+    monkeypatch.undo()
+    r = cli("pack", small_data, tmp_path / "out", "--shard-size", SMALL_SHARD)
+    assert r.returncode == 0 and "18 of its 18 shards done" in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.unit
@@ -148,7 +214,7 @@ def test_a_full_disk_stops_the_pack_in_one_line_and_the_same_pack_continues(smal
     monkeypatch.setattr(pack, "free_bytes", lambda path: 1000)
     r = cli("pack", small_data, dst, "--shard-size", SMALL_SHARD)
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
-    assert "has 1.00 KB free; this rank's 18 unfinished shards need" in r.stderr
+    assert "has 1.00 KB free; the 18 unfinished shards and the indexes need" in r.stderr
     monkeypatch.undo()
     real, calls = pack.member_header, []
 
@@ -259,7 +325,7 @@ def test_training_from_shards_is_the_folders_run_under_horovodrun_torchrun_and_o
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((out / "result.json").read_text())["steps"] == 6
     resumed = shutil.copytree(two_rank_run, tmp_path / "resumed")
-    r = train_alone(packed, resumed, [*RUN, "data.unique_batch=16", "run.resume=auto"])
+    r = train_alone(packed, resumed, [*RUN, "data.unique_batch=16", "data.format=shards", "run.resume=auto"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming a run of 2 ranks on 1" in r.stdout + r.stderr
     assert [s["step"] for s in read_jsonl(resumed / "steps.jsonl")] == list(range(1, 13))

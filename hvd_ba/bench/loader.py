@@ -125,7 +125,8 @@ def packed_corpus(root: Path):
     if not (dst / "train.json").is_file():
         print(f"bench: packing the corpus into {dst} ...", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):
-            pack(argparse.Namespace(src=str(root), dst=str(dst), shard_size=64 << 20, seed=0, check_images=False))
+            pack(argparse.Namespace(src=str(root), dst=str(dst), shard_size=64 << 20, seed=0, check_images=False,
+                                    train_only=True))
     return load_packed(dst, "train")
 
 

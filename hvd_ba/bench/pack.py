@@ -61,7 +61,7 @@ def run_pack_bench(args) -> int:
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 code = pack(argparse.Namespace(src=str(root), dst=str(target), shard_size=args.shard_size, seed=0,
-                                               check_images=False))
+                                               check_images=False, train_only=True))
             rates["pack"].append(total / (time.perf_counter() - start))
             if code:
                 raise RuntimeError(f"bench pack: the pack failed (exit {code})")

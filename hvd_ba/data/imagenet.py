@@ -82,7 +82,7 @@ def devkit_labels(path: Path) -> dict[str, str]:
 def csv_labels(path: Path) -> dict[str, str]:
     """{file name: WNID} from Kaggle's LOC_val_solution.csv."""
     labels = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
@@ -98,7 +98,7 @@ def csv_labels(path: Path) -> dict[str, str]:
 def text_labels(path: Path) -> dict[str, str]:
     """{file name: WNID} from `<file> <wnid>` lines."""
     labels = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
         words = line.split()
         if not words:
             continue
@@ -186,10 +186,14 @@ def archive_members(path: Path) -> list[tuple[str, int, int]]:
     `<class>/<file>` is taken as it is, a flat member (the validation tar's) by its file name."""
     from hvd_ba.data.manifest import IMAGE_SUFFIXES
 
-    out = []
+    out, end = [], 0
     try:
         with open(path, "rb") as raw, open(path, "rb") as inner_raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            length = os.fstat(raw.fileno()).st_size
             for m in tar:
+                end = m.offset_data + (m.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+                if m.offset_data + m.size > length:
+                    raise tarfile.ReadError("unexpected end of data")
                 if not m.isfile():
                     continue
                 if m.name.endswith(".tar"):
@@ -201,8 +205,19 @@ def archive_members(path: Path) -> list[tuple[str, int, int]]:
                 elif m.name.lower().endswith(IMAGE_SUFFIXES):
                     parts = m.name.strip("/").split("/")
                     out.append(("/".join(parts[-2:]), m.size, m.offset_data))
+            if tar.offset < end:
+                raise tarfile.ReadError("unexpected end of data")
     except tarfile.ReadError as err:
+        if "unexpected end of data" in str(err) or "truncated" in str(err):
+            raise LabelsError(f"'{path}' is truncated or damaged ({err}); download it again") from None
         raise LabelsError(f"'{path}' is not an uncompressed tar ({err})") from None
+    # tarfile ends quietly at the end of the file: an archive cut between two members would pass
+    # as a smaller one. A whole archive ends with its end-of-archive blocks after the last member.
+    with open(path, "rb") as f:
+        tail = os.pread(f.fileno(), 2 * tarfile.BLOCKSIZE, end)
+    if len(tail) < 2 * tarfile.BLOCKSIZE or any(tail):
+        raise LabelsError(f"'{path}' is truncated: no end-of-archive blocks after its last member (at byte {end} of "
+                          f"{os.path.getsize(path)}); download it again")
     return out
 
 

@@ -64,10 +64,10 @@ def manifest_path(folder: Path, cache_dir: Path) -> Path:
     return cache_dir / f"{folder.parent.name}-{folder.name}-{key}.manifest.json"
 
 
-def write_manifest(path: Path, index: FileIndex, state: dict) -> None:
+def write_manifest(path: Path, index: FileIndex, state: dict) -> Path:
     # readers see the old manifest or the new one, never half of one (index.write_index)
-    write_index(path.parent, path.name[:-len(".json")], index, {"root": str(Path(index.root).resolve()),
-                                                                 "mtimes": state})
+    return write_index(path.parent, path.name[:-len(".json")], index, {"root": str(Path(index.root).resolve()),
+                                                                        "mtimes": state})
 
 
 def read_manifest(path: Path, folder: Path) -> FileIndex:
@@ -89,7 +89,8 @@ def read_manifest(path: Path, folder: Path) -> FileIndex:
 
 def load_index(root: str | Path, split: str, cache_dir: str | Path | None, write: bool = True) -> FileIndex:
     """The index of root/split: from its cached manifest when fresh, else listed (and cached if
-    `write`). cache_dir None disables caching."""
+    `write`). cache_dir None disables caching. Memory-mapped where it comes from a manifest; a
+    listed index that was not cached is in memory (index.mapped maps it)."""
     folder = Path(root) / split
     if cache_dir is None:
         return scan_folder(folder)[0]
@@ -106,7 +107,7 @@ def load_index(root: str | Path, split: str, cache_dir: str | Path | None, write
     index, state = scan_folder(folder)
     if write:
         try:
-            write_manifest(path, index, state)
+            return read_index(write_manifest(path, index, state), str(folder))  # mapped, as a cached one is
         except OSError as err:  # only a cache: the next start lists the folder again
             log.warning("could not cache the file index in %s (%s); listing again at the next start", path,
                         err.strerror)

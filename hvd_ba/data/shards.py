@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hvd_ba.data.index import FileIndex, IndexUnreadable, header_path, read_header, read_index
+from hvd_ba.data.index import FileIndex, IndexUnreadable, header_path, mapped, read_header, read_index
 
 log = logging.getLogger("hvd_ba")
 
@@ -195,5 +195,6 @@ def load_split(cfg, split: str, write: bool) -> FileIndex:
         from hvd_ba.data.manifest import _class_folders
 
         root = Path(cfg.data.path)
-        return flat_val_index(root / "val", cfg.data.val_labels, _class_folders(root / "train"))
-    return load_index(cfg.data.path, split, manifest_cache(cfg), write=write)
+        return mapped(flat_val_index(root / "val", cfg.data.val_labels, _class_folders(root / "train")))
+    # mapped: loader workers map the pages instead of each unpickling a copy
+    return mapped(load_index(cfg.data.path, split, manifest_cache(cfg), write=write))

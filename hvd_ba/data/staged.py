@@ -21,8 +21,8 @@ def rank_files(cfg, train_index: FileIndex, val_index: FileIndex, rank: int, wor
         raise ConfigError("config key 'data.shard': staging needs static shards (global shards read different "
                           f"files every epoch); set data.shard=static (it is {cfg.data.shard!r})")
     train = train_sampler(len(train_index), cfg, rank, world).owned()
-    files = [(f"train/{train_index.paths[i]}", train_index.sizes[i]) for i in sorted(train)]
-    files += [(f"val/{val_index.paths[i]}", val_index.sizes[i]) for i in eval_files(len(val_index), rank, world)]
+    files = [(f"train/{train_index.paths[i]}", int(train_index.sizes[i])) for i in sorted(train)]
+    files += [(f"val/{val_index.paths[i]}", int(val_index.sizes[i])) for i in eval_files(len(val_index), rank, world)]
     return files
 
 

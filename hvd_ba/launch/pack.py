@@ -29,7 +29,7 @@ from hvd_ba.data.index import FileIndex, header_path, write_index
 from hvd_ba.data.manifest import _class_folders, _folder_state, load_index
 from hvd_ba.data.shards import (BLOCK, PACK_FORMAT, PACK_VERSION, SPLITS, load_packed, member_header, packed_index,
                                 plan_shards, shard_name)
-from hvd_ba.flags import byte_size
+from hvd_ba.flags import byte_size, positive_float
 from hvd_ba.fsio import SPACE_ERRORS, atomic_write, free_bytes
 from hvd_ba.train.stop import pause_point
 
@@ -65,6 +65,8 @@ def parser_pack() -> argparse.ArgumentParser:
     p.add_argument("--check-images", action="store_true",
                    help="also decode every image and list those that do not decode (they are packed as they are; "
                         "training counts and replaces them)")
+    p.add_argument("--patience", type=positive_float, default=1800, metavar="SECONDS",
+                   help="rank 0 stops when the other ranks finish no shard for this long (default: 1800)")
     p.add_argument("--verify", action="store_true", help="re-read DST: every shard's size and SHA-256, every member's "
                                                          "name and size against the index")
     return p
@@ -146,6 +148,28 @@ def archive_sources(train_tar: str, val_tar: str | None, val_labels: str | None)
         out[split] = SplitSource(index, {"archive": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
                                  str(path), np.asarray(offsets, np.int64))
     return out
+
+
+def check_names(source: SplitSource) -> None:
+    """Every name a ustar member name can hold (UTF-8, 100 bytes or a split of 155 + 100), before
+    anything is written: one line naming the first that cannot."""
+    index = source.index
+    names, ends = index.names_buffer(), np.asarray(index.rows["name_end"])
+    lengths = np.diff(ends, prepend=0)
+    for i in np.flatnonzero(lengths > 100):
+        name = index.name(int(i))
+        try:
+            member_header(name, 0)
+        except ValueError:
+            raise PackError(f"'{source.where(name)}': a name of {len(name.encode('utf-8', 'surrogateescape'))} bytes "
+                            "that a ustar tar header cannot hold (at most 100, or a folder of 155 and a file of "
+                            "100); rename it") from None
+    try:
+        names.decode("utf-8")
+    except UnicodeDecodeError as err:
+        start = int(np.searchsorted(ends, err.start, side="right"))
+        raise PackError(f"'{source.where(index.name(start))}': a file name that is not UTF-8, which a tar member "
+                        "name must be; rename it") from None
 
 
 def check_plan(dst: Path, plan_record: dict) -> None:
@@ -272,6 +296,10 @@ def pack(args) -> int:
         if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
             raise PackError(f"DST '{dst}' lies inside SRC '{src}'; pack into another folder")
         sources = folder_sources(src, getattr(args, "val_labels", None))
+    if "val" not in sources and not getattr(args, "train_only", False):
+        raise PackError("training needs a validation split too: SRC has no val/ (or give --val-tar with --from-tar)")
+    for source in sources.values():
+        check_names(source)
     plans = {split: plan_shards(source.index.sizes, args.seed + k, args.shard_size)
              for k, (split, source) in enumerate(sources.items())}
     try:
@@ -287,6 +315,13 @@ def pack(args) -> int:
             if not shard_done(dst, shard_name(split, k), int(plans[split].shard_bytes[k]))]
     need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
     free = free_bytes(dst)
+    if rank == 0:  # every rank's unfinished shards (on one file system), and the indexes
+        left = [(s, k) for s, k in work if not (dst / STATE_DIR / f"{shard_name(s, k)}.json").is_file()]
+        total = sum(int(plans[s].shard_bytes[k]) for s, k in left) + sum(
+            len(src.index) * src.index.rows.itemsize + len(src.index.names) for src in sources.values())
+        if total > free:
+            raise PackError(f"'{dst}' has {human(free)} free; the {len(left)} unfinished shards and the indexes need "
+                            f"{human(total)}; free space (finished shards are kept) and pack again")
     if need > free:
         raise PackError(f"'{dst}' has {human(free)} free; this rank's {len(todo)} unfinished shards need {human(need)}; "
                         "free space (finished shards are kept) and pack again")
@@ -308,21 +343,38 @@ def pack(args) -> int:
     for line in broken:
         print(f"hvd_ba pack: does not decode (packed as it is): {line}", flush=True)
     if rank == 0:
-        wait_for_shards(dst, work)
+        wait_for_shards(dst, work, getattr(args, "patience", 1800))
         for split, source in sources.items():
             plan = plans[split]
             names = [shard_name(split, k) for k in range(plan.shards)]
             sums = [json.loads((dst / STATE_DIR / f"{n}.json").read_text())["sha256"] for n in names]
-            write_index(dst, split, packed_index(source.index, plan, split, str(dst)), {
-                "format": PACK_FORMAT, "pack_version": PACK_VERSION, "source": source.location,
-                "source_digest": source.index.digest, "source_mtimes": source.state, "seed": args.seed,
-                "shard_size": args.shard_size, "shard_bytes": [int(b) for b in plan.shard_bytes],
-                "shard_sha256": sums})
+            header = {"format": PACK_FORMAT, "pack_version": PACK_VERSION, "source": source.location,
+                      "source_digest": source.index.digest, "source_mtimes": source.state, "seed": args.seed,
+                      "shard_size": args.shard_size, "shard_bytes": [int(b) for b in plan.shard_bytes],
+                      "shard_sha256": sums}
+            if same_index(dst, split, header):
+                continue  # a pack run again after it finished: running jobs keep mapping these arrays
+            try:
+                write_index(dst, split, packed_index(source.index, plan, split, str(dst)), header)
+            except OSError as err:
+                if err.errno in SPACE_ERRORS:
+                    raise PackError(f"{SPACE_ERRORS[err.errno]} writing the {split} index in '{dst}'; the shards are "
+                                    "kept: free space and run the same pack again to finish") from None
+                raise
         total = sum(len(source.index) for source in sources.values())
         print(f"hvd_ba pack: {dst}: {total} samples in {len(work)} shards "
               f"({', '.join(f'{s} {len(source.index)}' for s, source in sources.items())}); train with "
               f"--set data.path={dst}", flush=True)
     return 0
+
+
+def same_index(dst: Path, split: str, header: dict) -> bool:
+    """Whether DST already holds this split's index as `header` would write it (arrays intact)."""
+    try:
+        index = load_packed(dst, split)
+    except FileNotFoundError:
+        return False
+    return all(index.header.get(key) == value for key, value in header.items())
 
 
 def progress_bar(total: int, rank: int):
@@ -336,13 +388,22 @@ def progress_bar(total: int, rank: int):
     return tqdm(total=total, unit="B", unit_scale=True, desc=f"pack rank {rank}", dynamic_ncols=True)
 
 
-def wait_for_shards(dst: Path, work: list) -> None:
-    """Rank 0: until every shard is recorded (the other ranks write theirs)."""
-    said = time.monotonic()
+def wait_for_shards(dst: Path, work: list, patience_s: float) -> None:
+    """Rank 0: until every shard is recorded (the other ranks write theirs). A stop, in one line,
+    when no shard was finished for `patience_s` (a rank died and its launcher did not end the
+    others): the finished shards are kept, and the same pack run again writes the rest."""
+    said = progress = time.monotonic()
+    before = None
     while True:
         missing = [shard_name(s, k) for s, k in work if not (dst / STATE_DIR / f"{shard_name(s, k)}.json").is_file()]
         if not missing:
             return
+        if len(missing) != before:
+            before, progress = len(missing), time.monotonic()
+        if time.monotonic() - progress > patience_s:
+            raise PackError(f"rank 0 waited {patience_s:.0f} s without another shard finished by the other ranks "
+                            f"({len(missing)} missing, first {missing[0]}): did a rank die? the finished shards are "
+                            "kept; run the same pack again to write the rest")
         if time.monotonic() - said > 60:
             print(f"hvd_ba pack: rank 0 waits for {len(missing)} shards of the other ranks (first {missing[0]})",
                   flush=True)
@@ -371,7 +432,9 @@ def verify(dst: Path) -> int:
         fds = {}
         for i in range(len(index)):
             shard, offset, size = int(index.rows["shard"][i]), int(index.rows["offset"][i]), int(index.sizes[i])
-            fd = fds.get(shard) or fds.setdefault(shard, os.open(dst / index.shards[shard], os.O_RDONLY))
+            if shard not in fds:
+                fds[shard] = os.open(dst / index.shards[shard], os.O_RDONLY)
+            fd = fds[shard]
             try:
                 info = tarfile.TarInfo.frombuf(os.pread(fd, BLOCK, offset - BLOCK), "utf-8", "strict")
             except (tarfile.HeaderError, ValueError) as err:

@@ -207,7 +207,10 @@ def refuse_resume(path, differences: list[str], saved: dict, current: dict) -> R
 # (model, augmentation, optimiser, data) must match the checkpoint's config; the world size and
 # data.unique_batch are judged by the plan.
 MAY_CHANGE = {
-    "data": {"path", "unique_batch", "manifest_dir", "workers", "worker_start", "prefetch", "eval_batch", "local_path"},
+    # data.path, data.format and data.val_labels may name other copies of the data (a packed folder, a flat val/):
+    # the index digest in the plan decides whether they hold the same samples in the same order
+    "data": {"path", "format", "val_labels", "unique_batch", "manifest_dir", "workers", "worker_start", "prefetch",
+             "eval_batch", "local_path"},
     "augment": {"where", "canvas"},
     "optim": {"epochs"},  # a step schedule may be extended; a cosine one is judged by the plan
     "run": {"backend", "out_dir", "resume", "overwrite", "stall_timeout", "checkpoint_timeout", "log_every",
