@@ -91,9 +91,10 @@ class SplitSource:
     location: str
     offsets: np.ndarray | None = None
 
-    def read(self, i: int, name: str, size: int) -> bytes:
+    def read(self, i: int, path: str, size: int) -> bytes:
+        """Sample i's bytes; `path`: its where()."""
         if self.offsets is None:
-            with open(os.path.join(self.location, name), "rb") as f:
+            with open(path, "rb") as f:
                 return f.read()
         if getattr(self, "_fd", None) is None:
             self._fd = os.open(self.location, os.O_RDONLY | os.O_CLOEXEC)
@@ -207,6 +208,39 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+class BackgroundHash:
+    """SHA-256 of what is written, computed in a thread (hashlib releases the GIL), so that hashing
+    overlaps the reads and writes instead of adding to them (the hash runs at ~400 MB/s a core)."""
+
+    def __init__(self):
+        import queue
+        import threading
+
+        self._h, self._queue = hashlib.sha256(), queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="pack-sha256", daemon=True)
+        self._thread.start()
+
+        self._pieces, self._held = [], 0
+
+    def _run(self):
+        while (pieces := self._queue.get()) is not None:
+            for piece in pieces:
+                self._h.update(piece)
+
+    def update(self, piece: bytes) -> None:
+        self._pieces.append(piece)  # handed over in batches of about 4 MB: a queue operation costs ~15 us
+        self._held += len(piece)
+        if self._held >= 4 << 20:
+            self._queue.put(self._pieces)
+            self._pieces, self._held = [], 0
+
+    def hexdigest(self) -> str:
+        self._queue.put(self._pieces)
+        self._queue.put(None)
+        self._thread.join()
+        return self._h.hexdigest()
+
+
 def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, check_images: bool,
                 shard_number: int = 0, bar=None) -> list[str]:
     """Write one shard (temporary file, fsync, rename, then its record); returns the members that
@@ -216,7 +250,7 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
     for stale in (dst / STATE_DIR).glob(f"{name}.*.partial"):  # of a killed pack: this rank writes `name` now
         stale.unlink(missing_ok=True)
     tmp = dst / STATE_DIR / f"{name}.{socket.gethostname()}.{os.getpid()}.partial"
-    h, broken, written = hashlib.sha256(), [], 0
+    h, broken, written = BackgroundHash(), [], 0
     index = source.index
     names, ends, sizes = index.names_buffer(), np.asarray(index.rows["name_end"]), np.asarray(index.sizes)
     try:
@@ -226,7 +260,7 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
                     pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
                 rel = names[int(ends[i - 1]) if i else 0:int(ends[i])].decode()
                 want, path = int(sizes[i]), source.where(rel)
-                data = source.read(i, rel, want)
+                data = source.read(i, path, want)
                 if len(data) != want:
                     raise PackError(f"'{path}' is {len(data)} bytes, its index says {want}: the source changed "
                                     "while packing; pack again")
@@ -248,13 +282,14 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
             written += len(end)
             out.flush()
             os.fsync(out.fileno())
+        digest = h.hexdigest()
         if written != size:
             raise PackError(f"shard {name}: wrote {written} bytes, the plan says {size}")
         os.replace(tmp, dst / name)
         # not fsynced: a record lost in a crash only costs writing its shard again
         record = dst / STATE_DIR / f"{name}.json"
         record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-        record_tmp.write_text(json.dumps({"bytes": size, "sha256": h.hexdigest()}) + "\n")
+        record_tmp.write_text(json.dumps({"bytes": size, "sha256": digest}) + "\n")
         os.replace(record_tmp, record)
     except OSError as err:
         if err.errno in SPACE_ERRORS:
