@@ -145,12 +145,14 @@ def write_archives(root, out):
     return train_tar, val_tar
 
 
-def test_pack_from_the_archives_equals_the_pack_of_the_extracted_folder(distributed, tmp_path):
+@pytest.mark.parametrize("labels", ["devkit", "csv"])
+def test_pack_from_the_archives_equals_the_pack_of_the_extracted_folder(distributed, tmp_path, labels):
     """Indexed by their headers and read by offset, the archives give the extracted folder's index
-    (same digest) and, with the same seed and shard size, byte-identical shards."""
+    (same digest) and, with the same seed and shard size, byte-identical shards; the validation
+    labels from the devkit (IDs not in WNID order) or Kaggle's CSV."""
     root, truth, files = distributed
     train_tar, val_tar = write_archives(root, tmp_path)
-    r = cli("pack", "--from-tar", train_tar, "--val-tar", val_tar, "--val-labels", files["devkit"],
+    r = cli("pack", "--from-tar", train_tar, "--val-tar", val_tar, "--val-labels", files[labels],
             tmp_path / "from-tar", "--shard-size", "256K")
     assert r.returncode == 0, r.stdout + r.stderr
     r = cli("pack", root, tmp_path / "from-folder", "--shard-size", "256K", "--val-labels", files["text"])
