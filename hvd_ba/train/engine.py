@@ -164,7 +164,7 @@ def _waiting_for(loader, state: TrainState, step_in_epoch: int):
         sampler, b = loader.batch_sampler, loader.batch_sampler.unique_batch
         files = sampler.shard(state.epoch)[step_in_epoch * b:(step_in_epoch + 1) * b]
         dataset = loader.dataset
-        names = [dataset.path(i) for i in files[:3]]
+        names = [dataset.index.where(i) for i in files[:3]]
         more = f" and {len(files) - 3} more" if len(files) > 3 else ""
         return (f"its data loader (the batch of step {step_in_epoch + 1} of epoch {state.epoch + 1}: "
                 f"{', '.join(names)}{more})")
