@@ -446,6 +446,13 @@ def test_a_stop_signal_while_a_stopped_rank_exits_keeps_its_75(small_data, tmp_p
     assert sent > 0
 
 
+def interruptible() -> None:
+    """In the child before exec: Ctrl-C's default action. A suite started in the background (`cmd &`
+    in a script) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    the demo would not see the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.mark.integration
 def test_ctrl_c_on_the_demo_prints_where_it_stopped_and_the_resume_command(small_data, tmp_path):
     """Ctrl-C (SIGINT to the demo's process group: the demo and horovodrun): the ranks checkpoint
@@ -458,7 +465,7 @@ def test_ctrl_c_on_the_demo_prints_where_it_stopped_and_the_resume_command(small
              "data.workers=0", "data.unique_batch=8", "data.copies=2", "model.ghost_size=16", "run.log_every=1"]
     proc = subprocess.Popen([sys.executable, "-m", "hvd_ba", "demo", "--data", str(small_data), "--out", str(out),
                              "--set", *quick], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            cwd=tmp_path, start_new_session=True)
+                            cwd=tmp_path, start_new_session=True, preexec_fn=interruptible)
     wait_for_step(out, 2, proc)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
