@@ -241,12 +241,41 @@ class BackgroundHash:
         return self._h.hexdigest()
 
 
+def read_member(source: SplitSource, i: int, names: bytes, ends: np.ndarray, sizes: np.ndarray,
+                check_images: bool) -> tuple[str, bytes, str | None]:
+    """Sample i's member name, its bytes (their size checked against the index) and, with
+    check_images, why it does not decode (None: it does)."""
+    rel = names[int(ends[i - 1]) if i else 0:int(ends[i])].decode()
+    want, path = int(sizes[i]), source.where(rel)
+    data = source.read(i, path, want)
+    if len(data) != want:
+        raise PackError(f"'{path}' is {len(data)} bytes, its index says {want}: the source changed while packing; "
+                        "pack again")
+    broken = None
+    if check_images:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except Exception as err:  # PIL raises many types for broken files
+            broken = f"{path} ({type(err).__name__}: {err})"
+    return rel, data, broken
+
+
+def record_shard(dst: Path, name: str, size: int, digest: str) -> None:
+    """The record that says shard `name` is finished. Not fsynced: a record lost in a crash only
+    costs writing its shard again."""
+    record = dst / STATE_DIR / f"{name}.json"
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"bytes": size, "sha256": digest}) + "\n")
+    os.replace(tmp, record)
+
+
 def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, check_images: bool,
                 shard_number: int = 0, bar=None) -> list[str]:
     """Write one shard (temporary file, fsync, rename, then its record); returns the members that
     do not decode (check_images). shard_number: the how-manieth of this rank's (a test hook's name)."""
-    from PIL import Image
-
     for stale in (dst / STATE_DIR).glob(f"{name}.*.partial"):  # of a killed pack: this rank writes `name` now
         stale.unlink(missing_ok=True)
     tmp = dst / STATE_DIR / f"{name}.{socket.gethostname()}.{os.getpid()}.partial"
@@ -258,39 +287,24 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
             for n, i in enumerate(members):
                 if n == 1:
                     pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
-                rel = names[int(ends[i - 1]) if i else 0:int(ends[i])].decode()
-                want, path = int(sizes[i]), source.where(rel)
-                data = source.read(i, path, want)
-                if len(data) != want:
-                    raise PackError(f"'{path}' is {len(data)} bytes, its index says {want}: the source changed "
-                                    "while packing; pack again")
-                if check_images:
-                    try:
-                        with Image.open(io.BytesIO(data)) as img:
-                            img.load()
-                    except Exception as err:  # PIL raises many types for broken files
-                        broken.append(f"{path} ({type(err).__name__}: {err})")
-                for piece in (member_header(rel, want), data, bytes(-want % BLOCK)):
+                rel, data, bad = read_member(source, i, names, ends, sizes, check_images)
+                broken += [bad] if bad else []
+                for piece in (member_header(rel, len(data)), data, bytes(-len(data) % BLOCK)):
                     out.write(piece)
                     h.update(piece)
-                written += BLOCK + want + (-want % BLOCK)
+                    written += len(piece)
                 if bar is not None:
-                    bar.update(BLOCK + want + (-want % BLOCK))
-            end = bytes(2 * BLOCK)  # the end of the archive
-            out.write(end)
-            h.update(end)
-            written += len(end)
+                    bar.update(BLOCK + len(data) + (-len(data) % BLOCK))
+            out.write(bytes(2 * BLOCK))  # the end of the archive
+            h.update(bytes(2 * BLOCK))
+            written += 2 * BLOCK
             out.flush()
             os.fsync(out.fileno())
         digest = h.hexdigest()
         if written != size:
             raise PackError(f"shard {name}: wrote {written} bytes, the plan says {size}")
         os.replace(tmp, dst / name)
-        # not fsynced: a record lost in a crash only costs writing its shard again
-        record = dst / STATE_DIR / f"{name}.json"
-        record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-        record_tmp.write_text(json.dumps({"bytes": size, "sha256": digest}) + "\n")
-        os.replace(record_tmp, record)
+        record_shard(dst, name, size, digest)
     except OSError as err:
         if err.errno in SPACE_ERRORS:
             raise PackError(f"{SPACE_ERRORS[err.errno]} writing '{dst / name}'; the finished shards are kept: free "
@@ -314,8 +328,40 @@ def run_pack(args) -> int:
 
 
 def pack(args) -> int:
+    """The command: sources, plan, this rank's shards, then (rank 0) the indexes."""
     dst = Path(args.dst)
     rank, world = launch_rank()
+    sources = pack_sources(args, dst)
+    plans = {split: plan_shards(source.index.sizes, args.seed + k, args.shard_size)
+             for k, (split, source) in enumerate(sources.items())}
+    try:
+        (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PackError(f"cannot write to '{dst}' ({err.strerror})") from None
+    check_plan(dst, {"source": {split: source.location for split, source in sources.items()}, "seed": args.seed,
+                     "shard_size": args.shard_size,
+                     "digests": {split: source.index.digest for split, source in sources.items()}})
+    work = [(split, k) for split, plan in plans.items() for k in range(plan.shards)]
+    mine = [(split, k) for n, (split, k) in enumerate(work) if n % world == rank]
+    todo = [(split, k) for split, k in mine
+            if not shard_done(dst, shard_name(split, k), int(plans[split].shard_bytes[k]))]
+    check_space(dst, rank, work, todo, plans, sources)
+    need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
+    print(f"hvd_ba pack: rank {rank} of {world}: {len(mine) - len(todo)} of its {len(mine)} shards done, "
+          f"{len(todo)} to write ({human(need)})", flush=True)
+    write_shards(dst, rank, todo, plans, sources, args.check_images)
+    if rank == 0:
+        wait_for_shards(dst, work, getattr(args, "patience", 1800))
+        write_indexes(dst, plans, sources, args)
+        total = sum(len(source.index) for source in sources.values())
+        print(f"hvd_ba pack: {dst}: {total} samples in {len(work)} shards "
+              f"({', '.join(f'{s} {len(source.index)}' for s, source in sources.items())}); train with "
+              f"--set data.path={dst}", flush=True)
+    return 0
+
+
+def pack_sources(args, dst: Path) -> dict[str, SplitSource]:
+    """The splits to pack, from SRC or the archives, refused in one line before anything is written."""
     from_tar = getattr(args, "from_tar", None)
     if from_tar:
         if args.src is not None:
@@ -335,39 +381,35 @@ def pack(args) -> int:
         raise PackError("training needs a validation split too: SRC has no val/ (or give --val-tar with --from-tar)")
     for source in sources.values():
         check_names(source)
-    plans = {split: plan_shards(source.index.sizes, args.seed + k, args.shard_size)
-             for k, (split, source) in enumerate(sources.items())}
-    try:
-        (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PackError(f"cannot write to '{dst}' ({err.strerror})") from None
-    check_plan(dst, {"source": {split: source.location for split, source in sources.items()}, "seed": args.seed,
-                     "shard_size": args.shard_size,
-                     "digests": {split: source.index.digest for split, source in sources.items()}})
-    work = [(split, k) for split, plan in plans.items() for k in range(plan.shards)]
-    mine = [(split, k) for n, (split, k) in enumerate(work) if n % world == rank]
-    todo = [(split, k) for split, k in mine
-            if not shard_done(dst, shard_name(split, k), int(plans[split].shard_bytes[k]))]
-    need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
+    return sources
+
+
+def check_space(dst: Path, rank: int, work: list, todo: list, plans: dict, sources: dict) -> None:
+    """DST's free space against this rank's unfinished shards; rank 0 also against every rank's
+    (one file system) and the indexes."""
     free = free_bytes(dst)
-    if rank == 0:  # every rank's unfinished shards (on one file system), and the indexes
+    if rank == 0:
         left = [(s, k) for s, k in work if not (dst / STATE_DIR / f"{shard_name(s, k)}.json").is_file()]
         total = sum(int(plans[s].shard_bytes[k]) for s, k in left) + sum(
             len(src.index) * src.index.rows.itemsize + len(src.index.names) for src in sources.values())
         if total > free:
             raise PackError(f"'{dst}' has {human(free)} free; the {len(left)} unfinished shards and the indexes need "
                             f"{human(total)}; free space (finished shards are kept) and pack again")
+    need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
     if need > free:
         raise PackError(f"'{dst}' has {human(free)} free; this rank's {len(todo)} unfinished shards need {human(need)}; "
                         "free space (finished shards are kept) and pack again")
-    print(f"hvd_ba pack: rank {rank} of {world}: {len(mine) - len(todo)} of its {len(mine)} shards done, "
-          f"{len(todo)} to write ({human(need)})", flush=True)
+
+
+def write_shards(dst: Path, rank: int, todo: list, plans: dict, sources: dict, check_images: bool) -> None:
+    """This rank's unfinished shards, with a bar on a terminal or a line per shard in a log."""
+    need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
     started, written, broken = time.monotonic(), 0, []
     bar = progress_bar(need, rank)
     for n, (split, k) in enumerate(todo, 1):
         plan = plans[split]
         name, size = shard_name(split, k), int(plan.shard_bytes[k])
-        broken += write_shard(sources[split], dst, name, plan.members(k), size, args.check_images, n, bar)
+        broken += write_shard(sources[split], dst, name, plan.members(k), size, check_images, n, bar)
         written += size
         rate = written / max(time.monotonic() - started, 1e-6)
         if bar is None:
@@ -377,30 +419,27 @@ def pack(args) -> int:
         bar.close()
     for line in broken:
         print(f"hvd_ba pack: does not decode (packed as it is): {line}", flush=True)
-    if rank == 0:
-        wait_for_shards(dst, work, getattr(args, "patience", 1800))
-        for split, source in sources.items():
-            plan = plans[split]
-            names = [shard_name(split, k) for k in range(plan.shards)]
-            sums = [json.loads((dst / STATE_DIR / f"{n}.json").read_text())["sha256"] for n in names]
-            header = {"format": PACK_FORMAT, "pack_version": PACK_VERSION, "source": source.location,
-                      "source_digest": source.index.digest, "source_mtimes": source.state, "seed": args.seed,
-                      "shard_size": args.shard_size, "shard_bytes": [int(b) for b in plan.shard_bytes],
-                      "shard_sha256": sums}
-            if same_index(dst, split, header):
-                continue  # a pack run again after it finished: running jobs keep mapping these arrays
-            try:
-                write_index(dst, split, packed_index(source.index, plan, split, str(dst)), header)
-            except OSError as err:
-                if err.errno in SPACE_ERRORS:
-                    raise PackError(f"{SPACE_ERRORS[err.errno]} writing the {split} index in '{dst}'; the shards are "
-                                    "kept: free space and run the same pack again to finish") from None
-                raise
-        total = sum(len(source.index) for source in sources.values())
-        print(f"hvd_ba pack: {dst}: {total} samples in {len(work)} shards "
-              f"({', '.join(f'{s} {len(source.index)}' for s, source in sources.items())}); train with "
-              f"--set data.path={dst}", flush=True)
-    return 0
+
+
+def write_indexes(dst: Path, plans: dict, sources: dict, args) -> None:
+    """Rank 0, every shard recorded: each split's index, unless DST holds it already."""
+    for split, source in sources.items():
+        plan = plans[split]
+        names = [shard_name(split, k) for k in range(plan.shards)]
+        sums = [json.loads((dst / STATE_DIR / f"{n}.json").read_text())["sha256"] for n in names]
+        header = {"format": PACK_FORMAT, "pack_version": PACK_VERSION, "source": source.location,
+                  "source_digest": source.index.digest, "source_mtimes": source.state, "seed": args.seed,
+                  "shard_size": args.shard_size, "shard_bytes": [int(b) for b in plan.shard_bytes],
+                  "shard_sha256": sums}
+        if same_index(dst, split, header):
+            continue  # a pack run again after it finished: running jobs keep mapping these arrays
+        try:
+            write_index(dst, split, packed_index(source.index, plan, split, str(dst)), header)
+        except OSError as err:
+            if err.errno in SPACE_ERRORS:
+                raise PackError(f"{SPACE_ERRORS[err.errno]} writing the {split} index in '{dst}'; the shards are "
+                                "kept: free space and run the same pack again to finish") from None
+            raise
 
 
 def same_index(dst: Path, split: str, header: dict) -> bool:
