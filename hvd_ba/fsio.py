@@ -46,6 +46,17 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in pieces."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------- crash instrumentation
 
 _count = 0

@@ -136,17 +136,24 @@ def flat_val_index(folder: Path, labels_path: str | Path, classes: tuple[str, ..
     files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"validation folder '{folder}' has no images (data.val_labels expects a flat folder)")
-    unlabelled = [f for f in files if f not in labels]
-    if unlabelled:
-        raise LabelsError(f"data.val_labels '{labels_path}' has no label for {len(unlabelled)} of the {len(files)} "
-                          f"images of '{folder}' (first: {unlabelled[0]})")
-    number = {wnid: k for k, wnid in enumerate(classes)}
-    foreign = sorted({labels[f] for f in files} - number.keys())
-    if foreign:
-        raise LabelsError(f"data.val_labels '{labels_path}' names {len(foreign)} classes that train/ lacks "
-                          f"(first: {foreign[0]})")
+    numbers = label_numbers(files, labels, classes, f"data.val_labels '{labels_path}'", f"'{folder}'", "train/")
     sizes = [os.stat(os.path.join(folder, f)).st_size for f in files]
-    return FileIndex.from_lists(str(folder), files, [number[labels[f]] for f in files], sizes, classes)
+    return FileIndex.from_lists(str(folder), files, numbers, sizes, classes)
+
+
+def label_numbers(files: list[str], wnids: dict[str, str], classes, labels_name: str, images_name: str,
+                  classes_name: str) -> list[int]:
+    """Each file's label: its WNID's position among the training `classes`; one line where a
+    file has no label or a WNID is no training class."""
+    unlabelled = [f for f in files if f not in wnids]
+    if unlabelled:
+        raise LabelsError(f"{labels_name} has no label for {len(unlabelled)} of the {len(files)} images of "
+                          f"{images_name} (first: {unlabelled[0]})")
+    number = {wnid: k for k, wnid in enumerate(classes)}
+    foreign = sorted({wnids[f] for f in files} - number.keys())
+    if foreign:
+        raise LabelsError(f"{labels_name} names {len(foreign)} classes that {classes_name} lacks (first: {foreign[0]})")
+    return [number[wnids[f]] for f in files]
 
 
 # ------------------------------------------------------------------- the archives, not extracted
@@ -242,17 +249,8 @@ def archive_index(path: Path, classes: tuple[str, ...] | None = None,
         number = {c: k for k, c in enumerate(classes)}
         labels = [number[n.split("/")[0]] for n in names]
     else:
-        wnids = read_val_labels(val_labels)
         names = [n.rsplit("/", 1)[-1] for n in names]
-        unlabelled = [n for n in names if n not in wnids]
-        if unlabelled:
-            raise LabelsError(f"--val-labels '{val_labels}' has no label for {len(unlabelled)} of the {len(names)} "
-                              f"images of '{path}' (first: {unlabelled[0]})")
-        number = {c: k for k, c in enumerate(classes)}
-        foreign = sorted({wnids[n] for n in names} - number.keys())
-        if foreign:
-            raise LabelsError(f"--val-labels '{val_labels}' names {len(foreign)} classes that the training tar lacks "
-                              f"(first: {foreign[0]})")
-        labels = [number[wnids[n]] for n in names]
+        labels = label_numbers(names, read_val_labels(val_labels), classes, f"--val-labels '{val_labels}'",
+                               f"'{path}'", "the training tar")
     index = FileIndex.from_lists(str(path), names, labels, [m[1] for m in members], classes)
     return index, [m[2] for m in members]

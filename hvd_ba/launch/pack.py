@@ -30,11 +30,10 @@ from hvd_ba.data.manifest import _class_folders, _folder_state, load_index
 from hvd_ba.data.shards import (BLOCK, PACK_FORMAT, PACK_VERSION, SPLITS, load_packed, member_header, packed_index,
                                 plan_shards, shard_name)
 from hvd_ba.flags import byte_size, positive_float
-from hvd_ba.fsio import SPACE_ERRORS, atomic_write, free_bytes
+from hvd_ba.fsio import SPACE_ERRORS, atomic_write, file_sha256, free_bytes
 from hvd_ba.train.stop import pause_point
 
 STATE_DIR = ".pack-state"
-CHUNK_BYTES = 1 << 20
 BUFFER_BYTES = 8 << 20  # the shard file's write buffer
 
 
@@ -197,15 +196,7 @@ def shard_done(dst: Path, name: str, size: int) -> bool:
         return False
     if not shard.is_file() or shard.stat().st_size != size or done.get("bytes") != size:
         return False
-    return sha256_of(shard) == done.get("sha256")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(shard) == done.get("sha256")
 
 
 class BackgroundHash:
@@ -501,7 +492,7 @@ def verify(dst: Path) -> int:
             problems.append(str(err))
             continue
         for name, want in zip(index.shards, index.header["shard_sha256"]):
-            if sha256_of(dst / name) != want:
+            if file_sha256(dst / name) != want:
                 problems.append(f"shard '{dst / name}' does not hash as its index records")
         fds = {}
         for i in range(len(index)):

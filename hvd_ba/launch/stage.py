@@ -37,18 +37,11 @@ from hvd_ba.cluster import launch_info, launch_rank
 from hvd_ba.config import ConfigError, load_config, manifest_cache
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.staged import UnsafeFolder, private_dir, rank_files
+from hvd_ba.fsio import file_sha256
 from hvd_ba.train.stop import pause_point
 
 RECORD_DIR = ".hvd_ba-stage"
 CHUNK_BYTES = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _create_excl(path: Path):
