@@ -118,11 +118,6 @@ def packed_index(source: FileIndex, plan: ShardPlan, split: str, root: str) -> F
     return FileIndex(root, source.classes, rows, np.asarray(source.names), source.digest, shards)
 
 
-def is_packed(folder: str | Path) -> bool:
-    """Whether `folder` holds a packed training split (its index header)."""
-    return header_path(Path(folder), "train").is_file()
-
-
 def load_packed(folder: str | Path, split: str) -> FileIndex:
     """A split of a packed folder, memory-mapped; FileNotFoundError naming what is wrong."""
     folder = Path(folder)
@@ -163,13 +158,15 @@ def stale_source(header: dict) -> str | None:
         return None
     if not source.is_dir() or not mtimes:
         return None
+    from hvd_ba.data.manifest import _class_folders, _folder_state  # the manifest's own freshness test
+
     try:
-        now = {name: os.stat(source / name).st_mtime_ns for name in mtimes}
-        classes = sorted(e.name for e in os.scandir(source) if e.is_dir())
+        classes = _class_folders(source)
+        if classes != sorted(mtimes):
+            return f"the class folders of '{source}' changed"
+        now = _folder_state(source, classes)
     except OSError:
         return f"class folders of '{source}' were removed or renamed"
-    if classes != sorted(mtimes):
-        return f"the class folders of '{source}' changed"
     if now != mtimes:
         changed = sorted(name for name in mtimes if now[name] != mtimes[name])
         return f"files in '{source}' were added, removed or renamed since the pack ({len(changed)} class folders, " \

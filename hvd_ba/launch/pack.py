@@ -336,11 +336,11 @@ def pack(args) -> int:
     mine = [(split, k) for n, (split, k) in enumerate(work) if n % world == rank]
     todo = [(split, k) for split, k in mine
             if not shard_done(dst, shard_name(split, k), int(plans[split].shard_bytes[k]))]
-    check_space(dst, rank, work, todo, plans, sources)
     need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
+    check_space(dst, rank, work, todo, need, plans, sources)
     print(f"hvd_ba pack: rank {rank} of {world}: {len(mine) - len(todo)} of its {len(mine)} shards done, "
           f"{len(todo)} to write ({human(need)})", flush=True)
-    write_shards(dst, rank, todo, plans, sources, args.check_images)
+    write_shards(dst, rank, todo, need, plans, sources, args.check_images)
     if rank == 0:
         wait_for_shards(dst, work, getattr(args, "patience", 1800))
         write_indexes(dst, plans, sources, args)
@@ -375,7 +375,7 @@ def pack_sources(args, dst: Path) -> dict[str, SplitSource]:
     return sources
 
 
-def check_space(dst: Path, rank: int, work: list, todo: list, plans: dict, sources: dict) -> None:
+def check_space(dst: Path, rank: int, work: list, todo: list, need: int, plans: dict, sources: dict) -> None:
     """DST's free space against this rank's unfinished shards; rank 0 also against every rank's
     (one file system) and the indexes."""
     free = free_bytes(dst)
@@ -386,15 +386,13 @@ def check_space(dst: Path, rank: int, work: list, todo: list, plans: dict, sourc
         if total > free:
             raise PackError(f"'{dst}' has {human(free)} free; the {len(left)} unfinished shards and the indexes need "
                             f"{human(total)}; free space (finished shards are kept) and pack again")
-    need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
     if need > free:
         raise PackError(f"'{dst}' has {human(free)} free; this rank's {len(todo)} unfinished shards need {human(need)}; "
                         "free space (finished shards are kept) and pack again")
 
 
-def write_shards(dst: Path, rank: int, todo: list, plans: dict, sources: dict, check_images: bool) -> None:
-    """This rank's unfinished shards, with a bar on a terminal or a line per shard in a log."""
-    need = sum(int(plans[s].shard_bytes[k]) for s, k in todo)
+def write_shards(dst: Path, rank: int, todo: list, need: int, plans: dict, sources: dict, check_images: bool) -> None:
+    """This rank's unfinished shards (`need` bytes), with a bar on a terminal or a line per shard in a log."""
     started, written, broken = time.monotonic(), 0, []
     bar = progress_bar(need, rank)
     for n, (split, k) in enumerate(todo, 1):
