@@ -24,11 +24,16 @@ def test_channels_last_and_compile_train_resume_and_keep_ranks_identical(switch,
     out = tmp_path / "run"
     proc = subprocess.Popen(train_command("gloo", small_data, out, settings=settings), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
-    wait_for_step(out, 3, proc, timeout=400)
-    kill_tree(proc)
-    assert find_checkpoint("auto", out)[1]["step"] == 2
+    try:
+        wait_for_step(out, 3, proc, timeout=400)
+    finally:
+        kill_tree(proc)
+    # the ranks go on while the kill is on its way: the checkpoint of step 2 or, on a busy machine, of step 4
+    saved_path, saved = find_checkpoint("auto", out)
+    assert saved["step"] in (2, 4), saved["step"]
     r = launch("gloo", small_data, out, settings=[*settings, "run.resume=auto"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {saved_path}" in r.stdout + r.stderr
     assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == list(range(1, 7))
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] and ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
