@@ -20,6 +20,16 @@ preemption path: checkpoint, exit 75):
 The patched function sends SIGTERM to the command (the shell's children, or the process itself
 where the shell exec'd it), waits for it without reaping the shell (waitid WNOWAIT), and freezes
 and kills only what outlives the grace period, as before.
+
+A second patch (horovod/common/util.py) keeps horovodrun's answers to "was the extension built
+with Gloo / MPI / NCCL" between launches. Before it starts any rank, horovodrun forks a process
+that imports horovod.torch, and so torch, only to ask the library how it was built: 2.8 s of the
+4.8 s horovodrun needs to run two empty ranks on a 2-core VM (2026-12-03), and a full torch import
+from the shared file system on a cluster. The answers are kept in
+`$XDG_CACHE_HOME/hvd_ba/horovod-build-checks.json` (default `~/.cache`), keyed by the
+extension's libraries and the framework's package (path, size, mtime): a rebuilt Horovod or a
+reinstalled torch asks again. Only build facts are kept (never "running with GPU"), never a failed
+check, and verbose runs (`-v`) always ask.
 """
 from __future__ import annotations
 
@@ -27,9 +37,9 @@ import importlib.util
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
-MARKER = "# hvd_ba patch v2"
-ANY_MARKER = "# hvd_ba patch"  # any version of it: replaced by this one
+MARKER = "# hvd_ba patch v2"  # a marker's text before " v<N>" names any version of it: replaced by this one
 START = "def terminate_executor_shell_and_children(pid):\n"
 END = "\n\n\ndef prefix_connection("
 
@@ -152,36 +162,173 @@ def _exited_unreaped(pid, timeout):
 '''
 
 
-def target() -> Path:
+BUILD_MARKER = "# hvd_ba build-check cache v1"
+BUILD_START = "def _check_extension_lambda(ext_base_name, fn, fn_desc, verbose):\n"
+BUILD_END = "\n\n\ndef extension_available("
+
+BUILD_ORIGINAL = '''def _check_extension_lambda(ext_base_name, fn, fn_desc, verbose):
+    """
+    Tries to load the extension in a new process.  If successful, puts fn(ext)
+    to the queue or False otherwise.  Mutes all stdout/stderr.
+    """
+    def _target_fn(ext_base_name, fn, fn_desc, queue, verbose):
+        import importlib
+        import sys
+        import traceback
+
+        if verbose:
+            print('Checking whether extension {ext_base_name} was {fn_desc}.'.format(
+                ext_base_name=ext_base_name, fn_desc=fn_desc))
+        else:
+            # Suppress output
+            sys.stdout = open(os.devnull, 'w')
+            sys.stderr = open(os.devnull, 'w')
+
+        try:
+            ext = importlib.import_module('.' + ext_base_name, 'horovod')
+            result = fn(ext)
+        except:
+            traceback.print_exc()
+            result = None
+
+        if verbose:
+            print('Extension {ext_base_name} {flag} {fn_desc}.'.format(
+                ext_base_name=ext_base_name, flag=('was' if result else 'was NOT'),
+                fn_desc=fn_desc))
+
+        queue.put(result)
+
+    # 'fork' is required because horovodrun is a frozen executable
+    ctx = multiprocessing.get_context('fork')
+    queue = ctx.Queue()
+    p = ctx.Process(target=_target_fn,
+                    args=(ext_base_name, fn, fn_desc, queue, verbose))
+    p.daemon = True
+    p.start()
+    p.join()
+    return queue.get_nowait()
+'''
+
+BUILD_PATCHED = f'''def _check_extension_lambda(ext_base_name, fn, fn_desc, verbose):
+    {BUILD_MARKER} (cluster/patch_horovod.py of hvd_ba): how the extension was built is
+    # asked once per build of it, not at every horovodrun start (each answer imports the framework).
+    key = None if verbose or not fn_desc.startswith("built") else _build_check_key(ext_base_name, fn_desc)
+    if key is not None:
+        known = _build_checks().get(key)
+        if isinstance(known, bool):
+            return known
+    result = _check_extension_lambda_uncached(ext_base_name, fn, fn_desc, verbose)
+    if key is not None and isinstance(result, bool):
+        _keep_build_check(key, result)
+    return result
+
+
+def _build_checks_path():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hvd_ba",
+                        "horovod-build-checks.json")
+
+
+def _build_check_key(ext_base_name, fn_desc):
+    # The extension's libraries and the framework's package, by path, size and mtime; None (ask
+    # every time) where either is not found.
+    import glob
+    import importlib.util
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ext_base_name)
+    files = sorted(glob.glob(os.path.join(folder, "**", "*.so"), recursive=True))
+    try:
+        spec = importlib.util.find_spec(ext_base_name)
+    except (ImportError, ValueError):
+        spec = None
+    if not files or spec is None or not spec.origin:
+        return None
+    parts = [fn_desc]
+    try:
+        for path in [*files, spec.origin]:
+            st = os.stat(path)
+            parts.append("%s:%d:%d" % (path, st.st_size, st.st_mtime_ns))
+    except OSError:
+        return None
+    return "|".join(parts)
+
+
+def _build_checks():
+    try:
+        with open(_build_checks_path()) as f:
+            known = json.load(f)
+        return known if isinstance(known, dict) else {{}}
+    except (OSError, ValueError):
+        return {{}}
+
+
+def _keep_build_check(key, result):
+    # Atomic (a private temporary file renamed over the cache); a cache that cannot be written is
+    # no error: the next start asks again.
+    path = _build_checks_path()
+    known = _build_checks()
+    known[key] = result
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+''' + BUILD_ORIGINAL.replace("def _check_extension_lambda(", "def _check_extension_lambda_uncached(", 1)
+
+
+class Patch(NamedTuple):
+    what: str  # as the set-up prints it
+    file: str  # in the horovod package
+    marker: str
+    start: str
+    end: str
+    original: str
+    patched: str
+
+
+EXIT_STATUS = Patch("horovodrun exit-status patch", "runner/common/util/safe_shell_exec.py", MARKER, START, END,
+                    ORIGINAL, PATCHED)
+BUILD_CHECK = Patch("horovodrun build-check cache", "common/util.py", BUILD_MARKER, BUILD_START, BUILD_END,
+                    BUILD_ORIGINAL, BUILD_PATCHED)
+PATCHES = (EXIT_STATUS, BUILD_CHECK)
+
+
+def target(patch: Patch = EXIT_STATUS) -> Path:
     spec = importlib.util.find_spec("horovod")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("patch_horovod: horovod is not installed in this Python")
-    return Path(list(spec.submodule_search_locations)[0]) / "runner" / "common" / "util" / "safe_shell_exec.py"
+    return Path(list(spec.submodule_search_locations)[0]) / patch.file
 
 
-def patched_text(text: str) -> str | None:
+def patched_text(text: str, patch: Patch = EXIT_STATUS) -> str | None:
     """The file's text with the function replaced, or None where the file is not Horovod 0.28.1's
-    safe_shell_exec.py (patched or not)."""
-    start = text.find(START)
-    end = text.find(END, start)
-    if text.count(START) != 1 or end < 0:
+    (patched or not)."""
+    start = text.find(patch.start)
+    end = text.find(patch.end, start)
+    if text.count(patch.start) != 1 or end < 0:
         return None
     region = text[start:end + 1]  # the function and, once patched, its helpers; ends in one newline
-    if region != ORIGINAL and ANY_MARKER not in region:
+    if region != patch.original and patch.marker.rsplit(" v", 1)[0] not in region:
         return None
-    return text[:start] + PATCHED + text[end + 1:]
+    return text[:start] + patch.patched + text[end + 1:]
 
 
-def main(argv: list[str]) -> int:
-    path = Path(argv[0]) if argv else target()  # a path: that file (the tests' copies)
+def apply(path: Path, patch: Patch) -> int:
     text = path.read_text()
-    if MARKER in text:
-        print(f"horovodrun exit-status patch: present ({path})")
+    if patch.marker in text:
+        print(f"{patch.what}: present ({path})")
         return 0
-    patched = patched_text(text)
+    patched = patched_text(text, patch)
     if patched is None:
-        print(f"patch_horovod: {path} is not Horovod 0.28.1's safe_shell_exec.py (the function to patch is not "
-              "as expected); horovodrun may report 0 or 137 for a stopped rank", file=sys.stderr)
+        print(f"patch_horovod: {path} is not Horovod 0.28.1's {Path(patch.file).name} (the function to patch is not "
+              f"as expected); {patch.what} not applied", file=sys.stderr)
         return 1
     tmp = path.with_name(path.name + ".hvd_ba-tmp")
     try:
@@ -190,11 +337,22 @@ def main(argv: list[str]) -> int:
         tmp.replace(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        print(f"patch_horovod: warning: cannot patch {path} ({err.strerror or err}); horovodrun may report 0 or 137 "
-              "for a stopped rank: run cluster/setup.sh as the owner of this Python environment", file=sys.stderr)
+        print(f"patch_horovod: warning: cannot patch {path} ({err.strerror or err}); {patch.what} not applied: "
+              "run cluster/setup.sh as the owner of this Python environment", file=sys.stderr)
         return 0
-    print(f"horovodrun exit-status patch: applied ({path})")
+    print(f"{patch.what}: applied ({path})")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Both patches to the installed Horovod; with a path (the tests' copies), the patch whose
+    function that file holds."""
+    if not argv:
+        return max(apply(target(patch), patch) for patch in PATCHES)
+    path = Path(argv[0])
+    text = path.read_text()
+    patch = next((p for p in PATCHES if p.start in text), EXIT_STATUS)
+    return apply(path, patch)
 
 
 if __name__ == "__main__":

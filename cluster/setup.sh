@@ -200,7 +200,8 @@ else
   horovod_ok || die "horovod installed but 'import horovod.torch' fails or lacks Gloo/MPI; see $LOGS/install_horovod.log"
 fi
 # horovodrun's launcher (Python, patched in place, no rebuild): a stopped rank's exit status (75)
-# is no longer reported as 0 or 137; see cluster/patch_horovod.py.
+# is no longer reported as 0 or 137, and how Horovod was built is asked once per build instead of
+# at every start (each time an import of torch); see cluster/patch_horovod.py.
 "$PY" "$ROOT/cluster/patch_horovod.py" | sed 's/^/setup: /' || die "cluster/patch_horovod.py failed (see above)"
 else
   say "horovod: not installed (HVD_BA_BACKEND=torch)"

@@ -164,27 +164,74 @@ def test_horovodrun_reports_each_stopped_ranks_own_status(shell):
     assert time.time() - t0 < 60, time.time() - t0  # no grace period spent: ten stops of about 1 s
 
 
-def test_the_launcher_patch_is_applied_once_and_refuses_another_text(tmp_path):
+def load_patch_module():
     spec = importlib.util.spec_from_file_location("patch_horovod", ROOT / "cluster" / "patch_horovod.py")
     patch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(patch)
-    installed = patch.target().read_text()
-    assert installed.count(patch.MARKER) == 1  # cluster/setup.sh applied it to this Horovod
-    unpatched = tmp_path / "safe_shell_exec.py"  # the installed text with the patch taken out: Horovod 0.28.1's
-    unpatched.write_text(installed.replace(patch.PATCHED, patch.ORIGINAL))
-    assert patch.MARKER not in unpatched.read_text() and "p.wait(timeout=GRACEFUL" in unpatched.read_text()
-    earlier = tmp_path / "earlier.py"  # an earlier version of the patch: replaced
-    earlier.write_text(unpatched.read_text().replace("    # If the shell already ends", "    # hvd_ba patch v1\n"
-                                                     "    # If the shell already ends"))
-    for path in (unpatched, earlier):
-        path.chmod(0o640)  # its mode is kept (the replacement is written under this process's umask)
-        assert patch.main([str(path)]) == 0
-        text = path.read_text()
-        assert text.count(patch.MARKER) == 1 and text.count("def _exited_unreaped") == 1, path
-        assert text == installed, path  # the same file as setup.sh made
-        assert path.stat().st_mode & 0o777 == 0o640, oct(path.stat().st_mode)
-        assert patch.main([str(path)]) == 0 and path.read_text() == installed  # twice: nothing more
+    return patch
+
+
+def test_the_launcher_patches_are_applied_once_and_refuse_another_text(tmp_path):
+    patch = load_patch_module()
+    for which in patch.PATCHES:
+        installed = patch.target(which).read_text()
+        assert installed.count(which.marker) == 1, which.what  # cluster/setup.sh applied it to this Horovod
+        unpatched = tmp_path / f"unpatched-{which.marker[-2:]}.py"  # the installed text with the patch taken out
+        unpatched.write_text(installed.replace(which.patched, which.original))
+        assert which.marker not in unpatched.read_text()
+        paths = [unpatched]
+        if which is patch.EXIT_STATUS:
+            assert "p.wait(timeout=GRACEFUL" in unpatched.read_text()
+            earlier = tmp_path / "earlier.py"  # an earlier version of the patch: replaced
+            earlier.write_text(unpatched.read_text().replace("    # If the shell already ends",
+                                                             "    # hvd_ba patch v1\n    # If the shell already ends"))
+            paths.append(earlier)
+        else:
+            assert "def _check_extension_lambda_uncached" not in unpatched.read_text()
+        for path in paths:
+            path.chmod(0o640)  # its mode is kept (the replacement is written under this process's umask)
+            assert patch.main([str(path)]) == 0
+            text = path.read_text()
+            assert text.count(which.marker) == 1, path
+            assert text == installed, path  # the same file as setup.sh made
+            assert path.stat().st_mode & 0o777 == 0o640, oct(path.stat().st_mode)
+            assert patch.main([str(path)]) == 0 and path.read_text() == installed  # twice: nothing more
     other = tmp_path / "other.py"
     other.write_text("def terminate_executor_shell_and_children(pid):\n    pass\n\n\ndef prefix_connection(x):\n"
                      "    pass\n")
     assert patch.main([str(other)]) == 1 and "hvd_ba" not in other.read_text()
+    other.write_text("def _check_extension_lambda(ext_base_name, fn, fn_desc, verbose):\n    return None\n\n\n"
+                     "def extension_available(x):\n    pass\n")
+    assert patch.main([str(other)]) == 1 and "hvd_ba" not in other.read_text()
+
+
+def test_horovodrun_keeps_its_build_checks_per_build(tmp_path):
+    """horovodrun asks how the extension was built once per build (each answer imports torch in a
+    forked process); the kept answer is read (here a false one, planted: horovodrun then refuses
+    Gloo), and one for another build of the library is not."""
+    cache = tmp_path / "cache"
+    env = {**ENV, "XDG_CACHE_HOME": str(cache)}
+    command = [*train_command("gloo", tmp_path, tmp_path)[:6], sys.executable, "-c", "pass"]
+    assert command[1:6] == ["-np", "2", "-H", "localhost:2", "--gloo"], command
+
+    def horovodrun():
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    r = horovodrun()
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept_file = cache / "hvd_ba" / "horovod-build-checks.json"
+    kept = json.loads(kept_file.read_text())
+    (key, answer), = kept.items()
+    assert key.startswith("built with Gloo|") and "/horovod/torch/mpi_lib" in key and answer is True, kept
+    assert "/torch/__init__.py:" in key, key  # a reinstalled torch asks again
+    kept_file.write_text(json.dumps({key: False}))  # the kept answer is what horovodrun goes by
+    r = horovodrun()
+    assert r.returncode != 0 and "Gloo support has not been built" in r.stderr, r.stderr[-3000:]
+    # the same answer for another build of the library (another size and mtime): asked again
+    stale = key.replace("built with Gloo|", "", 1).split("|")
+    library_path, size, mtime = stale[0].rsplit(":", 2)
+    kept_file.write_text(json.dumps({"|".join(["built with Gloo", f"{library_path}:{int(size) + 1}:{mtime}",
+                                               *stale[1:]]): False}))
+    r = horovodrun()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(kept_file.read_text())[key] is True
