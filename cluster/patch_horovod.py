@@ -26,7 +26,7 @@ with Gloo / MPI / NCCL" between launches. Before it starts any rank, horovodrun 
 that imports horovod.torch, and so torch, only to ask the library how it was built: 2.8 s of the
 4.8 s horovodrun needs to run two empty ranks on a 2-core VM (2026-12-03), and a full torch import
 from the shared file system on a cluster. The answers are kept in
-`$XDG_CACHE_HOME/hvd_ba/horovod-build-checks.json` (default `~/.cache`), keyed by the
+`horovod-build-checks.json` under `$HVD_BA_CACHE` (default `~/.cache/hvd_ba`), keyed by the
 extension's libraries and the framework's package (path, size, mtime): a rebuilt Horovod or a
 reinstalled torch asks again. Only build facts are kept (never "running with GPU"), never a failed
 check, and verbose runs (`-v`) always ask.
@@ -162,7 +162,7 @@ def _exited_unreaped(pid, timeout):
 '''
 
 
-BUILD_MARKER = "# hvd_ba build-check cache v1"
+BUILD_MARKER = "# hvd_ba build-check cache v2"
 BUILD_START = "def _check_extension_lambda(ext_base_name, fn, fn_desc, verbose):\n"
 BUILD_END = "\n\n\ndef extension_available("
 
@@ -224,8 +224,8 @@ BUILD_PATCHED = f'''def _check_extension_lambda(ext_base_name, fn, fn_desc, verb
 
 
 def _build_checks_path():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hvd_ba",
-                        "horovod-build-checks.json")
+    folder = os.environ.get("HVD_BA_CACHE") or os.path.expanduser("~/.cache/hvd_ba")
+    return os.path.join(folder, "horovod-build-checks.json")
 
 
 def _build_check_key(ext_base_name, fn_desc):

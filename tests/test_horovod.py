@@ -210,7 +210,7 @@ def test_horovodrun_keeps_its_build_checks_per_build(tmp_path):
     forked process); the kept answer is read (here a false one, planted: horovodrun then refuses
     Gloo), and one for another build of the library is not."""
     cache = tmp_path / "cache"
-    env = {**ENV, "XDG_CACHE_HOME": str(cache)}
+    env = {**ENV, "HVD_BA_CACHE": str(cache)}
     command = [*train_command("gloo", tmp_path, tmp_path)[:6], sys.executable, "-c", "pass"]
     assert command[1:6] == ["-np", "2", "-H", "localhost:2", "--gloo"], command
 
@@ -219,7 +219,7 @@ def test_horovodrun_keeps_its_build_checks_per_build(tmp_path):
 
     r = horovodrun()
     assert r.returncode == 0, r.stderr[-3000:]
-    kept_file = cache / "hvd_ba" / "horovod-build-checks.json"
+    kept_file = cache / "horovod-build-checks.json"
     kept = json.loads(kept_file.read_text())
     (key, answer), = kept.items()
     assert key.startswith("built with Gloo|") and "/horovod/torch/mpi_lib" in key and answer is True, kept

@@ -24,7 +24,7 @@ def test_warm_setup_verifies_the_installed_stack(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert "horovod 0.28.1: present" in out and "pillow-simd 12.1.1.post0: present" in out
-    assert "horovodrun exit-status patch: present" in out
+    assert "horovodrun exit-status patch: present" in out and "horovodrun build-check cache: present" in out
     for line in ("[X] PyTorch", "[X] Gloo", "[X] MPI"):
         assert line in out
     assert "building horovod" not in out
