@@ -233,7 +233,9 @@ else
     local dir="$CACHE/wheels/pillow-simd-$PILLOW_SIMD-$PYTAG"
     if ! ls "$dir"/pillow_simd-*.whl >/dev/null 2>&1; then
       rm -rf "$dir.tmp"; mkdir -p "$dir.tmp"
-      CC="$cc" "$PY" -m pip wheel --no-deps --no-binary :all: -w "$dir.tmp" "pillow-simd==$PILLOW_SIMD"
+      # -g0: no debug information (Python's own CFLAGS carry -g): 41 s instead of 61 s on 2 cores
+      CC="$cc" CFLAGS="${CFLAGS:+$CFLAGS }-g0" "$PY" -m pip wheel --no-cache-dir --no-deps --no-binary :all: \
+        -w "$dir.tmp" "pillow-simd==$PILLOW_SIMD"
       rm -rf "$dir"; mv "$dir.tmp" "$dir"
     fi
     "$PY" -m pip uninstall -y pillow pillow-simd || true
