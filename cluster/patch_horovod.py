@@ -22,14 +22,16 @@ where the shell exec'd it), waits for it without reaping the shell (waitid WNOWA
 and kills only what outlives the grace period, as before.
 
 A second patch (horovod/common/util.py) keeps horovodrun's answers to "was the extension built
-with Gloo / MPI / NCCL" between launches. Before it starts any rank, horovodrun forks a process
+with Gloo / with MPI" between launches. Before it starts any rank, horovodrun forks a process
 that imports horovod.torch, and so torch, only to ask the library how it was built: 2.8 s of the
 4.8 s horovodrun needs to run two empty ranks on a 2-core VM (2026-12-03), and a full torch import
 from the shared file system on a cluster. The answers are kept in
 `horovod-build-checks.json` under `$HVD_BA_CACHE` (default `~/.cache/hvd_ba`), keyed by the
-extension's libraries and the framework's package (path, size, mtime): a rebuilt Horovod or a
-reinstalled torch asks again. Only build facts are kept (never "running with GPU"), never a failed
-check, and verbose runs (`-v`) always ask.
+extension's libraries and the framework's package (path, size, mtime, inode, ctime): a rebuilt
+Horovod or a reinstalled torch asks again. Only "built with ..." answers are kept (not whether the
+extension imports now, as `--check-build` asks, nor "running with GPU"), never a failed check, and
+a verbose check (`horovodrun --verbose --check-build`) always asks. A kept answer does not say that the extension still imports: where it
+no longer does (a library missing from LD_LIBRARY_PATH), the ranks fail at their import instead.
 """
 from __future__ import annotations
 
@@ -162,7 +164,7 @@ def _exited_unreaped(pid, timeout):
 '''
 
 
-BUILD_MARKER = "# hvd_ba build-check cache v2"
+BUILD_MARKER = "# hvd_ba build-check cache v3"
 BUILD_START = "def _check_extension_lambda(ext_base_name, fn, fn_desc, verbose):\n"
 BUILD_END = "\n\n\ndef extension_available("
 
@@ -210,9 +212,13 @@ BUILD_ORIGINAL = '''def _check_extension_lambda(ext_base_name, fn, fn_desc, verb
 '''
 
 BUILD_PATCHED = f'''def _check_extension_lambda(ext_base_name, fn, fn_desc, verbose):
-    {BUILD_MARKER} (cluster/patch_horovod.py of hvd_ba): how the extension was built is
-    # asked once per build of it, not at every horovodrun start (each answer imports the framework).
-    key = None if verbose or not fn_desc.startswith("built") else _build_check_key(ext_base_name, fn_desc)
+    {BUILD_MARKER} (cluster/patch_horovod.py of hvd_ba): how the extension was built
+    # (with Gloo, with MPI) is asked once per build of it, not at every horovodrun start: each
+    # answer imports the framework in a forked process.
+    libraries = _extension_libraries(ext_base_name)
+    if not libraries:
+        return None  # what the forked import answers: check_extension raises ImportError
+    key = None if verbose or not fn_desc.startswith("built with ") else _build_check_key(ext_base_name, libraries, fn_desc)
     if key is not None:
         known = _build_checks().get(key)
         if isinstance(known, bool):
@@ -223,61 +229,75 @@ BUILD_PATCHED = f'''def _check_extension_lambda(ext_base_name, fn, fn_desc, verb
     return result
 
 
+def _extension_libraries(ext_base_name):
+    import glob
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ext_base_name)
+    return sorted(glob.glob(os.path.join(folder, "**", "*.so"), recursive=True))
+
+
 def _build_checks_path():
     folder = os.environ.get("HVD_BA_CACHE") or os.path.expanduser("~/.cache/hvd_ba")
+    if folder.startswith("~"):  # no home: keep nothing
+        return None
     return os.path.join(folder, "horovod-build-checks.json")
 
 
-def _build_check_key(ext_base_name, fn_desc):
-    # The extension's libraries and the framework's package, by path, size and mtime; None (ask
-    # every time) where either is not found.
-    import glob
+def _build_check_key(framework, libraries, fn_desc):
+    # The extension's libraries and the framework's package, by path, size, mtime, inode and
+    # ctime (an unpacker may keep a file's mtime, never its ctime); None (ask every time) where
+    # the framework is not found.
     import importlib.util
 
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ext_base_name)
-    files = sorted(glob.glob(os.path.join(folder, "**", "*.so"), recursive=True))
     try:
-        spec = importlib.util.find_spec(ext_base_name)
+        spec = importlib.util.find_spec(framework)
     except (ImportError, ValueError):
         spec = None
-    if not files or spec is None or not spec.origin:
+    if spec is None or not spec.origin:
         return None
     parts = [fn_desc]
     try:
-        for path in [*files, spec.origin]:
+        for path in [*libraries, spec.origin]:
             st = os.stat(path)
-            parts.append("%s:%d:%d" % (path, st.st_size, st.st_mtime_ns))
+            parts.append("%s:%d:%d:%d:%d" % (path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
     except OSError:
         return None
     return "|".join(parts)
 
 
 def _build_checks():
+    path = _build_checks_path()
     try:
-        with open(_build_checks_path()) as f:
+        with open(path) as f:
             known = json.load(f)
         return known if isinstance(known, dict) else {{}}
-    except (OSError, ValueError):
+    except (OSError, TypeError, ValueError):
         return {{}}
 
 
 def _keep_build_check(key, result):
     # Atomic (a private temporary file renamed over the cache); a cache that cannot be written is
     # no error: the next start asks again.
+    import tempfile
+
     path = _build_checks_path()
+    if path is None:
+        return
     known = _build_checks()
     known[key] = result
-    tmp = "%s.%d.tmp" % (path, os.getpid())
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".horovod-build-checks.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
             json.dump(known, f)
         os.replace(tmp, path)
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 ''' + BUILD_ORIGINAL.replace("def _check_extension_lambda(", "def _check_extension_lambda_uncached(", 1)
@@ -291,12 +311,13 @@ class Patch(NamedTuple):
     end: str
     original: str
     patched: str
+    without: str  # what goes wrong without it
 
 
 EXIT_STATUS = Patch("horovodrun exit-status patch", "runner/common/util/safe_shell_exec.py", MARKER, START, END,
-                    ORIGINAL, PATCHED)
+                    ORIGINAL, PATCHED, "horovodrun may report 0 or 137 for a stopped rank")
 BUILD_CHECK = Patch("horovodrun build-check cache", "common/util.py", BUILD_MARKER, BUILD_START, BUILD_END,
-                    BUILD_ORIGINAL, BUILD_PATCHED)
+                    BUILD_ORIGINAL, BUILD_PATCHED, "every horovodrun start imports torch to ask how Horovod was built")
 PATCHES = (EXIT_STATUS, BUILD_CHECK)
 
 
@@ -328,7 +349,7 @@ def apply(path: Path, patch: Patch) -> int:
     patched = patched_text(text, patch)
     if patched is None:
         print(f"patch_horovod: {path} is not Horovod 0.28.1's {Path(patch.file).name} (the function to patch is not "
-              f"as expected); {patch.what} not applied", file=sys.stderr)
+              f"as expected); {patch.what} not applied: {patch.without}", file=sys.stderr)
         return 1
     tmp = path.with_name(path.name + ".hvd_ba-tmp")
     try:
@@ -337,8 +358,8 @@ def apply(path: Path, patch: Patch) -> int:
         tmp.replace(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        print(f"patch_horovod: warning: cannot patch {path} ({err.strerror or err}); {patch.what} not applied: "
-              "run cluster/setup.sh as the owner of this Python environment", file=sys.stderr)
+        print(f"patch_horovod: warning: cannot patch {path} ({err.strerror or err}); {patch.what} not applied "
+              f"({patch.without}): run cluster/setup.sh as the owner of this Python environment", file=sys.stderr)
         return 0
     print(f"{patch.what}: applied ({path})")
     return 0

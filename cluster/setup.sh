@@ -181,8 +181,8 @@ build_horovod() {
   grep -q 'CMAKE_CXX_STANDARD 20' "$dir/horovod/torch/CMakeLists.txt"
   # No debug information (RelWithDebInfo's -g): a third less compile time for the files that
   # include torch's headers, and a 73 MB library that is mostly DWARF becomes a few MB.
-  sed -i 's/^string(REPLACE "-O2" "-O3" CMAKE_\(C\|CXX\)_FLAGS_RELWITHDEBINFO .*/&\nstring(REPLACE "-g" "" CMAKE_\1_FLAGS_RELWITHDEBINFO "${CMAKE_\1_FLAGS_RELWITHDEBINFO}")/' "$dir/CMakeLists.txt"
-  [ "$(grep -c 'string(REPLACE "-g" ""' "$dir/CMakeLists.txt")" = 2 ]
+  sed -i 's/^string(REPLACE "-O2" "-O3" CMAKE_\(C\|CXX\|CUDA\)_FLAGS_RELWITHDEBINFO .*/&\nstring(REPLACE "-g" "" CMAKE_\1_FLAGS_RELWITHDEBINFO "${CMAKE_\1_FLAGS_RELWITHDEBINFO}")/' "$dir/CMakeLists.txt"
+  [ "$(grep -c 'string(REPLACE "-g" ""' "$dir/CMakeLists.txt")" = 3 ]
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
   export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 MAKEFLAGS=-j$(nproc) CMAKE_POLICY_VERSION_MINIMUM=3.5
   [ -z "$GPU_OPS" ] || export HOROVOD_GPU_OPERATIONS=$GPU_OPS HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-80,90}

@@ -1,6 +1,7 @@
 """Real multi-rank runs: `horovodrun -np 2` over Gloo and over MPI."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -188,6 +189,11 @@ def test_the_launcher_patches_are_applied_once_and_refuse_another_text(tmp_path)
             paths.append(earlier)
         else:
             assert "def _check_extension_lambda_uncached" not in unpatched.read_text()
+            earlier = tmp_path / "earlier-build-check.py"  # its v1: replaced
+            earlier.write_text(installed.replace(which.marker, "# hvd_ba build-check cache v1").replace(
+                "st.st_ino, st.st_ctime_ns", "st.st_ino"))
+            assert which.marker not in earlier.read_text()
+            paths.append(earlier)
         for path in paths:
             path.chmod(0o640)  # its mode is kept (the replacement is written under this process's umask)
             assert patch.main([str(path)]) == 0
@@ -208,30 +214,42 @@ def test_the_launcher_patches_are_applied_once_and_refuse_another_text(tmp_path)
 def test_horovodrun_keeps_its_build_checks_per_build(tmp_path):
     """horovodrun asks how the extension was built once per build (each answer imports torch in a
     forked process); the kept answer is read (here a false one, planted: horovodrun then refuses
-    Gloo), and one for another build of the library is not."""
+    Gloo), and one for another build of the library is not, nor by `--check-build --verbose`."""
     cache = tmp_path / "cache"
     env = {**ENV, "HVD_BA_CACHE": str(cache)}
     command = [*train_command("gloo", tmp_path, tmp_path)[:6], sys.executable, "-c", "pass"]
     assert command[1:6] == ["-np", "2", "-H", "localhost:2", "--gloo"], command
 
-    def horovodrun():
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    def horovodrun(*options):
+        return subprocess.run([command[0], *options, *command[1:]], capture_output=True, text=True, env=env,
+                              timeout=120)
 
     r = horovodrun()
     assert r.returncode == 0, r.stderr[-3000:]
     kept_file = cache / "horovod-build-checks.json"
     kept = json.loads(kept_file.read_text())
-    (key, answer), = kept.items()
+    (key, answer), = kept.items()  # only the Gloo answer: nothing for TensorFlow, no "running with GPU"
     assert key.startswith("built with Gloo|") and "/horovod/torch/mpi_lib" in key and answer is True, kept
-    assert "/torch/__init__.py:" in key, key  # a reinstalled torch asks again
-    kept_file.write_text(json.dumps({key: False}))  # the kept answer is what horovodrun goes by
+    library, framework = key.split("|")[1:]
+    assert "/torch/__init__.py:" in framework, key  # a reinstalled torch asks again
+    planted = {key: False}
+    kept_file.write_text(json.dumps(planted))  # the kept answer is what horovodrun goes by
     r = horovodrun()
     assert r.returncode != 0 and "Gloo support has not been built" in r.stderr, r.stderr[-3000:]
-    # the same answer for another build of the library (another size and mtime): asked again
-    stale = key.replace("built with Gloo|", "", 1).split("|")
-    library_path, size, mtime = stale[0].rsplit(":", 2)
-    kept_file.write_text(json.dumps({"|".join(["built with Gloo", f"{library_path}:{int(size) + 1}:{mtime}",
-                                               *stale[1:]]): False}))
-    r = horovodrun()
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(kept_file.read_text())[key] is True
+    check = [command[0], "--check-build"]
+    r = subprocess.run(check, capture_output=True, text=True, env=env, timeout=120)
+    assert re.search(r"\[ \] Gloo\s*\n", r.stdout.split("Controllers")[1]), r.stdout  # the kept answer
+    kept = json.loads(kept_file.read_text())  # with the answers it asked for (MPI, DDL, CCL; NCCL is a number)
+    assert kept[key] is False and {k.split("|")[0] for k in kept} == {
+        "built with Gloo", "built with MPI", "built with DDL", "built with CCL"}, kept
+    r = subprocess.run([command[0], "--verbose", "--check-build"], capture_output=True, text=True, env=env, timeout=120)
+    assert re.search(r"\[X\] Gloo\s*\n", r.stdout.split("Controllers")[1]), r.stdout  # verbose: asked
+    assert json.loads(kept_file.read_text()) == kept  # and nothing kept from a verbose check
+    # the same answer for another build of the library (each of size, mtime, inode, ctime): asked again
+    path, *stat = library.rsplit(":", 4)
+    for field in range(4):
+        other = [*stat[:field], str(int(stat[field]) + 1), *stat[field + 1:]]
+        kept_file.write_text(json.dumps({"|".join(["built with Gloo", ":".join([path, *other]), framework]): False}))
+        r = horovodrun()
+        assert r.returncode == 0, (field, r.stderr[-3000:])
+        assert json.loads(kept_file.read_text())[key] is True, field
