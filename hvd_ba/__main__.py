@@ -127,7 +127,16 @@ def cmd_train(args) -> int:
         from hvd_ba.train.run import main_rank
 
         extra = [f"run.track_lambda_every={args.track_lambda_every}"] if args.track_lambda_every else []
-        cfg = load_config(args.config, [*args.set, *extra])
+        try:
+            cfg = load_config(args.config, [*args.set, *extra])
+        except ConfigError:
+            # The same settings give every rank the same refusal: rank 0 says it. (Paths, checked
+            # next, can differ between nodes: every rank says its own.)
+            from hvd_ba.cluster import launch_info
+
+            if launch_info().rank != 0:
+                return 2
+            raise
         check_paths(cfg)
     except Preempted as err:
         print(f"hvd_ba: stopped ({err}) before the rank started; the last checkpoint stays the resume point",

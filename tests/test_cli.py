@@ -1,9 +1,11 @@
 """The single entry point: help on every command, one-line errors with exit status 2. What needs
 no process of its own runs in this one (helpers.cli); a `unit` test that launched anything would
 fail (conftest.py), which is how "nothing was launched" is checked there."""
+import subprocess
+
 import pytest
 
-from helpers import cli, run_cli
+from helpers import ENV, ROOT, cli, run_cli, train_command
 from hvd_ba.__main__ import COMMANDS
 
 
@@ -128,3 +130,15 @@ def test_plan_imports_no_torch(small_data):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
     assert r.returncode == 0 and "resolved config:" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     assert "192 training images" in r.stdout  # it listed data.path's train/ split
+
+
+@pytest.mark.integration
+def test_a_config_refusal_under_horovodrun_is_said_once_by_rank_0(tmp_path, small_data):
+    """Every rank loads the same settings and meets the same refusal; rank 0 alone says it (the
+    other ranks exit 2 without a word), so a 64-rank job shows one line, not 64."""
+    out = tmp_path / "run"
+    r = subprocess.run(train_command("gloo", small_data, out, settings=["model.arch=resnet5"]), capture_output=True,
+                       text=True, timeout=300, env=ENV, cwd=ROOT)
+    said = [line for line in (r.stdout + r.stderr).splitlines() if "error: config key 'model.arch'" in line]
+    assert r.returncode != 0 and len(said) == 1 and said[0].startswith("[0]"), r.stdout[-2000:] + r.stderr[-2000:]
+    assert not out.exists()  # no rank started a run

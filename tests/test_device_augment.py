@@ -121,7 +121,7 @@ def test_two_ranks_train_with_device_augmentation(small_data, tmp_path):
     loader path up to resampling noise (the same files, boxes, flips and offsets)."""
     import json
 
-    from test_horovod import launch
+    from helpers import launch
     from hvd_ba.train.records import read_jsonl
 
     runs = {}

@@ -58,3 +58,20 @@ def test_bf16_autocast_and_channels_last_step_on_cpu():
     loss, correct = train_step(state, batch, 0.1, cfg)
     assert 0.5 < loss < 5 and 0 <= correct <= 64
     assert model.fc.weight.dtype == torch.float32 and not torch.equal(before, model.fc.weight)
+
+
+def test_progress_lines_say_the_training_time_left():
+    from hvd_ba.train.engine import _time_left
+
+    state = TrainState(model=None, optimizer=None, device=torch.device("cpu"), mean=None, std=None, peak_lr=0.1,
+                       steps_per_epoch=10, epochs=3, epoch=0)
+    # 5 of 10 steps of epoch 1 in 10 s: 5 + 2 x 10 steps left at 2 s each
+    assert _time_left(state, 5, 10, elapsed=10.0) == ", about 50 s left"
+    state.epoch = 2  # the last epoch, a resumed one at 3 s a step
+    assert _time_left(state, 5, 10, elapsed=15.0) == ", about 15 s left"
+    state.epochs, state.epoch = 90, 0
+    assert _time_left(state, 5, 10, elapsed=10.0) == ", about 30 min left"  # 895 steps x 2 s
+    state.epochs = 900
+    assert _time_left(state, 5, 10, elapsed=10.0) == ", about 5.0 h left"
+    state.epochs = 0  # not known: nothing said
+    assert _time_left(state, 5, 10, elapsed=10.0) == ""

@@ -30,6 +30,7 @@ class TrainState:
     std: torch.Tensor
     peak_lr: float
     steps_per_epoch: int
+    epochs: int = 0  # optim.epochs: what the progress lines' time left counts to (0: not said)
     step: int = 0  # optimizer steps taken so far (global step)
     epoch: int = 0
     forward_chunks: int = 1  # forward/backward passes per step (ghost_impl=accumulate: samples / ghost_size)
@@ -290,11 +291,22 @@ def _log_progress(state: TrainState, step_in_epoch: int, steps: int, loss, lr: f
                         samples_s=f"{samples_per_s:.0f}")
     else:
         log.info("epoch %d step %d/%d loss %.4f lr %.4f | %.1f unique img/s/rank, %.1f samples/s/rank, "
-                 "data wait %.0f%%", state.epoch + 1, step_in_epoch, steps, loss_value, lr, images_per_s,
-                 samples_per_s, 100 * progress.data_time / elapsed)
+                 "data wait %.0f%%%s", state.epoch + 1, step_in_epoch, steps, loss_value, lr, images_per_s,
+                 samples_per_s, 100 * progress.data_time / elapsed, _time_left(state, step_in_epoch, steps, elapsed))
     if step_log is not None:
         step_log({"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr,
                   "unique_images_per_s_rank0": images_per_s, "samples_per_s_rank0": samples_per_s})
+
+
+def _time_left(state: TrainState, step_in_epoch: int, steps: int, elapsed: float) -> str:
+    """', about 4 min left': the run's remaining training steps at this epoch's mean step time
+    (evaluations not counted); empty where the epochs are not known."""
+    if not state.epochs or step_in_epoch <= 0:
+        return ""
+    left = (steps - step_in_epoch + (state.epochs - state.epoch - 1) * steps) * elapsed / step_in_epoch
+    if left < 90:
+        return f", about {left:.0f} s left"
+    return f", about {left / 60:.0f} min left" if left < 5400 else f", about {left / 3600:.1f} h left"
 
 
 def _epoch_figures(progress: EpochProgress) -> dict:

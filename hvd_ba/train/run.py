@@ -131,7 +131,7 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world: int,
     mean, std = channel_stats(cfg.augment, device)
     return TrainState(
         model=torch.compile(trained) if r.compile else trained, optimizer=optimizer, device=device, mean=mean, std=std,
-        peak_lr=figures.peak_lr, steps_per_epoch=steps_per_epoch,
+        peak_lr=figures.peak_lr, steps_per_epoch=steps_per_epoch, epochs=o.epochs,
         forward_chunks=chunks, amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[r.amp],
         channels_last=r.channels_last, scaler=torch.amp.GradScaler(device.type) if r.amp == "fp16" else None,
     )
