@@ -538,9 +538,6 @@ def check_paths(cfg: Config) -> None:
             if not (root / f"{split}.json").is_file():
                 raise ConfigError(f"config key 'data.path': packed folder '{root}' has no {split}.json{where()} (an "
                                   "unfinished pack? run `python -m hvd_ba pack` again to finish it)")
-        if cfg.data.local_path is not None:
-            raise ConfigError("config key 'data.local_path': staging a packed folder is not supported; train from "
-                              "data.path, or stage the folder it was packed from")
     else:
         for split in ("train", "val"):
             if not (root / split).is_dir():

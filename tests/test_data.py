@@ -6,11 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from hvd_ba.config import load_config
+from hvd_ba.config import ConfigError, load_config
 from hvd_ba.data import augment, copies
 from hvd_ba.data.manifest import load_index
 from hvd_ba.data.copies import BACollate
 from hvd_ba.data.pipeline import ShardSampler, _loader, make_train_loader, start_worker_server, worker_start_method
+from hvd_ba.data.shards import shard_parts
 from hvd_ba.data.synthetic import make_dataset
 
 
@@ -76,6 +77,34 @@ def test_shards_are_disjoint_and_equal(mode, world):
         assert all(set(s.shard(0)) == set(s.shard(5)) for s in samplers)
     elif world > 1:
         assert set(first) != set(second)
+
+
+@pytest.mark.unit
+def test_static_parts_of_a_packed_folder_are_whole_shards_balanced_by_samples():
+    rng = np.random.default_rng(0)
+    counts = [40, 31, 30, 12, 12, 9, 8, 3]  # samples per packed shard, 145 in all
+    shard_of = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+    parts = shard_parts(shard_of, len(counts), 3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(shard_of)))  # every sample, once
+    owned = [set(shard_of[p].tolist()) for p in parts]
+    for r, part in enumerate(parts):
+        assert sorted(part.tolist()) == part.tolist()
+        assert np.isin(shard_of, list(owned[r])).sum() == len(part)  # whole shards: all their samples
+    # largest first to the rank holding the fewest: 40 + 9, 31 + 12 + 3, 30 + 12 + 8
+    assert [sorted(o) for o in owned] == [[0, 5], [1, 4, 7], [2, 3, 6]] and [len(p) for p in parts] == [49, 46, 50]
+    assert shard_parts(shard_of, len(counts), 3)[1].tolist() == parts[1].tolist()  # the same on every rank
+
+    b = 8
+    samplers = [ShardSampler(len(shard_of), r, 3, b, seed=5, mode="static", parts=parts) for r in range(3)]
+    assert {s.per_rank for s in samplers} == {46} and {len(s) for s in samplers} == {5}  # same steps on every rank
+    for s in samplers:
+        e0, e1 = s.shard(0), s.shard(1)
+        assert len(e0) == len(e1) == 46 and set(e0) | set(e1) <= set(s.owned())
+        assert e0 != e1 and [i for batch in s for i, _, _ in batch] == e0[:40]
+    assert set(samplers[2].shard(0)) != set(samplers[2].shard(1))  # not always the same 4 of its 50 left out
+    with pytest.raises(ConfigError, match=r"data.shard': static shards over a packed folder.*its 8 training "
+                                          r"shards cannot feed 9 ranks.*--shard-size"):
+        shard_parts(shard_of, len(counts), 9)
 
 
 @pytest.mark.unit

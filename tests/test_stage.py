@@ -6,10 +6,12 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from hvd_ba.config import load_config
 from hvd_ba.data.manifest import load_index
+from hvd_ba.data.shards import load_packed
 from hvd_ba.data.staged import rank_files
 from hvd_ba.launch.stage import RECORD_DIR
 from helpers import ENV, ROOT, run_cli, train_command
@@ -243,3 +245,63 @@ def test_training_stops_before_its_first_step_when_a_ranks_files_are_missing(sha
     assert r.returncode != 0
     assert "rank 1 of 2 on host" in r.stdout + r.stderr and "1 of its 120 files are missing" in r.stdout + r.stderr
     assert not (out / "steps.jsonl").exists()
+
+
+def test_a_packed_folder_is_staged_as_whole_shards_checked_against_its_index(shared, tmp_path):
+    """Static shards over a packed folder: each rank owns whole shards, stage copies them and
+    checks each against the SHA-256 the pack's index records, and training reads its shards from
+    the copy only (validation from data.path)."""
+    packed = tmp_path / "packed"
+    assert run_cli("pack", str(shared), str(packed), "--shard-size", "256K").returncode == 0
+    index = load_packed(packed, "train")
+    cfg = load_config("demo", [f"data.path={packed}", *STATIC])
+    files = [rank_files(cfg, index, load_packed(packed, "val"), r, 2) for r in (0, 1)]
+    names = [{rel for rel, _ in f} for f in files]
+    assert not names[0] & names[1] and names[0] | names[1] == set(index.shards)  # whole shards, each to one rank
+    counts = [int(np.isin(index.rows["shard"], [index.shards.index(n) for n in ns]).sum()) for ns in names]
+    assert sum(counts) == 192 and abs(counts[0] - counts[1]) <= max(np.bincount(index.rows["shard"]))
+
+    dest = tmp_path / "local"
+    for r in (0, 1):
+        out = stage(packed, dest, r)
+        assert out.returncode == 0, out.stderr
+        assert f"{len(files[r])} files" in out.stdout and f"{len(files[r])} copied" in out.stdout
+    assert {p.name for p in dest.iterdir() if p.name != RECORD_DIR} == set(index.shards)
+    for name, want in zip(index.shards, index.header["shard_sha256"]):
+        assert sha256(dest / name) == want
+
+    # Training reads its shards from the copy only: the shared training shards spoiled (same
+    # sizes) would count bad files; validation reads data.path's (intact) val shards.
+    originals = {name: (packed / name).read_bytes() for name in index.shards}
+    for name in index.shards:
+        (packed / name).write_bytes(b"\0" * len(originals[name]))
+    out = tmp_path / "run"
+    cmd = train_command("gloo", packed, out, settings=[*RUN, f"data.local_path={dest}"])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["bad_files"] == 0 and metrics[-1]["files_read"] > 0
+    assert json.loads((out / "result.json").read_text())["val_top1"] is not None
+    # run.max_steps_per_epoch: each rank owns 80-100 files, over 4 batches of 8
+    assert json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+    # A copy damaged in place (same size) is copied again; a source shard that does not hash as
+    # the index says is an error naming it, and no copy of it is left.
+    for name, data in originals.items():
+        (packed / name).write_bytes(data)
+    mine = sorted(names[0])
+    spoil(dest / mine[0])
+    again = stage(packed, dest, 0)
+    assert again.returncode == 0 and " 1 copied" in again.stdout, again.stdout + again.stderr
+    assert sha256(dest / mine[0]) == index.header["shard_sha256"][index.shards.index(mine[0])]
+    (dest / mine[1]).unlink()
+    spoil(packed / mine[1])
+    bad = stage(packed, dest, 0)
+    assert bad.returncode == 2 and f"shard '{packed / mine[1]}' does not hash as the pack's index records" in bad.stderr
+    assert "rank 0" in bad.stderr and not (dest / mine[1]).exists()
+
+
+def spoil(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -73,6 +73,7 @@ class FileIndex:
                  digest: str | None = None, shards: Sequence[str] = (), files: tuple[str, str] | None = None):
         self.root, self.classes, self.rows, self.names = str(root), tuple(classes), rows, names
         self.shards, self.files, self._digest = tuple(shards), files, digest
+        self.header: dict = {}  # a packed folder's index header (shards' sizes and SHA-256), set by load_packed
 
     @classmethod
     def from_lists(cls, root, paths: Sequence[str], labels: Sequence[int], sizes: Sequence[int],
@@ -95,7 +96,9 @@ class FileIndex:
 
     def moved(self, root: str) -> FileIndex:
         """The same samples read from another folder (a node-local copy)."""
-        return FileIndex(root, self.classes, self.rows, self.names, self.digest, self.shards, self.files)
+        moved = FileIndex(root, self.classes, self.rows, self.names, self.digest, self.shards, self.files)
+        moved.header = self.header
+        return moved
 
     def name(self, i: int) -> str:
         """Sample i's path relative to the split folder: `<class>/<file>`."""

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from hvd_ba.cluster import loader_split, pid_alive, usable_cores
-from hvd_ba.config import ConfigError, steps_per_epoch
+from hvd_ba.config import ConfigError
 from hvd_ba.data.augment import TrainPreset, eval_image
 from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, SampleReader, open_image
 from hvd_ba.data.manifest import FileIndex
+from hvd_ba.data.shards import shard_parts
 
 WATCHDOG_PERIOD_S = 2.0
 
@@ -64,6 +65,9 @@ class ShardSampler(torch.utils.data.Sampler):
         reads the same files at every step. Over the run every rank sees the whole set.
     static: one permutation seeded by `seed` is cut once; rank r owns part r for the whole run
         (the part a node stages to local disk) and shuffles it each epoch by (seed, epoch, r).
+        Over a packed folder `parts` gives each rank's part instead (whole shards, data/shards.py
+        shard_parts); parts differ in size, so each epoch a rank reads the first `per_rank` files
+        (the smallest part's size) of its shuffled part.
     Every rank must take the same number of steps or an allreduce would hang: the n % world files
     left over by the cut, and the per-rank remainder that does not fill a batch, are skipped. In
     global mode the permutation changes every epoch, so different files are skipped each time; in
@@ -71,7 +75,8 @@ class ShardSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_files: int, rank: int, world: int, unique_batch: int, seed: int,
-                 mode: str = "global", max_steps: int | None = None, copies: int = 1, copies_on: str = "rank"):
+                 mode: str = "global", max_steps: int | None = None, copies: int = 1, copies_on: str = "rank",
+                 parts: list | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         if mode not in ("global", "static"):
@@ -83,8 +88,13 @@ class ShardSampler(torch.utils.data.Sampler):
         self.unique_batch, self.seed = unique_batch, seed
         self.epoch = 0
         self.start = 0  # first step of the epoch to yield (a run resumed mid-epoch)
-        self.per_rank = num_files // world
-        self.steps = steps_per_epoch(num_files, world, unique_batch, max_steps)
+        if parts is not None and (mode != "static" or len(parts) != world):
+            raise ValueError(f"parts: one per rank ({world}), static mode only")
+        self.parts = parts
+        self.per_rank = num_files // world if parts is None else min(len(part) for part in parts)
+        self.steps = self.per_rank // unique_batch
+        if max_steps is not None:
+            self.steps = min(self.steps, max_steps)
         if self.steps == 0:
             raise ConfigError(
                 f"config key 'data.path': its {num_files} training files over {world} rank{'s' * (world != 1)} "
@@ -105,14 +115,16 @@ class ShardSampler(torch.utils.data.Sampler):
             tail = per - steps * b  # files that fill no global batch: split evenly, never read
             rest = perm[steps * b * w:w * per][r * tail:(r + 1) * tail]
             return torch.cat([full, rest]).tolist()
-        owned = torch.tensor(self.owned())
-        return owned[torch.randperm(per, generator=_generator(self.seed, epoch, r))].tolist()
+        owned = torch.tensor(self.owned(r))
+        return owned[torch.randperm(len(owned), generator=_generator(self.seed, epoch, r))[:per]].tolist()
 
-    def owned(self) -> list[int]:
-        """static mode: the files this rank reads over the whole run (what `stage` copies)."""
+    def owned(self, rank: int | None = None) -> list[int]:
+        """static mode: the files this rank (or `rank`) reads over the whole run (what `stage` copies)."""
         if self.mode != "static":
             raise ValueError("only static shards own a fixed set of files; set data.shard=static")
-        r, per = self.rank, self.per_rank
+        r, per = self.rank if rank is None else rank, self.per_rank
+        if self.parts is not None:
+            return [int(i) for i in self.parts[r]]
         return torch.randperm(self.num_files, generator=_generator(self.seed))[r * per:(r + 1) * per].tolist()
 
     def __len__(self) -> int:
@@ -158,14 +170,16 @@ def train_preset(cfg) -> TrainPreset:
 def make_train_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.utils.data.DataLoader:
     d, a = cfg.data, cfg.augment
     dataset = BATrainSet(index, d.copies, train_preset(cfg), cfg.run.seed, a.canvas if a.where == "device" else None)
-    sampler = train_sampler(len(index), cfg, rank, world)
+    sampler = train_sampler(index, cfg, rank, world)
     return _loader(dataset, sampler, BACollate(d.layout), d)
 
 
-def train_sampler(num_files: int, cfg, rank: int, world: int) -> ShardSampler:
+def train_sampler(index: FileIndex, cfg, rank: int, world: int) -> ShardSampler:
+    """The training sampler of a split; static shards over a packed folder own whole shards."""
     d = cfg.data
-    return ShardSampler(num_files, rank, world, d.unique_batch, cfg.run.seed, d.shard, cfg.run.max_steps_per_epoch,
-                        d.copies, d.copies_on)
+    parts = shard_parts(index.rows["shard"], len(index.shards), world) if d.shard == "static" and index.shards else None
+    return ShardSampler(len(index), rank, world, d.unique_batch, cfg.run.seed, d.shard, cfg.run.max_steps_per_epoch,
+                        d.copies, d.copies_on, parts)
 
 
 def eval_files(num_files: int, rank: int, world: int) -> list[int]:

@@ -15,6 +15,7 @@ whole index is known before a byte is written and each rank can write its shards
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import tarfile
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hvd_ba.config import ConfigError
 from hvd_ba.data.index import FileIndex, IndexUnreadable, header_path, mapped, read_header, read_index
 
 log = logging.getLogger("hvd_ba")
@@ -116,6 +118,26 @@ def packed_index(source: FileIndex, plan: ShardPlan, split: str, root: str) -> F
     rows["shard"], rows["offset"] = plan.shard, plan.offset
     shards = [shard_name(split, k) for k in range(plan.shards)]
     return FileIndex(root, source.classes, rows, np.asarray(source.names), source.digest, shards)
+
+
+def shard_parts(shard_of_sample: np.ndarray, shards: int, world: int) -> list[np.ndarray]:
+    """data.shard=static over a packed folder: each rank's part is a set of whole shards (what
+    `stage` copies), balanced by sample counts (the largest shard first to the rank holding the
+    fewest samples, ties to the lower shard and rank number). Returns each rank's samples, sorted.
+    A rank without a shard is refused: pack with a smaller --shard-size, or use data.shard=global."""
+    if world > shards:
+        raise ConfigError(f"config key 'data.shard': static shards over a packed folder give each rank whole "
+                          f"shards, and its {shards} training shard{'s' * (shards != 1)} cannot feed {world} ranks "
+                          "(pack again with a smaller --shard-size, or set data.shard=global)")
+    counts = np.bincount(shard_of_sample, minlength=shards)
+    load, owner = [(0, r) for r in range(world)], np.empty(shards, np.int64)
+    for k in sorted(range(shards), key=lambda k: (-counts[k], k)):
+        samples, r = heapq.heappop(load)
+        owner[k] = r
+        heapq.heappush(load, (samples + int(counts[k]), r))
+    of_sample = owner[shard_of_sample]
+    order = np.argsort(of_sample, kind="stable")  # by rank, samples ascending within each
+    return np.split(order, np.cumsum(np.bincount(of_sample, minlength=world))[:-1])
 
 
 def load_packed(folder: str | Path, split: str) -> FileIndex:

@@ -1,5 +1,6 @@
 """A rank's node-local copy of the data (data.local_path, made by `python -m hvd_ba stage`): which
-files a rank reads (its static training shard and its evaluation files), whether a node-local
+files a rank reads (its static training shard and its evaluation files; over a packed folder, its
+whole training shards), whether a node-local
 folder is this user's private one, and training's check that every file is there.
 """
 from __future__ import annotations
@@ -10,17 +11,24 @@ import socket
 import stat
 from pathlib import Path
 
+import numpy as np
+
 from hvd_ba.config import ConfigError
 from hvd_ba.data.manifest import FileIndex
 from hvd_ba.data.pipeline import eval_files, train_sampler
 
 
 def rank_files(cfg, train_index: FileIndex, val_index: FileIndex, rank: int, world: int) -> list[tuple[str, int]]:
-    """(path relative to the dataset root, size in bytes) of every file rank `rank` reads."""
+    """(path relative to the dataset root, size in bytes) of every file rank `rank` reads from its
+    node-local copy. A packed folder's: the rank's whole training shards (its validation shards
+    are read from data.path, each opened once per loader worker)."""
     if cfg.data.shard != "static":
         raise ConfigError("config key 'data.shard': staging needs static shards (global shards read different "
                           f"files every epoch); set data.shard=static (it is {cfg.data.shard!r})")
-    train = train_sampler(len(train_index), cfg, rank, world).owned()
+    train = train_sampler(train_index, cfg, rank, world).owned()
+    if train_index.shards:
+        sizes = train_index.header["shard_bytes"]
+        return [(train_index.shards[k], int(sizes[k])) for k in np.unique(train_index.rows["shard"][train])]
     files = [(f"train/{train_index.paths[i]}", int(train_index.sizes[i])) for i in sorted(train)]
     files += [(f"val/{val_index.paths[i]}", int(val_index.sizes[i])) for i in eval_files(len(val_index), rank, world)]
     return files

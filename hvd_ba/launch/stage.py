@@ -2,7 +2,9 @@
 
 Start it with the same launcher and task layout as the training (`srun ... python -m hvd_ba
 stage`, or horovodrun/mpirun with the same -np), so that every rank copies exactly the files it
-will read: its static training shard (ShardSampler.owned) and its evaluation files. Ranks on
+will read: its static training shard (ShardSampler.owned) and its evaluation files; from a packed
+folder, its whole training shards (checked against the SHA-256 the pack's index records; the
+validation shards are read from data.path, each opened once per loader worker). Ranks on
 one node copy disjoint sets, each with a pool of threads. A copied file is hashed while it is
 read from the shared file system and again as written, and the two must agree. Each rank leaves
 a record (file names, sizes, SHA-256) in DEST/.hvd_ba-stage/; a file already present is trusted,
@@ -34,8 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hvd_ba.cluster import launch_info, launch_rank
-from hvd_ba.config import ConfigError, load_config, manifest_cache
-from hvd_ba.data.manifest import load_index
+from hvd_ba.config import ConfigError, data_format, load_config
+from hvd_ba.data.shards import load_split
 from hvd_ba.data.staged import UnsafeFolder, private_dir, rank_files
 from hvd_ba.fsio import file_sha256
 from hvd_ba.train.stop import pause_point
@@ -75,10 +77,11 @@ def copy_verified(src: Path, dst: Path, size: int) -> str:
 
 
 def stage_rank(source: Path, dest: Path, files: list[tuple[str, int]], threads: int, trust_size: bool,
-               previous: dict) -> dict:
-    """Copy the files missing from dest, and those present that do not hash as this rank's last
-    record says (or, with trust_size, that have another size); returns the rank's counts and its
-    SHA-256 record."""
+               previous: dict, expected: bool = False) -> dict:
+    """Copy the files missing from dest, and those present that do not hash as `previous` says
+    (this rank's last record, or a pack's index) or, with trust_size, that have another size;
+    `expected`: `previous` is the pack's index, and a copy that does not hash as it says is an
+    error. Returns the rank's counts and its SHA-256 record."""
     def one(item):
         rel, size = item
         src, dst = source / rel, dest / rel
@@ -91,7 +94,12 @@ def stage_rank(source: Path, dest: Path, files: list[tuple[str, int]], threads: 
                 return rel, previous.get(rel), False
             if previous.get(rel) and file_sha256(dst) == previous[rel]:
                 return rel, previous[rel], False
-        return rel, copy_verified(src, dst, size), True
+        digest = copy_verified(src, dst, size)
+        if expected and digest != previous.get(rel):
+            os.unlink(dst)
+            raise OSError(f"shard '{src}' does not hash as the pack's index records: the packed folder is damaged or "
+                          f"changed since it was packed (`python -m hvd_ba pack --verify {source}` checks it)")
+        return rel, digest, True
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -179,16 +187,18 @@ def run_stage(args) -> int:
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else launch_rank()
     host = socket.gethostname()
     source, dest = Path(cfg.data.path), Path(dest)
-    for split in ("train", "val"):
+    packed = data_format(cfg) == "shards"
+    for split in () if packed else ("train", "val"):  # a packed folder's index says what is missing
         if not (source / split).is_dir():
             raise FileNotFoundError(f"config key 'data.path': '{source / split}' does not exist on host {host} "
                                     f"(rank {rank} of {world})")
-    cache = manifest_cache(cfg)
     if comm is not None and rank != 0:
         comm.Barrier()  # rank 0 lists the folders and writes the manifests first
-    indexes = [load_index(source, split, cache, write=rank == 0) for split in ("train", "val")]
-    if comm is not None and rank == 0:
-        comm.Barrier()
+    try:
+        indexes = [load_split(cfg, split, write=rank == 0) for split in ("train", "val")]
+    finally:
+        if comm is not None and rank == 0:
+            comm.Barrier()
     files = rank_files(cfg, *indexes, rank, world)
     try:
         private_dir(dest)
@@ -196,9 +206,10 @@ def run_stage(args) -> int:
         raise FileNotFoundError(f"stage: rank {rank}: {err.strerror}") from None
     pause_point("stage")
     record_path = dest / RECORD_DIR / f"rank{rank}-of{world}.json"
-    previous = previous_hashes(record_path)
+    # a pack's shards are checked against its index, a folder's files against this rank's last record
+    previous = dict(zip(indexes[0].shards, indexes[0].header["shard_sha256"])) if packed else previous_hashes(record_path)
     try:
-        done = stage_rank(source, dest, files, args.threads, args.trust_size, previous)
+        done = stage_rank(source, dest, files, args.threads, args.trust_size, previous, expected=packed)
     except OSError as err:
         raise FileNotFoundError(f"stage: rank {rank} on host {host}: {err}") from None
     record_path.parent.mkdir(parents=True, exist_ok=True)

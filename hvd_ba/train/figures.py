@@ -6,8 +6,9 @@ from hvd_ba.config import Config, derive
 from hvd_ba.train.lr_schedule import describe_warmup
 
 
-def derived_figures(cfg: Config, world: int, train_files: int) -> list[str]:
-    """What a run derives from its config (config.derive), printed by plan and at a run's start."""
+def derived_figures(cfg: Config, world: int, train_files: int, steps: int | None = None) -> list[str]:
+    """What a run derives from its config (config.derive), printed by plan and at a run's start
+    (`steps`: its sampler's steps per epoch, which static parts of whole packed shards lower)."""
     f, o = derive(cfg, world, train_files), cfg.optim
     ghost = (f"{f.ghost_groups} groups of {f.ghost_size} per rank ({cfg.model.ghost_impl})" if f.ghost_size
              else "off (plain BN over the rank's batch)")
@@ -20,5 +21,5 @@ def derived_figures(cfg: Config, world: int, train_files: int) -> list[str]:
         + ("cosine" if o.schedule == "cosine" else
            f"x{o.decay:g} at epochs {', '.join(f'{e:g}' for e in o.milestones)}" if o.milestones else "constant")
         + f" of {o.epochs}",
-        f"steps per epoch: {f.steps_per_epoch} (those of unique batch {f.unique_global})",
+        f"steps per epoch: {f.steps_per_epoch if steps is None else steps} (those of unique batch {f.unique_global})",
     ]

@@ -190,7 +190,10 @@ def build_run(cfg: Config) -> Run:
                                + (f" (and {len(problems) - 1} more ranks)" if len(problems) > 1 else "")
                                + "; run `python -m hvd_ba stage` again; no rank trained")
         local = Path(cfg.data.local_path)
-        train_index, val_index = train_index.moved(str(local / "train")), val_index.moved(str(local / "val"))
+        if train_index.shards:  # a packed folder: training shards from the copy, validation from data.path
+            train_index = train_index.moved(str(local))
+        else:
+            train_index, val_index = train_index.moved(str(local / "train")), val_index.moved(str(local / "val"))
     num_classes = cfg.model.num_classes or len(train_index.classes)
     try:
         train_loader = make_train_loader(train_index, loaders_cfg, rank, world)
@@ -213,7 +216,7 @@ def announce(cfg: Config, run: Run, out: Path) -> None:
              (out / "config.yaml").read_text().rstrip())
     log.info("hvd_ba: %d ranks on %s (%s, %s), %d threads/rank; %s, %d classes; %d train / %d val images",
              dist.size(), run.state.device, dist.backend(), dist.controller(), run.threads, cfg.model.arch, run.num_classes, len(run.train_index), len(run.val_index))
-    for line in derived_figures(cfg, dist.size(), len(run.train_index)):
+    for line in derived_figures(cfg, dist.size(), len(run.train_index), run.state.steps_per_epoch):
         log.info("%s", line)
 
 
