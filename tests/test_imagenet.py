@@ -12,7 +12,8 @@ import torch
 from helpers import cli
 from hvd_ba.config import load_config
 from hvd_ba.data.imagenet import LabelsError, flat_val_index, read_val_labels, val_file_name
-from hvd_ba.data.manifest import load_index
+from hvd_ba.data import imagenet
+from hvd_ba.data.manifest import load_flat_val, load_index
 from hvd_ba.data.pipeline import make_eval_loader
 from hvd_ba.data.shards import load_packed, load_split
 
@@ -89,6 +90,40 @@ def test_the_flat_folder_evaluates_the_images_of_the_class_folders(distributed, 
             pairs += [(img.numpy().tobytes(), int(label)) for img, label in zip(batch["images"], batch["labels"])]
         seen[str(data)] = sorted(pairs)
     assert seen[str(small_data)] == seen[str(root)] and len(seen[str(root)]) == 48
+
+
+def test_a_flat_folders_index_is_cached_until_the_folder_or_its_labels_change(distributed, small_data, tmp_path,
+                                                                             monkeypatch):
+    """Rank 0 lists the 50,000 files of a flat val/ once; later starts, and the other ranks, read
+    the cached manifest, until a file is added or removed or the labels file changes."""
+    root, truth, files = distributed
+    val = tmp_path / "val"
+    shutil.copytree(root / "val", val)
+    labels = tmp_path / "labels.txt"
+    shutil.copy(files["text"], labels)
+    classes = load_index(small_data, "train", None).classes
+    cache = tmp_path / "cache"
+    assert load_flat_val(val, labels, classes, cache, write=False) is not None and not cache.exists()
+    first = load_flat_val(val, labels, classes, cache)
+    assert first.files is not None and len(first) == 48  # mapped from the cache it wrote
+    listings = []
+    real = imagenet.flat_val_index
+    monkeypatch.setattr(imagenet, "flat_val_index", lambda *a: listings.append(a) or real(*a))
+    again = load_flat_val(val, labels, classes, cache, write=False)
+    assert listings == [] and again == first and again.labels.tolist() == first.labels.tolist()
+
+    gone = sorted(truth)[0]
+    (val / gone).unlink()
+    fewer = load_flat_val(val, labels, classes, cache)
+    assert len(listings) == 1 and len(fewer) == 47 and gone not in fewer.paths
+    name = sorted(truth)[1]
+    other = next(w for w in classes if w != truth[name])
+    labels.write_text(labels.read_text().replace(f"val/{name} {truth[name]}", f"val/{name} {other}"))
+    relabelled = load_flat_val(val, labels, classes, cache)
+    assert len(listings) == 2 and classes[relabelled.labels[relabelled.paths.index(name)]] == other
+    assert load_flat_val(val, labels, classes, cache) == relabelled and len(listings) == 2  # fresh again
+    more_classes = load_flat_val(val, labels, [*classes, "n99999990"], cache)
+    assert len(listings) == 3 and more_classes.classes[-1] == "n99999990"
 
 
 def test_labels_that_do_not_fit_are_one_line_naming_the_file(distributed, tmp_path, small_data):

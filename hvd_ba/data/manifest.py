@@ -94,21 +94,63 @@ def load_index(root: str | Path, split: str, cache_dir: str | Path | None, write
     folder = Path(root) / split
     if cache_dir is None:
         return scan_folder(folder)[0]
-    path = manifest_path(folder, Path(cache_dir))
-    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        from hvd_ba.config import ConfigError
-
-        raise ConfigError(f"config key 'data.manifest_dir': '{cache_dir}' is a file, not a folder (null: no cache)")
+    path = manifest_path(folder, _cache_folder(cache_dir))
     if path.is_file():
         try:
             return read_manifest(path, folder)
         except StaleManifest as err:
             log.warning("%s; listing the folder again", err)
     index, state = scan_folder(folder)
-    if write:
+    return _cached(path, index, state) if write else index
+
+
+def _cache_folder(cache_dir: str | Path) -> Path:
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        from hvd_ba.config import ConfigError
+
+        raise ConfigError(f"config key 'data.manifest_dir': '{cache_dir}' is a file, not a folder (null: no cache)")
+    return Path(cache_dir)
+
+
+def _cached(path: Path, index: FileIndex, state: dict) -> FileIndex:
+    """The index written as the manifest at `path` and read back mapped (as a cached one is); the
+    index as it is when the cache cannot be written (the next start lists again)."""
+    try:
+        return read_index(write_manifest(path, index, state), index.root)
+    except OSError as err:
+        log.warning("could not cache the file index in %s (%s); listing again at the next start", path, err.strerror)
+        return index
+
+
+def flat_state(folder: Path, labels_path: str | Path, classes) -> dict:
+    """What a flat validation folder's manifest depends on: the folder's mtime (a file added,
+    removed or renamed changes it), the labels file (path, size, mtime) and the training classes."""
+    st = os.stat(labels_path)
+    return {"folder": os.stat(folder).st_mtime_ns, "labels": [str(Path(labels_path).resolve()), st.st_size,
+                                                              st.st_mtime_ns],
+            "classes": hashlib.sha1("\n".join(classes).encode()).hexdigest()}
+
+
+def load_flat_val(folder: Path, labels_path: str | Path, classes, cache_dir: str | Path | None,
+                  write: bool = True) -> FileIndex:
+    """A flat validation folder's index (data.val_labels): from its cached manifest while
+    flat_state is unchanged, else listed with its labels (and cached if `write`), as load_index
+    does for a folder of class folders."""
+    from hvd_ba.data.imagenet import flat_val_index
+
+    if cache_dir is None:
+        return flat_val_index(folder, labels_path, classes)
+    path = manifest_path(folder, _cache_folder(cache_dir))
+    path = path.with_name(path.name.replace(".manifest.json", ".flat-manifest.json"))
+    state = flat_state(folder, labels_path, classes)  # before listing: a change during it makes it stale
+    if path.is_file():
         try:
-            return read_index(write_manifest(path, index, state), str(folder))  # mapped, as a cached one is
-        except OSError as err:  # only a cache: the next start lists the folder again
-            log.warning("could not cache the file index in %s (%s); listing again at the next start", path,
-                        err.strerror)
-    return index
+            header = read_header(path)
+            if header.get("root") == str(folder.resolve()) and header.get("mtimes") == state:
+                return read_index(path, str(folder), header)
+            log.warning("manifest '%s': the flat folder '%s', its labels file or the training classes changed; "
+                        "listing the folder again", path, folder)
+        except IndexUnreadable as err:
+            log.warning("%s; listing the folder again", str(err).replace("index '", "manifest '", 1))
+    index = flat_val_index(folder, labels_path, classes)
+    return _cached(path, index, state) if write else index

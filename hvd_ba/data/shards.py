@@ -210,10 +210,10 @@ def load_split(cfg, split: str, write: bool) -> FileIndex:
                         "the changes)", cfg.data.path, why)
         return index
     if split == "val" and cfg.data.val_labels:
-        from hvd_ba.data.imagenet import flat_val_index
-        from hvd_ba.data.manifest import _class_folders
+        from hvd_ba.data.manifest import _class_folders, load_flat_val
 
         root = Path(cfg.data.path)
-        return mapped(flat_val_index(root / "val", cfg.data.val_labels, _class_folders(root / "train")))
+        return mapped(load_flat_val(root / "val", cfg.data.val_labels, _class_folders(root / "train"),
+                                    manifest_cache(cfg), write=write))
     # mapped: loader workers map the pages instead of each unpickling a copy
     return mapped(load_index(cfg.data.path, split, manifest_cache(cfg), write=write))
