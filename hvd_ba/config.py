@@ -567,11 +567,13 @@ def peak_lr(base_lr: float, unique_global_batch: int, reference_batch: int = 256
     return base_lr * unique_global_batch / reference_batch
 
 
-def steps_per_epoch(train_files: int, world: int, unique_batch: int, max_steps: int | None = None) -> int:
-    """Steps of one epoch: the files each rank gets (train_files // world) in batches of
-    unique_batch (the remainder is skipped, every rank taking the same number of steps), capped
-    by run.max_steps_per_epoch. data/pipeline.py: ShardSampler takes this."""
-    steps = (train_files // world) // unique_batch
+def steps_per_epoch(train_files: int, world: int, unique_batch: int, max_steps: int | None = None,
+                    per_rank: int | None = None) -> int:
+    """Steps of one epoch: the files each rank gets (train_files // world, or `per_rank`: static
+    parts of whole packed shards, data/shards.py files_per_rank) in batches of unique_batch (the
+    remainder is skipped, every rank taking the same number of steps), capped by
+    run.max_steps_per_epoch. data/pipeline.py: ShardSampler takes this."""
+    steps = (train_files // world if per_rank is None else per_rank) // unique_batch
     return min(steps, max_steps) if max_steps is not None else steps
 
 

@@ -203,26 +203,35 @@ def test_cpu_script_trains_on_two_nodes_with_srun(slurm, small_data, tmp_path):
     assert "epoch 2 done" in log and "\r" not in log  # plain lines in the Slurm log, no progress bar
 
 
-def test_pack_script_writes_the_shards_from_four_tasks_on_two_nodes(slurm, small_data, tmp_path):
-    """slurm/pack.sbatch: 2 nodes x 2 tasks, each task its own shards; the pack verifies."""
-    from hvd_ba.data.shards import load_packed
-
-    dst, log = tmp_path / "packed", tmp_path / "pack.out"
+@pytest.fixture(scope="module")
+def slurm_pack(slurm, small_data, tmp_path_factory):
+    """small_data packed by slurm/pack.sbatch on 2 nodes x 2 tasks, each task bound to its one core
+    (SLURM_EXACT=1, as sites set it); returns (DST, the job's fields, its log)."""
+    dst = tmp_path_factory.mktemp("slurm-pack") / "packed"
+    log = dst.parent / "pack.out"
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
     environ.update({"SLURM_CONF": SLURM_CONF, "PYTHONPATH": str(ROOT), "SRC": str(small_data), "DST": str(dst),
-                    "SHARD_SIZE": "256K"})
+                    "SHARD_SIZE": "256K", "SLURM_EXACT": "1"})
     r = subprocess.run(["sbatch", "--parsable", f"--output={log}", *LAYOUTS["2x2"], str(ROOT / "slurm" / "pack.sbatch")],
                        capture_output=True, text=True, cwd=ROOT, env=environ, timeout=60)
     assert r.returncode == 0, r.stderr
     fields = wait_done(r.stdout.strip().split(";")[0])
-    text = log.read_text()
+    return dst, fields, log.read_text() if log.exists() else ""
+
+
+def test_pack_script_writes_the_shards_from_four_tasks_on_two_nodes(slurm_pack):
+    """slurm/pack.sbatch: 2 nodes x 2 bound tasks, each task its own shards; the pack verifies."""
+    from hvd_ba.data.shards import load_packed
+
+    dst, fields, text = slurm_pack
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", text[-3000:]
     for rank in range(4):
         assert f"hvd_ba pack: rank {rank} of 4: 0 of its" in text, text[-3000:]
     train = load_packed(dst, "train")
     assert len(train) == 192 and len(load_packed(dst, "val")) == 48
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
     verified = subprocess.run([sys.executable, "-m", "hvd_ba", "pack", "--verify", str(dst)], capture_output=True,
-                              text=True, cwd=ROOT, env=environ, timeout=120)
+                              text=True, cwd=ROOT, env={**environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert verified.returncode == 0, verified.stderr
 
 
@@ -307,12 +316,15 @@ def needs_one_scheduling_group(launcher, layout):
 # launchers and layouts (SLURM_EXACT=1, as the staging jobs had it): each attempt stages (the second
 # verifies the first's copies by hash) and trains from the node's copy. Before, two jobs of their
 # own (test_per_node_staging_under_mpirun[2x1, 2x2], ..._with_two_ranks_per_node_under_horovodrun).
-STAGED_PER_NODE = {("mpirun", "2x1"), ("mpirun", "2x2"), ("horovodrun", "2x2")}
+STAGED_PER_NODE = {("mpirun", "2x1"), ("mpirun", "2x2"), ("horovodrun", "2x2"), ("srun", "2x2")}
+# srun 2x2 trains from slurm/pack.sbatch's packed folder: each rank stages whole shards.
+PACKED = {("srun", "2x2")}
 
 
-def assert_staged_per_node(out, local, world, launcher, log):
+def assert_staged_per_node(out, local, world, launcher, log, packed=None):
     """Each rank staged its static shard into its node's own private folder (0700), under mpirun
-    the totals gathered, and the training read the copies (no bad file)."""
+    the totals gathered, and the training read the copies (no bad file). `packed`: the packed
+    folder trained from, whose training shards the ranks staged whole, each once."""
     records = sorted(p.relative_to(local).parts[0] + "/" + p.name for p in local.rglob(f"rank*-of{world}.json"))
     if launcher == "horovodrun":
         # horovodrun runs every rank on n1 here (no ssh): all four stage into n1's folder, disjoint files.
@@ -325,6 +337,12 @@ def assert_staged_per_node(out, local, world, launcher, log):
     assert records == expected, log[-3000:]
     for node in sorted({record.split("/")[0] for record in expected}):
         assert (local / node).stat().st_mode & 0o777 == 0o700
+    if packed is not None:
+        from hvd_ba.data.shards import load_packed
+
+        shards = load_packed(packed, "train").shards
+        copies = sorted(p.name for p in local.rglob("*") if p.is_file() and ".hvd_ba-stage" not in p.parts)
+        assert copies == sorted(shards), copies  # whole training shards, each on one node only; no val
     if launcher == "mpirun":  # mpi4py gathered the totals (horovodrun's ranks print their own lines only)
         assert f"stage: all {world} ranks: 240 files" in log
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -334,7 +352,7 @@ def assert_staged_per_node(out, local, world, launcher, log):
 @pytest.mark.parametrize("launcher, layout, backend", [
     ("horovodrun", "2x2", "horovod"), ("srun", "2x1", "horovod"), ("mpirun", "2x1", "horovod"),
     ("srun", "2x1", "torch"), ("torchrun", "2x2", "torch"), ("srun", "2x2", "horovod"), ("mpirun", "2x2", "horovod")])
-def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path, launcher, layout, backend):
+def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path, launcher, layout, backend, request):
     """Bound ranks, SLURM_EXACT=1. srun passes the signal to the ranks; the ranks of horovodrun,
     mpirun and torchrun see it through run.stop_file. Measured before the fix: with 2 ranks per
     node mpirun aborted at start with 'rank 1: Horovod local rank 1 != SLURM_LOCALID 0'.
@@ -346,10 +364,17 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
     world, per_task = (4, 1) if layout == "2x2" else (2, 2)
     epochs = 6 if layout == "2x2" else 3  # 36 steps: long enough for the signal to land before the end
     staged = (launcher, layout) in STAGED_PER_NODE
+    packed = request.getfixturevalue("slurm_pack")[0] if (launcher, layout) in PACKED else None
+    total = 36  # steps: 192 files / 4 ranks / unique batch 8 = 6 per epoch (2x2), 96 / 8 = 12 (2x1)
+    if packed is not None:  # static parts of whole shards: each epoch the smallest part's files
+        from hvd_ba.data.shards import load_packed, shard_parts
+
+        index = load_packed(packed, "train")
+        total = epochs * (min(len(p) for p in shard_parts(index.rows["shard"], len(index.shards), world)) // 8)
     stage_overrides = ["data.manifest_dir=null"] if staged else []
     stage_env = dict(STAGE="1", LOCAL_DATA=f"{local}/$SLURMD_NODENAME", KEEP_LOCAL_DATA="1") if staged else {}
-    job = submit("cpu.sbatch", small_data, out, f"optim.epochs={epochs}", *stage_overrides, layout=layout, exact=True,
-                 LAUNCHER=launcher, BACKEND=backend, **stage_env)
+    job = submit("cpu.sbatch", packed or small_data, out, f"optim.epochs={epochs}", *stage_overrides, layout=layout,
+                 exact=True, LAUNCHER=launcher, BACKEND=backend, **stage_env)
     wait_for_steps(out, job)
     scancel("--signal=USR1", "--batch", job)
     fields = wait_done(job, timeout=600, hurry_requeue=True)
@@ -375,16 +400,16 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, small_data, tmp_path
         assert "stop requested (stop file" in first  # the ranks learnt it from OUT/STOP
     assert "signal USR1" in first and "requeueing" in first
     stopped = int(re.findall(r"checkpoint \S+ckpt-0*\d+\.pt \(step (\d+)\)", first)[-1])  # the stop's
-    assert 0 < stopped < 36
+    assert 0 < stopped < total
     assert "resumed from" in second and f"step {stopped}," in second
     steps = [s["step"] for s in read_jsonl(out / "steps.jsonl")]
-    assert steps == sorted(set(steps)) and steps[-1] == 36  # no step lost or repeated
+    assert steps == sorted(set(steps)) and steps[-1] == total  # no step lost or repeated
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, epochs + 1))
     assert json.loads((out / "result.json").read_text())["world"] == world
     assert f"ranks on cpu ({backend}, " in second and f"backend {backend}" in second
     assert_cores(out, world, per_task, second)
     if staged:
-        assert_staged_per_node(out, local, world, launcher, log)
+        assert_staged_per_node(out, local, world, launcher, log, packed)
     if layout == "2x1":
         # With SLURM_EXACT=1 each rank and its loader worker had its 2 cores, in both attempts:
         # the checks of test_each_rank_gets_its_cores_where_the_site_sets_slurm_exact for srun and mpirun.

@@ -260,6 +260,13 @@ def test_a_packed_folder_is_staged_as_whole_shards_checked_against_its_index(sha
     assert not names[0] & names[1] and names[0] | names[1] == set(index.shards)  # whole shards, each to one rank
     counts = [int(np.isin(index.rows["shard"], [index.shards.index(n) for n in ns]).sum()) for ns in names]
     assert sum(counts) == 192 and abs(counts[0] - counts[1]) <= max(np.bincount(index.rows["shard"]))
+    # plan (which job.sh runs before launching) counts the steps the ranks will take, and refuses
+    # more ranks than shards
+    plan = run_cli("plan", "--ranks", "2", "--config", "demo", "--set", f"data.path={packed}", *STATIC)
+    assert plan.returncode == 0 and f"steps per epoch: {min(counts) // 8} (" in plan.stdout, plan.stdout + plan.stderr
+    too_many = run_cli("plan", "--ranks", str(len(index.shards) + 1), "--config", "demo", "--set",
+                       f"data.path={packed}", *STATIC)
+    assert too_many.returncode == 2 and f"its {len(index.shards)} training shards cannot feed" in too_many.stderr
 
     dest = tmp_path / "local"
     for r in (0, 1):

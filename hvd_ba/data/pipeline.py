@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from hvd_ba.cluster import loader_split, pid_alive, usable_cores
-from hvd_ba.config import ConfigError
+from hvd_ba.config import ConfigError, steps_per_epoch
 from hvd_ba.data.augment import TrainPreset, eval_image
 from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, SampleReader, open_image
 from hvd_ba.data.manifest import FileIndex
@@ -92,9 +92,7 @@ class ShardSampler(torch.utils.data.Sampler):
             raise ValueError(f"parts: one per rank ({world}), static mode only")
         self.parts = parts
         self.per_rank = num_files // world if parts is None else min(len(part) for part in parts)
-        self.steps = self.per_rank // unique_batch
-        if max_steps is not None:
-            self.steps = min(self.steps, max_steps)
+        self.steps = steps_per_epoch(num_files, world, unique_batch, max_steps, self.per_rank)
         if self.steps == 0:
             raise ConfigError(
                 f"config key 'data.path': its {num_files} training files over {world} rank{'s' * (world != 1)} "

@@ -140,6 +140,14 @@ def shard_parts(shard_of_sample: np.ndarray, shards: int, world: int) -> list[np
     return np.split(order, np.cumsum(np.bincount(of_sample, minlength=world))[:-1])
 
 
+def files_per_rank(index: FileIndex, shard_mode: str, world: int) -> int:
+    """The training files each rank reads per epoch: len // world, or with static shards over a
+    packed folder the smallest part's (shard_parts)."""
+    if shard_mode == "static" and index.shards:
+        return min(len(part) for part in shard_parts(index.rows["shard"], len(index.shards), world))
+    return len(index) // world
+
+
 def load_packed(folder: str | Path, split: str) -> FileIndex:
     """A split of a packed folder, memory-mapped; FileNotFoundError naming what is wrong."""
     folder = Path(folder)
