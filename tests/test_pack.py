@@ -239,6 +239,31 @@ def test_a_full_disk_stops_the_pack_in_one_line_and_the_same_pack_continues(smal
 
 
 @pytest.mark.unit
+def test_a_full_disk_at_a_shards_fsync_is_one_line_and_the_shards_before_it_are_kept(small_data, tmp_path,
+                                                                                     monkeypatch):
+    """A file system that reports a full disk or quota only when the data is flushed (NFS, Lustre):
+    the fsync of shard 4, which runs while shard 5 is written, ends the pack in one line."""
+    from hvd_ba.launch import pack
+
+    dst, real = tmp_path / "packed", os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("train-000003.tar."):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real(fd)
+
+    monkeypatch.setattr(pack.os, "fsync", fsync)
+    r = cli("pack", small_data, dst, "--shard-size", SMALL_SHARD)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "disk quota exceeded writing" in r.stderr and "train-000003.tar" in r.stderr, r.stderr
+    assert sorted(p.name for p in dst.glob("train-*.tar")) == [f"train-{k:06d}.tar" for k in range(3)]
+    assert not list((dst / ".pack-state").glob("*.partial"))
+    monkeypatch.undo()
+    r = cli("pack", small_data, dst, "--shard-size", SMALL_SHARD)
+    assert r.returncode == 0 and "3 of its 18 shards done" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.unit
 def test_a_stale_pack_is_said_in_one_line(small_data, tmp_path, caplog):
     src = shutil.copytree(small_data, tmp_path / "src")
     dst = tmp_path / "packed"

@@ -50,9 +50,14 @@ def member_header(name: str, size: int) -> bytes:
         return _tarfile_header(name, size)
     head = (encoded.ljust(100, b"\0") + b"0000644\0" + b"0000000\0" + b"0000000\0" + b"%011o\0" % size
             + b"00000000000\0")
-    tail = b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155)  # no names, no device numbers
-    checksum = sum(head) + 8 * 32 + sum(tail)  # the checksum field counts as eight spaces
-    return (head + b"%06o\0 " % checksum + tail).ljust(BLOCK, b"\0")
+    checksum = sum(head) + _TAIL_SUM  # the checksum field counts as eight spaces
+    return head + b"%06o\0 " % checksum + _TAIL
+
+
+# A header's fields after its checksum: type 0, no link name, ustar 00, no names, no device numbers,
+# no prefix, padded to the block; the same in every header.
+_TAIL = (b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155)).ljust(BLOCK - 148 - 8, b"\0")
+_TAIL_SUM = 8 * 32 + sum(_TAIL)
 
 
 def _tarfile_header(name: str, size: int) -> bytes:

@@ -17,6 +17,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from hvd_ba.fsio import SPACE_ERRORS, atomic_write, file_sha256, free_bytes
 from hvd_ba.train.stop import pause_point
 
 STATE_DIR = ".pack-state"
-BUFFER_BYTES = 8 << 20  # the shard file's write buffer
+ZEROS = bytes(BLOCK)  # a member's padding is a slice of it; two of it end an archive
 
 
 class PackError(Exception):
@@ -232,6 +234,15 @@ class BackgroundHash:
         return self._h.hexdigest()
 
 
+def write_all(fd: int, pieces) -> None:
+    """Write the pieces at fd's position with one writev, and the rest of a short write after it."""
+    done = os.writev(fd, pieces)
+    if done < sum(len(piece) for piece in pieces):
+        rest = memoryview(b"".join(pieces))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+
+
 def read_member(source: SplitSource, i: int, names: bytes, ends: np.ndarray, sizes: np.ndarray,
                 check_images: bool) -> tuple[str, bytes, str | None]:
     """Sample i's member name, its bytes (their size checked against the index) and, with
@@ -264,46 +275,75 @@ def record_shard(dst: Path, name: str, size: int, digest: str) -> None:
 
 
 def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, check_images: bool,
-                shard_number: int = 0, bar=None) -> list[str]:
-    """Write one shard (temporary file, fsync, rename, then its record); returns the members that
-    do not decode (check_images). shard_number: the how-manieth of this rank's (a test hook's name)."""
+                shard_number: int = 0, bar=None) -> tuple[list[str], Callable[[], None]]:
+    """Write one shard's members to its temporary file; returns the members that do not decode
+    (check_images) and the shard's finish (fsync, hash, rename, then its record), which
+    write_shards runs in a thread while the next shard is written (finish(keep=False): drop it). shard_number: the how-manieth
+    of this rank's (a test hook's name)."""
     for stale in (dst / STATE_DIR).glob(f"{name}.*.partial"):  # of a killed pack: this rank writes `name` now
         stale.unlink(missing_ok=True)
     tmp = dst / STATE_DIR / f"{name}.{socket.gethostname()}.{os.getpid()}.partial"
     h, broken, written = BackgroundHash(), [], 0
     index = source.index
     names, ends, sizes = index.names_buffer(), np.asarray(index.rows["name_end"]), np.asarray(index.sizes)
+    # unbuffered: one writev per member (header, data, padding), no copy into a buffer
     try:
-        with open(tmp, "wb", buffering=BUFFER_BYTES) as out:
-            for n, i in enumerate(members):
-                if n == 1:
-                    pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
-                rel, data, bad = read_member(source, i, names, ends, sizes, check_images)
-                broken += [bad] if bad else []
-                for piece in (member_header(rel, len(data)), data, bytes(-len(data) % BLOCK)):
-                    out.write(piece)
-                    h.update(piece)
-                    written += len(piece)
-                if bar is not None:
-                    bar.update(BLOCK + len(data) + (-len(data) % BLOCK))
-            out.write(bytes(2 * BLOCK))  # the end of the archive
-            h.update(bytes(2 * BLOCK))
-            written += 2 * BLOCK
-            out.flush()
-            os.fsync(out.fileno())
-        digest = h.hexdigest()
-        if written != size:
-            raise PackError(f"shard {name}: wrote {written} bytes, the plan says {size}")
-        os.replace(tmp, dst / name)
-        record_shard(dst, name, size, digest)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as err:
-        if err.errno in SPACE_ERRORS:
-            raise PackError(f"{SPACE_ERRORS[err.errno]} writing '{dst / name}'; the finished shards are kept: free "
-                            "space and run the same pack again to continue") from None
-        raise
-    finally:
+        raise _space_error(err, dst, name) from None
+    try:
+        for n, i in enumerate(members):
+            if n == 1:
+                pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
+            rel, data, bad = read_member(source, i, names, ends, sizes, check_images)
+            broken += [bad] if bad else []
+            pieces = (member_header(rel, len(data)), data, ZEROS[:-len(data) % BLOCK])
+            write_all(fd, pieces)
+            for piece in pieces:
+                h.update(piece)
+            member = BLOCK + len(data) + len(pieces[2])
+            written += member
+            if bar is not None:
+                bar.update(member)
+        write_all(fd, (ZEROS, ZEROS))  # the end of the archive: two zero blocks
+        h.update(ZEROS)
+        h.update(ZEROS)
+        written += 2 * BLOCK
+    except BaseException as err:
+        os.close(fd)
         tmp.unlink(missing_ok=True)
-    return broken
+        if isinstance(err, OSError):
+            raise _space_error(err, dst, name) from None
+        raise
+
+    def finish(keep: bool = True) -> None:  # keep=False: only close and remove the temporary file
+        try:
+            try:
+                if keep:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not keep:
+                return
+            digest = h.hexdigest()
+            if written != size:
+                raise PackError(f"shard {name}: wrote {written} bytes, the plan says {size}")
+            os.replace(tmp, dst / name)
+            record_shard(dst, name, size, digest)
+        except OSError as err:
+            raise _space_error(err, dst, name) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    return broken, finish
+
+
+def _space_error(err: OSError, dst: Path, name: str) -> Exception:
+    """A full disk or quota as one line that keeps the finished shards; any other error as it is."""
+    if err.errno in SPACE_ERRORS:
+        return PackError(f"{SPACE_ERRORS[err.errno]} writing '{dst / name}'; the finished shards are kept: free "
+                         "space and run the same pack again to continue")
+    return err
 
 
 def run_pack(args) -> int:
@@ -395,15 +435,35 @@ def write_shards(dst: Path, rank: int, todo: list, need: int, plans: dict, sourc
     """This rank's unfinished shards (`need` bytes), with a bar on a terminal or a line per shard in a log."""
     started, written, broken = time.monotonic(), 0, []
     bar = progress_bar(need, rank)
-    for n, (split, k) in enumerate(todo, 1):
-        plan = plans[split]
-        name, size = shard_name(split, k), int(plan.shard_bytes[k])
-        broken += write_shard(sources[split], dst, name, plan.members(k), size, check_images, n, bar)
+
+    def finished(pending) -> None:  # a shard's finish has ended: its error raised, or its line in a log
+        nonlocal written
+        future, n, name, size = pending
+        future.result()
         written += size
         rate = written / max(time.monotonic() - started, 1e-6)
         if bar is None:
             print(f"hvd_ba pack: rank {rank}: {name} {human(size)} ({n}/{len(todo)}), {human(rate)}/s, "
                   f"about {(need - written) / rate:.0f} s left", flush=True)
+
+    # A shard's fsync and the end of its hash overlap the writing of the next; one shard at most
+    # waits to be finished.
+    with ThreadPoolExecutor(1, thread_name_prefix="pack-finish") as finisher:
+        pending = None
+        for n, (split, k) in enumerate(todo, 1):
+            plan = plans[split]
+            name, size = shard_name(split, k), int(plan.shard_bytes[k])
+            bad, finish = write_shard(sources[split], dst, name, plan.members(k), size, check_images, n, bar)
+            broken += bad
+            if pending is not None:
+                try:
+                    finished(pending)
+                except BaseException:
+                    finish(keep=False)  # the shard just written is not finished: no partial file left
+                    raise
+            pending = (finisher.submit(finish), n, name, size)
+        if pending is not None:
+            finished(pending)
     if bar is not None:
         bar.close()
     for line in broken:
