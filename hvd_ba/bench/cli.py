@@ -50,6 +50,9 @@ def parser_bench() -> argparse.ArgumentParser:
     loader.add_argument("--shards", action="store_true",
                         help="also read the corpus packed into tar shards (python -m hvd_ba pack; packed once beside "
                              "the corpus) and print the ratio of shards to folder")
+    loader.add_argument("--rounds", type=positive_int, default=3,
+                        help="with --shards: folder and shards read alternately this many times, best of each "
+                             "(default: 3)")
     pk = sub.add_parser("pack", help="pack's throughput against a plain sequential copy of the same bytes")
     pk.add_argument("--images", type=positive_int, default=2000, help="photos packed (default: 2000, about 120 MB)")
     pk.add_argument("--shard-size", type=byte_size, default=16 << 20, help="shard size (default: 16M)")

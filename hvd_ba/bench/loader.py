@@ -154,10 +154,15 @@ def run_loader_bench(args) -> int:
         ours, n_ours = samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch))
         assert n_naive == n_ours == images * m, (n_naive, n_ours)
         shards = None
-        if packed is not None:
-            shards, n_shards = samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch, packed))
-            assert n_shards == n_ours, (n_shards, n_ours)
-            shards /= args.workers
+        if packed is not None:  # folder and shards alternately, best of each: one run of each is noise here
+            runs = []
+            for r in range(args.rounds):
+                rate, n_shards = samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch, packed))
+                assert n_shards == n_ours, (n_shards, n_ours)
+                runs.append(rate)
+                if r + 1 < args.rounds:
+                    ours = max(ours, samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch))[0])
+            shards = max(runs) / args.workers
         rows.append((m, naive / args.workers, ours / args.workers, shards))
     extra = f" {'from shards':>12} {'shards/folder':>14}" if packed is not None else ""
     print(f"\n{'M':>3} {'naive samples/s/core':>22} {'hvd_ba samples/s/core':>22} {'ratio':>7}{extra}")
@@ -167,5 +172,5 @@ def run_loader_bench(args) -> int:
     print("ratios (hvd_ba / naive): " + ", ".join(f"M={m}: {ours / naive:.2f}" for m, naive, ours, _ in rows))
     if packed is not None:
         print("ratios (shards / folder): " + ", ".join(f"M={m}: {shards / ours:.2f}" for m, _, ours, shards in rows)
-              + " (goal >= 0.95)")
+              + f" (goal >= 0.95; best of {args.rounds} each)")
     return 0
