@@ -405,3 +405,31 @@ def test_loader_workers_never_fork_from_a_rank_whose_threads_hold_locks():
     finally:
         done.set()
     assert got == {"fork": False, "auto": True}
+
+
+@pytest.mark.unit
+def test_a_static_run_resumes_only_over_the_same_parts(small_data, tmp_path):
+    """A folder and its pack hold the same samples (one digest), but static shards cut them
+    differently (a seeded cut, or whole shards), and two packs with other shard sizes differently
+    again: a checkpoint's plan tells them apart; global shards read the same files from either."""
+    from hvd_ba.__main__ import main
+    from hvd_ba.data.shards import load_packed, static_parts_id
+    from hvd_ba.train.resume import plan_differences, run_plan
+
+    for size in ("256K", "128K"):
+        assert main(["pack", str(small_data), str(tmp_path / size), "--shard-size", size]) == 0
+    folder = load_index(small_data, "train", None)
+    packs = [load_packed(tmp_path / size, "train") for size in ("256K", "128K")]
+    assert {folder.digest} == {p.digest for p in packs}
+    static, glob = (load_config("demo", [f"data.shard={mode}"]) for mode in ("static", "global"))
+
+    def plan(cfg, index):
+        return run_plan(cfg, 2, 6, len(index), index.digest, 0.1, static_parts_id(index))
+
+    assert plan_differences(plan(static, folder), plan(static, folder)) == ([], False)
+    for a, b in ((folder, packs[0]), (packs[0], packs[1])):
+        refused, _ = plan_differences(plan(static, a), plan(static, b))
+        assert len(refused) == 1 and refused[0].startswith("static parts (a folder's seeded cut, or a pack's whole "
+                                                           f"shards) {static_parts_id(a)} -> {static_parts_id(b)}")
+        assert plan_differences(plan(glob, a), plan(glob, b)) == ([], False)
+    assert static_parts_id(folder) == "seeded cut" and static_parts_id(packs[0]).startswith("14 packed shards ")

@@ -145,6 +145,18 @@ def shard_parts(shard_of_sample: np.ndarray, shards: int, world: int) -> list[np
     return np.split(order, np.cumsum(np.bincount(of_sample, minlength=world))[:-1])
 
 
+def static_parts_id(index: FileIndex) -> str:
+    """What static shards are cut from, for a checkpoint's plan: a folder's seeded permutation, or a
+    pack's shards (which sample lies in which shard: another pack of the same folder, with another
+    seed or shard size, gives the ranks other parts)."""
+    if not index.shards:
+        return "seeded cut"
+    import hashlib
+
+    where = np.ascontiguousarray(index.rows["shard"], dtype="<i4")
+    return f"{len(index.shards)} packed shards {hashlib.sha1(where.tobytes()).hexdigest()[:16]}"
+
+
 def files_per_rank(index: FileIndex, shard_mode: str, world: int) -> int:
     """The training files each rank reads per epoch: len // world, or with static shards over a
     packed folder the smallest part's (shard_parts)."""

@@ -112,10 +112,12 @@ SHARD_ORDER = 2
 
 
 def run_plan(cfg: Config, world: int, steps_per_epoch: int | None, train_files: int | None,
-             train_digest: str | None, peak: float) -> dict:
-    """What the data order and the LR of every step depend on; stored in every checkpoint."""
+             train_digest: str | None, peak: float, static_parts: str | None = None) -> dict:
+    """What the data order and the LR of every step depend on; stored in every checkpoint.
+    static_parts: what static shards cut (data/shards.py static_parts_id)."""
     d, o = cfg.data, cfg.optim
     return {
+        "static_parts": static_parts if d.shard == "static" else None,
         "world": world, "unique_batch": d.unique_batch, "unique_global": derive(cfg, world).unique_global,
         "copies": d.copies, "ghost_size": cfg.model.ghost_size, "steps_per_epoch": steps_per_epoch,
         "train_files": train_files, "train_digest": train_digest, "seed": cfg.run.seed, "shard": d.shard,
@@ -156,6 +158,7 @@ LABELS = {
     "warmup_from": "optim.warmup_from", "warmup_start": "warmup start LR (optim.base_lr)",
     "schedule": "optim.schedule", "milestones": "optim.milestones",
     "decay": "optim.decay", "epochs": "optim.epochs (cosine)",
+    "static_parts": "static parts (a folder's seeded cut, or a pack's whole shards)",
 }
 
 

@@ -23,7 +23,7 @@ from hvd_ba import dist, fsio
 from hvd_ba.cluster import (RendezvousError, bind_rank, compact, cores_per_task, cpu_mask, launch_rank,
                             loader_split, oversubscribed, rank_cores)
 from hvd_ba.config import Config, ConfigError, derive, save_config
-from hvd_ba.data.shards import load_split
+from hvd_ba.data.shards import load_split, static_parts_id
 from hvd_ba.data.model_input import channel_stats
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, release_loader_resources, start_worker_server
 from hvd_ba.data.staged import check_staged, rank_files
@@ -201,7 +201,8 @@ def build_run(cfg: Config) -> Run:
         raise RunRefused(str(err)) from None
     val_loader = make_eval_loader(val_index, loaders_cfg, rank, world)
     state = build_state(cfg, num_classes, device, world, len(train_loader))
-    state.plan = run_plan(cfg, world, state.steps_per_epoch, len(train_index), digest, state.peak_lr)
+    state.plan = run_plan(cfg, world, state.steps_per_epoch, len(train_index), digest, state.peak_lr,
+                          static_parts_id(train_index) if cfg.data.shard == "static" else None)
     model = dist.unwrap(state.model)  # the plain module (not torch.compile's or DDP's wrapper): what is saved
     return Run(state, model, train_index, val_index, train_loader, val_loader, threads, num_classes, workers, cores)
 
