@@ -96,20 +96,25 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.ranks < 1:
         raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
-    steps = None  # from the sampler where the data is there: static parts of whole packed shards lower it
+    steps, parts = None, None  # from the data where it is there: static parts of whole packed shards lower it
     if args.train_images is None:
         args.train_images = 1_281_167
         if cfg.data.path and (os.path.isdir(os.path.join(cfg.data.path, "train"))
                               or os.path.isfile(os.path.join(cfg.data.path, "train.json"))):
             from hvd_ba.config import steps_per_epoch
-            from hvd_ba.data.shards import files_per_rank, load_split
+            from hvd_ba.data.shards import files_per_rank, load_split, static_parts_line
 
             index = load_split(cfg, "train", write=True)
             args.train_images = len(index)
-            steps = steps_per_epoch(len(index), args.ranks, cfg.data.unique_batch, cfg.run.max_steps_per_epoch,
-                                    files_per_rank(index, cfg.data.shard, args.ranks))
+            per_rank = files_per_rank(index, cfg.data.shard, args.ranks)
+            steps = steps_per_epoch(len(index), args.ranks, cfg.data.unique_batch, cfg.run.max_steps_per_epoch, per_rank)
+            if steps == 0:  # the run would be refused at its start, after its launch
+                raise ConfigError(f"config key 'data.path': its {len(index)} training files give each of {args.ranks} "
+                                  f"ranks {per_rank}, fewer than one batch of data.unique_batch "
+                                  f"{cfg.data.unique_batch} (lower data.unique_batch, or use fewer ranks)")
+            parts = static_parts_line(index, cfg.data.shard, args.ranks)
     print(f"{cfg.model.arch} on {args.ranks} ranks, {args.train_images} training images:")
-    for line in derived_figures(cfg, args.ranks, args.train_images, steps):
+    for line in derived_figures(cfg, args.ranks, args.train_images, steps) + ([parts] if parts else []):
         print("  " + line)
     if args.show_config:
         from hvd_ba.config import config_yaml

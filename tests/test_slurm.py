@@ -343,6 +343,9 @@ def assert_staged_per_node(out, local, world, launcher, log, packed=None):
         shards = load_packed(packed, "train").shards
         copies = sorted(p.name for p in local.rglob("*") if p.is_file() and ".hvd_ba-stage" not in p.parts)
         assert copies == sorted(shards), copies  # whole training shards, each on one node only; no val
+        n = len(shards)  # the first attempt copied them, the requeued one found them all (hashed) and copied none
+        assert f"stage: all {world} ranks: {n} files, {n} copied" in log, log[-3000:]
+        assert f"stage: all {world} ranks: {n} files, 0 copied" in log, log[-3000:]
     if launcher == "mpirun":  # mpi4py gathered the totals (horovodrun's ranks print their own lines only)
         assert f"stage: all {world} ranks: 240 files" in log
     metrics = read_jsonl(out / "metrics.jsonl")

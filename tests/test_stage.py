@@ -264,6 +264,14 @@ def test_a_packed_folder_is_staged_as_whole_shards_checked_against_its_index(sha
     # more ranks than shards
     plan = run_cli("plan", "--ranks", "2", "--config", "demo", "--set", f"data.path={packed}", *STATIC)
     assert plan.returncode == 0 and f"steps per epoch: {min(counts) // 8} (" in plan.stdout, plan.stdout + plan.stderr
+    assert (f"static parts: whole packed shards ({len(index.shards)} over 2 ranks), {min(counts)}-{max(counts)} files "
+            f"per rank; each epoch reads {2 * min(counts)} of 192") in plan.stdout and "low:" not in plan.stdout
+    crowded = run_cli("plan", "--ranks", str(len(index.shards)), "--config", "demo", "--set", f"data.path={packed}",
+                      *STATIC)
+    assert crowded.returncode == 0 and "; low: pack with a smaller --shard-size" in crowded.stdout, crowded.stdout
+    starved = run_cli("plan", "--ranks", str(len(index.shards)), "--config", "demo", "--set", f"data.path={packed}",
+                      *STATIC, "data.unique_batch=32")  # the smallest shard holds fewer than 32 samples
+    assert starved.returncode == 2 and "fewer than one batch of data.unique_batch 32" in starved.stderr, starved.stderr
     too_many = run_cli("plan", "--ranks", str(len(index.shards) + 1), "--config", "demo", "--set",
                        f"data.path={packed}", *STATIC)
     assert too_many.returncode == 2 and f"its {len(index.shards)} training shards cannot feed" in too_many.stderr
@@ -312,3 +320,28 @@ def spoil(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def test_a_flat_validation_folder_is_staged_with_its_labels(shared, tmp_path):
+    """data.val_labels: the flat val/ that ImageNet's validation tar extracts to is staged like a
+    folder of class folders (each rank its evaluation files)."""
+    from hvd_ba.data.imagenet import val_file_name
+    from hvd_ba.data.shards import load_split
+
+    flat = tmp_path / "flat"
+    shutil.copytree(shared / "train", flat / "train")
+    (flat / "val").mkdir()
+    lines = []
+    for k, image in enumerate(sorted((shared / "val").rglob("*.JPEG")), 1):
+        shutil.copy(image, flat / "val" / val_file_name(k))
+        lines.append(f"{val_file_name(k)} {image.parent.name}\n")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(lines))
+    cfg = load_config("demo", [f"data.path={flat}", f"data.val_labels={labels}", "data.manifest_dir=null", *STATIC])
+    dest = tmp_path / "local"
+    for r in (0, 1):
+        out = stage(flat, dest, r, 2, "--set", f"data.val_labels={labels}")
+        assert out.returncode == 0, out.stderr
+        files = rank_files(cfg, load_split(cfg, "train", False), load_split(cfg, "val", False), r, 2)
+        val = [rel for rel, _ in files if rel.startswith("val/")]
+        assert len(val) == 24 and all((dest / rel).read_bytes() == (flat / rel).read_bytes() for rel in val)

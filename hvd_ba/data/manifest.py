@@ -124,10 +124,12 @@ def _cached(path: Path, index: FileIndex, state: dict) -> FileIndex:
 
 def flat_state(folder: Path, labels_path: str | Path, classes) -> dict:
     """What a flat validation folder's manifest depends on: the folder's mtime (a file added,
-    removed or renamed changes it), the labels file (path, size, mtime) and the training classes."""
-    st = os.stat(labels_path)
-    return {"folder": os.stat(folder).st_mtime_ns, "labels": [str(Path(labels_path).resolve()), st.st_size,
-                                                              st.st_mtime_ns],
+    removed or renamed changes it), the labels file (path and content: a few MB, hashed, since a
+    relabelled image keeps its size and a file system may keep mtimes in whole seconds) and the
+    training classes."""
+    with open(labels_path, "rb") as f:
+        labels = hashlib.file_digest(f, "sha1").hexdigest()
+    return {"folder": os.stat(folder).st_mtime_ns, "labels": [str(Path(labels_path).resolve()), labels],
             "classes": hashlib.sha1("\n".join(classes).encode()).hexdigest()}
 
 

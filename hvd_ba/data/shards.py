@@ -145,6 +145,21 @@ def shard_parts(shard_of_sample: np.ndarray, shards: int, world: int) -> list[np
     return np.split(order, np.cumsum(np.bincount(of_sample, minlength=world))[:-1])
 
 
+def static_parts_line(index: FileIndex, shard_mode: str, world: int) -> str | None:
+    """With static shards over a packed folder, how many files the parts let the ranks read per
+    epoch (each as many as the smallest part holds), said by plan and at a run's start, with
+    advice when that is under 90 %; None otherwise."""
+    if shard_mode != "static" or not index.shards:
+        return None
+    sizes = [len(part) for part in shard_parts(index.rows["shard"], len(index.shards), world)]
+    read = min(sizes) * world
+    line = (f"static parts: whole packed shards ({len(index.shards)} over {world} ranks), {min(sizes)}-{max(sizes)} "
+            f"files per rank; each epoch reads {read} of {len(index)} training files ({100 * read / len(index):.0f} %)")
+    if read < 0.9 * len(index):
+        line += ("; low: pack with a smaller --shard-size (more, smaller shards per rank) or set data.shard=global")
+    return line
+
+
 def static_parts_id(index: FileIndex) -> str:
     """What static shards are cut from, for a checkpoint's plan: a folder's seeded permutation, or a
     pack's shards (which sample lies in which shard: another pack of the same folder, with another

@@ -229,9 +229,13 @@ class BackgroundHash:
 
     def hexdigest(self) -> str:
         self._queue.put(self._pieces)
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        """End the thread (what it was given is hashed first)."""
         self._queue.put(None)
         self._thread.join()
-        return self._h.hexdigest()
 
 
 def write_all(fd: int, pieces) -> None:
@@ -312,6 +316,7 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
     except BaseException as err:
         os.close(fd)
         tmp.unlink(missing_ok=True)
+        h.close()
         if isinstance(err, OSError):
             raise _space_error(err, dst, name) from None
         raise
@@ -324,6 +329,7 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
             finally:
                 os.close(fd)
             if not keep:
+                h.close()
                 return
             digest = h.hexdigest()
             if written != size:

@@ -67,8 +67,9 @@ def copy_verified(src: Path, dst: Path, size: int) -> str:
     written = tmp.stat().st_size
     if written != size:
         tmp.unlink()
-        raise OSError(f"'{src}' has {written} bytes, the dataset manifest says {size}: "
-                      "the dataset changed since it was listed")
+        raise OSError(f"'{src}' has {written} bytes, the dataset manifest says {size}: the dataset changed since it "
+                      "was listed (a file rewritten in place keeps its folder's mtime, so a cached manifest stays: "
+                      "delete it from data.manifest_dir)")
     if file_sha256(tmp) != digest:
         tmp.unlink()
         raise OSError(f"'{dst}': the copy does not hash as the bytes read from '{src}' (disk error?)")

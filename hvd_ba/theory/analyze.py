@@ -35,7 +35,8 @@ import torch
 from hvd_ba import dist
 from hvd_ba.cluster import cores_per_task, cpu_mask, launch_info, rank_cores
 from hvd_ba.config import Config, ConfigError, derive, load_config
-from hvd_ba.data.shards import load_split
+from hvd_ba.config import steps_per_epoch as epoch_steps
+from hvd_ba.data.shards import files_per_rank, load_split
 from hvd_ba.models import build_model
 from hvd_ba.theory.hessian import (AnalysisMode, Batches, BatchKind, local_parts, measure_lambda, part_loss,
                                    standard_kinds, trainable_params)
@@ -137,7 +138,10 @@ def load_analysis_target(args) -> tuple[Config, torch.nn.Module, dict]:
         step, world = payload["step"], payload["world"]
     o = cfg.optim
     figures = derive(cfg, world, len(index))
-    steps_per_epoch = figures.steps_per_epoch
+    # the run's own (its sampler's: static parts of whole packed shards take fewer), else the config's
+    steps_per_epoch = ((payload or {}).get("plan") or {}).get("steps_per_epoch") or epoch_steps(
+        len(index), world, cfg.data.unique_batch, cfg.run.max_steps_per_epoch,
+        files_per_rank(index, cfg.data.shard, world))
     lr = config_lr(step, steps_per_epoch, figures.peak_lr, o)
     facts = {"source": source, "step": step, "run_world": world, "lr": lr, "momentum": o.momentum,
              "epoch": step // max(steps_per_epoch, 1), "index": index}

@@ -23,7 +23,7 @@ from hvd_ba import dist, fsio
 from hvd_ba.cluster import (RendezvousError, bind_rank, compact, cores_per_task, cpu_mask, launch_rank,
                             loader_split, oversubscribed, rank_cores)
 from hvd_ba.config import Config, ConfigError, derive, save_config
-from hvd_ba.data.shards import load_split, static_parts_id
+from hvd_ba.data.shards import load_split, static_parts_id, static_parts_line
 from hvd_ba.data.model_input import channel_stats
 from hvd_ba.data.pipeline import make_eval_loader, make_train_loader, release_loader_resources, start_worker_server
 from hvd_ba.data.staged import check_staged, rank_files
@@ -180,7 +180,11 @@ def build_run(cfg: Config) -> Run:
     digest = index_digest(train_index)
     if cfg.data.local_path:
         try:
-            check_staged(cfg.data.local_path, rank_files(cfg, train_index, val_index, rank, world), rank, world)
+            files = rank_files(cfg, train_index, val_index, rank, world)
+        except ConfigError as err:  # more ranks than packed shards: every rank holds the same index and says it
+            raise RunRefused(str(err)) from None
+        try:
+            check_staged(cfg.data.local_path, files, rank, world)
             problem = None
         except (OSError, ValueError, RuntimeError) as err:
             problem = f"rank {rank} on host {socket.gethostname()}: {str(err).splitlines()[0]}"
@@ -219,6 +223,9 @@ def announce(cfg: Config, run: Run, out: Path) -> None:
              dist.size(), run.state.device, dist.backend(), dist.controller(), run.threads, cfg.model.arch, run.num_classes, len(run.train_index), len(run.val_index))
     for line in derived_figures(cfg, dist.size(), len(run.train_index), run.state.steps_per_epoch):
         log.info("%s", line)
+    parts = static_parts_line(run.train_index, cfg.data.shard, dist.size())
+    if parts:
+        (log.warning if "; low:" in parts else log.info)("%s", parts)
 
 
 def train_epochs(cfg: Config, run: Run, out: Path, placement: Placement, stop: StopRequest,
