@@ -107,7 +107,8 @@ def cmd_plan(args) -> int:
             index = load_split(cfg, "train", write=True)
             args.train_images = len(index)
             per_rank = files_per_rank(index, cfg.data.shard, args.ranks)
-            steps = steps_per_epoch(len(index), args.ranks, cfg.data.unique_batch, cfg.run.max_steps_per_epoch, per_rank)
+            steps = steps_per_epoch(len(index), args.ranks, cfg.data.unique_batch, cfg.run.max_steps_per_epoch,
+                                    per_rank)
             if steps == 0:  # the run would be refused at its start, after its launch
                 raise ConfigError(f"config key 'data.path': its {len(index)} training files give each of {args.ranks} "
                                   f"ranks {per_rank}, fewer than one batch of data.unique_batch "

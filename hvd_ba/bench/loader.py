@@ -161,7 +161,8 @@ def run_loader_bench(args) -> int:
                 assert n_shards == n_ours, (n_shards, n_ours)
                 runs.append(rate)
                 if r + 1 < args.rounds:
-                    folder = max(folder, samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch))[0])
+                    again = samples_per_second(ba_loader(root, m, images, args.size, args.workers, batch))[0]
+                    folder = max(folder, again)
             shards = (max(runs) / args.workers, max(runs) / folder)  # best of each: samples/s/core, shards/folder
         rows.append((m, naive / args.workers, ours / args.workers, shards))
     extra = f" {'from shards':>12} {'shards/folder':>14}" if packed is not None else ""

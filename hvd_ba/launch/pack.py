@@ -282,37 +282,18 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
                 shard_number: int = 0, bar=None) -> tuple[list[str], Callable[[], None]]:
     """Write one shard's members to its temporary file; returns the members that do not decode
     (check_images) and the shard's finish (fsync, hash, rename, then its record), which
-    write_shards runs in a thread while the next shard is written (finish(keep=False): drop it). shard_number: the how-manieth
-    of this rank's (a test hook's name)."""
+    write_shards runs in a thread while the next shard is written (finish(keep=False): drop
+    it). shard_number: the how-manieth of this rank's (a test hook's name)."""
     for stale in (dst / STATE_DIR).glob(f"{name}.*.partial"):  # of a killed pack: this rank writes `name` now
         stale.unlink(missing_ok=True)
     tmp = dst / STATE_DIR / f"{name}.{socket.gethostname()}.{os.getpid()}.partial"
-    h, broken, written = BackgroundHash(), [], 0
-    index = source.index
-    names, ends, sizes = index.names_buffer(), np.asarray(index.rows["name_end"]), np.asarray(index.sizes)
-    # unbuffered: one writev per member (header, data, padding), no copy into a buffer
+    h = BackgroundHash()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as err:
         raise _space_error(err, dst, name) from None
     try:
-        for n, i in enumerate(members):
-            if n == 1:
-                pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
-            rel, data, bad = read_member(source, i, names, ends, sizes, check_images)
-            broken += [bad] if bad else []
-            pieces = (member_header(rel, len(data)), data, ZEROS[:-len(data) % BLOCK])
-            write_all(fd, pieces)
-            for piece in pieces:
-                h.update(piece)
-            member = BLOCK + len(data) + len(pieces[2])
-            written += member
-            if bar is not None:
-                bar.update(member)
-        write_all(fd, (ZEROS, ZEROS))  # the end of the archive: two zero blocks
-        h.update(ZEROS)
-        h.update(ZEROS)
-        written += 2 * BLOCK
+        broken, written = write_members(fd, h, source, members, check_images, shard_number, bar)
     except BaseException as err:
         os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -342,6 +323,32 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
             tmp.unlink(missing_ok=True)
 
     return broken, finish
+
+
+def write_members(fd: int, h: BackgroundHash, source: SplitSource, members, check_images: bool, shard_number: int,
+                  bar) -> tuple[list[str], int]:
+    """A shard's members and its end, written at fd and handed to h; returns the members that do
+    not decode (check_images) and the bytes written. Unbuffered: one writev per member (header,
+    data, padding), no copy into a buffer."""
+    index, broken, written = source.index, [], 0
+    names, ends, sizes = index.names_buffer(), np.asarray(index.rows["name_end"]), np.asarray(index.sizes)
+    for n, i in enumerate(members):
+        if n == 1:
+            pause_point(f"pack-shard-{shard_number}")  # test hook: a kill in the middle of a shard
+        rel, data, bad = read_member(source, i, names, ends, sizes, check_images)
+        broken += [bad] if bad else []
+        pieces = (member_header(rel, len(data)), data, ZEROS[:-len(data) % BLOCK])
+        write_all(fd, pieces)
+        for piece in pieces:
+            h.update(piece)
+        member = BLOCK + len(data) + len(pieces[2])
+        written += member
+        if bar is not None:
+            bar.update(member)
+    write_all(fd, (ZEROS, ZEROS))  # the end of the archive: two zero blocks
+    h.update(ZEROS)
+    h.update(ZEROS)
+    return broken, written + 2 * BLOCK
 
 
 def _space_error(err: OSError, dst: Path, name: str) -> Exception:

@@ -170,6 +170,23 @@ def previous_hashes(record_path: Path) -> dict:
     return {}
 
 
+def source_indexes(cfg, comm, rank: int, world: int, host: str) -> list:
+    """The train and val indexes of data.path: under MPI rank 0 lists the folders (and writes the
+    manifests) first, the others then read them."""
+    source = Path(cfg.data.path)
+    for split in () if data_format(cfg) == "shards" else ("train", "val"):  # a pack's index says what is missing
+        if not (source / split).is_dir():
+            raise FileNotFoundError(f"config key 'data.path': '{source / split}' does not exist on host {host} "
+                                    f"(rank {rank} of {world})")
+    if comm is not None and rank != 0:
+        comm.Barrier()  # rank 0 lists the folders and writes the manifests first
+    try:
+        return [load_split(cfg, split, write=rank == 0) for split in ("train", "val")]
+    finally:
+        if comm is not None and rank == 0:
+            comm.Barrier()
+
+
 def run_stage(args) -> int:
     cfg = load_config(args.config, args.set)
     dest = args.dest or cfg.data.local_path
@@ -189,17 +206,7 @@ def run_stage(args) -> int:
     host = socket.gethostname()
     source, dest = Path(cfg.data.path), Path(dest)
     packed = data_format(cfg) == "shards"
-    for split in () if packed else ("train", "val"):  # a packed folder's index says what is missing
-        if not (source / split).is_dir():
-            raise FileNotFoundError(f"config key 'data.path': '{source / split}' does not exist on host {host} "
-                                    f"(rank {rank} of {world})")
-    if comm is not None and rank != 0:
-        comm.Barrier()  # rank 0 lists the folders and writes the manifests first
-    try:
-        indexes = [load_split(cfg, split, write=rank == 0) for split in ("train", "val")]
-    finally:
-        if comm is not None and rank == 0:
-            comm.Barrier()
+    indexes = source_indexes(cfg, comm, rank, world, host)
     files = rank_files(cfg, *indexes, rank, world)
     try:
         private_dir(dest)
@@ -208,7 +215,8 @@ def run_stage(args) -> int:
     pause_point("stage")
     record_path = dest / RECORD_DIR / f"rank{rank}-of{world}.json"
     # a pack's shards are checked against its index, a folder's files against this rank's last record
-    previous = dict(zip(indexes[0].shards, indexes[0].header["shard_sha256"])) if packed else previous_hashes(record_path)
+    previous = (dict(zip(indexes[0].shards, indexes[0].header["shard_sha256"])) if packed
+                else previous_hashes(record_path))
     try:
         done = stage_rank(source, dest, files, args.threads, args.trust_size, previous, expected=packed)
     except OSError as err:
