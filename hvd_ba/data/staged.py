@@ -1,7 +1,7 @@
 """A rank's node-local copy of the data (data.local_path, made by `python -m hvd_ba stage`): which
 files a rank reads (its static training shard and its evaluation files; over a packed folder, its
-whole training shards), whether a node-local
-folder is this user's private one, and training's check that every file is there.
+whole training shards), whether a node-local folder is this user's private one, and training's
+check that every file is there.
 """
 from __future__ import annotations
 
