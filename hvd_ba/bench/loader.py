@@ -48,18 +48,21 @@ def ba_loader(root: Path, copies: int, images: int, size: int, workers: int, bat
 
 
 def samples_per_second(loader) -> tuple[float, int]:
-    """Steady-state rate: the clock starts when the first batch arrives, so worker start-up
-    (the same fork and imports for both pipelines) is not counted against the faster one."""
-    samples, counted, start = 0, 0, None
+    """Steady-state rate: the clock starts when every worker has delivered its first batch, so
+    worker start-up (fork, imports, opening the index) is not counted against either pipeline."""
+    samples, counted, start, batches = 0, 0, None, 0
+    skip = max(1, getattr(loader, "num_workers", 0))  # batches go to the workers in turn
     for batch in loader:
         n = (batch["labels"] if isinstance(batch, dict) else batch[1]).shape[0]
         samples += n
+        batches += 1
         if start is None:
-            start = time.perf_counter()
+            if batches == skip:
+                start = time.perf_counter()
         else:
             counted += n
     if not counted:
-        raise ValueError("bench: fewer than two batches; raise --images or lower --batch")
+        raise ValueError("bench: no batch after the workers' first ones; raise --images or lower --batch")
     return counted / (time.perf_counter() - start), samples
 
 
