@@ -90,7 +90,7 @@ def parser_plan() -> argparse.ArgumentParser:
 
 
 def cmd_plan(args) -> int:
-    from hvd_ba.config import load_config
+    from hvd_ba.config import load_config, steps_per_epoch
     from hvd_ba.train.figures import derived_figures
 
     cfg = load_config(args.config, args.set)
@@ -101,7 +101,6 @@ def cmd_plan(args) -> int:
         args.train_images = 1_281_167
         if cfg.data.path and (os.path.isdir(os.path.join(cfg.data.path, "train"))
                               or os.path.isfile(os.path.join(cfg.data.path, "train.json"))):
-            from hvd_ba.config import steps_per_epoch
             from hvd_ba.data.shards import files_per_rank, load_split, static_parts_line
 
             index = load_split(cfg, "train", write=True)
@@ -109,11 +108,14 @@ def cmd_plan(args) -> int:
             per_rank = files_per_rank(index, cfg.data.shard, args.ranks)
             steps = steps_per_epoch(len(index), args.ranks, cfg.data.unique_batch, cfg.run.max_steps_per_epoch,
                                     per_rank)
-            if steps == 0:  # the run would be refused at its start, after its launch
-                raise ConfigError(f"config key 'data.path': its {len(index)} training files give each of {args.ranks} "
-                                  f"ranks {per_rank}, fewer than one batch of data.unique_batch "
-                                  f"{cfg.data.unique_batch} (lower data.unique_batch, or use fewer ranks)")
             parts = static_parts_line(index, cfg.data.shard, args.ranks)
+    if steps is None:
+        per_rank = args.train_images // args.ranks
+        steps = steps_per_epoch(args.train_images, args.ranks, cfg.data.unique_batch, cfg.run.max_steps_per_epoch)
+    if steps == 0:  # the run would be refused at its start, after its launch
+        raise ConfigError(f"config key 'data.unique_batch': {args.train_images} training images give each of "
+                          f"{args.ranks} ranks {per_rank}, fewer than one batch of {cfg.data.unique_batch} (lower "
+                          "data.unique_batch, or use fewer ranks)")
     print(f"{cfg.model.arch} on {args.ranks} ranks, {args.train_images} training images:")
     for line in derived_figures(cfg, args.ranks, args.train_images, steps) + ([parts] if parts else []):
         print("  " + line)

@@ -2,6 +2,7 @@
 the devkit (ground truth + meta.mat, IDs not in WNID order, internal synsets among them), Kaggle's
 CSV or a text file; training and pack take it."""
 import io
+import os
 import shutil
 import tarfile
 
@@ -118,12 +119,24 @@ def test_a_flat_folders_index_is_cached_until_the_folder_or_its_labels_change(di
     assert len(listings) == 1 and len(fewer) == 47 and gone not in fewer.paths
     name = sorted(truth)[1]
     other = next(w for w in classes if w != truth[name])
+    st = labels.stat()
     labels.write_text(labels.read_text().replace(f"val/{name} {truth[name]}", f"val/{name} {other}"))
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime (one-second file systems)
+    assert (labels.stat().st_size, labels.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     relabelled = load_flat_val(val, labels, classes, cache)
     assert len(listings) == 2 and classes[relabelled.labels[relabelled.paths.index(name)]] == other
     assert load_flat_val(val, labels, classes, cache) == relabelled and len(listings) == 2  # fresh again
     more_classes = load_flat_val(val, labels, [*classes, "n99999990"], cache)
     assert len(listings) == 3 and more_classes.classes[-1] == "n99999990"
+    # a devkit folder (as the devkit tar extracts) is a labels source too, cached alike
+    with tarfile.open(files["devkit"]) as tar:
+        tar.extractall(tmp_path / "devkit", filter="data")
+    devkit = next(p for p in (tmp_path / "devkit").rglob("data") if p.is_dir()).parent
+    from_folder = load_flat_val(val, devkit, classes, cache)
+    assert len(listings) == 4 and len(from_folder) == 47
+    assert load_flat_val(val, devkit, classes, cache, write=False) == from_folder and len(listings) == 4
+    with pytest.raises(imagenet.LabelsError, match="labels file '.*missing.txt' does not exist"):
+        load_flat_val(val, tmp_path / "missing.txt", classes, cache)
 
 
 def test_labels_that_do_not_fit_are_one_line_naming_the_file(distributed, tmp_path, small_data):

@@ -52,6 +52,10 @@ def samples_per_second(loader) -> tuple[float, int]:
     worker start-up (fork, imports, opening the index) is not counted against either pipeline."""
     samples, counted, start, batches = 0, 0, None, 0
     skip = max(1, getattr(loader, "num_workers", 0))  # batches go to the workers in turn
+    try:
+        skip = max(1, min(skip, len(loader) - 1))  # at least one batch counted where workers outnumber them
+    except TypeError:  # no length
+        pass
     for batch in loader:
         n = (batch["labels"] if isinstance(batch, dict) else batch[1]).shape[0]
         samples += n

@@ -124,12 +124,13 @@ def _cached(path: Path, index: FileIndex, state: dict) -> FileIndex:
 
 def flat_state(folder: Path, labels_path: str | Path, classes) -> dict:
     """What a flat validation folder's manifest depends on: the folder's mtime (a file added,
-    removed or renamed changes it), the labels file (path and content: a few MB, hashed, since a
-    relabelled image keeps its size and a file system may keep mtimes in whole seconds) and the
-    training classes."""
-    with open(labels_path, "rb") as f:
-        labels = hashlib.file_digest(f, "sha1").hexdigest()
-    return {"folder": os.stat(folder).st_mtime_ns, "labels": [str(Path(labels_path).resolve()), labels],
+    removed or renamed changes it), the labels (read and hashed: a devkit, CSV or text file, or a
+    devkit folder; a relabelled image keeps the file's size, and a file system may keep mtimes in
+    whole seconds) and the training classes."""
+    from hvd_ba.data.imagenet import read_val_labels
+
+    labels = hashlib.sha1(repr(sorted(read_val_labels(labels_path).items())).encode()).hexdigest()
+    return {"folder": os.stat(folder).st_mtime_ns, "labels": labels,
             "classes": hashlib.sha1("\n".join(classes).encode()).hexdigest()}
 
 

@@ -233,7 +233,7 @@ class BackgroundHash:
         return self._h.hexdigest()
 
     def close(self) -> None:
-        """End the thread (what it was given is hashed first)."""
+        """End the thread (what was queued is hashed first; hexdigest calls it)."""
         self._queue.put(None)
         self._thread.join()
 
@@ -307,6 +307,9 @@ def write_shard(source: SplitSource, dst: Path, name: str, members, size: int, c
             try:
                 if keep:
                     os.fsync(fd)
+            except OSError:
+                h.close()
+                raise
             finally:
                 os.close(fd)
             if not keep:
