@@ -235,9 +235,14 @@ def test_pack_script_writes_the_shards_from_four_tasks_on_two_nodes(slurm_pack):
     assert verified.returncode == 0, verified.stderr
 
 
+# The sleeping job's command: a duration no other process on the host is likely to sleep, since the
+# tests look for (and kill) it by its command line.
+SLEEPER = "sleep 300.125"
+
+
 def start_sleeping_job(tmp_path) -> str:
-    """A 2-node `sleep 300` job, once it runs: its id."""
-    r = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/sleep.out", "--wrap", "sleep 300"],
+    """A 2-node sleeping job (SLEEPER), once it runs: its id."""
+    r = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/sleep.out", "--wrap", SLEEPER],
                        capture_output=True, text=True, env={**os.environ, "SLURM_CONF": SLURM_CONF}, timeout=60)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
@@ -274,7 +279,7 @@ def test_the_two_nodes_tasks_share_one_private_cpu_cgroup(slurm, tmp_path):
         return  # not restarting daemons that ran before this suite
     start_sleeping_job(tmp_path)  # a job left running goes with the daemons, and so does the cgroup
     assert slurm_cmd("stop").returncode == 0 and not os.path.exists(cgroup)
-    assert not subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).stdout
+    assert not subprocess.run(["pgrep", "-fx", SLEEPER], capture_output=True).stdout
     r = slurm_cmd("start")
     # The new daemons started in it (not moved there afterwards, as an earlier start's would be).
     assert r.returncode == 0 and os.path.isdir(cgroup) and "moved slurmd" not in r.stdout, r.stdout + r.stderr
@@ -572,7 +577,7 @@ def test_a_job_left_by_a_killed_run_does_not_come_back_allocated(slurm, tmp_path
     env = {**os.environ, "SLURM_CONF": SLURM_CONF}
     job = start_sleeping_job(tmp_path)
     assert slurm_cmd("stop").returncode == 0  # the daemons go; the job stays in the saved state
-    subprocess.run(["pkill", "-f", "sleep 300"], check=False)
+    subprocess.run(["pkill", "-fx", SLEEPER], check=False)
     r = slurm_cmd("start")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "idle" in r.stdout and job not in subprocess.run(["squeue", "-h"], capture_output=True, text=True,
