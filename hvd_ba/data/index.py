@@ -98,6 +98,8 @@ class FileIndex:
         """The same samples read from another folder (a node-local copy)."""
         moved = FileIndex(root, self.classes, self.rows, self.names, self.digest, self.shards, self.files)
         moved.header = self.header
+        if "_parts" in self.__dict__:  # data/shards.py index_parts: the same rows, the same parts
+            moved._parts = self._parts
         return moved
 
     def name(self, i: int) -> str:
@@ -146,6 +148,7 @@ class FileIndex:
         # memory-mapped: pickled by file name, mapped again where unpickled (a loader worker)
         state = dict(self.__dict__)
         state.pop("_names_bytes", None)
+        state.pop("_parts", None)  # static parts (data/shards.py index_parts): the rank's, not its workers'
         if self.files:
             state["rows"] = state["names"] = None
         return state

@@ -28,7 +28,7 @@ from hvd_ba.config import ConfigError, steps_per_epoch
 from hvd_ba.data.augment import TrainPreset, eval_image
 from hvd_ba.data.copies import REPLACEMENT_TRIES, BACollate, BATrainSet, SampleReader, open_image
 from hvd_ba.data.manifest import FileIndex
-from hvd_ba.data.shards import shard_parts
+from hvd_ba.data.shards import index_parts
 
 WATCHDOG_PERIOD_S = 2.0
 
@@ -175,7 +175,7 @@ def make_train_loader(index: FileIndex, cfg, rank: int, world: int) -> torch.uti
 def train_sampler(index: FileIndex, cfg, rank: int, world: int) -> ShardSampler:
     """The training sampler of a split; static shards over a packed folder own whole shards."""
     d = cfg.data
-    parts = shard_parts(index.rows["shard"], len(index.shards), world) if d.shard == "static" and index.shards else None
+    parts = index_parts(index, world) if d.shard == "static" and index.shards else None
     return ShardSampler(len(index), rank, world, d.unique_batch, cfg.run.seed, d.shard, cfg.run.max_steps_per_epoch,
                         d.copies, d.copies_on, parts)
 

@@ -145,13 +145,22 @@ def shard_parts(shard_of_sample: np.ndarray, shards: int, world: int) -> list[np
     return np.split(order, np.cumsum(np.bincount(of_sample, minlength=world))[:-1])
 
 
+def index_parts(index: FileIndex, world: int) -> list[np.ndarray]:
+    """shard_parts of a packed index over `world` ranks, computed once per index (a run's start
+    asks for them several times: its sampler, its staged files, its printed figures)."""
+    cached = index.__dict__.setdefault("_parts", {})
+    if world not in cached:
+        cached[world] = shard_parts(index.rows["shard"], len(index.shards), world)
+    return cached[world]
+
+
 def static_parts_line(index: FileIndex, shard_mode: str, world: int) -> str | None:
     """With static shards over a packed folder, how many files the parts let the ranks read per
     epoch (each as many as the smallest part holds), said by plan and at a run's start, with
     advice when that is under 90 %; None otherwise."""
     if shard_mode != "static" or not index.shards:
         return None
-    sizes = [len(part) for part in shard_parts(index.rows["shard"], len(index.shards), world)]
+    sizes = [len(part) for part in index_parts(index, world)]
     read = min(sizes) * world
     line = (f"static parts: whole packed shards ({len(index.shards)} over {world} ranks), {min(sizes)}-{max(sizes)} "
             f"files per rank; each epoch reads {read} of {len(index)} training files ({100 * read / len(index):.0f} %)")
@@ -176,7 +185,7 @@ def files_per_rank(index: FileIndex, shard_mode: str, world: int) -> int:
     """The training files each rank reads per epoch: len // world, or with static shards over a
     packed folder the smallest part's (shard_parts)."""
     if shard_mode == "static" and index.shards:
-        return min(len(part) for part in shard_parts(index.rows["shard"], len(index.shards), world))
+        return min(len(part) for part in index_parts(index, world))
     return len(index) // world
 
 
